@@ -1,0 +1,146 @@
+"""One Llama-family decoder layer as a single autograd Function.
+
+Why one Function per layer (docs/design.md has the long form): autograd insists
+that a gradient has its tensor's full shape, so every Function boundary costs a
+gather of kept rows on the way in and a zero-filled scatter on the way out.
+Inside the layer the gradient stays compact, [n_keep, ...], from the MLP down to
+the input norm; only the residual stream between layers is full size. A layer
+is also the unit that FSDP2 shards, activation checkpointing wraps and the
+Hugging Face patch replaces, so this boundary costs nothing elsewhere.
+
+Forward (dense, every row; the selection needs every row's loss):
+    h1 = rmsnorm(x);  q, k, v = h1 Wq, h1 Wk, h1 Wv (+ bias) (+ q/k norm);  rope
+    o = attention(q, k, v);  x2 = x + o Wo
+    h2 = rmsnorm(x2); a = silu(h2 Wg) * (h2 Wu);  y = x2 + a Wd
+Backward (kept rows S only): dimension-reduced GEMMs, e.g. dWd = dY[S]^T a[S],
+row-wise ops on S, and the filtered attention backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from centrifuge.ops.attention import attention_backward, attention_forward
+from centrifuge.ops.rmsnorm import rms_norm_apply, rms_norm_backward, rms_norm_forward
+from centrifuge.ops.rope import rope_backward, rope_forward
+from centrifuge.ops.swiglu import swiglu_backward, swiglu_forward
+from centrifuge.plan import Plan
+
+# The order in which a layer's weights enter the Function (None where absent).
+WEIGHT_NAMES = (
+    "input_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm",
+    "wo", "post_norm", "wg", "wu", "wd",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+
+
+def _linear(x, w, b=None):
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t[idx]
+
+
+class DecoderLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, plan: Plan, shape: LayerShape, *weights):
+        W = dict(zip(WEIGHT_NAMES, weights))
+        B, L, d = x.shape
+        N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
+        xf = x.reshape(N, d)
+        h1, rstd1 = rms_norm_forward(xf, W["input_norm"], shape.eps)
+        q = _linear(h1, W["wq"], W["bq"]).view(N, H, D)
+        k = _linear(h1, W["wk"], W["bk"]).view(N, Hkv, D)
+        v = _linear(h1, W["wv"], W["bv"]).view(N, Hkv, D)
+        q_lin = k_lin = rstd_q = rstd_k = None
+        if W["q_norm"] is not None:
+            q_lin, k_lin = q, k
+            q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
+            k, rstd_k = rms_norm_forward(k, W["k_norm"], shape.eps)
+        cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
+        q = rope_forward(q, cos2, sin2)
+        k = rope_forward(k, cos2, sin2)
+        o, lse = attention_forward(
+            q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D), plan.layout
+        )
+        x2 = xf + o.reshape(N, H * D) @ W["wo"].t()
+        h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
+        g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
+        y = x2 + swiglu_forward(g, u) @ W["wd"].t()
+        # Saved full size: which rows are kept is only known after the loss.
+        # h1, h2 and a are recomputed on kept rows in the backward instead.
+        ctx.save_for_backward(
+            xf, rstd1, q, k, v, o, lse, x2, rstd2, g, u, cos2, sin2,
+            q_lin, k_lin, rstd_q, rstd_k, *weights,
+        )  # fmt: skip
+        ctx.plan, ctx.shape, ctx.dims = plan, shape, (B, L, d)
+        return y.view(B, L, d)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (xf, rstd1, q, k, v, o, lse, x2, rstd2, g, u, cos, sin,
+         q_lin, k_lin, rstd_q, rstd_k, *weights) = ctx.saved_tensors  # fmt: skip
+        W = dict(zip(WEIGHT_NAMES, weights))
+        plan, shape = ctx.plan, ctx.shape
+        B, L, d = ctx.dims
+        H, Hkv, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        idx = plan.keep_idx  # None: dense backward over every row
+        dW = {}
+
+        # MLP, on kept rows.
+        dy = _rows(dy.reshape(B * L, d), idx)
+        g_r, u_r, x2_r, rstd2_r = _rows(g, idx), _rows(u, idx), _rows(x2, idx), _rows(rstd2, idx)
+        dW["wd"] = dy.t() @ swiglu_forward(g_r, u_r)
+        dg, du = swiglu_backward(dy @ W["wd"], g_r, u_r)
+        h2 = rms_norm_apply(x2_r, rstd2_r, W["post_norm"])
+        dW["wg"], dW["wu"] = dg.t() @ h2, du.t() @ h2
+        dh2 = dg @ W["wg"] + du @ W["wu"]
+        dx2, dW["post_norm"] = rms_norm_backward(dh2, x2_r, rstd2_r, W["post_norm"])
+        dx2 = dx2 + dy
+
+        # Attention: dQ for kept queries over all keys, dK/dV for kept keys only.
+        dW["wo"] = dx2.t() @ _rows(o.reshape(B * L, H * D), idx)
+        do = (dx2 @ W["wo"]).view(-1, H, D)
+        dq, dk, dv = attention_backward(
+            q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D),
+            o, lse, do, plan.layout, idx,
+        )  # fmt: skip
+        cos_r, sin_r = _rows(cos, idx), _rows(sin, idx)
+        dq, dk = rope_backward(dq, cos_r, sin_r), rope_backward(dk, cos_r, sin_r)
+        if W["q_norm"] is not None:
+            dq, dW["q_norm"] = rms_norm_backward(dq, _rows(q_lin, idx), _rows(rstd_q, idx), W["q_norm"])
+            dk, dW["k_norm"] = rms_norm_backward(dk, _rows(k_lin, idx), _rows(rstd_k, idx), W["k_norm"])
+        dq, dk, dv = dq.reshape(-1, H * D), dk.reshape(-1, Hkv * D), dv.reshape(-1, Hkv * D)
+        x_r, rstd1_r = _rows(xf, idx), _rows(rstd1, idx)
+        h1 = rms_norm_apply(x_r, rstd1_r, W["input_norm"])
+        dW["wq"], dW["wk"], dW["wv"] = dq.t() @ h1, dk.t() @ h1, dv.t() @ h1
+        if W["bq"] is not None:
+            dW["bq"], dW["bk"], dW["bv"] = dq.sum(0), dk.sum(0), dv.sum(0)
+        dh1 = dq @ W["wq"] + dk @ W["wk"] + dv @ W["wv"]
+        dx, dW["input_norm"] = rms_norm_backward(dh1, x_r, rstd1_r, W["input_norm"])
+        dx = dx + dx2
+
+        if idx is not None:
+            dx = xf.new_zeros(xf.shape).index_copy_(0, idx, dx)
+        grads = [
+            None if w is None else dW[name].to(w.dtype) for name, w in zip(WEIGHT_NAMES, weights)
+        ]
+        return (dx.view(B, L, d), None, None, None, None, *grads)
+
+
+def decoder_layer(x, cos, sin, plan: Plan, shape: LayerShape, weights: dict):
+    """x: [B, L, d]; cos, sin: [B, L, head_dim]; weights keyed by WEIGHT_NAMES."""
+    return DecoderLayerFunction.apply(
+        x, cos, sin, plan, shape, *(weights.get(n) for n in WEIGHT_NAMES)
+    )

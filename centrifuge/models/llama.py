@@ -1,0 +1,250 @@
+"""A native Llama-family causal LM (Llama 2/3, TinyLlama, Mistral, Qwen2/2.5/3)
+written on Centrifuge's ops. Parameter names follow Hugging Face, so a local HF
+safetensors checkpoint loads as it is and a saved one loads in transformers.
+
+Typical step::
+
+    out = model(input_ids, labels=labels)            # dense forward
+    keep = selector(out.token_loss, out.valid, ref)  # pick rows
+    loss = out.plan.loss(out.token_loss, keep)       # mean over kept rows
+    loss.backward()                                  # compact backward
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from centrifuge.models.config import ModelConfig
+from centrifuge.models.layer import LayerShape, decoder_layer
+from centrifuge.ops.linear_ce import IGNORE_INDEX, linear_cross_entropy
+from centrifuge.ops.rmsnorm import rms_norm
+from centrifuge.ops.rope import inv_frequencies, rope_cos_sin
+from centrifuge.plan import Layout, Plan
+
+
+def shift_targets(labels: torch.Tensor, layout: Layout, ignore_index: int = IGNORE_INDEX):
+    """Row t predicts token t+1: targets[t] = labels[t+1]. The last row of every
+    document (and of every row) has no label. labels: [B, L] -> [B, L]."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets.masked_fill(layout.last_rows(), ignore_index)
+
+
+@dataclass
+class CausalLMOutput:
+    """token_loss: [B, L] float32 (0 on invalid rows), valid: [B, L] bool,
+    plan: the forward's Plan (fill it through ``plan.loss``)."""
+
+    token_loss: torch.Tensor
+    valid: torch.Tensor
+    plan: Plan
+    hidden: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        hd = c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * hd, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * hd, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * hd, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(hd, c.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, c.rms_norm_eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.shape = LayerShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+
+    def weights(self) -> dict:
+        a, m = self.self_attn, self.mlp
+        w = dict(
+            input_norm=self.input_layernorm.weight, wq=a.q_proj.weight, wk=a.k_proj.weight,
+            wv=a.v_proj.weight, bq=a.q_proj.bias, bk=a.k_proj.bias, bv=a.v_proj.bias,
+            wo=a.o_proj.weight, post_norm=self.post_attention_layernorm.weight,
+            wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
+        )  # fmt: skip
+        if hasattr(a, "q_norm"):
+            w.update(q_norm=a.q_norm.weight, k_norm=a.k_norm.weight)
+        return w
+
+    def forward(self, x, cos, sin, plan: Plan):
+        # Under autocast the fp32 master weights are cast here, differentiably,
+        # so the layer computes in x.dtype and fp32 gradients reach the masters.
+        w = {k: None if v is None else v.to(x.dtype) for k, v in self.weights().items()}
+        return decoder_layer(x, cos, sin, plan, self.shape, w)
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The native model. ``model.model.*`` and ``lm_head`` match HF names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def make_plan(self, input_ids, position_ids=None, attention_mask=None, backward="amplified"):
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {L} exceeds the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
+        return Plan(layout, backward)
+
+    def hidden_states(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """[B, L] token ids -> [B, L, d] final hidden states (after the last norm)."""
+        x = self.model.embed_tokens(input_ids)
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        x = x.to(dtype)
+        cos, sin = rope_cos_sin(plan.layout.position_ids, self.inv_freq, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, plan)
+            return rms_norm(x, self.model.norm.weight.to(dtype), self.config.rms_norm_eps, plan)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        backward: str = "amplified",
+        ignore_index: int = IGNORE_INDEX,
+    ) -> CausalLMOutput:
+        """input_ids, labels: [B, L] int64, labels unshifted (HF convention:
+        ``labels = input_ids`` with ``ignore_index`` where no loss is wanted).
+        position_ids restarting at 0 mark packed documents.
+        backward: ``amplified`` (Centrifuge) or ``exact`` (masked-loss baseline)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        plan = self.make_plan(input_ids, position_ids, attention_mask, backward)
+        h = self.hidden_states(input_ids, plan)
+        if labels is None:
+            return CausalLMOutput(None, None, plan, h)
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
+        targets = shift_targets(labels, plan.layout, ignore_index)
+        if attention_mask is not None:
+            targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
+        w = self.lm_head.weight.to(h.dtype)
+        token_loss = linear_cross_entropy(h, w, targets, plan, ignore_index)
+        return CausalLMOutput(token_loss, targets != ignore_index, plan, h)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, **kw) -> torch.Tensor:
+        """[B, L, vocab] float32 logits (for evaluation and generation)."""
+        out = self.forward(input_ids, **kw)
+        return (out.hidden @ self.lm_head.weight.to(out.hidden.dtype).t()).float()
+
+    # --- checkpoints in Hugging Face layout ----------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32):
+        """Load a local HF Llama/Mistral/Qwen2/Qwen3 directory (config.json +
+        *.safetensors, sharded or not)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = ModelConfig.from_pretrained(path)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        with torch.device("meta"):
+            model = cls(config)
+        state = {}
+        for f in files:
+            try:
+                state.update(load_file(str(f)))
+            except Exception as e:  # safetensors raises several types on corrupt data
+                raise ValueError(f"cannot read checkpoint file {f}: {e}") from e
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = dict(model.named_parameters())
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {path} does not match its config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """config.json + model.safetensors, loadable by transformers."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        cfg = self.config.to_hf_dict()
+        cfg["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def build_model(config: ModelConfig, dtype=torch.float32, device="cpu", seed: int | None = None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+

@@ -1,0 +1,67 @@
+"""The reference semantics, in plain differentiable PyTorch (DESIGN.md).
+
+Every attention layer uses ``k = where(keep, k, k.detach())`` (same for v) and
+the loss is averaged over kept rows. ``keep=None`` gives ordinary autograd of
+the same model: the masked-loss baseline that ``exact`` mode must reproduce.
+Tests hold the compact backward to these gradients; nothing fast lives here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from centrifuge.models.llama import LlamaForCausalLM, shift_targets
+from centrifuge.ops.attention import attention_reference
+from centrifuge.ops.linear_ce import IGNORE_INDEX, linear_cross_entropy_reference
+from centrifuge.ops.rmsnorm import rms_norm_reference
+from centrifuge.ops.rope import rope_cos_sin, rope_reference
+from centrifuge.ops.swiglu import swiglu_reference
+
+
+def reference_token_loss(
+    model: LlamaForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+):
+    """Returns (token_loss [B, L], valid [B, L]) computed with plain autograd."""
+    c = model.config
+    B, L = input_ids.shape
+    layout = model.make_plan(input_ids, position_ids, attention_mask).layout
+    x = model.model.embed_tokens(input_ids)
+    cos, sin = rope_cos_sin(layout.position_ids, model.inv_freq, x.dtype)
+    cos, sin = cos.reshape(B * L, -1), sin.reshape(B * L, -1)
+    hd = c.head_dim
+    for layer in model.model.layers:
+        a = layer.self_attn
+        h = rms_norm_reference(x, layer.input_layernorm.weight, c.rms_norm_eps)
+        q = a.q_proj(h).view(B * L, c.num_heads, hd)
+        k = a.k_proj(h).view(B * L, c.num_kv_heads, hd)
+        v = a.v_proj(h).view(B, L, c.num_kv_heads, hd)
+        if c.qk_norm:
+            q = rms_norm_reference(q, a.q_norm.weight, c.rms_norm_eps)
+            k = rms_norm_reference(k, a.k_norm.weight, c.rms_norm_eps)
+        q = rope_reference(q, cos, sin).view(B, L, c.num_heads, hd)
+        k = rope_reference(k, cos, sin).view(B, L, c.num_kv_heads, hd)
+        o = attention_reference(q, k, v, layout.segment_ids, keep)
+        x = x + a.o_proj(o.reshape(B, L, -1))
+        h = rms_norm_reference(x, layer.post_attention_layernorm.weight, c.rms_norm_eps)
+        m = layer.mlp
+        x = x + m.down_proj(swiglu_reference(m.gate_proj(h), m.up_proj(h)))
+    h = rms_norm_reference(x, model.model.norm.weight, c.rms_norm_eps)
+    targets = shift_targets(labels, layout, ignore_index)
+    if attention_mask is not None:
+        targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
+    loss = linear_cross_entropy_reference(
+        h.reshape(B * L, -1), model.lm_head.weight, targets.reshape(-1), ignore_index
+    )
+    return loss.view(B, L), targets != ignore_index
+
+
+def reference_filtered_loss(model, input_ids, labels, keep, **kw) -> torch.Tensor:
+    """Mean over kept rows, K/V of filtered rows detached in every layer."""
+    token_loss, _ = reference_token_loss(model, input_ids, labels, keep, **kw)
+    return (token_loss * keep).sum() / keep.sum()

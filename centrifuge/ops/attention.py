@@ -1,0 +1,140 @@
+"""Causal (packed-document) attention with the filtered backward.
+
+Layout is token-major, the way projections produce it:
+q: [B, L, H, D], k, v: [B, L, Hkv, D] (GQA: H = Hkv * G), o: [B, L, H, D],
+lse: [B, H, L] float32 (the forward's softmax log-normalizer).
+A query attends to keys of its own segment (document) at positions <= its own.
+
+The filtered backward (DESIGN.md): with K/V of filtered rows detached,
+* dQ is needed for kept queries only, over all keys;
+* dK, dV for kept keys only, from kept queries only.
+Softmax statistics (lse, and Delta = rowsum(dO * O)) come from the dense forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from centrifuge.plan import Layout
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def _mask(seg_q: torch.Tensor, pos_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
+    """[nq, L] bool: key j visible to query i. pos_q are the queries' row positions."""
+    keys = torch.arange(seg_k.numel(), device=seg_k.device)
+    return (seg_q[:, None] == seg_k[None, :]) & (keys[None, :] <= pos_q[:, None])
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_ids: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Differentiable reference. With ``keep`` ([B, L] bool) the K/V of filtered
+    rows are detached: ``k = where(keep, k, k.detach())`` (DESIGN.md semantics)."""
+    B, L, H, D = q.shape
+    groups = H // k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    if keep is not None:
+        kk = keep[:, :, None, None]
+        k = torch.where(kk, k, k.detach())
+        v = torch.where(kk, v, v.detach())
+    qh = q.transpose(1, 2)
+    kh = _repeat_kv(k, groups, 2).transpose(1, 2)
+    vh = _repeat_kv(v, groups, 2).transpose(1, 2)
+    pos = torch.arange(L, device=q.device)
+    mask = torch.stack([_mask(segment_ids[b], pos, segment_ids[b]) for b in range(B)])
+    s = (qh @ kh.transpose(-1, -2)).to(_acc_dtype(q.dtype)) * scale
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    return (p @ vh).transpose(1, 2)
+
+
+def attention_forward_reference(q, k, v, layout: Layout, scale: float | None = None):
+    """Returns (o [B, L, H, D], lse [B, H, L] float32). One batch row at a time
+    so memory stays at [H, L, L]."""
+    B, L, H, D = q.shape
+    groups = H // k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, L, device=q.device, dtype=acc)
+    pos = torch.arange(L, device=q.device)
+    for b in range(B):
+        seg = layout.segment_ids[b]
+        kh = _repeat_kv(k[b], groups, 1).transpose(0, 1)  # [H, L, D]
+        vh = _repeat_kv(v[b], groups, 1).transpose(0, 1)
+        s = (q[b].transpose(0, 1) @ kh.transpose(-1, -2)).to(acc) * scale  # [H, L, L]
+        s = s.masked_fill(~_mask(seg, pos, seg)[None], float("-inf"))
+        m = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - m[..., None]).to(q.dtype)
+        o[b] = (p @ vh).transpose(0, 1)
+        lse[b] = m
+    return o, lse
+
+
+def attention_backward_reference(
+    q, k, v, o, lse, do, layout: Layout, keep_idx: torch.Tensor | None, scale: float | None = None
+):
+    """Filtered attention backward.
+
+    do: [n, H, D], the output gradient of the kept rows ``keep_idx`` ([n] sorted
+    flat indices into B*L; None = every row, i.e. dense training).
+    Returns dq [n, H, D], dk [n, Hkv, D], dv [n, Hkv, D] for those rows.
+    """
+    B, L, H, D = q.shape
+    Hkv = k.shape[2]
+    groups = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    if keep_idx is None:
+        keep_idx = torch.arange(B * L, device=q.device)
+    n = keep_idx.numel()
+    dq = torch.empty(n, H, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(n, Hkv, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(n, Hkv, D, device=q.device, dtype=v.dtype)
+    batch_of = keep_idx // L
+    bounds = torch.searchsorted(batch_of, torch.arange(B + 1, device=q.device)).tolist()
+    for b in range(B):
+        lo, hi = bounds[b], bounds[b + 1]
+        if lo == hi:
+            continue
+        t = keep_idx[lo:hi] - b * L  # kept positions in this row
+        seg = layout.segment_ids[b]
+        qk = q[b, t].transpose(0, 1).to(acc)  # [H, nb, D]
+        kh = _repeat_kv(k[b], groups, 1).transpose(0, 1).to(acc)  # [H, L, D]
+        vh = _repeat_kv(v[b], groups, 1).transpose(0, 1).to(acc)
+        dob = do[lo:hi].transpose(0, 1).to(acc)  # [H, nb, D]
+        s = (qk @ kh.transpose(-1, -2)) * scale
+        visible = _mask(seg[t], t, seg)[None]
+        p = torch.where(visible, torch.exp(s - lse[b][:, t, None].to(acc)), 0.0)
+        delta = (dob * o[b, t].transpose(0, 1).to(acc)).sum(-1, keepdim=True)
+        ds = p * (dob @ vh.transpose(-1, -2) - delta)  # [H, nb, L]
+        dq[lo:hi] = (ds @ kh * scale).transpose(0, 1).to(q.dtype)
+        # Keys: only the kept columns, from the kept queries (rows of p, ds).
+        p_kk, ds_kk = p[:, :, t], ds[:, :, t]  # [H, nb(q), nb(k)]
+        dv_h = p_kk.transpose(-1, -2) @ dob  # [H, nb, D]
+        dk_h = ds_kk.transpose(-1, -2) @ qk * scale
+        dv[lo:hi] = dv_h.view(Hkv, groups, -1, D).sum(1).transpose(0, 1).to(v.dtype)
+        dk[lo:hi] = dk_h.view(Hkv, groups, -1, D).sum(1).transpose(0, 1).to(k.dtype)
+    return dq, dk, dv
+
+
+def attention_forward(q, k, v, layout: Layout, scale: float | None = None):
+    """Dispatch: the fastest forward for the device (the reference on CPU)."""
+    return attention_forward_reference(q, k, v, layout, scale)
+
+
+def attention_backward(q, k, v, o, lse, do, layout: Layout, keep_idx, scale: float | None = None):
+    """Dispatch: the fastest filtered backward for the device (the reference on CPU)."""
+    return attention_backward_reference(q, k, v, o, lse, do, layout, keep_idx, scale)

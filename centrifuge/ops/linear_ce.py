@@ -1,0 +1,104 @@
+"""LM head + cross-entropy, fused and chunked.
+
+The forward returns every row's loss (selection needs them all) without holding
+[N, vocab] logits; the backward recomputes logits for kept rows only.
+
+x: [N, d] hidden states, w: [V, d] LM head weight, targets: [N] int64
+(``ignore_index`` rows get loss 0). Logits are taken in x.dtype and the
+softmax in float32, as HF does (``logits.float()``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _chunk_rows(n_rows: int, vocab: int, budget: int = 2**26) -> int:
+    """Rows per chunk so one float32 logits chunk stays near ``budget`` bytes (64 MiB)."""
+    return max(1, min(n_rows, budget // (4 * vocab)))
+
+
+def linear_cross_entropy_reference(
+    x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Differentiable reference: [N] per-row losses (0 where ignored)."""
+    logits = (x @ w.t()).to(torch.promote_types(x.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+
+
+def linear_cross_entropy_forward(x, w, targets, ignore_index: int = IGNORE_INDEX):
+    """Returns (loss [N] float32, lse [N] float32)."""
+    n = x.shape[0]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    loss = torch.empty(n, device=x.device, dtype=acc)
+    lse = torch.empty(n, device=x.device, dtype=acc)
+    step = _chunk_rows(n, w.shape[0])
+    for s in range(0, n, step):
+        logits = (x[s : s + step] @ w.t()).to(acc)
+        t = targets[s : s + step]
+        m = torch.logsumexp(logits, dim=-1)
+        ok = t != ignore_index
+        picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+        loss[s : s + step] = torch.where(ok, m - picked, 0.0)
+        lse[s : s + step] = m
+    return loss, lse
+
+
+def linear_cross_entropy_backward(dloss, x, w, targets, lse, ignore_index: int = IGNORE_INDEX):
+    """Backward on the given rows.
+
+    dloss: [n] (the upstream gradient of those rows' losses), x: [n, d],
+    targets: [n], lse: [n]. Returns (dx [n, d] in x.dtype, dw [V, d] float32).
+    """
+    n = x.shape[0]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dx = torch.empty_like(x)
+    dw = torch.zeros(w.shape, device=w.device, dtype=acc)
+    scale = torch.where(targets != ignore_index, dloss.to(acc), 0.0)
+    step = _chunk_rows(n, w.shape[0])
+    for s in range(0, n, step):
+        xs, t = x[s : s + step], targets[s : s + step]
+        logits = (xs @ w.t()).to(acc)
+        g = torch.exp(logits - lse[s : s + step, None])
+        g.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(g[:, :1]))
+        g = (g * scale[s : s + step, None]).to(x.dtype)
+        dx[s : s + step] = g @ w
+        dw += (g.t() @ xs).to(acc)
+    return dx, dw
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Per-row losses from hidden states; backward on the plan's kept rows only.
+
+    x: [B, L, d], w: [V, d], targets: [B, L] -> loss [B, L] float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, targets, plan, ignore_index):
+        d = x.shape[-1]
+        loss, lse = linear_cross_entropy_forward(x.reshape(-1, d), w, targets.reshape(-1), ignore_index)
+        ctx.save_for_backward(x, w, targets, lse)
+        ctx.plan, ctx.ignore_index = plan, ignore_index
+        return loss.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        x, w, targets, lse = ctx.saved_tensors
+        d = x.shape[-1]
+        x2, t2, dl = x.reshape(-1, d), targets.reshape(-1), dloss.reshape(-1)
+        idx = ctx.plan.keep_idx
+        if idx is None:
+            dx, dw = linear_cross_entropy_backward(dl, x2, w, t2, lse, ctx.ignore_index)
+            return dx.view_as(x), dw.to(w.dtype), None, None, None
+        dxk, dw = linear_cross_entropy_backward(
+            dl[idx], x2[idx], w, t2[idx], lse[idx], ctx.ignore_index
+        )
+        dx = x2.new_zeros(x2.shape).index_copy_(0, idx, dxk)
+        return dx.view_as(x), dw.to(w.dtype), None, None, None
+
+
+def linear_cross_entropy(x, w, targets, plan, ignore_index: int = IGNORE_INDEX):
+    return LinearCrossEntropyFunction.apply(x, w, targets, plan, ignore_index)

@@ -1,0 +1,158 @@
+"""Token selection: score every valid row, keep the top ``ceil(ratio * n_valid)``.
+
+Methods
+-------
+``rho1``    excess loss = model loss - reference loss (Rho-1); the reference loss
+            comes from a reference model run without grad, or is precomputed and
+            stored with the data.
+``loss``    the model's own loss, highest kept.
+``random``  uniform scores from a seeded generator.
+``none``    keep every valid row (plain training; ``ratio`` is ignored).
+
+A caller that computes its own scores passes an explicit keep mask to
+:meth:`centrifuge.plan.Plan.loss` instead (see :func:`keep_from_mask`).
+
+Invalid rows (``ignore_index`` labels, padding, prompt tokens, the last row of
+every document) are never kept and never counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("rho1", "loss", "random", "none")
+GRANULARITIES = ("batch", "sequence")
+
+
+def check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
+        raise ValueError(f"keep ratio must lie in (0, 1], got {ratio}")
+    return ratio
+
+
+def num_keep(n_valid: int, ratio: float) -> int:
+    """ceil(ratio * n_valid), computed so that e.g. 0.3 * 10 gives 3, not 4."""
+    return min(n_valid, math.ceil(round(ratio * n_valid, 9)))
+
+
+def top_k_rows(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the ``k[i]`` highest-scoring valid entries of each row ``i``.
+
+    scores: [R, C] float, valid: [R, C] bool, k: [R] int64.
+    Ties go to the earlier position; invalid entries are never chosen.
+    Returns [R, C] bool.
+    """
+    # Two stable sorts give the order (valid first, then score descending, then
+    # position): deterministic even when valid scores tie or are -inf.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    by_valid = torch.sort(valid.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True)
+    order = order.gather(1, by_valid.indices)
+    rank_ok = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
+    keep = torch.zeros_like(valid)
+    keep.scatter_(1, order, rank_ok)
+    return keep & valid
+
+
+@dataclass
+class Selector:
+    """Picks the rows to keep. ``Selector("rho1", 0.5)(token_loss, valid, ref_loss)``.
+
+    method:      one of ``rho1``, ``loss``, ``random``, ``none``.
+    ratio:       fraction of valid rows kept, in (0, 1].
+    granularity: ``batch`` (one top-k over the whole batch) or ``sequence``
+                 (top-k inside every row of the batch).
+    seed:        seeds the generator of ``random``.
+    """
+
+    method: str = "rho1"
+    ratio: float = 0.5
+    granularity: str = "batch"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown selection method {self.method!r}; choose one of {METHODS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}"
+            )
+        self.ratio = check_ratio(self.ratio)
+        self._generator: torch.Generator | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method == "rho1"
+
+    def scores(
+        self, token_loss: torch.Tensor, ref_loss: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, L] float32 scores, higher = more worth training on."""
+        token_loss = token_loss.detach().float()
+        if self.method == "rho1":
+            if ref_loss is None:
+                raise ValueError(
+                    "selection 'rho1' needs reference losses: pass ref_loss from a reference "
+                    "model or from precomputed reference scores"
+                )
+            if ref_loss.shape != token_loss.shape:
+                raise ValueError(
+                    f"reference losses have shape {tuple(ref_loss.shape)}, but the batch's "
+                    f"token losses have shape {tuple(token_loss.shape)}"
+                )
+            return token_loss - ref_loss.detach().to(token_loss)
+        if self.method == "loss":
+            return token_loss
+        if self.method == "random":
+            if self._generator is None:
+                self._generator = torch.Generator().manual_seed(self.seed)
+            return torch.rand(token_loss.shape, generator=self._generator).to(token_loss.device)
+        return torch.zeros_like(token_loss)
+
+    def __call__(
+        self,
+        token_loss: torch.Tensor,
+        valid: torch.Tensor,
+        ref_loss: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """token_loss: [B, L] float, valid: [B, L] bool, ref_loss: [B, L] (rho1).
+        Returns the keep mask, [B, L] bool."""
+        if valid.shape != token_loss.shape:
+            raise ValueError(
+                f"valid mask has shape {tuple(valid.shape)}, token losses {tuple(token_loss.shape)}"
+            )
+        if not bool(valid.any()):
+            raise ValueError(
+                "the batch has no valid token (all labels are ignore_index, padding or "
+                "document ends): nothing to train on"
+            )
+        if self.method == "none" or self.ratio == 1.0:
+            if self.method == "rho1":
+                self.scores(token_loss, ref_loss)  # still validate the reference
+            return valid.clone()
+        scores = self.scores(token_loss, ref_loss)
+        if torch.isnan(scores[valid]).any():
+            raise ValueError("selection scores contain NaN (a NaN loss or reference loss)")
+        if self.granularity == "batch":
+            k = num_keep(int(valid.sum()), self.ratio)
+            keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), torch.tensor([k]))
+            return keep.view_as(valid)
+        n_valid = valid.sum(1).tolist()
+        k = torch.tensor([num_keep(n, self.ratio) for n in n_valid], device=valid.device)
+        return top_k_rows(scores, valid, k)
+
+
+def keep_from_mask(keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """An explicit keep mask supplied by the caller, restricted to valid rows.
+
+    keep, valid: [B, L] bool.
+    """
+    if keep.shape != valid.shape:
+        raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {tuple(valid.shape)}")
+    keep = keep.bool() & valid
+    if not bool(keep.any()):
+        raise ValueError("the keep mask keeps no valid token: the filtered loss would be undefined")
+    return keep
