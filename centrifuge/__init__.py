@@ -1,0 +1,12 @@
+"""Centrifuge: token-filtered LLM training whose backward runs on kept tokens only."""
+
+from centrifuge.models import LlamaForCausalLM, ModelConfig, build_model, get_preset
+from centrifuge.plan import Layout, Plan
+from centrifuge.selection import Selector, keep_from_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LlamaForCausalLM", "ModelConfig", "build_model", "get_preset",
+    "Layout", "Plan", "Selector", "keep_from_mask",
+]  # fmt: skip
