@@ -25,6 +25,7 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     max_position_embeddings: int = 2048
+    sliding_window: int | None = None  # Mistral v0.1; longer sequences are refused
     family: str = "llama"
     extra: dict = field(default_factory=dict)  # HF config keys kept for saving
 
@@ -71,6 +72,9 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             hidden_act="silu",
         )
+        if self.family != "llama":
+            out.update(sliding_window=self.sliding_window,
+                       use_sliding_window=self.sliding_window is not None)
         if self.family == "llama":
             out["attention_bias"] = self.attention_bias
         return out
@@ -94,6 +98,7 @@ class ModelConfig:
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
             "tie_word_embeddings", "max_position_embeddings", "attention_bias", "hidden_act",
+            "sliding_window", "use_sliding_window",
         }  # fmt: skip
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -110,6 +115,8 @@ class ModelConfig:
             attention_bias=cfg.get("attention_bias", family == "qwen2"),
             qk_norm=family == "qwen3",
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            sliding_window=cfg.get("sliding_window")
+            if cfg.get("use_sliding_window", family == "mistral") else None,
             family=family,
             extra={k: v for k, v in cfg.items() if k not in known},
         )

@@ -140,6 +140,12 @@ class LlamaForCausalLM(nn.Module):
                 f"sequence length {L} exceeds the model's max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
+        window = self.config.sliding_window
+        if window is not None and L > window:
+            raise ValueError(
+                f"sequence length {L} exceeds the model's sliding window ({window}); "
+                "sliding-window attention is not supported"
+            )
         layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
         return Plan(layout, backward)
 
@@ -187,9 +193,10 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, **kw) -> torch.Tensor:
-        """[B, L, vocab] float32 logits (for evaluation and generation)."""
-        out = self.forward(input_ids, **kw)
-        return (out.hidden @ self.lm_head.weight.to(out.hidden.dtype).t()).float()
+        """[B, L, vocab] logits in float32 (float64 for a float64 model)."""
+        h = self.forward(input_ids, **kw).hidden
+        logits = h @ self.lm_head.weight.to(h.dtype).t()
+        return logits.to(torch.promote_types(h.dtype, torch.float32))
 
     # --- checkpoints in Hugging Face layout ----------------------------------
     @classmethod
