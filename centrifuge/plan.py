@@ -124,8 +124,20 @@ class Plan:
         self.n_keep = int(idx.numel())
         if self.n_keep == 0:
             raise ValueError("the keep mask keeps no token: the filtered loss would be undefined")
-        if self.mode == "amplified":
+        if self.mode == "amplified" and self._filtered_rows_matter(keep):
             self.keep_idx = idx
+
+    def _filtered_rows_matter(self, keep: torch.Tensor) -> bool:
+        """A filtered row gets a gradient in dense training only through a later
+        kept row of its own document. With none (ρ = 1: only document ends and
+        padding are filtered) the dense backward computes the same gradients
+        without gathering, so the plan stays dense."""
+        B, L = self.shape
+        pos = torch.arange(L, device=keep.device).expand(B, L)
+        doc = self.layout.segment_ids + torch.arange(B, device=keep.device)[:, None] * L
+        last_kept = torch.full((B * L,), -1, device=keep.device, dtype=torch.long)
+        last_kept.scatter_reduce_(0, doc[keep], pos[keep], "amax")
+        return bool((~keep & (pos < last_kept[doc])).any())
 
     def loss(self, token_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Mean of the kept rows' losses, and the plan filled for the backward.

@@ -50,6 +50,12 @@ def test_plan_loss_and_errors():
         plan.loss(tl[:, :2], keep[:, :2])
     with pytest.raises(ValueError, match="backward mode"):
         Plan(Layout.build(1, 2), mode="sparse")
+    # Only document ends filtered: the dense backward is exact, the plan stays dense.
+    packed = Plan(Layout.build(2, 3, position_ids=torch.tensor([[0, 1, 0], [0, 1, 2]])))
+    packed.set_keep(torch.tensor([[True, False, False], [True, True, False]]))
+    assert not packed.compact and packed.n_keep == 3
+    packed.set_keep(torch.tensor([[False, True, False], [True, True, False]]))
+    assert packed.compact
     exact = Plan(Layout.build(2, 3), mode="exact")
     exact.loss(tl, keep)
     assert exact.keep_idx is None and exact.n_keep == 3 and not exact.compact

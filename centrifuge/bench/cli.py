@@ -1,0 +1,44 @@
+"""``centrifuge bench``: argument parsing and output files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from centrifuge.bench.report import to_markdown, write
+from centrifuge.bench.runner import DTYPES, BenchConfig, run_bench
+
+
+def add_arguments(p) -> None:
+    d = BenchConfig()
+    p.add_argument("--preset", default=d.preset, help="model preset (see centrifuge.models.PRESETS)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--ratios", type=float, nargs="+", default=d.ratios, help="kept ratios ρ")
+    p.add_argument("--layers", type=int, default=None,
+                   help="use only this many layers (large models on one GPU; labeled as such)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds (median reported)")
+    p.add_argument("--no-hf", dest="hf", action="store_false",
+                   help="skip the Hugging Face transformers baseline")
+    p.add_argument("--breakdown-ratio", type=float, default=d.breakdown_ratio,
+                   help="ρ at which the backward is profiled by component (CUDA only)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+
+
+def run(args) -> int:
+    cfg = BenchConfig(
+        preset=args.preset, seq_len=args.seq_len, batch=args.batch, ratios=args.ratios,
+        layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
+        repeats=args.repeats, hf=args.hf, breakdown_ratio=args.breakdown_ratio,
+    )  # fmt: skip
+    result = run_bench(cfg, progress=tqdm)
+    layers = f"-{cfg.layers}l" if cfg.layers else ""
+    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}"
+    paths = write(result, args.out, stem)
+    print(to_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

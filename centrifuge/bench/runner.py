@@ -1,0 +1,213 @@
+"""Run the benchmark: every variant, every ratio, interleaved, in one process."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from centrifuge.bench.variants import Variant, hf_masked_variant, hf_model, native_variants
+from centrifuge.models import build_model, get_preset
+from centrifuge.selection import check_ratio
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "tinyllama-1.1b"
+    seq_len: int = 2048
+    batch: int = 8
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
+    layers: int | None = None  # fewer layers than the preset (e.g. 8B on one GPU)
+    dtype: str = "bf16"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    warmup: int = 3
+    repeats: int = 10
+    hf: bool = True  # include HF transformers + masked loss (the external baseline)
+    breakdown_ratio: float | None = 0.5  # profile the backward by component here
+    seed: int = 0
+
+    def __post_init__(self):
+        self.ratios = [check_ratio(r) for r in self.ratios]
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+class Timer:
+    """Device-side timing: CUDA events on GPU, a host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed_ms(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+
+def time_step(variant: Variant, ids, ratio: float, timer: Timer) -> tuple[float, float]:
+    """(forward ms, backward ms) of one step; gradients are dropped afterwards."""
+    t0 = timer.mark()
+    loss = variant.loss(ids, ratio)
+    t1 = timer.mark()
+    loss.backward()
+    t2 = timer.mark()
+    fwd, bwd = timer.elapsed_ms(t0, t1), timer.elapsed_ms(t1, t2)
+    variant.module.zero_grad(set_to_none=True)
+    return fwd, bwd
+
+
+def peak_memory_gib(variant: Variant, ids, ratio: float) -> float | None:
+    """Peak bytes a step needs: the variant's weights plus what the step allocates
+    (activations, gradients, logits), so co-resident models do not count."""
+    if ids.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    variant.loss(ids, ratio).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    variant.module.zero_grad(set_to_none=True)
+    weights = sum(p.numel() * p.element_size() for p in variant.module.parameters())
+    return (weights + extra) / 2**30
+
+
+CATEGORIES = (
+    ("attention", ("flash", "attn", "attention", "fmha")),
+    ("gemm", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "matmul")),
+    ("norm/rope/act", ("norm", "rope", "rotary", "swiglu", "silu", "sigmoid", "rsqrt")),
+    ("cross-entropy", ("cross_entropy", "log_softmax", "logsumexp", "nll", "_ce_")),
+    ("gather/scatter", ("index", "gather", "scatter", "nonzero")),
+)
+
+
+def backward_breakdown(variant: Variant, ids, ratio: float) -> dict[str, float]:
+    """Device time (ms) of one backward, summed per component from kernel names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loss = variant.loss(ids, ratio)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss.backward()
+        torch.cuda.synchronize()
+    variant.module.zero_grad(set_to_none=True)
+    out: dict[str, float] = {}
+    for evt in prof.key_averages():
+        ms = evt.self_device_time_total / 1e3
+        if ms <= 0:
+            continue
+        name = evt.key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        out[cat] = out.get(cat, 0.0) + ms
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        env["device"] = platform.processor() or "cpu"
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
+    config = get_preset(cfg.preset)
+    if cfg.layers is not None:
+        config.num_layers = cfg.layers
+    dtype = DTYPES[cfg.dtype]
+    model = build_model(config, dtype=dtype, device=device, seed=cfg.seed)
+    variants = native_variants(model)
+    if cfg.hf:
+        torch.manual_seed(cfg.seed)
+        variants.append(hf_masked_variant(hf_model(config, dtype, device)))
+    return variants, config
+
+
+def run_bench(cfg: BenchConfig, progress=None) -> dict:
+    """Returns a JSON-ready dict: environment, config, one row per (variant, ratio)
+    with forward/backward/step medians and peak memory, ratios and breakdown."""
+    device = torch.device(cfg.device)
+    variants, config = build_variants(cfg, device)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.seq_len), generator=g).to(device)
+    timer = Timer(device)
+    jobs = [(v, r) for r in cfg.ratios for v in variants if v.filtered] + [
+        (v, 1.0) for v in variants if not v.filtered
+    ]
+    samples = {(v.name, r): [] for v, r in jobs}
+    rounds = range(cfg.warmup + cfg.repeats)
+    for i in rounds if progress is None else progress(rounds, desc="bench rounds"):
+        for v, r in jobs:  # interleaved: drifting clocks hit every variant alike
+            fb = time_step(v, ids, r, timer)
+            if i >= cfg.warmup:
+                samples[(v.name, r)].append(fb)
+    rows = []
+    for v, r in jobs:
+        fwd = statistics.median(f for f, _ in samples[(v.name, r)])
+        bwd = statistics.median(b for _, b in samples[(v.name, r)])
+        step = statistics.median(f + b for f, b in samples[(v.name, r)])
+        rows.append(dict(variant=v.name, label=v.label, ratio=r if v.filtered else None,
+                         forward_ms=fwd, backward_ms=bwd, step_ms=step,
+                         peak_gib=peak_memory_gib(v, ids, r)))  # fmt: skip
+    result = dict(
+        environment=environment(device),
+        config=asdict(cfg),
+        model=dict(preset=cfg.preset, layers=config.num_layers,
+                   parameters=config.num_parameters(), tokens_per_step=cfg.batch * cfg.seq_len),
+        rows=rows,
+        ratios=speedups(rows, cfg.ratios),
+    )  # fmt: skip
+    br = cfg.breakdown_ratio
+    if device.type == "cuda" and br is not None:
+        result["breakdown"] = {
+            v.name: backward_breakdown(v, ids, br)
+            for v in variants
+            if v.name in ("dense", "masked", "centrifuge")
+        }
+        result["breakdown_ratio"] = br
+    return result
+
+
+def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
+    """Centrifuge's times over the others' (c/a dense, c/b masked, c/d HF)."""
+    by = {(r["variant"], r["ratio"]): r for r in rows}
+    out = []
+    for ratio in ratios:
+        c = by.get(("centrifuge", ratio))
+        if c is None:
+            continue
+        entry = {"ratio": ratio}
+        for key, other in (("c/a", ("dense", None)), ("c/b", ("masked", ratio)),
+                           ("c/d", ("hf-masked", ratio))):  # fmt: skip
+            o = by.get(other)
+            if o is not None:
+                entry[key] = dict(step=c["step_ms"] / o["step_ms"],
+                                  backward=c["backward_ms"] / o["backward_ms"])  # fmt: skip
+        out.append(entry)
+    return out

@@ -1,0 +1,68 @@
+"""The steps a benchmark compares. A variant turns (input_ids, ratio) into a
+scalar loss whose ``backward()`` is the timed backward; selection (the model's
+own loss, top-ρ per batch) runs inside the forward for every filtered variant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from centrifuge.models import LlamaForCausalLM
+from centrifuge.models.config import ModelConfig
+from centrifuge.selection import Selector
+
+
+@dataclass
+class Variant:
+    name: str  # short key used in tables: dense, masked, centrifuge, hf-masked, ...
+    label: str  # what a reader sees
+    loss: Callable[[torch.Tensor, float], torch.Tensor]
+    filtered: bool = True  # False: ratio does not apply (always all tokens)
+    module: torch.nn.Module | None = None
+
+
+def native_variants(model: LlamaForCausalLM) -> list[Variant]:
+    def dense(ids, ratio):
+        out = model(ids, labels=ids, backward="exact")
+        return out.plan.loss(out.token_loss, out.valid)
+
+    def filtered(mode):
+        def step(ids, ratio):
+            out = model(ids, labels=ids, backward=mode)
+            keep = Selector("loss", ratio)(out.token_loss, out.valid)
+            return out.plan.loss(out.token_loss, keep)
+
+        return step
+
+    return [
+        Variant("dense", "dense (no filtering)", dense, filtered=False, module=model),
+        Variant("masked", "masked-loss filtering", filtered("exact"), module=model),
+        Variant("centrifuge", "Centrifuge", filtered("amplified"), module=model),
+    ]
+
+
+def hf_model(config: ModelConfig, dtype: torch.dtype, device, attn: str = "sdpa"):
+    """transformers' own model class for ``config`` (random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.for_model(**config.to_hf_dict())
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=dtype)
+    return model.to(device)
+
+
+def hf_masked_variant(model, name="hf-masked", label="HF transformers, masked loss") -> Variant:
+    """What users run today: logits, per-token cross-entropy, masked mean."""
+
+    def step(ids, ratio):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        token_loss = F.cross_entropy(
+            logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
+        )
+        valid = torch.ones_like(token_loss, dtype=torch.bool)
+        keep = Selector("loss", ratio)(token_loss, valid)
+        return (token_loss * keep).sum() / keep.sum()
+
+    return Variant(name, label, step, module=model)

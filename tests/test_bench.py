@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from centrifuge.bench import BenchConfig, run_bench
+from centrifuge.bench.report import to_markdown
+from centrifuge.cli import main
+
+
+def test_bench_runs_every_variant_on_cpu():
+    cfg = BenchConfig(preset="tiny", seq_len=32, batch=2, ratios=[0.5, 1.0], dtype="fp32",
+                      device="cpu", warmup=1, repeats=2)  # fmt: skip
+    result = run_bench(cfg)
+    names = {(r["variant"], r["ratio"]) for r in result["rows"]}
+    assert names == {("dense", None), ("masked", 0.5), ("centrifuge", 0.5), ("hf-masked", 0.5),
+                     ("masked", 1.0), ("centrifuge", 1.0), ("hf-masked", 1.0)}  # fmt: skip
+    for r in result["rows"]:
+        assert r["step_ms"] > 0 and r["forward_ms"] > 0 and r["backward_ms"] > 0
+    by = {(r["variant"], r["ratio"]): r for r in result["rows"]}
+    s = result["ratios"][0]
+    assert s["ratio"] == 0.5
+    assert s["c/a"]["step"] == pytest.approx(
+        by[("centrifuge", 0.5)]["step_ms"] / by[("dense", None)]["step_ms"]
+    )
+    assert "| Centrifuge | 0.50 |" in to_markdown(result)
+
+
+def test_bench_cli_writes_outputs(tmp_path):
+    rc = main(["bench", "--preset", "tiny", "--seq-len", "16", "--batch", "1", "--ratios", "0.5",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "fp32", "--no-hf",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "tiny-s16-b1-fp32.json").read_text())
+    assert {r["variant"] for r in data["rows"]} == {"dense", "masked", "centrifuge"}
+    assert (tmp_path / "tiny-s16-b1-fp32.png").stat().st_size > 0
+
+
+def test_bench_rejects_bad_ratio():
+    with pytest.raises(ValueError, match="ratio"):
+        BenchConfig(ratios=[0.0])
