@@ -24,6 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds (median reported)")
     p.add_argument("--no-hf", dest="hf", action="store_false",
                    help="skip the Hugging Face transformers baseline")
+    p.add_argument("--liger", action="store_true",
+                   help="use HF + Liger-Kernel as the peer instead of plain HF (needs liger-kernel)")
     p.add_argument("--breakdown-ratio", type=float, default=d.breakdown_ratio,
                    help="ρ at which the backward is profiled by component (CUDA only)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
@@ -33,11 +35,12 @@ def run(args) -> int:
     cfg = BenchConfig(
         preset=args.preset, seq_len=args.seq_len, batch=args.batch, ratios=args.ratios,
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
-        repeats=args.repeats, hf=args.hf, breakdown_ratio=args.breakdown_ratio,
+        repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
     )  # fmt: skip
     result = run_bench(cfg, progress=tqdm)
     layers = f"-{cfg.layers}l" if cfg.layers else ""
-    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}"
+    peer = "-liger" if cfg.liger else ""
+    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}"
     paths = write(result, args.out, stem)
     print(to_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

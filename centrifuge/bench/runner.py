@@ -9,7 +9,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from centrifuge.bench.variants import Variant, hf_masked_variant, hf_model, native_variants
+from centrifuge.bench.variants import (
+    Variant,
+    hf_liger_variant,
+    hf_masked_variant,
+    hf_model,
+    native_variants,
+)
 from centrifuge.models import build_model, get_preset
 from centrifuge.selection import check_ratio
 
@@ -28,6 +34,9 @@ class BenchConfig:
     warmup: int = 3
     repeats: int = 10
     hf: bool = True  # include HF transformers + masked loss (the external baseline)
+    # HF + Liger-Kernel as the peer instead. Liger patches transformers' RoPE
+    # module-wide, so it gets its own run rather than sharing one with plain HF.
+    liger: bool = False
     breakdown_ratio: float | None = 0.5  # profile the backward by component here
     seed: int = 0
 
@@ -143,7 +152,10 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     dtype = DTYPES[cfg.dtype]
     model = build_model(config, dtype=dtype, device=device, seed=cfg.seed)
     variants = native_variants(model)
-    if cfg.hf:
+    if cfg.liger:
+        torch.manual_seed(cfg.seed)
+        variants.append(hf_liger_variant(hf_model(config, dtype, device)))
+    elif cfg.hf:
         torch.manual_seed(cfg.seed)
         variants.append(hf_masked_variant(hf_model(config, dtype, device)))
     return variants, config
@@ -204,7 +216,7 @@ def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
             continue
         entry = {"ratio": ratio}
         for key, other in (("c/a", ("dense", None)), ("c/b", ("masked", ratio)),
-                           ("c/d", ("hf-masked", ratio))):  # fmt: skip
+                           ("c/d", ("hf-masked", ratio)), ("c/liger", ("hf-liger-masked", ratio))):  # fmt: skip
             o = by.get(other)
             if o is not None:
                 entry[key] = dict(step=c["step_ms"] / o["step_ms"],

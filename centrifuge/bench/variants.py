@@ -66,3 +66,22 @@ def hf_masked_variant(model, name="hf-masked", label="HF transformers, masked lo
         return (token_loss * keep).sum() / keep.sum()
 
     return Variant(name, label, step, module=model)
+
+
+def hf_liger_variant(model) -> Variant:
+    """HF + Liger-Kernel (fused RMSNorm, SwiGLU, RoPE, fused linear-CE), masked
+    loss through ``labels = -100`` on filtered rows — Liger's fastest form. Its
+    fused loss returns no per-token losses, so the keep mask is drawn at random
+    (a precomputed-scores setting): the peer pays no selection cost at all."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)  # also patches module-level RoPE
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def step(ids, ratio):
+        labels = ids.clone()
+        drop = torch.rand(ids.shape, generator=gen) >= ratio
+        labels[drop.to(ids.device)] = -100
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+    return Variant("hf-liger-masked", "HF + Liger-Kernel, masked loss", step, module=model)
