@@ -138,7 +138,7 @@ class Selector:
             raise ValueError("selection scores contain NaN (a NaN loss or reference loss)")
         if self.granularity == "batch":
             k = num_keep(int(valid.sum()), self.ratio)
-            keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), torch.tensor([k]))
+            keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), torch.tensor([k], device=valid.device))
             return keep.view_as(valid)
         n_valid = valid.sum(1).tolist()
         k = torch.tensor([num_keep(n, self.ratio) for n in n_valid], device=valid.device)
