@@ -103,8 +103,9 @@ CATEGORIES = (
 )
 
 
-def backward_breakdown(variant: Variant, ids, ratio: float) -> dict[str, float]:
-    """Device time (ms) of one backward, summed per component from kernel names."""
+def backward_breakdown(variant: Variant, ids, ratio: float) -> tuple[dict[str, float], list]:
+    """Device time (ms) of one backward, summed per component from kernel names,
+    and the ten most expensive kernels (to check the categories)."""
     from torch.profiler import ProfilerActivity, profile
 
     loss = variant.loss(ids, ratio)
@@ -114,6 +115,7 @@ def backward_breakdown(variant: Variant, ids, ratio: float) -> dict[str, float]:
         torch.cuda.synchronize()
     variant.module.zero_grad(set_to_none=True)
     out: dict[str, float] = {}
+    kernels = []
     for evt in prof.key_averages():
         ms = evt.self_device_time_total / 1e3
         if ms <= 0:
@@ -121,7 +123,8 @@ def backward_breakdown(variant: Variant, ids, ratio: float) -> dict[str, float]:
         name = evt.key.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
         out[cat] = out.get(cat, 0.0) + ms
-    return out
+        kernels.append((ms, cat, evt.key[:120]))
+    return out, sorted(kernels, reverse=True)[:10]
 
 
 def environment(device: torch.device) -> dict:
@@ -197,11 +200,10 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     )  # fmt: skip
     br = cfg.breakdown_ratio
     if device.type == "cuda" and br is not None:
-        result["breakdown"] = {
-            v.name: backward_breakdown(v, ids, br)
-            for v in variants
-            if v.name in ("dense", "masked", "centrifuge")
-        }
+        profiled = {v.name: backward_breakdown(v, ids, br) for v in variants
+                    if v.name in ("dense", "masked", "centrifuge")}  # fmt: skip
+        result["breakdown"] = {k: b for k, (b, _) in profiled.items()}
+        result["top_kernels"] = {k: top for k, (_, top) in profiled.items()}
         result["breakdown_ratio"] = br
     return result
 
