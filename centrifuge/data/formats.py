@@ -1,0 +1,120 @@
+"""Reading documents from user data: plain text, JSONL, Parquet, Arrow files
+and ``datasets.save_to_disk`` directories.
+
+``.txt`` / ``.md`` / ``.text``  one document per file.
+``.jsonl`` / ``.json``          one JSON object per line; the document is its text field.
+``.parquet``                    the text column.
+``.arrow``                      an Arrow IPC file or stream with a text column.
+a ``save_to_disk`` directory    (``state.json`` with ``_data_files``, or a
+                                ``dataset_dict.json`` with splits: the ``train`` split).
+any other directory             every supported file under it, in sorted order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet", ".arrow")
+
+
+def resolve_files(paths: list[str | Path]) -> list[Path]:
+    """Expand the given paths into the data files to read, in a fixed order.
+    Raises FileNotFoundError for a missing path, ValueError for an unsupported file."""
+    if not paths:
+        raise ValueError("no data paths given")
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise FileNotFoundError(f"data path {str(raw)!r} does not exist")
+        if p.is_dir():
+            files.extend(_dir_files(p))
+        elif p.suffix.lower() in SUFFIXES:
+            files.append(p)
+        else:
+            raise ValueError(
+                f"data file {str(raw)!r} has an unsupported type; supported: {', '.join(SUFFIXES)}, "
+                "or a datasets.save_to_disk directory"
+            )
+    if not files:
+        raise ValueError(f"no data files found in {[str(p) for p in paths]} (supported: {SUFFIXES})")
+    return files
+
+
+def _dir_files(d: Path) -> list[Path]:
+    if (d / "dataset_dict.json").is_file():  # DatasetDict: take the train split
+        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise ValueError(f"{d} is a DatasetDict without a 'train' split (splits: {splits})")
+        return _dir_files(d / "train")
+    if (d / "state.json").is_file():  # a datasets.save_to_disk Dataset
+        state = json.loads((d / "state.json").read_text())
+        return [d / f["filename"] for f in state.get("_data_files", [])]
+    return sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+
+
+def iter_documents(file: Path, text_field: str = "text") -> Iterator[str]:
+    """The documents of one data file, in order (empty ones included)."""
+    suffix = file.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        yield file.read_text(encoding="utf-8", errors="replace")
+    elif suffix in (".jsonl", ".json"):
+        yield from _jsonl(file, text_field)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(file)
+        _check_column(pf.schema_arrow.names, text_field, file)
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            yield from _strings(batch.column(0).to_pylist(), file)
+    elif suffix == ".arrow":
+        for batch in _arrow_batches(file):
+            _check_column(batch.schema.names, text_field, file)
+            yield from _strings(batch.column(text_field).to_pylist(), file)
+    else:
+        raise ValueError(f"unsupported data file {file}")
+
+
+def _jsonl(file: Path, text_field: str) -> Iterator[str]:
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise ValueError(f"{file}:{n}: no {text_field!r} field (found {keys})")
+            if not isinstance(obj[text_field], str):
+                raise ValueError(f"{file}:{n}: field {text_field!r} is not a string")
+            yield obj[text_field]
+
+
+def _arrow_batches(file: Path):
+    import pyarrow as pa
+
+    try:  # datasets writes the streaming format; plain .arrow files use the file format
+        reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(pa.memory_map(str(file)))
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+        return
+    yield from reader
+
+
+def _check_column(names, text_field: str, file: Path) -> None:
+    if text_field not in names:
+        raise ValueError(f"{file}: no {text_field!r} column (columns: {list(names)})")
+
+
+def _strings(values, file: Path) -> Iterator[str]:
+    for v in values:
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"{file}: the text column holds {type(v).__name__}, not strings")
+        yield v or ""

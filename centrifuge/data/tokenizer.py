@@ -1,0 +1,117 @@
+"""Tokenizers: the built-in byte tokenizer and local Hugging Face tokenizers.
+
+Every tokenizer offers ``encode(str) -> list[int]``, ``decode(list[int]) -> str``,
+``vocab_size``, ``eos_id``, ``pad_id`` and ``identity`` (a string that changes
+whenever the token ids of a text could change; it keys the token cache and the
+dataset fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0-255 are bytes, 256 ends a document, 257 pads.
+
+    Simple, deterministic and needs no files: the built-in default."""
+
+    vocab_size = 258
+    eos_id = 256
+    pad_id = 257
+    identity = "centrifuge-byte-v1"
+    name = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer: a directory with tokenizer.json (and
+    usually tokenizer_config.json), or a tokenizer.json file. Nothing is
+    downloaded. Text is encoded without special tokens; documents are ended
+    with the tokenizer's eos token by the packer."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json in {path}: give a local Hugging Face tokenizer directory "
+                "(Centrifuge downloads nothing)"
+            )
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(file))
+        self.name = str(path)
+        eos, pad = _special_tokens(file.parent, self._tok)
+        if eos is None:
+            raise ValueError(
+                f"tokenizer {path} defines no end-of-sequence token (eos_token in "
+                "tokenizer_config.json, or a token such as </s> or <|endoftext|>): documents "
+                "cannot be separated"
+            )
+        self.eos_id = eos
+        self.pad_id = eos if pad is None else pad
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        digest = hashlib.sha256(file.read_bytes())
+        self.identity = f"hf-{digest.hexdigest()[:24]}-eos{self.eos_id}"
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r})"
+
+
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+def _special_tokens(folder: Path, tok) -> tuple[int | None, int | None]:
+    """(eos_id, pad_id) from tokenizer_config.json, else well-known eos names."""
+    import json
+
+    def token_id(entry):
+        if isinstance(entry, dict):
+            entry = entry.get("content")
+        return tok.token_to_id(entry) if isinstance(entry, str) else None
+
+    eos = pad = None
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        eos, pad = token_id(data.get("eos_token")), token_id(data.get("pad_token"))
+    if eos is None:
+        eos = next((tok.token_to_id(t) for t in _EOS_CANDIDATES if tok.token_to_id(t) is not None),
+                   None)  # fmt: skip
+    return eos, pad
+
+
+def load_tokenizer(name_or_dir: str | Path | None = None):
+    """``None`` or ``"byte"``: the built-in byte tokenizer; otherwise a local
+    Hugging Face tokenizer directory (or tokenizer.json file)."""
+    if name_or_dir is None or str(name_or_dir) == "byte":
+        return ByteTokenizer()
+    path = Path(name_or_dir)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer {str(name_or_dir)!r} not found: give 'byte' (built-in) or a local "
+            "Hugging Face tokenizer directory"
+        )
+    return HFTokenizer(path)
