@@ -12,3 +12,29 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _fix_interpreter_scalar_index():
+    """Triton 3.6's interpreter holds a scalar as a one-element array and turns
+    it into a Python int with int(array), which NumPy >= 2.4 refuses
+    (triton-lang/triton#9171). A kernel whose loop bound is loaded from memory
+    then fails under the interpreter only. Re-patch tensor.__index__ to take the
+    single element explicitly."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_centrifuge_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._centrifuge_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_scalar_index()

@@ -1,0 +1,450 @@
+"""Triton kernels for the filtered attention backward (and the flash forward).
+
+Semantics are those of :func:`centrifuge.ops.attention.attention_backward_reference`:
+with the K/V of filtered rows detached,
+
+* dQ is computed for kept queries only, over every visible key (kernel ``_dq``);
+* dK, dV for kept keys only, from kept queries only (kernel ``_dkdv``), so the
+  work of that kernel grows with n_keep², not with N · n_keep.
+
+Everything works in *flat token space*: row ``f`` of the ``B * L`` tokens.
+Documents are contiguous runs of flat rows (``layout.cu_seqlens``), so the
+causal, same-document mask for query row ``i`` and key row ``f`` is simply
+``doc_start(i) <= f <= i``. Kept rows are sorted, hence in the *kept index*
+space (position in ``keep_idx``) a kept key ``j`` is seen by the kept queries
+``j <= i < kept_end(j)``, where ``kept_end(j)`` counts the kept rows before the
+end of ``j``'s document. Both kernels read q, k, v, o and lse through
+``keep_idx`` (no gathered copies); ``do``, ``dq``, ``dk``, ``dv`` are compact
+``[n_keep, heads, D]``.
+
+Tiles: a program owns a block of consecutive kept rows (which may straddle a
+document boundary; the mask handles it) and walks the other operand in tiles.
+Tiles that are fully visible to every row of the block skip the mask; only the
+diagonal and document-boundary tiles pay for it.
+
+Accumulation is float32; P and dS are rounded to the input dtype before their
+matmuls (as flash-attention does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from centrifuge.plan import Layout
+
+LOG2E = math.log2(math.e)
+
+
+# --------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _dq_tile(
+    acc, q, do, lse2, delta, qf, ds_, start, hi,
+    K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok,
+    qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    kf = start + tl.arange(0, BLOCK_N)
+    if MASK:
+        kmask = (kf < hi)[:, None] & d_ok[None, :]
+    else:
+        kmask = d_ok[None, :]
+    kptr = kf.to(tl.int64)[:, None]
+    k = tl.load(K + kptr * stride_kn + k_off + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + kptr * stride_vn + v_off + offs_d[None, :], mask=kmask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if MASK:
+        visible = (kf[None, :] <= qf[:, None]) & (kf[None, :] >= ds_[:, None])
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return acc + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, O, DO, LSE, KEEP, DOC_START, DQ, DELTA,
+    n_keep, L, qk_scale, sm_scale,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_on, stride_oh, stride_don, stride_doh,
+    stride_lb, stride_lh, stride_lt, stride_dqn, stride_dqh,
+    H: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M consecutive kept queries x one query head.
+    Also writes Delta = rowsum(dO * O) for them, which the dK/dV kernel reads."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    first = pid_m * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_keep
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    # Padding rows of the last block: flat index -1 sees no key, lse = +inf gives p = 0.
+    qf = tl.load(KEEP + rows, mask=row_ok, other=-1).to(tl.int64)
+    ds_ = tl.load(DOC_START + rows, mask=row_ok, other=0).to(tl.int64)
+    last = tl.minimum(first + BLOCK_M, n_keep) - 1
+    lo = tl.load(DOC_START + first).to(tl.int64)  # earliest key any row may see
+    hi = tl.load(KEEP + last).to(tl.int64) + 1  # one past the latest
+    max_ds = tl.load(DOC_START + last).to(tl.int64)
+    min_q = tl.load(KEEP + first).to(tl.int64)
+
+    m2 = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + qf[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=m2, other=0.0)
+    o = tl.load(O + qf[:, None] * stride_on + h * stride_oh + offs_d[None, :], mask=m2, other=0.0)
+    do = tl.load(
+        DO + rows.to(tl.int64)[:, None] * stride_don + h * stride_doh + offs_d[None, :],
+        mask=m2, other=0.0,
+    )  # fmt: skip
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + rows.to(tl.int64) * H + h, delta, mask=row_ok)
+    b = qf // L
+    lse = tl.load(
+        LSE + b * stride_lb + h * stride_lh + (qf - b * L) * stride_lt, mask=row_ok,
+        other=float("inf"),
+    )  # fmt: skip
+    lse2 = lse * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+
+    k_off = (h // GROUPS).to(tl.int64) * stride_kh
+    v_off = (h // GROUPS).to(tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Key tiles start at lo. Tiles in [lo, max_ds) may belong to another document
+    # for some rows, tiles past min_q cross some row's diagonal: both masked.
+    n_tiles = tl.cdiv(hi - lo, BLOCK_N)
+    full_lo = tl.minimum(tl.cdiv(max_ds - lo, BLOCK_N), n_tiles)
+    full_hi = tl.maximum(full_lo, tl.minimum((min_q + 1 - lo) // BLOCK_N, n_tiles))
+    for t in range(0, full_lo):
+        acc = _dq_tile(acc, q, do, lse2, delta, qf, ds_, lo + t * BLOCK_N, hi,
+                       K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok, qk_scale,
+                       BLOCK_N, True, PREC)  # fmt: skip
+    for t in range(full_lo, full_hi):
+        acc = _dq_tile(acc, q, do, lse2, delta, qf, ds_, lo + t * BLOCK_N, hi,
+                       K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok, qk_scale,
+                       BLOCK_N, False, PREC)  # fmt: skip
+    for t in range(full_hi, n_tiles):
+        acc = _dq_tile(acc, q, do, lse2, delta, qf, ds_, lo + t * BLOCK_N, hi,
+                       K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok, qk_scale,
+                       BLOCK_N, True, PREC)  # fmt: skip
+    acc = acc * sm_scale
+    tl.store(
+        DQ + rows.to(tl.int64)[:, None] * stride_dqn + h * stride_dqh + offs_d[None, :],
+        acc.to(DQ.dtype.element_ty), mask=m2,
+    )  # fmt: skip
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, cols, kend, start, q_hi,
+    Q, DO, LSE, DELTA, KEEP, h, L,
+    stride_qn, stride_qh, stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
+    offs_d, d_ok, qk_scale,
+    H: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    rows = start + tl.arange(0, BLOCK_M)
+    if MASK:
+        row_ok = rows < q_hi
+        m2 = row_ok[:, None] & d_ok[None, :]
+        qf = tl.load(KEEP + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        m2 = d_ok[None, :]
+        qf = tl.load(KEEP + rows).to(tl.int64)
+    r64 = rows.to(tl.int64)
+    q = tl.load(Q + qf[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=m2, other=0.0)
+    do = tl.load(DO + r64[:, None] * stride_don + h * stride_doh + offs_d[None, :], mask=m2, other=0.0)
+    b = qf // L
+    lse_ptr = LSE + b * stride_lb + h * stride_lh + (qf - b * L) * stride_lt
+    if MASK:
+        lse = tl.load(lse_ptr, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + r64 * H + h, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(lse_ptr)
+        delta = tl.load(DELTA + r64 * H + h)
+    # Transposed tile [keys, queries], so dK/dV accumulate without transposes.
+    s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+    p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    if MASK:
+        visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] < kend[:, None])
+        p_t = tl.where(visible, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, KEEP, KEPT_END, DK, DV,
+    n_keep, L, qk_scale, sm_scale,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    H: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_N consecutive kept keys x one KV head; loops over the
+    GROUPS query heads of that KV head and over the kept queries that see them."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    first = pid_n * BLOCK_N
+    cols = first + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_keep
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m2 = col_ok[:, None] & d_ok[None, :]
+    kf = tl.load(KEEP + cols, mask=col_ok, other=0).to(tl.int64)
+    kend = tl.load(KEPT_END + cols, mask=col_ok, other=0)
+    k = tl.load(K + kf[:, None] * stride_kn + hk * stride_kh + offs_d[None, :], mask=m2, other=0.0)
+    v = tl.load(V + kf[:, None] * stride_vn + hk * stride_vh + offs_d[None, :], mask=m2, other=0.0)
+    last = tl.minimum(first + BLOCK_N, n_keep) - 1
+    q_hi = tl.load(KEPT_END + last)  # one past the last kept query any key here is seen by
+    kend_min = tl.load(KEPT_END + first)
+    # Query tiles start at `first` (the diagonal). Masked: tiles that start before
+    # the block's last key, and tiles that reach past the first key's document.
+    n_tiles = tl.cdiv(q_hi - first, BLOCK_M)
+    full_lo = tl.minimum(tl.cdiv(last - first, BLOCK_M), n_tiles)
+    full_hi = tl.maximum(full_lo, tl.minimum((kend_min - first) // BLOCK_M, n_tiles))
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        for t in range(0, full_lo):
+            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
+                                Q, DO, LSE, DELTA, KEEP, h, L, stride_qn, stride_qh,
+                                stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
+                                offs_d, d_ok, qk_scale, H, BLOCK_M, True, PREC)  # fmt: skip
+        for t in range(full_lo, full_hi):
+            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
+                                Q, DO, LSE, DELTA, KEEP, h, L, stride_qn, stride_qh,
+                                stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
+                                offs_d, d_ok, qk_scale, H, BLOCK_M, False, PREC)  # fmt: skip
+        for t in range(full_hi, n_tiles):
+            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
+                                Q, DO, LSE, DELTA, KEEP, h, L, stride_qn, stride_qh,
+                                stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
+                                offs_d, d_ok, qk_scale, H, BLOCK_M, True, PREC)  # fmt: skip
+    c64 = cols.to(tl.int64)[:, None]
+    tl.store(DK + c64 * stride_dkn + hk * stride_dkh + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=m2)  # fmt: skip
+    tl.store(DV + c64 * stride_dvn + hk * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=m2)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- #
+# Launch wrappers
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tile shapes and launch parameters of the two backward kernels.
+    dq_*: query block x key tile of the dQ kernel; kv_*: query tile x key block
+    of the dK/dV kernel."""
+
+    dq_block_m: int = 64
+    dq_block_n: int = 64
+    dq_warps: int = 4
+    dq_stages: int = 2
+    kv_block_m: int = 64
+    kv_block_n: int = 64
+    kv_warps: int = 4
+    kv_stages: int = 2
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+    """Measured choices per head dim (docs/kernels.md, section Attention)."""
+    if head_dim <= 64:
+        return BackwardConfig(64, 64, 4, 3, 64, 64, 4, 3)
+    return BackwardConfig(64, 64, 4, 2, 64, 64, 4, 2)
+
+
+@dataclass
+class KeptRowBounds:
+    """Per kept row (sorted flat indices ``keep_idx``):
+    doc_start [n] int32: first flat row of its document (earliest key it sees);
+    kept_end  [n] int32: number of kept rows before the end of its document
+    (its key is seen by kept queries ``j <= i < kept_end``)."""
+
+    doc_start: torch.Tensor
+    kept_end: torch.Tensor
+
+
+def kept_row_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
+    cu = cu_seqlens.to(device=keep_idx.device, dtype=keep_idx.dtype)
+    doc = torch.searchsorted(cu, keep_idx, right=True) - 1
+    doc_start = cu[doc]
+    kept_end = torch.searchsorted(keep_idx, cu[doc + 1])
+    return KeptRowBounds(doc_start.to(torch.int32), kept_end.to(torch.int32))
+
+
+# Every decoder layer of a step calls the backward with the same keep_idx and
+# layout: compute their bounds once. Holding the tensors keeps `is` meaningful.
+_bounds_cache: list = [None, None, None]
+
+
+def _cached_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
+    k, c, bounds = _bounds_cache
+    if k is keep_idx and c is cu_seqlens:
+        return bounds
+    bounds = kept_row_bounds(keep_idx, cu_seqlens)
+    _bounds_cache[:] = [keep_idx, cu_seqlens, bounds]
+    return bounds
+
+
+def _check_inputs(q, k, v, o, lse, do, layout: Layout, keep_idx):
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, L, H, D], got shape {tuple(q.shape)}")
+    B, L, H, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape != (B, L, Hkv, D) or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must be [B, L, Hkv, D] = {(B, L, Hkv, D)}, got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if o.shape != q.shape:
+        raise ValueError(f"o must have q's shape {tuple(q.shape)}, got {tuple(o.shape)}")
+    if lse.shape != (B, H, L) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 [B, H, L] = {(B, H, L)}, got {lse.dtype} {tuple(lse.shape)}")
+    if not (q.dtype == k.dtype == v.dtype == o.dtype == do.dtype):
+        raise TypeError(f"q, k, v, o, do must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {o.dtype}, {do.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"unsupported dtype {q.dtype}: use float16, bfloat16 or float32")
+    n = B * L if keep_idx is None else keep_idx.numel()
+    if do.shape != (n, H, D):
+        raise ValueError(f"do must be [n_keep, H, D] = {(n, H, D)}, got {tuple(do.shape)}")
+    if layout.shape != (B, L):
+        raise ValueError(f"layout is for shape {layout.shape}, attention inputs are {(B, L)}")
+    if keep_idx is not None and keep_idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"keep_idx must be an integer index tensor, got {keep_idx.dtype}")
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor:
+    """[B, L, h, D] -> [B*L, h, D] with unit stride on D (a view when possible)."""
+    x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_backward_triton(
+    q, k, v, o, lse, do, layout: Layout, keep_idx: torch.Tensor | None,
+    scale: float | None = None, config: BackwardConfig | None = None,
+):  # fmt: skip
+    """Filtered attention backward with the Triton kernels (same contract as
+    ``attention_backward_reference``).
+
+    q, o: [B, L, H, D]; k, v: [B, L, Hkv, D] (fp16, bf16 or fp32);
+    lse: [B, H, L] float32, any strides; do: [n, H, D] for the kept rows
+    ``keep_idx`` ([n] sorted flat indices into B*L; None = every row).
+    Returns dq [n, H, D], dk [n, Hkv, D], dv [n, Hkv, D] in the input dtype.
+    """
+    _check_inputs(q, k, v, o, lse, do, layout, keep_idx)
+    B, L, H, D = q.shape
+    Hkv = k.shape[2]
+    N = B * L
+    scale = D**-0.5 if scale is None else scale
+    if keep_idx is None:
+        keep_idx = torch.arange(N, device=q.device)
+    n = keep_idx.numel()
+    dq = torch.empty(n, H, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(n, Hkv, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(n, Hkv, D, device=q.device, dtype=v.dtype)
+    if n == 0:
+        return dq, dk, dv
+    cfg = config or default_config(D, q.dtype)
+    bounds = _cached_bounds(keep_idx, layout.cu_seqlens)
+    q3, k3, v3, o3 = _rows_view(q), _rows_view(k), _rows_view(v), _rows_view(o)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty(n, H, device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(D))
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * LOG2E
+    _dq_kernel[(triton.cdiv(n, cfg.dq_block_m), H)](
+        q3, k3, v3, o3, do, lse, keep_idx, bounds.doc_start, dq, delta,
+        n, L, qk_scale, scale,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        o3.stride(0), o3.stride(1), do.stride(0), do.stride(1),
+        lse.stride(0), lse.stride(1), lse.stride(2), dq.stride(0), dq.stride(1),
+        H=H, GROUPS=H // Hkv, D=D, BLOCK_D=block_d,
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, PREC=prec,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    )  # fmt: skip
+    _dkdv_kernel[(triton.cdiv(n, cfg.kv_block_n), Hkv)](
+        q3, k3, v3, do, lse, delta, keep_idx, bounds.kept_end, dk, dv,
+        n, L, qk_scale, scale,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        do.stride(0), do.stride(1), lse.stride(0), lse.stride(1), lse.stride(2),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        H=H, GROUPS=H // Hkv, D=D, BLOCK_D=block_d,
+        BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, PREC=prec,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- #
+# PyTorch's flash-attention kernels (CUDA, fp16/bf16): forward, dense backward
+# --------------------------------------------------------------------------- #
+
+
+def flash_supported(q: torch.Tensor) -> bool:
+    D = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
+
+
+def _lse_to_bhl(lse: torch.Tensor, layout: Layout, H: int) -> torch.Tensor:
+    """Flash's varlen logsumexp -> [B, H, L]. Recent kernels return [H, total]
+    (a free view); older ones [n_docs, H, max_seqlen], padded per document."""
+    B, L = layout.shape
+    if lse.shape == (H, B * L):
+        return lse.view(H, B, L).permute(1, 0, 2)
+    n_docs = layout.cu_seqlens.numel() - 1
+    if lse.dim() == 3 and lse.shape[0] == n_docs and lse.shape[1] == H:
+        cu = layout.cu_seqlens.long()
+        flat = torch.arange(B * L, device=lse.device)
+        doc = torch.searchsorted(cu, flat, right=True) - 1
+        src = doc * lse.shape[2] + (flat - cu[doc])
+        lse_hn = lse.permute(1, 0, 2).reshape(H, -1)[:, src]
+        return lse_hn.view(H, B, L).permute(1, 0, 2)
+    raise RuntimeError(f"unexpected logsumexp shape {tuple(lse.shape)} from the flash forward")
+
+
+def attention_forward_flash(q, k, v, layout: Layout, scale: float | None = None):
+    """Causal varlen flash forward over the flat tokens (documents = cu_seqlens).
+    Returns (o [B, L, H, D], lse [B, H, L] float32, possibly a strided view)."""
+    B, L, H, D = q.shape
+    N = B * L
+    cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        _rows_view(q), _rows_view(k), _rows_view(v), cu, cu,
+        layout.max_seqlen, layout.max_seqlen, 0.0, True, False, scale=scale,
+    )  # fmt: skip
+    return out.view(B, L, H, D), _lse_to_bhl(lse, layout, H)
+
+
+def flash_dense_backward_possible(lse: torch.Tensor, layout: Layout) -> bool:
+    """The dense flash backward needs the [H, total] logsumexp the forward made."""
+    B, L = layout.shape
+    return lse.dim() == 3 and lse.stride(0) == L and lse.stride(2) == 1 and lse.stride(1) == B * L
+
+
+def attention_backward_flash_dense(q, k, v, o, lse, do, layout: Layout, scale: float | None = None):
+    """Dense (every row) causal varlen backward with PyTorch's flash kernel.
+    do: [B*L, H, D]. Returns dq [B*L, H, D], dk, dv [B*L, Hkv, D]."""
+    B, L, H, D = q.shape
+    cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    lse_hn = lse.permute(1, 0, 2).reshape(H, B * L)
+    rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    unused = torch.empty(0, device=q.device)
+    return torch.ops.aten._flash_attention_backward(
+        do.contiguous(), _rows_view(q), _rows_view(k), _rows_view(v), _rows_view(o), lse_hn,
+        cu, cu, layout.max_seqlen, layout.max_seqlen, 0.0, True, rng, unused, scale=scale,
+    )  # fmt: skip
