@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from centrifuge.ops.attention import attention_backward, attention_forward
-from centrifuge.ops.rmsnorm import rms_norm_apply, rms_norm_backward, rms_norm_forward
-from centrifuge.ops.rope import rope_backward, rope_forward
-from centrifuge.ops.swiglu import swiglu_backward, swiglu_forward
+from centrifuge.ops.rmsnorm import rms_norm_apply_rows, rms_norm_backward_rows, rms_norm_forward
+from centrifuge.ops.rope import rope_backward_rows, rope_forward
+from centrifuge.ops.swiglu import swiglu_backward_rows, swiglu_forward
 from centrifuge.plan import Plan
 
 # The order in which a layer's weights enter the Function (None where absent).
@@ -96,18 +96,22 @@ class DecoderLayerFunction(torch.autograd.Function):
         B, L, d = ctx.dims
         H, Hkv, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
         idx = plan.keep_idx  # None: dense backward over every row
+        F = g.shape[1]
         dW = {}
+        # Saved activations are read through idx by the row-wise kernels (no
+        # gathered copies on CUDA); only dY, o and the kernels' compact outputs
+        # are [n_keep, .] buffers, and they feed the GEMMs (M = n_keep).
 
-        # MLP, on kept rows.
+        # MLP: one kernel recomputes a = silu(g) u and writes [dg du] side by side.
         dy = _rows(dy.reshape(B * L, d), idx)
-        g_r, u_r, x2_r, rstd2_r = _rows(g, idx), _rows(u, idx), _rows(x2, idx), _rows(rstd2, idx)
-        dW["wd"] = dy.t() @ swiglu_forward(g_r, u_r)
-        dg, du = swiglu_backward(dy @ W["wd"], g_r, u_r)
-        h2 = rms_norm_apply(x2_r, rstd2_r, W["post_norm"])
-        dW["wg"], dW["wu"] = dg.t() @ h2, du.t() @ h2
-        dh2 = dg @ W["wg"] + du @ W["wu"]
-        dx2, dW["post_norm"] = rms_norm_backward(dh2, x2_r, rstd2_r, W["post_norm"])
-        dx2 = dx2 + dy
+        a, dgu = swiglu_backward_rows(dy @ W["wd"], g, u, idx)
+        dW["wd"] = dy.t() @ a
+        h2 = rms_norm_apply_rows(x2, rstd2, W["post_norm"], idx)
+        dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
+        dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
+        dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
+        # The residual gradient dy is added inside the norm's backward.
+        dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, x2, rstd2, W["post_norm"], idx, dy)
 
         # Attention: dQ for kept queries over all keys, dK/dV for kept keys only.
         dW["wo"] = dx2.t() @ _rows(o.reshape(B * L, H * D), idx)
@@ -116,23 +120,33 @@ class DecoderLayerFunction(torch.autograd.Function):
             q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D),
             o, lse, do, plan.layout, idx,
         )  # fmt: skip
-        cos_r, sin_r = _rows(cos, idx), _rows(sin, idx)
-        dq, dk = rope_backward(dq, cos_r, sin_r), rope_backward(dk, cos_r, sin_r)
-        if W["q_norm"] is not None:
-            dq, dW["q_norm"] = rms_norm_backward(dq, _rows(q_lin, idx), _rows(rstd_q, idx), W["q_norm"])
-            dk, dW["k_norm"] = rms_norm_backward(dk, _rows(k_lin, idx), _rows(rstd_k, idx), W["k_norm"])
-        dq, dk, dv = dq.reshape(-1, H * D), dk.reshape(-1, Hkv * D), dv.reshape(-1, Hkv * D)
-        x_r, rstd1_r = _rows(xf, idx), _rows(rstd1, idx)
-        h1 = rms_norm_apply(x_r, rstd1_r, W["input_norm"])
-        dW["wq"], dW["wk"], dW["wv"] = dq.t() @ h1, dk.t() @ h1, dv.t() @ h1
+        # dq, dk (after the RoPE transpose) and dv side by side: one weight GEMM.
+        n = dq.shape[0]
+        dqkv = dq.new_empty(n, (H + 2 * Hkv) * D)
+        dq_out = dqkv[:, : H * D].view(n, H, D)
+        dk_out = dqkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)
+        if W["q_norm"] is None:
+            rope_backward_rows(dq, cos, sin, idx, out=dq_out)
+            rope_backward_rows(dk, cos, sin, idx, out=dk_out)
+        else:  # Qwen3 q/k norm sits before RoPE: torch composition on kept rows.
+            dq, dk = rope_backward_rows(dq, cos, sin, idx), rope_backward_rows(dk, cos, sin, idx)
+            dq, dW["q_norm"] = rms_norm_backward_rows(dq, q_lin, rstd_q, W["q_norm"], idx)
+            dk, dW["k_norm"] = rms_norm_backward_rows(dk, k_lin, rstd_k, W["k_norm"], idx)
+            dq_out.copy_(dq)
+            dk_out.copy_(dk)
+        dqkv[:, (H + Hkv) * D :].copy_(dv.reshape(n, Hkv * D))
+        h1 = rms_norm_apply_rows(xf, rstd1, W["input_norm"], idx)
+        dqkv_w = dqkv.t() @ h1
+        dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])
         if W["bq"] is not None:
-            dW["bq"], dW["bk"], dW["bv"] = dq.sum(0), dk.sum(0), dv.sum(0)
-        dh1 = dq @ W["wq"] + dk @ W["wk"] + dv @ W["wv"]
-        dx, dW["input_norm"] = rms_norm_backward(dh1, x_r, rstd1_r, W["input_norm"])
-        dx = dx + dx2
-
-        if idx is not None:
-            dx = xf.new_zeros(xf.shape).index_copy_(0, idx, dx)
+            dW["bq"], dW["bk"], dW["bv"] = dqkv.sum(0).split([H * D, Hkv * D, Hkv * D])
+        dh1 = dqkv[:, : H * D] @ W["wq"]
+        dh1 = torch.addmm(dh1, dqkv[:, H * D : (H + Hkv) * D], W["wk"])
+        dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
+        # The layer's one full-size write: dx of kept rows, zeros elsewhere.
+        dx, dW["input_norm"] = rms_norm_backward_rows(
+            dh1, xf, rstd1, W["input_norm"], idx, dx2, scatter=True
+        )
         grads = [
             None if w is None else dW[name].to(w.dtype) for name, w in zip(WEIGHT_NAMES, weights)
         ]

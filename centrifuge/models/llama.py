@@ -21,7 +21,7 @@ from torch import nn
 
 from centrifuge.models.config import ModelConfig
 from centrifuge.models.layer import LayerShape, decoder_layer
-from centrifuge.ops.linear_ce import IGNORE_INDEX, linear_cross_entropy
+from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.ops.rope import inv_frequencies, rope_cos_sin
 from centrifuge.plan import Layout, Plan
@@ -149,8 +149,11 @@ class LlamaForCausalLM(nn.Module):
         layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
         return Plan(layout, backward)
 
-    def hidden_states(self, input_ids: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """[B, L] token ids -> [B, L, d] final hidden states (after the last norm)."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, plan: Plan, final_norm: bool = True
+    ) -> torch.Tensor:
+        """[B, L] token ids -> [B, L, d] final hidden states (after the last norm;
+        before it with ``final_norm=False``, which the fused LM head wants)."""
         x = self.model.embed_tokens(input_ids)
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
@@ -159,6 +162,8 @@ class LlamaForCausalLM(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             for layer in self.model.layers:
                 x = layer(x, cos, sin, plan)
+            if not final_norm:
+                return x
             return rms_norm(x, self.model.norm.weight.to(dtype), self.config.rms_norm_eps, plan)
 
     def forward(
@@ -177,18 +182,24 @@ class LlamaForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         plan = self.make_plan(input_ids, position_ids, attention_mask, backward)
-        h = self.hidden_states(input_ids, plan)
         if labels is None:
-            return CausalLMOutput(None, None, plan, h)
+            return CausalLMOutput(None, None, plan, self.hidden_states(input_ids, plan))
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}"
             )
+        x = self.hidden_states(input_ids, plan, final_norm=False)
         targets = shift_targets(labels, plan.layout, ignore_index)
         if attention_mask is not None:
             targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
-        w = self.lm_head.weight.to(h.dtype)
-        token_loss = linear_cross_entropy(h, w, targets, plan, ignore_index)
+        # Final norm fused with the LM head: the backward reads the kept rows
+        # once and no normalized copy of the hidden states is saved. The
+        # returned ``hidden`` is for inspection (it carries no gradient).
+        with torch.autocast(x.device.type, enabled=False):
+            token_loss, h = norm_linear_cross_entropy(
+                x, self.model.norm.weight.to(x.dtype), self.lm_head.weight.to(x.dtype),
+                targets, plan, self.config.rms_norm_eps, ignore_index,
+            )  # fmt: skip
         return CausalLMOutput(token_loss, targets != ignore_index, plan, h)
 
     @torch.no_grad()

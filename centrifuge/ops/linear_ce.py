@@ -6,12 +6,20 @@ The forward returns every row's loss (selection needs them all) without holding
 x: [N, d] hidden states, w: [V, d] LM head weight, targets: [N] int64
 (``ignore_index`` rows get loss 0). Logits are taken in x.dtype and the
 softmax in float32, as HF does (``logits.float()``).
+
+:func:`linear_cross_entropy_forward` / ``_backward`` dispatch: Triton
+(``linear_ce_triton.py``) on CUDA, the torch composition below elsewhere.
+:class:`NormLinearCrossEntropyFunction` fuses the model's final RMSNorm in, so
+the kept rows are read once and the normalized hidden states are not saved.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from centrifuge.ops.rmsnorm import rms_norm_apply_rows, rms_norm_backward_rows, rms_norm_forward
+from centrifuge.ops.rowwise_dispatch import use_kernels
 
 IGNORE_INDEX = -100
 
@@ -30,7 +38,11 @@ def linear_cross_entropy_reference(
 
 
 def linear_cross_entropy_forward(x, w, targets, ignore_index: int = IGNORE_INDEX):
-    """Returns (loss [N] float32, lse [N] float32)."""
+    """x: [N, d], w: [V, d], targets: [N] -> (loss [N] float32, lse [N] float32)."""
+    if use_kernels(x):
+        from centrifuge.ops.linear_ce_triton import linear_ce_forward_triton
+
+        return linear_ce_forward_triton(x, w, targets, ignore_index)
     n = x.shape[0]
     acc = torch.promote_types(x.dtype, torch.float32)
     loss = torch.empty(n, device=x.device, dtype=acc)
@@ -51,8 +63,13 @@ def linear_cross_entropy_backward(dloss, x, w, targets, lse, ignore_index: int =
     """Backward on the given rows.
 
     dloss: [n] (the upstream gradient of those rows' losses), x: [n, d],
-    targets: [n], lse: [n]. Returns (dx [n, d] in x.dtype, dw [V, d] float32).
+    targets: [n], lse: [n]. Returns (dx [n, d] in x.dtype, dw [V, d] float32;
+    x.dtype on the kernel path, whose GEMM accumulates in float32 internally).
     """
+    if use_kernels(x):
+        from centrifuge.ops.linear_ce_triton import linear_ce_backward_triton
+
+        return linear_ce_backward_triton(dloss, x, w, targets, lse, ignore_index)
     n = x.shape[0]
     acc = torch.promote_types(x.dtype, torch.float32)
     dx = torch.empty_like(x)
@@ -102,3 +119,45 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(x, w, targets, plan, ignore_index: int = IGNORE_INDEX):
     return LinearCrossEntropyFunction.apply(x, w, targets, plan, ignore_index)
+
+
+class NormLinearCrossEntropyFunction(torch.autograd.Function):
+    """Final RMSNorm + LM head + cross-entropy in one Function.
+
+    x: [B, L, d] (the last layer's output, before the norm), norm_w: [d],
+    w: [V, d], targets: [B, L] -> (loss [B, L] float32, h [B, L, d]).
+    ``h`` (the normalized hidden states) is returned for inspection only: it
+    carries no gradient. Saves x and rstd (not h); the backward recomputes h on
+    the kept rows, reads them once, and scatters one full-size dx.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_w, w, targets, plan, eps, ignore_index):
+        d = x.shape[-1]
+        x2 = x.reshape(-1, d)
+        h, rstd = rms_norm_forward(x2, norm_w, eps)
+        loss, lse = linear_cross_entropy_forward(h, w, targets.reshape(-1), ignore_index)
+        ctx.save_for_backward(x2, norm_w, w, targets, rstd, lse)
+        ctx.plan, ctx.ignore_index, ctx.x_shape = plan, ignore_index, x.shape
+        ctx.mark_non_differentiable(h)
+        return loss.view(targets.shape), h.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dloss, _dh):
+        x2, norm_w, w, targets, rstd, lse = ctx.saved_tensors
+        idx = ctx.plan.keep_idx
+
+        def rows(t):
+            return t if idx is None else t[idx]
+
+        hk = rms_norm_apply_rows(x2, rstd, norm_w, idx)
+        dhk, dw = linear_cross_entropy_backward(
+            rows(dloss.reshape(-1)), hk, w, rows(targets.reshape(-1)), rows(lse), ctx.ignore_index
+        )
+        dx, dnw = rms_norm_backward_rows(dhk, x2, rstd, norm_w, idx, scatter=True)
+        return dx.view(ctx.x_shape), dnw.to(norm_w.dtype), dw.to(w.dtype), None, None, None, None
+
+
+def norm_linear_cross_entropy(x, norm_w, w, targets, plan, eps, ignore_index: int = IGNORE_INDEX):
+    """(loss [B, L] float32, h [B, L, d] without gradient); see the Function."""
+    return NormLinearCrossEntropyFunction.apply(x, norm_w, w, targets, plan, eps, ignore_index)

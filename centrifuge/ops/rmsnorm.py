@@ -4,11 +4,16 @@
 
 forward:  x [..., D], w [D] -> y [..., D] (x.dtype), rstd [...] float32 (float64 for float64 x)
 backward: on the kept rows only; callers pass the rows they need.
+
+The ``*_rows`` functions and :func:`rms_norm_forward` dispatch: Triton kernels
+(``rmsnorm_triton.py``) on CUDA, the plain PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
+
+from centrifuge.ops.rowwise_dispatch import use_kernels
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +30,16 @@ def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Te
 
 def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float):
     """x: [..., D], w: [D] -> (y [..., D] in x.dtype, rstd [...] float32 (float64 for float64 x))."""
+    if use_kernels(x):
+        from centrifuge.ops.rmsnorm_triton import rms_norm_forward_triton
+
+        y, rstd = rms_norm_forward_triton(x.reshape(-1, x.shape[-1]), w, eps)
+        return y.view(x.shape), rstd.view(x.shape[:-1])
+    return rms_norm_forward_reference(x, w, eps)
+
+
+def rms_norm_forward_reference(x: torch.Tensor, w: torch.Tensor, eps: float):
+    """The torch composition of :func:`rms_norm_forward`."""
     xf = _acc(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
     return w * (xf * rstd[..., None]).to(x.dtype), rstd
@@ -43,6 +58,38 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, w: 
     g = dyf * _acc(w)
     dx = rstd[..., None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
     return dx.to(x.dtype), dw
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t[idx]
+
+
+def rms_norm_apply_rows(x, rstd, w, idx=None):
+    """Normalized rows ``idx`` of the saved x [N, D] (rstd [N]) -> [n, D].
+    On CUDA one kernel reads x through idx (no gathered copy)."""
+    if use_kernels(x):
+        from centrifuge.ops.rmsnorm_triton import rms_norm_apply_triton
+
+        return rms_norm_apply_triton(x, rstd, w, idx)
+    return rms_norm_apply(_rows(x, idx), _rows(rstd, idx), w)
+
+
+def rms_norm_backward_rows(dy, x, rstd, w, idx=None, residual=None, scatter=False):
+    """Backward on kept rows: dy [n, D] compact, x [N, D] and rstd [N] saved full
+    size, idx [n] sorted kept rows (None = all). ``residual`` [n, D] is added to
+    dx (the skip connection's gradient). Returns (dx, dw [D] float32 (float64
+    for float64 x)); dx is [n, D], or with ``scatter`` the full [N, D] gradient
+    with zeros outside idx (the layer boundary, where autograd needs full size)."""
+    if use_kernels(x):
+        from centrifuge.ops.rmsnorm_triton import rms_norm_backward_triton
+
+        return rms_norm_backward_triton(dy, x, rstd, w, idx, residual, scatter and idx is not None)
+    dx, dw = rms_norm_backward(dy, _rows(x, idx), _rows(rstd, idx), w)
+    if residual is not None:
+        dx = dx + residual
+    if scatter and idx is not None:
+        dx = x.new_zeros(x.shape).index_copy_(0, idx, dx)
+    return dx, dw
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -64,11 +111,7 @@ class RMSNormFunction(torch.autograd.Function):
         idx = ctx.plan.keep_idx
         d = x.shape[-1]
         x2, r2, dy2 = x.reshape(-1, d), rstd.reshape(-1), dy.reshape(-1, d)
-        if idx is None:
-            dx, dw = rms_norm_backward(dy2, x2, r2, w)
-            return dx.view_as(x), dw.to(w.dtype), None, None
-        dxk, dw = rms_norm_backward(dy2[idx], x2[idx], r2[idx], w)
-        dx = x2.new_zeros(x2.shape).index_copy_(0, idx, dxk)
+        dx, dw = rms_norm_backward_rows(_rows(dy2, idx), x2, r2, w, idx, scatter=True)
         return dx.view_as(x), dw.to(w.dtype), None, None
 
 

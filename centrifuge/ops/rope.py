@@ -2,6 +2,8 @@
 Llama-3 frequency scaling.
 
 cos, sin: [..., D] (the D/2 frequencies repeated twice), x: [n, H, D].
+:func:`rope_forward` and :func:`rope_backward_rows` dispatch: Triton
+(``rope_triton.py``) on CUDA, the torch composition elsewhere.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from centrifuge.ops.rowwise_dispatch import use_kernels
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -50,9 +54,28 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
-rope_forward = rope_reference
+def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, H, D], cos/sin: [N, D] -> [N, H, D]."""
+    if use_kernels(x) and x.stride(-1) == 1 and cos.stride() == sin.stride():
+        from centrifuge.ops.rope_triton import rope_triton
+
+        return rope_triton(x, cos, sin)
+    return rope_reference(x, cos, sin)
 
 
 def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotation's transpose is the rotation by -angle."""
     return dy * cos[:, None, :] - _rotate_half(dy) * sin[:, None, :]
+
+
+def rope_backward_rows(dy, cos, sin, idx=None, out=None):
+    """Backward on kept rows: dy [n, H, D] compact, cos/sin [N, D] full-size
+    tables read at rows idx (None: all). ``out``: optional [n, H, D] destination
+    (e.g. a column slice of the layer's dQKV buffer). Returns the result."""
+    if use_kernels(dy) and dy.stride(-1) == 1 and cos.stride() == sin.stride():
+        from centrifuge.ops.rope_triton import rope_triton
+
+        return rope_triton(dy, cos, sin, idx, out, backward=True)
+    cos_r, sin_r = (cos, sin) if idx is None else (cos[idx], sin[idx])
+    dx = rope_backward(dy, cos_r, sin_r)
+    return dx if out is None else out.copy_(dx)
