@@ -9,6 +9,10 @@ The filtered backward (DESIGN.md): with K/V of filtered rows detached,
 * dQ is needed for kept queries only, over all keys;
 * dK, dV for kept keys only, from kept queries only.
 Softmax statistics (lse, and Delta = rowsum(dO * O)) come from the dense forward.
+
+On CUDA, ``attention_forward`` / ``attention_backward`` dispatch to the kernels of
+``attention_triton`` (flash forward, Triton filtered backward); on CPU they run
+the references below, which the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -130,11 +134,36 @@ def attention_backward_reference(
     return dq, dk, dv
 
 
+def _gpu_kernels_available(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def attention_forward(q, k, v, layout: Layout, scale: float | None = None):
-    """Dispatch: the fastest forward for the device (the reference on CPU)."""
+    """Dispatch: PyTorch's varlen flash forward on CUDA (fp16/bf16), the
+    reference elsewhere. Returns (o [B, L, H, D], lse [B, H, L] float32); on
+    CUDA lse may be a strided view of flash's [H, B*L] logsumexp."""
+    if q.is_cuda:
+        from centrifuge.ops.attention_triton import attention_forward_flash, flash_supported
+
+        if flash_supported(q):
+            return attention_forward_flash(q, k, v, layout, scale)
     return attention_forward_reference(q, k, v, layout, scale)
 
 
 def attention_backward(q, k, v, o, lse, do, layout: Layout, keep_idx, scale: float | None = None):
-    """Dispatch: the fastest filtered backward for the device (the reference on CPU)."""
+    """Dispatch: on CUDA the Triton filtered backward (kept rows), or flash's own
+    dense backward when every row is kept (keep_idx None) and the forward was
+    flash's; the reference on CPU."""
+    if _gpu_kernels_available(q):
+        from centrifuge.ops import attention_triton as at
+
+        if keep_idx is None and at.flash_supported(q) and at.flash_dense_backward_possible(lse, layout):
+            return at.attention_backward_flash_dense(q, k, v, o, lse, do, layout, scale)
+        return at.attention_backward_triton(q, k, v, o, lse, do, layout, keep_idx, scale)
     return attention_backward_reference(q, k, v, o, lse, do, layout, keep_idx, scale)
