@@ -64,13 +64,25 @@ def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return t if idx is None else t[idx]
 
 
+def _flat_rows(x, rstd, idx):
+    """View x [N, ..., D] as rows [N * k, D] (k heads for the q/k norms) and
+    widen the kept-row index to the rows of every head."""
+    D = x.shape[-1]
+    k = x[0].numel() // D if x.shape[0] else 1
+    if idx is not None and k > 1:
+        idx = (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)
+    return x.reshape(-1, D), rstd.reshape(-1), idx
+
+
 def rms_norm_apply_rows(x, rstd, w, idx=None):
     """Normalized rows ``idx`` of the saved x [N, D] (rstd [N]) -> [n, D].
     On CUDA one kernel reads x through idx (no gathered copy)."""
     if use_kernels(x):
         from centrifuge.ops.rmsnorm_triton import rms_norm_apply_triton
 
-        return rms_norm_apply_triton(x, rstd, w, idx)
+        x2, r2, i2 = _flat_rows(x, rstd, idx)
+        out = rms_norm_apply_triton(x2, r2, w, i2)
+        return out.view(-1, *x.shape[1:])
     return rms_norm_apply(_rows(x, idx), _rows(rstd, idx), w)
 
 
@@ -83,7 +95,12 @@ def rms_norm_backward_rows(dy, x, rstd, w, idx=None, residual=None, scatter=Fals
     if use_kernels(x):
         from centrifuge.ops.rmsnorm_triton import rms_norm_backward_triton
 
-        return rms_norm_backward_triton(dy, x, rstd, w, idx, residual, scatter and idx is not None)
+        x2, r2, i2 = _flat_rows(x, rstd, idx)
+        D = x.shape[-1]
+        res2 = None if residual is None else residual.reshape(-1, D)
+        scatter = scatter and idx is not None
+        dx, dw = rms_norm_backward_triton(dy.reshape(-1, D), x2, r2, w, i2, res2, scatter)
+        return dx.view(-1, *x.shape[1:]), dw
     dx, dw = rms_norm_backward(dy, _rows(x, idx), _rows(rstd, idx), w)
     if residual is not None:
         dx = dx + residual

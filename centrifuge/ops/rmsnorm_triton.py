@@ -66,7 +66,7 @@ def _rms_backward_kernel(
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, n_out)
     for r in range(start, end):
-        r64 = r.to(tl.int64)
+        r64 = tl.cast(r, tl.int64)
         if SCATTER:
             c = tl.load(INV + r64).to(tl.int64)
             src = r64
