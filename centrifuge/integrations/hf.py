@@ -1,0 +1,452 @@
+"""``centrifuge.patch(model)``: Hugging Face transformers models with the compact backward.
+
+Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` and
+``MistralForCausalLM`` of transformers 5.x. The patch replaces, per module
+instance, the ``forward`` of the causal LM, of every decoder layer, of the final
+norm and of the LM head. Nothing else changes: the same parameters (so
+``state_dict`` names, saving and loading), the same class, the same forward
+signature (so ``Trainer`` and ``generate`` introspection see what they expect).
+
+When a forward takes the compact path (gradients enabled, no KV cache, no
+attention weights requested) the patched causal LM forward creates a
+:class:`HFPlan` before the layers run; every decoder layer then runs as
+:func:`centrifuge.models.layer.decoder_layer` (one autograd Function, dense
+forward, backward on kept rows), the final norm as ``RMSNormFunction`` and the
+LM head as :class:`CompactLinearFunction`. All of them capture the plan in their
+autograd nodes, so it lives exactly as long as that forward's graph: several
+forwards before one backward (gradient accumulation) each keep their own plan,
+and nothing outlives the graph. The user's loss call
+(:func:`centrifuge.integrations.loss.filtered_loss`) finds the plan by walking
+the graph back from the per-token losses and fills it. A forward whose plan is
+never filled differentiates like ordinary dense training.
+
+Every other call (``torch.no_grad``, ``generate``, ``use_cache=True``, a given
+``past_key_values``, ``output_attentions=True``) runs the original forward
+untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from centrifuge.models.layer import LayerShape, decoder_layer
+from centrifuge.ops.rmsnorm import rms_norm
+from centrifuge.plan import Layout, Plan
+
+SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+class HFPlan(Plan):
+    """The plan of one patched forward, plus what the loss call must check.
+
+    attention_mask: [B, L] bool or None (padding rows may never be kept);
+    keep: [B, L] bool once a loss filled the plan (None before).
+    """
+
+    def __init__(self, layout: Layout, attention_mask: torch.Tensor | None):
+        super().__init__(layout, "amplified")
+        self.attention_mask = attention_mask
+        self.keep: torch.Tensor | None = None
+
+    def fill(self, keep: torch.Tensor) -> None:
+        """Record the kept rows ([B, L] bool). One keep mask per forward."""
+        if keep.shape != self.shape:
+            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {self.shape}")
+        if self.keep is not None:
+            if torch.equal(self.keep, keep):
+                return
+            raise RuntimeError(
+                "this forward's plan was already filled by another loss call with a different "
+                "keep mask: call the filtered loss once per forward"
+            )
+        if self.attention_mask is not None and bool((keep & ~self.attention_mask).any()):
+            raise ValueError(
+                "the keep mask keeps padding positions (attention_mask == 0); padding rows "
+                "carry no loss and cannot be kept"
+            )
+        self.set_keep(keep)
+        self.keep = keep
+
+
+class CompactLinearFunction(torch.autograd.Function):
+    """``y = x @ w.T`` (the LM head) whose backward reads only the plan's kept rows.
+
+    x: [B, L, d], w: [V, d] -> y: [B, L, V] (x.dtype). With ``check`` the backward
+    verifies that the incoming gradient is zero on every filtered row: otherwise
+    the loss depends on rows the plan drops, and the compact backward would be wrong.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, plan: HFPlan, check: bool):
+        ctx.save_for_backward(x, w)
+        ctx.plan, ctx.check = plan, check
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        plan = ctx.plan
+        d, V = x.shape[-1], w.shape[0]
+        x2, dy2 = x.reshape(-1, d), dy.reshape(-1, V)
+        if ctx.check and plan.keep is not None:
+            stray = dy2.ne(0).any(1) & ~plan.keep.reshape(-1)
+            if bool(stray.any()):
+                raise RuntimeError(
+                    "the loss sends gradient to logits of filtered rows: with Centrifuge only the "
+                    "kept rows may carry loss. Are the per-token losses given to filtered_loss "
+                    "aligned with the logits (logits[:, :-1] or all rows), and is nothing else "
+                    "added to the loss?"
+                )
+        idx = plan.keep_idx
+        if idx is None:
+            return (dy2 @ w).view_as(x), (dy2.t() @ x2).to(w.dtype), None, None
+        dyk = dy2[idx]
+        dx = x2.new_zeros(x2.shape).index_copy_(0, idx, dyk @ w)
+        return dx.view_as(x), (dyk.t() @ x2[idx]).to(w.dtype), None, None
+
+
+# --- support checks ---------------------------------------------------------------
+
+
+def _supported_classes() -> tuple[type, ...]:
+    import transformers
+
+    return tuple(getattr(transformers, name) for name in SUPPORTED_MODELS)
+
+
+def _is_plain_linear(m) -> bool:
+    # A LoRA/quantized wrapper replaces the module or its forward: its weight
+    # alone would not be what the model computes.
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def _check_layer(layer, config, index: int) -> None:
+    a, m = layer.self_attn, layer.mlp
+    where = f"decoder layer {index}"
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not _is_plain_linear(getattr(a, name, None)):
+            raise TypeError(f"{where}: self_attn.{name} is not a plain nn.Linear (LoRA/quantized layers are not supported)")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if not _is_plain_linear(getattr(m, name, None)):
+            raise TypeError(f"{where}: mlp.{name} is not a plain nn.Linear (LoRA/quantized layers are not supported)")
+        if getattr(m, name).bias is not None:
+            raise ValueError(f"{where}: MLP biases (mlp_bias=True) are not supported")
+    if a.o_proj.bias is not None:
+        raise ValueError(f"{where}: an o_proj bias (Llama attention_bias=True) is not supported")
+    biases = [getattr(a, n).bias is not None for n in ("q_proj", "k_proj", "v_proj")]
+    if any(biases) and not all(biases):
+        raise ValueError(f"{where}: q/k/v projections must all have a bias or none")
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"{where}: activation {act!r} is not supported (SwiGLU with silu only)")
+    head_dim = a.head_dim
+    if abs(a.scaling - head_dim**-0.5) > 1e-12:
+        raise ValueError(f"{where}: attention scaling {a.scaling} differs from head_dim**-0.5")
+    eps = {layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon}
+    if hasattr(a, "q_norm"):
+        eps |= {a.q_norm.variance_epsilon, a.k_norm.variance_epsilon}
+    if len(eps) != 1:
+        raise ValueError(f"{where}: the layer's RMSNorms use different eps {sorted(eps)}")
+
+
+def _layer_shape(layer, config) -> LayerShape:
+    a = layer.self_attn
+    return LayerShape(
+        config.num_attention_heads, config.num_key_value_heads, a.head_dim,
+        layer.input_layernorm.variance_epsilon,
+    )  # fmt: skip
+
+
+def _layer_window(layer, config) -> int | None:
+    """The sliding window this layer's attention applies, if any."""
+    a = layer.self_attn
+    if hasattr(a, "sliding_window"):  # Qwen2/Qwen3: per layer type
+        return a.sliding_window
+    return getattr(config, "sliding_window", None)  # Mistral: every layer
+
+
+# --- the patch --------------------------------------------------------------------
+
+
+class _PatchState:
+    """Shared by the patched modules of one model: the plan of the forward that
+    is running (None outside a compact forward)."""
+
+    def __init__(self, check_rows: bool):
+        self.plan: HFPlan | None = None
+        self.check_rows = check_rows
+
+
+class _PatchedForward:
+    """An instance-level ``forward`` for one module. A plain object (not a
+    closure), so patched models still deep-copy and pickle; it reports the
+    original forward's signature to ``inspect`` (Trainer and generate read it)."""
+
+    def __init__(self, module: nn.Module, kind: str, state: _PatchState):
+        self.module, self.kind, self.state = module, kind, state
+
+    @property
+    def original(self):
+        return type(self.module).forward.__get__(self.module)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original)
+
+    def __call__(self, *args, **kwargs):
+        return _FORWARDS[self.kind](self.module, self.state, *args, **kwargs)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def layout_for(
+    batch: int,
+    seqlen: int,
+    device,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> Layout:
+    """The attention layout transformers applies to a training forward (no cache).
+
+    With a 2D ``attention_mask`` transformers masks padding and ignores packing;
+    without one it isolates documents where ``position_ids`` break the +1 run.
+    attention_mask: [B, L] (0 = padding; real tokens must be one contiguous run
+    per row), position_ids: [B, L] or [1, L] or [L].
+    """
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
+            raise ValueError(
+                f"attention_mask must be a 2D [batch, seq] padding mask of shape {(batch, seqlen)}, "
+                f"got {tuple(attention_mask.shape)} (custom 4D masks are not supported)"
+            )
+        mask = attention_mask.to(device).bool()
+        run_starts = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)
+        if bool((run_starts > 1).any()):
+            raise ValueError(
+                "attention_mask has holes (several runs of real tokens in one row); pass packed "
+                "documents as position_ids restarting at 0 and no attention_mask instead"
+            )
+        pos = torch.arange(seqlen, device=device).expand(batch, seqlen)
+        return Layout.build(batch, seqlen, device, pos, mask)
+    if position_ids is None:
+        position_ids = torch.arange(seqlen, device=device)
+    position_ids = position_ids.to(device)
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    return Layout.build(batch, seqlen, device, position_ids.expand(batch, seqlen))
+
+
+def _dense_reason(model, a: dict) -> str | None:
+    """Why this call runs the original forward (None: the compact path applies)."""
+    if not torch.is_grad_enabled():
+        return "gradients disabled"
+    if a.get("past_key_values") is not None:
+        return "a KV cache was given"
+    if a.get("use_cache") is True:
+        return "use_cache=True"
+    kw = a.get("kwargs") or {}
+    if kw.get("output_attentions"):
+        return "output_attentions=True"
+    if not any(p.requires_grad for p in model.parameters()):
+        return "no parameter requires grad"
+    return None
+
+
+def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
+    base = model.model
+    if getattr(base, "gradient_checkpointing", False) and model.training:
+        raise RuntimeError(
+            "gradient checkpointing is not supported on a Centrifuge-patched model (the compact "
+            "layers already save fewer activations); call model.gradient_checkpointing_disable()"
+        )
+    if model.training and getattr(model.config, "attention_dropout", 0.0):
+        raise ValueError("attention dropout is not supported by the compact path; set attention_dropout=0")
+    for i, layer in enumerate(base.layers):
+        for name, m in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
+            if name.endswith("_proj") and not _is_plain_linear(m):
+                raise TypeError(
+                    f"decoder layer {i}: {name} was replaced by {type(m).__name__} after patching; "
+                    "Centrifuge supports plain nn.Linear projections only"
+                )
+        window = _layer_window(layer, model.config)
+        if window is not None and layout.max_seqlen > window:
+            raise ValueError(
+                f"a sequence of {layout.max_seqlen} tokens exceeds decoder layer {i}'s sliding "
+                f"window ({window}); sliding-window attention is not supported by the compact path"
+            )
+
+
+def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
+    original = type(model).forward.__get__(model)
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    a = bound.arguments
+    if state.plan is not None or _dense_reason(model, a) is not None:
+        return original(*args, **kwargs)
+    ref = a.get("input_ids")
+    if ref is None:
+        ref = a.get("inputs_embeds")
+    B, L = ref.shape[:2]
+    mask = a.get("attention_mask")
+    layout = layout_for(B, L, ref.device, mask, a.get("position_ids"))
+    _check_compact_call(model, a, B, L, layout)
+    plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool())
+    # A training forward needs no cache; without one transformers also
+    # isolates packed documents, as the layout above does.
+    a["use_cache"] = False
+    state.plan = plan
+    try:
+        return original(*bound.args, **bound.kwargs)
+    finally:
+        state.plan = None
+
+
+def _layer_forward(layer, state: _PatchState, *args, **kwargs):
+    original = type(layer).forward.__get__(layer)
+    plan = state.plan
+    if plan is None:
+        return original(*args, **kwargs)
+    a = inspect.signature(original).bind(*args, **kwargs).arguments
+    x = a["hidden_states"]
+    B, L, _ = x.shape
+    if (B, L) != plan.shape:
+        raise RuntimeError(f"decoder layer input has shape {tuple(x.shape)}, the plan {plan.shape}")
+    cos, sin = a["position_embeddings"]
+    dtype = _compute_dtype(x)
+    D = cos.shape[-1]
+    cos, sin = cos.to(dtype).expand(B, L, D), sin.to(dtype).expand(B, L, D)
+    at, mlp = layer.self_attn, layer.mlp
+    w = dict(
+        input_norm=layer.input_layernorm.weight, wq=at.q_proj.weight, wk=at.k_proj.weight,
+        wv=at.v_proj.weight, bq=at.q_proj.bias, bk=at.k_proj.bias, bv=at.v_proj.bias,
+        wo=at.o_proj.weight, post_norm=layer.post_attention_layernorm.weight,
+        wg=mlp.gate_proj.weight, wu=mlp.up_proj.weight, wd=mlp.down_proj.weight,
+    )  # fmt: skip
+    if hasattr(at, "q_norm"):
+        w.update(q_norm=at.q_norm.weight, k_norm=at.k_norm.weight)
+    # Under autocast the fp32 weights are cast here, differentiably, and the
+    # layer computes in the autocast dtype; the residual stream returns in x.dtype.
+    w = {k: None if t is None else t.to(dtype) for k, t in w.items()}
+    with torch.autocast(x.device.type, enabled=False):
+        y = decoder_layer(x.to(dtype), cos, sin, plan, layer._centrifuge_shape, w)
+    return y.to(x.dtype)
+
+
+def _norm_forward(norm, state: _PatchState, hidden_states):
+    plan = state.plan
+    if plan is None or tuple(hidden_states.shape[:2]) != plan.shape:
+        return type(norm).forward(norm, hidden_states)
+    dtype = _compute_dtype(hidden_states)
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return rms_norm(hidden_states.to(dtype), norm.weight.to(dtype), norm.variance_epsilon, plan)
+
+
+def _lm_head_forward(head, state: _PatchState, x):
+    plan = state.plan
+    if plan is None or x.dim() != 3 or tuple(x.shape[:2]) != plan.shape or head.bias is not None:
+        return type(head).forward(head, x)  # e.g. logits_to_keep sliced the rows
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return CompactLinearFunction.apply(x.to(dtype), head.weight.to(dtype), plan, state.check_rows)
+
+
+_FORWARDS = {
+    "causal_lm": _causal_lm_forward,
+    "layer": _layer_forward,
+    "norm": _norm_forward,
+    "lm_head": _lm_head_forward,
+}
+
+
+def _patched_modules(model):
+    yield model, "causal_lm"
+    for layer in model.model.layers:
+        yield layer, "layer"
+    yield model.model.norm, "norm"
+    yield model.lm_head, "lm_head"
+
+
+def is_patched(model) -> bool:
+    return isinstance(model.__dict__.get("forward"), _PatchedForward)
+
+
+def patch(model, check_rows: bool = True):
+    """Give a transformers Llama/Qwen2/Qwen3/Mistral causal LM the compact backward.
+
+    Patches the instance in place and returns it. Weights, parameter names,
+    saving, generation and every no-grad or cached call stay as before; a
+    training forward's layers run as Centrifuge decoder layers (identical
+    activations, backward on the kept rows once a filtered loss fills the plan).
+    check_rows: the LM head's backward verifies that no filtered row receives
+    gradient (one pass over the logits' gradient) and raises if one does.
+    Patching a patched model is a no-op.
+    """
+    if not isinstance(model, _supported_classes()):
+        raise TypeError(
+            f"centrifuge.patch supports {', '.join(SUPPORTED_MODELS)} (transformers 5.x); "
+            f"got {type(model).__name__}"
+        )
+    if is_patched(model):
+        return model
+    config = model.config
+    for i, layer in enumerate(model.model.layers):
+        _check_layer(layer, config, i)
+    if model.lm_head.bias is not None:
+        raise ValueError("an LM head with a bias is not supported")
+    state = _PatchState(check_rows)
+    for i, layer in enumerate(model.model.layers):
+        layer._centrifuge_shape = _layer_shape(layer, config)
+    for module, kind in _patched_modules(model):
+        module.forward = _PatchedForward(module, kind, state)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch` (a no-op on an unpatched model); returns the model."""
+    if not is_patched(model):
+        return model
+    for module, _ in _patched_modules(model):
+        if isinstance(module.__dict__.get("forward"), _PatchedForward):
+            del module.forward
+    for layer in model.model.layers:
+        layer.__dict__.pop("_centrifuge_shape", None)
+    return model
+
+
+def find_plan(tensor: torch.Tensor, max_nodes: int = 100_000) -> Plan | None:
+    """The plan of the patched forward that ``tensor`` was computed from.
+
+    Walks the autograd graph back from ``tensor`` and stops at the first
+    Centrifuge Functions (the LM head, final norm or decoder layers), which hold
+    their forward's plan. None when there is none (an unpatched model, or a
+    forward that ran the original code). Raises if the tensor mixes the outputs
+    of several forwards.
+    """
+    root = tensor.grad_fn
+    if root is None:
+        return None
+    plans, seen, frontier = {}, {root}, [root]
+    while frontier and len(seen) <= max_nodes:
+        nxt = []
+        for node in frontier:
+            plan = getattr(node, "plan", None)
+            if isinstance(node, torch.autograd.function.BackwardCFunction) and isinstance(plan, Plan):
+                plans[id(plan)] = plan
+                continue
+            for child, _ in node.next_functions:
+                if child is not None and child not in seen:
+                    seen.add(child)
+                    nxt.append(child)
+        frontier = nxt
+    if len(plans) > 1:
+        raise ValueError(
+            "these per-token losses come from several forward passes; call the filtered loss "
+            "once per forward (and sum the results)"
+        )
+    return next(iter(plans.values()), None)

@@ -1,0 +1,210 @@
+"""The one line on the user's side: a filtered loss that also fills the plan.
+
+Where a token-filtering loop today ends with a masked mean::
+
+    loss = (token_loss * keep).sum() / keep.sum()
+
+it calls::
+
+    loss = centrifuge.filtered_loss(token_loss, keep)
+
+with the same inputs and gets the same value; on a patched model
+(:func:`centrifuge.patch`) the backward then runs on the kept rows only.
+:func:`selective_loss` does the selection too (``rho1`` with reference logits or
+losses, ``loss``, ``random``), from logits and HF-style unshifted labels.
+
+Rows: row ``t`` of a forward predicts token ``t + 1``. Per-token losses are
+accepted as ``[B, L]`` (one per row), ``[B, L - 1]`` (from ``logits[:, :-1]``,
+the usual shift) or either flattened.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from centrifuge.integrations.hf import HFPlan, find_plan, layout_for
+from centrifuge.ops.linear_ce import IGNORE_INDEX
+from centrifuge.plan import Plan
+from centrifuge.selection import Selector
+
+_CHUNK_ELEMENTS = 2**24  # logits elements per chunk of the selection's no-grad loss
+
+
+def _rows(x: torch.Tensor, shape: tuple[int, int], what: str) -> torch.Tensor:
+    """Map per-token values onto the plan's [B, L] rows (shifted forms end with a
+    row that has no value: filled with False / 0)."""
+    B, L = shape
+    n = x.numel()
+    if n == B * L:
+        return x.reshape(B, L)
+    if n == B * (L - 1):
+        pad = x.new_zeros(B, 1)
+        return torch.cat([x.reshape(B, L - 1), pad], dim=1)
+    raise ValueError(
+        f"{what} has {n} entries ({tuple(x.shape)}), which matches neither the forward's "
+        f"{B}x{L} rows nor its {B}x{L - 1} shifted rows (logits[:, :-1])"
+    )
+
+
+def _as_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if keep.shape != like.shape:
+        raise ValueError(
+            f"keep mask has shape {tuple(keep.shape)}, token losses {tuple(like.shape)}"
+        )
+    if keep.dtype == torch.bool:
+        return keep
+    if not bool(((keep == 0) | (keep == 1)).all()):
+        raise ValueError("keep mask must be bool or hold only 0 and 1 (weighted losses are not supported)")
+    return keep.bool()
+
+
+def _fill(plan: Plan, keep_rows: torch.Tensor) -> None:
+    if isinstance(plan, HFPlan):
+        plan.fill(keep_rows)
+    else:
+        plan.set_keep(keep_rows)
+
+
+def _plan_of(t: torch.Tensor, plan: Plan | None) -> Plan | None:
+    if plan is not None or not (torch.is_grad_enabled() and t.requires_grad):
+        return plan
+    found = find_plan(t)
+    if found is None:
+        warnings.warn(
+            "centrifuge: these losses do not come from a patched model's training forward "
+            "(centrifuge.patch(model)); computing an ordinary masked mean with a dense backward",
+            stacklevel=3,
+        )
+    return found
+
+
+def filtered_loss(
+    token_loss: torch.Tensor,
+    keep: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+    plan: Plan | None = None,
+) -> torch.Tensor:
+    """Mean of the kept per-token losses, with the compact backward.
+
+    token_loss: per-token losses with grad, [B, L], [B, L-1] or flattened (any float dtype).
+    keep: same shape, bool (or 0/1): the rows that count.
+    num_items: the denominator, when it is not ``keep.sum()`` (e.g. the kept count
+        of a whole gradient-accumulation window).
+    plan: the forward's plan; found from the autograd graph when omitted.
+    Returns ``(token_loss * keep).sum() / keep.sum()`` (or ``/ num_items``).
+    """
+    keep = _as_mask(keep, token_loss)
+    denominator = keep.sum() if num_items is None else num_items
+    loss = (token_loss * keep).sum() / denominator
+    plan = _plan_of(token_loss, plan)
+    if plan is not None:
+        _fill(plan, _rows(keep, plan.shape, "the keep mask").bool())
+    return loss
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """[B, L] unshifted labels -> [B, L] targets: row t predicts labels[t + 1]."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def valid_rows(
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    layout=None,
+) -> torch.Tensor:
+    """[B, L] bool: rows that have a target. Not valid: ``ignore_index`` targets,
+    padding, and the last row of every document (it would predict the next
+    document's first token). labels: [B, L] unshifted (HF convention)."""
+    B, L = labels.shape
+    if layout is None:
+        layout = layout_for(B, L, labels.device, attention_mask, position_ids)
+    valid = (shift_labels(labels, ignore_index) != ignore_index) & ~layout.last_rows()
+    if attention_mask is not None:
+        valid &= attention_mask.to(labels.device).bool()
+    return valid
+
+
+@torch.no_grad()
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """Per-row cross-entropy without grad, in float32 chunks (no [N, V] float32 copy).
+
+    logits: [B, L, V], targets: [B, L] (already shifted) -> [B, L] float32 (0 where ignored).
+    """
+    V = logits.shape[-1]
+    flat, t = logits.reshape(-1, V), targets.reshape(-1)
+    out = torch.empty(t.shape, device=logits.device, dtype=torch.float32)
+    step = max(1, _CHUNK_ELEMENTS // V)
+    for s in range(0, t.numel(), step):
+        out[s : s + step] = F.cross_entropy(
+            flat[s : s + step].float(), t[s : s + step], ignore_index=ignore_index, reduction="none"
+        )
+    return out.view(targets.shape)
+
+
+def selective_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    selector: Selector | str = "loss",
+    ratio: float = 0.5,
+    *,
+    reference_logits: torch.Tensor | None = None,
+    reference_loss: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    num_items: int | torch.Tensor | None = None,
+    plan: Plan | None = None,
+    return_keep: bool = False,
+):
+    """Token-filtered LM loss from logits: select, then average over the kept rows.
+
+    logits: [B, L, V] (a patched model's output), labels: [B, L] unshifted,
+    ``ignore_index`` where no loss is wanted (HF convention).
+    selector: a :class:`Selector`, or a method name (``rho1``, ``loss``,
+        ``random``, ``none``) used with ``ratio`` (batch granularity).
+    reference_logits ([B, L, V]) or reference_loss ([B, L] / [B, L-1] per-token
+        reference losses): what ``rho1`` subtracts.
+    attention_mask / position_ids: as given to the model (padding rows and the
+        last row of every packed document are never kept).
+    num_items: the denominator when it is not the kept count (accumulation windows).
+    Returns the loss (and the [B, L] keep mask with ``return_keep``). Only the kept
+    rows' cross-entropy is differentiated.
+    """
+    if isinstance(selector, str):
+        selector = Selector(selector, ratio)
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, L, V] and labels [B, L], got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    B, L, V = logits.shape
+    plan = _plan_of(logits, plan)
+    layout = plan.layout if plan is not None else None
+    targets = shift_labels(labels.to(logits.device), ignore_index)
+    valid = valid_rows(labels.to(logits.device), attention_mask, position_ids, ignore_index, layout)
+    scores = token_losses(logits, targets, ignore_index)
+    ref = None
+    if reference_logits is not None:
+        if reference_logits.shape[:2] != logits.shape[:2]:
+            raise ValueError(
+                f"reference logits have shape {tuple(reference_logits.shape)}, logits {tuple(logits.shape)}"
+            )
+        ref = token_losses(reference_logits.detach(), targets, ignore_index)
+    elif reference_loss is not None:
+        ref = _rows(reference_loss.detach().float().to(logits.device), (B, L), "reference_loss")
+    keep = selector(scores, valid, ref)
+    idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    kept = F.cross_entropy(
+        logits.reshape(-1, V)[idx].float(), targets.reshape(-1)[idx], reduction="sum"
+    )
+    loss = kept / (idx.numel() if num_items is None else num_items)
+    if plan is not None:
+        _fill(plan, keep)
+    return (loss, keep) if return_keep else loss
