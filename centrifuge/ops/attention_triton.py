@@ -67,7 +67,7 @@ def _dq_tile(
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
-    return acc + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return tl.dot(ds.to(k.dtype), k, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -174,10 +174,10 @@ def _dkdv_tile(
     if MASK:
         visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] < kend[:, None])
         p_t = tl.where(visible, p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -448,3 +448,18 @@ def attention_backward_flash_dense(q, k, v, o, lse, do, layout: Layout, scale: f
         do.contiguous(), _rows_view(q), _rows_view(k), _rows_view(v), _rows_view(o), lse_hn,
         cu, cu, layout.max_seqlen, layout.max_seqlen, 0.0, True, rng, unused, scale=scale,
     )  # fmt: skip
+
+
+def attention_backward_flash_gather(
+    q, k, v, o, lse, do, layout: Layout, keep_idx: torch.Tensor, scale: float | None = None
+):  # fmt: skip
+    """The filtered backward through flash's dense backward: scatter dO of the kept
+    rows into zeros, run the dense backward, keep the kept rows. Exact for the
+    filtered semantics: a query with dO = 0 has dS = 0, so filtered queries add
+    nothing to any dK/dV, and gradients of filtered rows (the only ones the
+    detached K/V change) are dropped. Costs a full dense backward, so it only
+    pays where the filtered kernels do not (ratios near 1); also a cross-check."""
+    B, L, H, D = q.shape
+    do_full = do.new_zeros(B * L, H, D).index_copy_(0, keep_idx, do)
+    dq, dk, dv = attention_backward_flash_dense(q, k, v, o, lse, do_full, layout, scale)
+    return dq[keep_idx], dk[keep_idx], dv[keep_idx]
