@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _state = {"enabled": os.environ.get("CENTRIFUGE_ROWWISE_KERNELS", "1") != "0"}
+# Programs per SM for row loops with partial sums (tuned on the device; docs/kernels.md).
+PROGRAMS_PER_SM = {"value": 4}
 
 
 def use_kernels(t: torch.Tensor) -> bool:
@@ -47,7 +49,7 @@ def num_programs(n_rows: int, device: torch.device) -> int:
     GPU (enough to fill it, few partials to reduce), few under the interpreter."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, 4 * sms))
+        return max(1, min(n_rows, PROGRAMS_PER_SM["value"] * sms))
     return max(1, min(n_rows, 4))
 
 
