@@ -1,5 +1,6 @@
 """Centrifuge: token-filtered LLM training whose backward runs on kept tokens only."""
 
+from centrifuge.integrations import filtered_loss, patch, selective_loss, unpatch
 from centrifuge.models import LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.plan import Layout, Plan
 from centrifuge.selection import Selector, keep_from_mask
@@ -10,3 +11,4 @@ __all__ = [
     "LlamaForCausalLM", "ModelConfig", "build_model", "get_preset",
     "Layout", "Plan", "Selector", "keep_from_mask",
 ]  # fmt: skip
+__all__ += ["patch", "unpatch", "filtered_loss", "selective_loss"]  # HF integration

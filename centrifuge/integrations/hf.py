@@ -261,7 +261,8 @@ def _dense_reason(model, a: dict) -> str | None:
 
 def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
     base = model.model
-    if getattr(base, "gradient_checkpointing", False) and model.training:
+    checkpointing = [getattr(m, "gradient_checkpointing", False) for m in (base, *base.layers)]
+    if any(checkpointing) and model.training:
         raise RuntimeError(
             "gradient checkpointing is not supported on a Centrifuge-patched model (the compact "
             "layers already save fewer activations); call model.gradient_checkpointing_disable()"

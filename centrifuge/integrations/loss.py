@@ -201,8 +201,9 @@ def selective_loss(
         ref = _rows(reference_loss.detach().float().to(logits.device), (B, L), "reference_loss")
     keep = selector(scores, valid, ref)
     idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    acc = torch.promote_types(logits.dtype, torch.float32)  # float32 as HF does; float64 stays
     kept = F.cross_entropy(
-        logits.reshape(-1, V)[idx].float(), targets.reshape(-1)[idx], reduction="sum"
+        logits.reshape(-1, V)[idx].to(acc), targets.reshape(-1)[idx], reduction="sum"
     )
     loss = kept / (idx.numel() if num_items is None else num_items)
     if plan is not None:
