@@ -18,6 +18,15 @@ from centrifuge.scoring import (
 from centrifuge.scoring.store import DATA, HEADER
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: a second intra-op thread only adds contention on a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class FakeDataset:
     """A PackedDataset stand-in: deterministic packed rows of random tokens."""
 
