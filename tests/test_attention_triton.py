@@ -19,6 +19,7 @@ from centrifuge.ops.attention import (  # noqa: E402
 from centrifuge.ops.attention_triton import (  # noqa: E402
     BackwardConfig,
     attention_backward_triton,
+    block_order,
     kept_row_bounds,
 )
 from centrifuge.plan import Layout  # noqa: E402
@@ -82,6 +83,26 @@ def test_backward_matches_reference(seed, packed, ratio):
 def test_mha_and_mqa_uneven_tiles(H, Hkv):
     args = inputs(3, B=3, L=29, H=H, Hkv=Hkv, D=16, packed=True, ratio=0.5)
     check(args, UNEVEN)
+
+
+@pytest.mark.parametrize("split", [1, 3, 6])
+def test_group_split_partial_sums(split):
+    """dK/dV of a KV head summed over query-head slices run as separate programs."""
+    args = inputs(14, B=2, L=26, H=6, Hkv=1, D=16, packed=True, ratio=0.5)
+    cfg = BackwardConfig(16, 16, 4, 1, 16, 16, 4, 1, kv_split=split)
+    check(args, cfg)
+
+
+def test_block_order_is_a_permutation_longest_first():
+    keep_idx = torch.tensor([0, 1, 5, 6, 7, 9, 12, 13, 14])
+    b = kept_row_bounds(keep_idx, torch.tensor([0, 8, 16], dtype=torch.int32))
+    for kind in ("dq", "kv"):
+        order = block_order(keep_idx, b, kind, 2)
+        assert sorted(order.tolist()) == list(range(5))
+    # Block 2 (rows 7, 9) straddles the documents: keys 0..9, the widest range.
+    assert block_order(keep_idx, b, "dq", 2)[0].item() == 2
+    # Blocks 0 (keys 0, 1) and 2 (keys 7, 9) are each seen by 5 kept queries; ties keep index order.
+    assert block_order(keep_idx, b, "kv", 2)[0].item() == 0
 
 
 def test_head_dim_not_power_of_two():

@@ -29,7 +29,7 @@ matmuls (as flash-attention does).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -72,7 +72,7 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, O, DO, LSE, KEEP, DOC_START, DQ, DELTA,
+    Q, K, V, O, DO, LSE, KEEP, DOC_START, ORDER, DQ, DELTA, QK, LSEK,
     n_keep, L, qk_scale, sm_scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_on, stride_oh, stride_don, stride_doh,
@@ -81,8 +81,10 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M consecutive kept queries x one query head.
-    Also writes Delta = rowsum(dO * O) for them, which the dK/dV kernel reads."""
-    pid_m = tl.program_id(0)
+    Also writes, for the dK/dV kernel, the rows it gathered in compact form:
+    Delta = rowsum(dO * O), q (QK, [n, H, D]) and lse * log2(e) (LSEK, [n, H]).
+    Blocks run in ORDER (most keys first) so the long ones do not form the tail."""
+    pid_m = tl.load(ORDER + tl.program_id(0))
     h = tl.program_id(1)
     first = pid_m * BLOCK_M
     rows = first + tl.arange(0, BLOCK_M)
@@ -113,6 +115,9 @@ def _dq_kernel(
         other=float("inf"),
     )  # fmt: skip
     lse2 = lse * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+    r64 = rows.to(tl.int64)
+    tl.store(QK + r64[:, None] * (H * D) + h * D + offs_d[None, :], q, mask=m2)
+    tl.store(LSEK + r64 * H + h, lse2, mask=row_ok)
 
     k_off = (h // GROUPS).to(tl.int64) * stride_kh
     v_off = (h // GROUPS).to(tl.int64) * stride_vh
@@ -144,33 +149,29 @@ def _dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, cols, kend, start, q_hi,
-    Q, DO, LSE, DELTA, KEEP, h, L,
-    stride_qn, stride_qh, stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
-    offs_d, d_ok, qk_scale,
-    H: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+    QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok, qk_scale,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
+    # Queries come compact (QK, LSEK written by the dQ kernel): no gather here.
     rows = start + tl.arange(0, BLOCK_M)
+    r64 = rows.to(tl.int64)
     if MASK:
         row_ok = rows < q_hi
         m2 = row_ok[:, None] & d_ok[None, :]
-        qf = tl.load(KEEP + rows, mask=row_ok, other=0).to(tl.int64)
     else:
         m2 = d_ok[None, :]
-        qf = tl.load(KEEP + rows).to(tl.int64)
-    r64 = rows.to(tl.int64)
-    q = tl.load(Q + qf[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=m2, other=0.0)
+    q = tl.load(QK + r64[:, None] * (H * D) + h * D + offs_d[None, :], mask=m2, other=0.0)
     do = tl.load(DO + r64[:, None] * stride_don + h * stride_doh + offs_d[None, :], mask=m2, other=0.0)
-    b = qf // L
-    lse_ptr = LSE + b * stride_lb + h * stride_lh + (qf - b * L) * stride_lt
     if MASK:
-        lse = tl.load(lse_ptr, mask=row_ok, other=float("inf"))
+        lse2 = tl.load(LSEK + r64 * H + h, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + r64 * H + h, mask=row_ok, other=0.0)
     else:
-        lse = tl.load(lse_ptr)
+        lse2 = tl.load(LSEK + r64 * H + h)
         delta = tl.load(DELTA + r64 * H + h)
     # Transposed tile [keys, queries], so dK/dV accumulate without transposes.
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
-    p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
     if MASK:
         visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] < kend[:, None])
         p_t = tl.where(visible, p_t, 0.0)
@@ -183,18 +184,21 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KEEP, KEPT_END, DK, DV,
-    n_keep, L, qk_scale, sm_scale,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
-    stride_dkn, stride_dkh, stride_dvn, stride_dvh,
-    H: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    QK, K, V, DO, LSEK, DELTA, KEEP, KEPT_END, ORDER, DK, DV,
+    n_keep, qk_scale, sm_scale,
+    stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    stride_dks, stride_dkn, stride_dkh, stride_dvs, stride_dvn, stride_dvh,
+    H: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N consecutive kept keys x one KV head; loops over the
-    GROUPS query heads of that KV head and over the kept queries that see them."""
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    """One program: BLOCK_N consecutive kept keys x one KV head x one of SPLIT
+    slices of its query-head group; loops over those heads and over the kept
+    queries that see the keys. With SPLIT > 1 each slice writes a float32
+    partial sum (DK, DV are [SPLIT, n, Hkv, D]) that the wrapper adds up: more
+    programs in flight when there are few KV heads."""
+    pid_n = tl.load(ORDER + tl.program_id(0))
+    hk = tl.program_id(1) // SPLIT
+    part = tl.program_id(1) % SPLIT
     first = pid_n * BLOCK_N
     cols = first + tl.arange(0, BLOCK_N)
     col_ok = cols < n_keep
@@ -215,27 +219,24 @@ def _dkdv_kernel(
     full_hi = tl.maximum(full_lo, tl.minimum((kend_min - first) // BLOCK_M, n_tiles))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(GROUPS):
-        h = hk * GROUPS + g
+    for g in range(GROUPS // SPLIT):
+        h = hk * GROUPS + part * (GROUPS // SPLIT) + g
         for t in range(0, full_lo):
             dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
-                                Q, DO, LSE, DELTA, KEEP, h, L, stride_qn, stride_qh,
-                                stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
-                                offs_d, d_ok, qk_scale, H, BLOCK_M, True, PREC)  # fmt: skip
+                                QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok,
+                                qk_scale, H, D, BLOCK_M, True, PREC)  # fmt: skip
         for t in range(full_lo, full_hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
-                                Q, DO, LSE, DELTA, KEEP, h, L, stride_qn, stride_qh,
-                                stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
-                                offs_d, d_ok, qk_scale, H, BLOCK_M, False, PREC)  # fmt: skip
+                                QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok,
+                                qk_scale, H, D, BLOCK_M, False, PREC)  # fmt: skip
         for t in range(full_hi, n_tiles):
             dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
-                                Q, DO, LSE, DELTA, KEEP, h, L, stride_qn, stride_qh,
-                                stride_don, stride_doh, stride_lb, stride_lh, stride_lt,
-                                offs_d, d_ok, qk_scale, H, BLOCK_M, True, PREC)  # fmt: skip
+                                QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok,
+                                qk_scale, H, D, BLOCK_M, True, PREC)  # fmt: skip
     c64 = cols.to(tl.int64)[:, None]
-    tl.store(DK + c64 * stride_dkn + hk * stride_dkh + offs_d[None, :],
+    tl.store(DK + part * stride_dks + c64 * stride_dkn + hk * stride_dkh + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=m2)  # fmt: skip
-    tl.store(DV + c64 * stride_dvn + hk * stride_dvh + offs_d[None, :],
+    tl.store(DV + part * stride_dvs + c64 * stride_dvn + hk * stride_dvh + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=m2)  # fmt: skip
 
 
@@ -248,23 +249,34 @@ def _dkdv_kernel(
 class BackwardConfig:
     """Tile shapes and launch parameters of the two backward kernels.
     dq_*: query block x key tile of the dQ kernel; kv_*: query tile x key block
-    of the dK/dV kernel."""
+    of the dK/dV kernel; kv_split: slices of a KV head's query-head group run as
+    separate programs (0 = choose from the grid size)."""
 
     dq_block_m: int = 64
     dq_block_n: int = 64
     dq_warps: int = 4
     dq_stages: int = 2
-    kv_block_m: int = 64
-    kv_block_n: int = 64
+    kv_block_m: int = 32
+    kv_block_n: int = 128
     kv_warps: int = 4
     kv_stages: int = 2
+    kv_split: int = 0
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     """Measured choices per head dim (docs/kernels.md, section Attention)."""
     if head_dim <= 64:
-        return BackwardConfig(64, 64, 4, 3, 64, 64, 4, 3)
-    return BackwardConfig(64, 64, 4, 2, 64, 64, 4, 2)
+        return BackwardConfig(64, 64, 4, 2, 32, 128, 4, 2)
+    return BackwardConfig(64, 64, 4, 2, 32, 64, 4, 2)
+
+
+def _split_for(groups: int, programs: int, target: int = 1024) -> int:
+    """Largest power-of-two slice count dividing ``groups`` that is still needed
+    to bring the dK/dV grid near ``target`` programs (several waves on 132 SMs)."""
+    split = 1
+    while groups % (2 * split) == 0 and programs * split < target:
+        split *= 2
+    return split
 
 
 @dataclass
@@ -272,10 +284,12 @@ class KeptRowBounds:
     """Per kept row (sorted flat indices ``keep_idx``):
     doc_start [n] int32: first flat row of its document (earliest key it sees);
     kept_end  [n] int32: number of kept rows before the end of its document
-    (its key is seen by kept queries ``j <= i < kept_end``)."""
+    (its key is seen by kept queries ``j <= i < kept_end``).
+    ``orders`` caches per block size the launch order of the blocks."""
 
     doc_start: torch.Tensor
     kept_end: torch.Tensor
+    orders: dict = field(default_factory=dict)
 
 
 def kept_row_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
@@ -284,6 +298,25 @@ def kept_row_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRow
     doc_start = cu[doc]
     kept_end = torch.searchsorted(keep_idx, cu[doc + 1])
     return KeptRowBounds(doc_start.to(torch.int32), kept_end.to(torch.int32))
+
+
+def block_order(keep_idx: torch.Tensor, bounds: KeptRowBounds, kind: str, block: int) -> torch.Tensor:
+    """[n_blocks] int32: the blocks of ``block`` consecutive kept rows, most work
+    first (longest-first scheduling: the causal triangle makes early blocks of a
+    document the long dK/dV programs and late ones the long dQ programs).
+    kind "dq": work = keys from the block's first document start to its last query;
+    kind "kv": work = kept queries from the block's first key to its last key's document end."""
+    key = (kind, block)
+    if key not in bounds.orders:
+        n = keep_idx.numel()
+        firsts = torch.arange(0, n, block, device=keep_idx.device)
+        lasts = (firsts + block - 1).clamp(max=n - 1)
+        if kind == "dq":
+            work = keep_idx[lasts] + 1 - bounds.doc_start[firsts].long()
+        else:
+            work = bounds.kept_end[lasts].long() - firsts
+        bounds.orders[key] = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    return bounds.orders[key]
 
 
 # Every decoder layer of a step calls the backward with the same keep_idx and
@@ -363,30 +396,49 @@ def attention_backward_triton(
     bounds = _cached_bounds(keep_idx, layout.cu_seqlens)
     q3, k3, v3, o3 = _rows_view(q), _rows_view(k), _rows_view(v), _rows_view(o)
     do = do if do.stride(-1) == 1 else do.contiguous()
+    # Written by the dQ kernel for the dK/dV kernel: the kept rows' Delta, q and
+    # lse * log2(e), compact, so the dK/dV inner loop reads contiguous rows.
     delta = torch.empty(n, H, device=q.device, dtype=torch.float32)
+    q_kept = torch.empty(n, H, D, device=q.device, dtype=q.dtype)
+    lse_kept = torch.empty(n, H, device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(D))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     qk_scale = scale * LOG2E
-    _dq_kernel[(triton.cdiv(n, cfg.dq_block_m), H)](
-        q3, k3, v3, o3, do, lse, keep_idx, bounds.doc_start, dq, delta,
+    groups = H // Hkv
+    order = block_order(keep_idx, bounds, "dq", cfg.dq_block_m)
+    _dq_kernel[(order.numel(), H)](
+        q3, k3, v3, o3, do, lse, keep_idx, bounds.doc_start, order, dq, delta, q_kept, lse_kept,
         n, L, qk_scale, scale,
         q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         o3.stride(0), o3.stride(1), do.stride(0), do.stride(1),
         lse.stride(0), lse.stride(1), lse.stride(2), dq.stride(0), dq.stride(1),
-        H=H, GROUPS=H // Hkv, D=D, BLOCK_D=block_d,
+        H=H, GROUPS=groups, D=D, BLOCK_D=block_d,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, PREC=prec,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )  # fmt: skip
-    _dkdv_kernel[(triton.cdiv(n, cfg.kv_block_n), Hkv)](
-        q3, k3, v3, do, lse, delta, keep_idx, bounds.kept_end, dk, dv,
-        n, L, qk_scale, scale,
-        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
-        do.stride(0), do.stride(1), lse.stride(0), lse.stride(1), lse.stride(2),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        H=H, GROUPS=H // Hkv, D=D, BLOCK_D=block_d,
+    order = block_order(keep_idx, bounds, "kv", cfg.kv_block_n)
+    split = cfg.kv_split or _split_for(groups, order.numel() * Hkv)
+    if groups % split:
+        raise ValueError(f"kv_split={split} must divide the query heads per KV head ({groups})")
+    if split == 1:
+        dk_out, dv_out = dk, dv
+        strides = (0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1))
+    else:
+        dk_out = torch.empty(split, n, Hkv, D, device=q.device, dtype=torch.float32)
+        dv_out = torch.empty_like(dk_out)
+        strides = dk_out.stride()[:3] + dv_out.stride()[:3]
+    _dkdv_kernel[(order.numel(), Hkv * split)](
+        q_kept, k3, v3, do, lse_kept, delta, keep_idx, bounds.kept_end, order, dk_out, dv_out,
+        n, qk_scale, scale,
+        k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), do.stride(0), do.stride(1),
+        *strides,
+        H=H, GROUPS=groups, SPLIT=split, D=D, BLOCK_D=block_d,
         BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, PREC=prec,
         num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )  # fmt: skip
+    if split > 1:
+        torch.sum(dk_out, 0, out=dk) if dk.dtype == torch.float32 else dk.copy_(dk_out.sum(0))
+        torch.sum(dv_out, 0, out=dv) if dv.dtype == torch.float32 else dv.copy_(dv_out.sum(0))
     return dq, dk, dv
 
 
