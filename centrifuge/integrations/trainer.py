@@ -1,0 +1,139 @@
+"""``transformers.Trainer`` with token filtering and the compact backward.
+
+    from centrifuge.integrations.trainer import CentrifugeTrainer
+
+    trainer = CentrifugeTrainer(model=model, args=args, train_dataset=ds,
+                                select="rho1", ratio=0.5, reference_model=ref)
+    trainer.train()
+
+The model is patched (:func:`centrifuge.patch`). Every training micro-batch:
+dense forward, selection (``rho1`` / ``loss`` / ``random`` / ``none``) over the
+valid rows, loss = sum of the kept rows' losses / K, backward on kept rows.
+
+Gradient accumulation: K is the number of rows kept over the *whole*
+accumulation window (summed over processes when the Trainer averages tokens
+across devices), so the window's gradient is exactly that of the mean over all
+its kept rows, whatever the micro-batches' sizes. K is known before the window
+runs: selection keeps ``ceil(ratio * n_valid)`` rows per batch (or per sequence),
+and ``n_valid`` follows from the labels, the attention mask and the position ids.
+
+``rho1`` reference losses come from ``reference_model`` (run without grad on the
+same inputs) or from a ``reference_loss`` column in the batch ([B, L] or
+[B, L-1] per-token losses, e.g. precomputed by ``centrifuge score``).
+
+Evaluation reports the ordinary mean loss over all valid rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from centrifuge.integrations.hf import is_patched, patch
+from centrifuge.integrations.loss import selective_loss, shift_labels, token_losses, valid_rows
+from centrifuge.ops.linear_ce import IGNORE_INDEX
+from centrifuge.selection import Selector, num_keep
+
+REFERENCE_COLUMN = "reference_loss"
+
+
+def kept_count(selector: Selector, batch: dict, ignore_index: int = IGNORE_INDEX) -> int:
+    """How many rows ``selector`` keeps in ``batch`` (labels, attention_mask, position_ids)."""
+    valid = valid_rows(
+        batch["labels"], batch.get("attention_mask"), batch.get("position_ids"), ignore_index
+    )
+    if selector.method == "none" or selector.ratio == 1.0:
+        return int(valid.sum())
+    if selector.granularity == "batch":
+        return num_keep(int(valid.sum()), selector.ratio)
+    return sum(num_keep(int(n), selector.ratio) for n in valid.sum(1).tolist())
+
+
+class CentrifugeTrainer(Trainer):
+    """A ``Trainer`` that trains on the selected tokens only, with Centrifuge.
+
+    select, ratio, granularity, seed: the :class:`Selector` (or pass ``selector``).
+    reference_model: the ``rho1`` reference (same tokenizer), or None when the
+        batches carry a ``reference_loss`` column.
+    ignore_index: the labels' no-loss value.
+    Every other argument goes to ``transformers.Trainer``.
+    """
+
+    # The loss is normalized over the accumulation window (K above): the
+    # Trainer must not divide it by the number of accumulation steps again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args,
+        select: str = "loss",
+        ratio: float = 0.5,
+        granularity: str = "batch",
+        seed: int = 0,
+        selector: Selector | None = None,
+        reference_model=None,
+        ignore_index: int = IGNORE_INDEX,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.selector = selector or Selector(select, ratio, granularity, seed)
+        if self.selector.needs_reference and reference_model is not None:
+            reference_model.eval().requires_grad_(False)
+        self.reference_model = reference_model
+        self.ignore_index = ignore_index
+        if not is_patched(self.model):
+            patch(self.model)
+        # transformers < 5.20 decides the same from this flag (with num_items_in_batch given).
+        self.model_accepts_loss_kwargs = True
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if REFERENCE_COLUMN not in self._signature_columns:
+            self._signature_columns.append(REFERENCE_COLUMN)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The window's micro-batches and K, the rows kept over the whole window."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return batch_samples, None
+        kept = sum(kept_count(self.selector, b, self.ignore_index) for b in batch_samples)
+        kept = torch.tensor(kept, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            kept = self.accelerator.gather(kept).sum()
+        return batch_samples, kept
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        if "labels" not in inputs:
+            raise ValueError("CentrifugeTrainer needs a 'labels' column (unshifted, -100 where no loss)")
+        labels = inputs.pop("labels")
+        ref_loss = inputs.pop(REFERENCE_COLUMN, None)
+        outputs = model(**inputs, use_cache=False)
+        logits = outputs.logits
+        mask, pos = inputs.get("attention_mask"), inputs.get("position_ids")
+        if not (model.training and torch.is_grad_enabled()):
+            # Evaluation: the plain mean loss over every valid row.
+            valid = valid_rows(labels, mask, pos, self.ignore_index)
+            tl = token_losses(logits, shift_labels(labels, self.ignore_index), self.ignore_index)
+            loss = (tl * valid).sum() / valid.sum().clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
+        ref_logits = None
+        if self.selector.needs_reference and ref_loss is None:
+            if self.reference_model is None:
+                raise ValueError(
+                    "selection 'rho1' needs reference_model=... or a 'reference_loss' column"
+                )
+            with torch.no_grad():
+                ref_logits = self.reference_model(**inputs, use_cache=False).logits
+        loss = selective_loss(
+            logits, labels, self.selector, reference_logits=ref_logits, reference_loss=ref_loss,
+            attention_mask=mask, position_ids=pos, ignore_index=self.ignore_index,
+            num_items=num_items_in_batch,
+        )  # fmt: skip
+        if num_items_in_batch is None:
+            # No window count (a custom loop): a per-micro-batch mean, scaled here.
+            loss = loss / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
+        elif self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # K counts every process's kept rows; DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
