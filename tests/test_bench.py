@@ -13,7 +13,8 @@ def test_bench_runs_every_variant_on_cpu():
     result = run_bench(cfg)
     names = {(r["variant"], r["ratio"]) for r in result["rows"]}
     assert names == {("dense", None), ("masked", 0.5), ("centrifuge", 0.5), ("hf-masked", 0.5),
-                     ("masked", 1.0), ("centrifuge", 1.0), ("hf-masked", 1.0)}  # fmt: skip
+                     ("masked", 1.0), ("centrifuge", 1.0), ("hf-masked", 1.0),
+                     ("hf-patched", 0.5), ("hf-patched", 1.0)}  # fmt: skip
     for r in result["rows"]:
         assert r["step_ms"] > 0 and r["forward_ms"] > 0 and r["backward_ms"] > 0
     by = {(r["variant"], r["ratio"]): r for r in result["rows"]}

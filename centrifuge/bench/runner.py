@@ -14,6 +14,7 @@ from centrifuge.bench.variants import (
     hf_liger_variant,
     hf_masked_variant,
     hf_model,
+    hf_patched_variant,
     native_variants,
 )
 from centrifuge.models import build_model, get_preset
@@ -161,6 +162,8 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     elif cfg.hf:
         torch.manual_seed(cfg.seed)
         variants.append(hf_masked_variant(hf_model(config, dtype, device)))
+        torch.manual_seed(cfg.seed)  # the same weights, patched: the one-line change
+        variants.append(hf_patched_variant(hf_model(config, dtype, device)))
     return variants, config
 
 

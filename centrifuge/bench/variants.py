@@ -68,6 +68,25 @@ def hf_masked_variant(model, name="hf-masked", label="HF transformers, masked lo
     return Variant(name, label, step, module=model)
 
 
+def hf_patched_variant(model) -> Variant:
+    """``hf-masked`` with the one-line change: the same HF model and step, after
+    ``centrifuge.patch(model)``, with ``filtered_loss`` in place of the masked mean."""
+    from centrifuge.integrations import filtered_loss, patch
+
+    patch(model)
+
+    def step(ids, ratio):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        token_loss = F.cross_entropy(
+            logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
+        )
+        valid = torch.ones_like(token_loss, dtype=torch.bool)
+        keep = Selector("loss", ratio)(token_loss, valid)
+        return filtered_loss(token_loss, keep)
+
+    return Variant("hf-patched", "HF transformers + centrifuge.patch", step, module=model)
+
+
 def hf_liger_variant(model) -> Variant:
     """HF + Liger-Kernel (fused RMSNorm, SwiGLU, RoPE, fused linear-CE), masked
     loss through ``labels = -100`` on filtered rows — Liger's fastest form. Its
