@@ -75,4 +75,6 @@ def load_dataset(paths: list[str] | None, tokenizer=None, seq_len: int = 256,
         raise ValueError(f"data {where} is empty after tokenization (split {split!r})")
     ds.tokenizer = tokenizer
     ds.split = split
+    # The built-in held-out split carries its problems, for the answer-accuracy metric.
+    ds.problems = corpus.heldout_problems(seed) if paths is None and split == "eval" else None
     return ds

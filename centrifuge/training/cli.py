@@ -1,0 +1,133 @@
+"""``centrifuge train``: token-filtered training from the command line.
+
+With no arguments it trains the ``mini`` preset on the built-in corpus (math
+problems with noisy spans) with Rho-1 selection against a reference model it
+first trains on the corpus' clean split, and prints a summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from centrifuge.selection import GRANULARITIES, METHODS
+from centrifuge.training.config import DTYPES, TrainConfig
+
+S = argparse.SUPPRESS  # only options given on the command line override a --config file
+
+
+def add_arguments(p) -> None:
+    d = TrainConfig()
+
+    p.add_argument("--config", default=S, metavar="FILE",
+                   help="YAML, TOML or JSON file with the same options (keys with _ or -); "
+                        "command-line options override it")  # fmt: skip
+    g = p.add_argument_group("model and data")
+    opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
+    opt_g("--model", "preset name (e.g. mini, tiny, small, tinyllama-1.1b, qwen3-0.6b) or a local "
+          "Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Qwen3)", metavar="NAME|DIR")
+    opt_g("--data", "text (.txt/.md), JSONL, Parquet or Arrow files, directories of them, or a "
+          "datasets.save_to_disk directory; none = the built-in corpus", nargs="+", metavar="PATH")
+    opt_g("--text-field", "JSONL/Parquet/Arrow field holding the text")
+    opt_g("--tokenizer", "local Hugging Face tokenizer directory, or 'byte'; none = the model "
+          "directory's tokenizer, else the built-in byte tokenizer", metavar="DIR")
+    opt_g("--seq-len", "tokens per packed row", type=int)
+    opt_g("--cache-dir", "token cache directory ($CENTRIFUGE_CACHE or ~/.cache/centrifuge if "
+          "unset)", metavar="DIR")
+    g = p.add_argument_group("token selection")
+    opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
+    opt_g("--select", "rho1: excess loss over a reference model (Rho-1); loss: the model's own "
+          "loss; random; none: train on every token", choices=METHODS)
+    opt_g("--ratio", "fraction ρ of tokens kept, in (0, 1]", type=float)
+    opt_g("--granularity", "top-k over the whole micro-batch or inside each row",
+          choices=GRANULARITIES)
+    opt_g("--reference", "reference model directory (HF checkpoint or a training run) for rho1",
+          metavar="DIR")
+    opt_g("--reference-scores", "precomputed reference scores (from `centrifuge score`) for rho1",
+          metavar="PATH")
+    opt_g("--reference-steps", "built-in corpus without a reference: steps of the reference "
+          "model trained first on the clean split", type=int)
+    opt_g("--backward", "amplified: Centrifuge, the backward runs on kept tokens only; exact: "
+          "masked loss with a dense backward (the usual token filtering)",
+          choices=("amplified", "exact"))
+    g = p.add_argument_group("optimization")
+    opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
+    opt_g("--batch-size", "rows per micro-batch", type=int)
+    opt_g("--grad-accum", "micro-batches per optimizer step", type=int)
+    opt_g("--lr", "peak learning rate (AdamW)", type=float)
+    opt_g("--warmup-steps", "linear warm-up steps", type=int)
+    opt_g("--min-lr-ratio", "cosine decay ends at lr x this", type=float)
+    opt_g("--weight-decay", "AdamW weight decay (weight matrices only)", type=float)
+    opt_g("--grad-clip", "max gradient norm, 0 = off", type=float)
+    opt_g("--steps", "optimizer steps", type=int)
+    opt_g("--max-tokens", "token budget (rows x seq_len); caps --steps", type=int)
+    opt_g("--dtype", "fp32, or bf16 autocast with fp32 master weights", choices=DTYPES)
+    opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    opt_g("--seed", "seed of initialization, data order, selection and the built-in corpus",
+          type=int)
+    g = p.add_argument_group("evaluation, checkpoints, output")
+    opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
+    opt_g("--eval-interval", "evaluate every N steps (0 = at start and end only)", type=int)
+    opt_g("--eval-rows", "held-out rows per evaluation", type=int)
+    opt_g("--eval-problems", "held-out problems for the answer accuracy (built-in corpus)",
+          type=int)
+    opt_g("--save-interval", "checkpoint every N steps (0 = at the end only)", type=int)
+    opt_g("--out-dir", "output directory: checkpoint-<step>/, latest, metrics.jsonl, "
+          "loss_curves.png", metavar="DIR")
+    g.add_argument("--resume", nargs="?", const=True, default=S, metavar="CHECKPOINT",
+                   help="continue exactly where a run stopped: from OUT_DIR/latest, or from the "
+                        "given checkpoint directory")  # fmt: skip
+    g.add_argument("--quiet", action="store_true", default=S, help="no progress bar or log lines")
+
+
+def _opt(group, d, flag, help, **kw):
+    name = flag[2:].replace("-", "_")
+    default = getattr(d, name)
+    shown = "none" if default is None else default
+    group.add_argument(flag, default=S, help=f"{help} (default: {shown})", **kw)
+
+
+def config_from_args(args) -> TrainConfig:
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    if getattr(args, "config", None):
+        return TrainConfig.from_file(args.config, **given)
+    return TrainConfig(**given)
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"done: {s['steps']} steps in {s['wall_s']:.1f} s",
+        f"  tokens seen      {s['tokens_seen']:,}  (kept {s['tokens_kept']:,}, "
+        f"{100 * s['kept_fraction']:.1f}% of labelled tokens)",
+        f"  throughput       {s['tokens_per_s']:,.0f} tokens/s (training steps only)",
+    ]
+    if s["final_train_loss"] is not None:
+        lines.append(f"  train loss       {s['final_train_loss']:.4f}  (kept tokens, mean of the last 10 steps)")
+    if s["eval_loss"] is not None:
+        start = s.get("initial_eval_loss")
+        since = f"; {start:.4f} at step 0" if start is not None else ""
+        lines.append(f"  eval loss        {s['eval_loss']:.4f}  (held out{since})")
+    if s["eval_accuracy"] is not None:
+        lines.append(f"  eval accuracy    {100 * s['eval_accuracy']:.1f}%  (exact answers, held-out problems)")
+    if s.get("reference"):
+        lines.append(f"  reference        {s['reference']}")
+    lines.append(f"  checkpoint       {s['checkpoint']}")
+    lines.append(f"  metrics          {s['metrics']}" + (f", plot {s['plot']}" if s.get("plot") else "")
+                 + (f", TensorBoard {s['tensorboard']}" if s.get("tensorboard") else ""))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from centrifuge.training.checkpoint import CheckpointError
+    from centrifuge.training.loop import train
+
+    try:
+        cfg = config_from_args(args)
+        summary = train(cfg, progress=not getattr(args, "quiet", False))
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"centrifuge train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("centrifuge train: interrupted", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    return 0

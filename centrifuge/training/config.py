@@ -1,0 +1,176 @@
+"""TrainConfig: every option of a training run, validated before anything runs.
+
+The same options come from the command line, a YAML/TOML file, or Python.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from centrifuge.plan import BACKWARD_MODES
+from centrifuge.selection import GRANULARITIES, METHODS
+
+DTYPES = ("fp32", "bf16")
+DEFAULT_MODEL = "mini"  # a byte-level preset that learns the built-in corpus in minutes on CPU
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``centrifuge train`` (the CLI flags are these names with dashes).
+
+    model:            preset name (centrifuge.models.PRESETS) or local HF checkpoint directory.
+    data:             data files/directories, or None for the built-in corpus.
+    tokenizer:        local HF tokenizer directory, "byte", or None (the model directory's
+                      tokenizer if it has one, else the built-in byte tokenizer).
+    select, ratio, granularity: token selection (centrifuge.selection.Selector).
+    reference:        reference model directory for ``rho1`` (its losses computed on the fly).
+    reference_scores: precomputed reference scores (``centrifuge score``) for ``rho1``.
+                      With neither, on the built-in corpus a reference model is first
+                      trained on its clean split (``reference_steps``), as Rho-1 does.
+    backward:         ``amplified`` (Centrifuge: backward on kept rows) or ``exact``
+                      (masked loss, dense backward: the usual token filtering).
+    seq_len, batch_size, grad_accum: rows of seq_len tokens; batch_size rows per
+                      micro-batch, grad_accum micro-batches per optimizer step.
+    lr, warmup_steps, min_lr_ratio: linear warm-up to lr, cosine decay to lr * min_lr_ratio.
+    weight_decay, grad_clip: AdamW weight decay (matrices only); max gradient norm (0 = off).
+    steps, max_tokens: optimizer steps; a token budget (rows * seq_len) caps them if set.
+    dtype:            fp32, or bf16 autocast (fp32 master weights).
+    device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    eval_interval, save_interval: in steps (0 = only at the end).
+    out_dir, resume:  output directory; resume = True continues from ``out_dir/latest``,
+                      a path continues from that checkpoint.
+    """
+
+    model: str = DEFAULT_MODEL
+    data: list[str] | None = None
+    tokenizer: str | None = None
+    select: str = "rho1"
+    ratio: float = 0.6
+    granularity: str = "batch"
+    reference: str | None = None
+    reference_scores: str | None = None
+    backward: str = "amplified"
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    steps: int = 400
+    max_tokens: int | None = None
+    dtype: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    eval_interval: int = 100
+    save_interval: int = 200
+    out_dir: str = "runs/train"
+    resume: bool | str = False
+    # Beyond the shared contract: options of this trainer.
+    reference_steps: int = 150  # steps of the built-in reference model (built-in corpus, rho1)
+    eval_rows: int = 256  # held-out rows per evaluation
+    eval_problems: int = 300  # held-out problems for answer accuracy (built-in corpus; 0 = none)
+    text_field: str = "text"  # JSONL/Parquet/Arrow column holding the text
+    cache_dir: str | None = None  # token cache (default ~/.cache/centrifuge)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        need(isinstance(self.model, str) and self.model, "model must be a preset name or a directory")
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        need(self.select in METHODS, f"select must be one of {METHODS}, got {self.select!r}")
+        need(isinstance(self.ratio, (int, float)) and not math.isnan(self.ratio)
+             and 0.0 < self.ratio <= 1.0, f"ratio must lie in (0, 1], got {self.ratio}")  # fmt: skip
+        need(self.granularity in GRANULARITIES,
+             f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        need(self.backward in BACKWARD_MODES,
+             f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        need(not (self.reference and self.reference_scores),
+             "give either reference or reference_scores, not both")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be a positive integer, got {v!r}")
+        need(self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}")
+        for name in ("warmup_steps", "eval_interval", "save_interval", "seed", "eval_problems"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 f"{name} must be a non-negative integer, got {v!r}")
+        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """``steps``, capped by the token budget when ``max_tokens`` is set."""
+        if self.max_tokens is None:
+            return self.steps
+        return max(1, min(self.steps, self.max_tokens // self.tokens_per_step))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Read options from a .yaml/.yml, .toml or .json file (dashes or
+        underscores in keys); ``overrides`` win."""
+        return cls.from_dict({**read_config_file(path), **overrides})
+
+
+def read_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = p.read_text()
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("reading a YAML config needs PyYAML (pip install pyyaml)") from None
+        data = yaml.safe_load(text)
+    elif suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ValueError("reading a TOML config on Python 3.10 needs tomli") from None
+        data = tomllib.loads(text)
+    elif suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file {p} must be .yaml, .yml, .toml or .json")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
