@@ -164,6 +164,7 @@ PRESETS: dict[str, ModelConfig] = {
                               rms_norm_eps=1e-6, tie_word_embeddings=True,
                               max_position_embeddings=1024, family="qwen3"),
     "small": ModelConfig(4096, 256, 688, 4, 8, 4, max_position_embeddings=2048),
+    "mini": ModelConfig(258, 128, 352, 4, 4, 4, max_position_embeddings=1024),  # centrifuge train's default (byte vocabulary)
 }  # fmt: skip
 
 
