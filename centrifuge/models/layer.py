@@ -44,8 +44,8 @@ class LayerShape:
 
 
 def _linear(x, w, b=None):
-    y = x @ w.t()
-    return y if b is None else y + b
+    # addmm folds the bias (or a residual) into the GEMM's epilogue: no extra pass.
+    return x @ w.t() if b is None else torch.addmm(b, x, w.t())
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -74,10 +74,10 @@ class DecoderLayerFunction(torch.autograd.Function):
         o, lse = attention_forward(
             q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D), plan.layout
         )
-        x2 = xf + o.reshape(N, H * D) @ W["wo"].t()
+        x2 = _linear(o.reshape(N, H * D), W["wo"], xf)  # residual add inside the GEMM
         h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
         g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
-        y = x2 + swiglu_forward(g, u) @ W["wd"].t()
+        y = _linear(swiglu_forward(g, u), W["wd"], x2)
         # Saved full size: which rows are kept is only known after the loss.
         # h1, h2 and a are recomputed on kept rows in the backward instead.
         ctx.save_for_backward(

@@ -15,10 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Bytes of one logits chunk (activation dtype). The dense stack uses the same
-# chunks, so the LM head's transient memory never exceeds dense training's.
-LOGITS_BUDGET = 2**28
-BLOCK_V = 1024
+# Bytes of one logits chunk (activation dtype), forward and backward. The dense
+# stack uses the same chunks, so the LM head's transient memory never exceeds
+# dense training's. Values from the device probes (docs/kernels.md).
+FORWARD_BUDGET = 2**29
+BACKWARD_BUDGET = 2**28
+BLOCK_V = 1024  # the backward's column block
+FORWARD_BLOCK_V, FORWARD_WARPS = 1024, 4  # the forward's row scan
 
 
 @triton.jit
@@ -68,9 +71,10 @@ def _check(x, w, targets):
         )
 
 
-def linear_ce_forward_triton(x, w, targets, ignore_index: int, budget: int = LOGITS_BUDGET):
+def linear_ce_forward_triton(x, w, targets, ignore_index: int, budget: int | None = None):
     """x: [N, d], w: [V, d], targets: [N] -> (loss [N] float32, lse [N] float32)."""
     _check(x, w, targets)
+    budget = FORWARD_BUDGET if budget is None else budget
     N, V = x.shape[0], w.shape[0]
     loss = torch.empty(N, device=x.device, dtype=torch.float32)
     lse = torch.empty(N, device=x.device, dtype=torch.float32)
@@ -81,15 +85,17 @@ def linear_ce_forward_triton(x, w, targets, ignore_index: int, budget: int = LOG
         c = min(rows, N - s)
         logits = torch.mm(x[s : s + c], w.t(), out=buf[:c])
         _ce_forward_kernel[(c,)](
-            logits, targets[s:], loss[s:], lse[s:], V, logits.stride(0), ignore_index, BLOCK=BLOCK_V
-        )
+            logits, targets[s:], loss[s:], lse[s:], V, logits.stride(0), ignore_index,
+            BLOCK=FORWARD_BLOCK_V, num_warps=FORWARD_WARPS,
+        )  # fmt: skip
     return loss, lse
 
 
-def linear_ce_backward_triton(dloss, x, w, targets, lse, ignore_index: int, budget: int = LOGITS_BUDGET):
+def linear_ce_backward_triton(dloss, x, w, targets, lse, ignore_index: int, budget: int | None = None):
     """Backward on the given rows: dloss, targets, lse: [n]; x: [n, d] (compact).
     Returns (dx [n, d], dw [V, d]), both in x.dtype."""
     _check(x, w, targets)
+    budget = BACKWARD_BUDGET if budget is None else budget
     n, d = x.shape
     V = w.shape[0]
     dw = torch.empty(V, d, device=x.device, dtype=x.dtype)

@@ -44,7 +44,7 @@ LLAMA32_VOCAB = 128256
 
 
 def rel(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
@@ -337,12 +337,16 @@ def bench_main(out_dir):
 
     idx = random_idx(N, 0.5, 7)
     dy, res = rnd(idx.numel(), d, dtype=dt, seed=8), rnd(idx.numel(), d, dtype=dt, seed=9)
-    for per_sm in (2, 8, 16):
-        rd.PROGRAMS_PER_SM["value"] = per_sm
-        t_ = ms(lambda: rms.rms_norm_backward_rows(dy, x, rstd, w, idx, res, True))
-        say(f"  probe rmsnorm.backward scatter rho=0.5 programs/SM={per_sm}: {t_:.3f} ms")
-        rows.append(dict(op="probe.rms_backward_programs_per_sm", value=per_sm, ms=t_))
-    rd.PROGRAMS_PER_SM["value"] = 4
+    import centrifuge.ops.rmsnorm_triton as rmst
+
+    for tile in (4096, 8192, 16384):
+        for per_sm in (2, 4, 8):
+            rmst.TILE_ELEMS, rd.PROGRAMS_PER_SM["value"] = tile, per_sm
+            t_s = ms(lambda: rms.rms_norm_backward_rows(dy, x, rstd, w, idx, res, True))
+            t_c = ms(lambda: rms.rms_norm_backward_rows(dy, x, rstd, w, idx, res))
+            say(f"  probe rmsnorm.backward rho=0.5 tile={tile} programs/SM={per_sm}: scatter {t_s:.3f} ms, compact {t_c:.3f} ms")
+            rows.append(dict(op="probe.rms_backward", tile=tile, per_sm=per_sm, scatter_ms=t_s, compact_ms=t_c))
+    rmst.TILE_ELEMS, rd.PROGRAMS_PER_SM["value"] = 8192, 4
 
     # LM head + CE: forward over all rows, backward on kept rows.
     for vocab in (V, LLAMA32_VOCAB):
@@ -365,12 +369,50 @@ def bench_main(out_dir):
 
         idx = random_idx(N, 0.5, 13)
         xk, tk_, lk, dl = x[idx], t[idx], lse[idx], torch.rand(idx.numel(), device=DEV)
-        for budget in (2**27, 2**29, 2**30):
+        for budget in (2**28, 2**29, 2**30):
             tf = ms(lambda: lcet.linear_ce_forward_triton(x, wl, t, -100, budget))
             tb = ms(lambda: lcet.linear_ce_backward_triton(dl, xk, wl, tk_, lk, -100, budget))
             say(f"  probe linear_ce V={vocab} budget={budget >> 20} MiB: forward {tf:.3f} ms, backward rho=0.5 {tb:.3f} ms")
             rows.append(dict(op="probe.linear_ce_budget", vocab=vocab, budget=budget, fwd_ms=tf, bwd_ms=tb))
+        # Tuning probe: the forward's row scan alone (one chunk of logits).
+        logits = x[:2048] @ wl.t()
+        lo, ls_ = torch.empty(2048, device=DEV), torch.empty(2048, device=DEV)
+        for blk, warps in ((1024, 4), (2048, 8), (4096, 8), (8192, 16)):
+            t_ = ms(lambda: lcet._ce_forward_kernel[(2048,)](
+                logits, t, lo, ls_, vocab, logits.stride(0), -100, BLOCK=blk, num_warps=warps))  # fmt: skip
+            gbps = 2048 * vocab * 2 / t_ / 1e6
+            say(f"  probe linear_ce forward scan V={vocab} BLOCK={blk} warps={warps}: {t_:.3f} ms ({gbps:.0f} GB/s)")
+            rows.append(dict(op="probe.ce_scan", vocab=vocab, block=blk, warps=warps, ms=t_))
+        del logits
         del wl
+    torch.cuda.empty_cache()
+
+    # Final norm fused with the LM head vs the two Functions apart (kernels on).
+    say("## final norm + LM head + CE, forward + backward, B=8, L=2048, V=32000")
+    B, L = 8, 2048
+    layout = Layout.build(B, L, DEV)
+    xs = rnd(B, L, d, dtype=dt, seed=20).requires_grad_(True)
+    nw = (1 + 0.1 * rnd(d, dtype=torch.float32, seed=21)).to(dt).requires_grad_(True)
+    wl = rnd(V, d, dtype=dt, seed=22, scale=0.02).requires_grad_(True)
+    tg = torch.randint(0, V, (B, L), device=DEV)
+    keep_idx = random_idx(B * L, 0.5, 23)
+
+    def head(fused):
+        plan = Plan(layout)
+        if fused:
+            loss, _ = lce.norm_linear_cross_entropy(xs, nw, wl, tg, plan, 1e-5)
+        else:
+            h = rms.rms_norm(xs, nw, 1e-5, plan)
+            loss = lce.linear_cross_entropy(h, wl, tg, plan)
+        plan.keep_idx = keep_idx
+        loss.sum().backward()
+        xs.grad = nw.grad = wl.grad = None
+
+    for fused in (True, False):
+        t_ = ms(lambda: head(fused))
+        rows.append(dict(op="norm+lm_head fwd+bwd rho=0.5", fused=fused, ms=t_))
+        say(f"  fused={fused!s:5s} {t_:.3f} ms")
+    del xs, wl
     torch.cuda.empty_cache()
 
     # A whole layer, forward and backward, kernel path vs torch path (same attention).
