@@ -1,0 +1,429 @@
+"""Utility experiment: does Centrifuge's amplified backward keep Rho-1's gains?
+
+    python scripts/utility_experiment.py --scale smoke     # CPU, a few minutes
+    python scripts/utility_experiment.py --scale full      # one GPU, a few minutes
+
+On the built-in corpus (math word problems with noise spans) it
+
+1. trains a reference model on clean problems (the corpus' ``clean`` documents),
+2. scores the noisy training corpus with it (``centrifuge score``: every token's
+   reference loss stored beside the data),
+3. trains, at the same token budget and seeds, standard training (all tokens),
+   Rho-1 with the exact masked backward and Rho-1 with Centrifuge's amplified
+   backward at ρ ∈ {0.3, 0.5, 0.7},
+4. evaluates every saved checkpoint on clean held-out problems (loss,
+   perplexity, answer accuracy), and writes results.json, results.md and
+   curves.png to the output directory.
+
+All runs train on the same token stream (the corpus' noisy ``train`` documents
+of corpus seed 0, written to a JSONL file): a run's seed sets its model
+initialisation and data order, not the corpus, so seeds are paired across
+methods. Finished runs are reused when the script is run again (``--fresh``
+starts over); with ``--time-budget`` the runs that do not fit are skipped
+and listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# Runs as a file: make the checkout importable without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from centrifuge.cli import main as centrifuge_cli  # noqa: E402
+from centrifuge.data import corpus, load_dataset, load_tokenizer  # noqa: E402
+from centrifuge.evaluation import evaluate  # noqa: E402
+from centrifuge.models import LlamaForCausalLM  # noqa: E402
+from centrifuge.training import TrainConfig, train  # noqa: E402
+
+
+@dataclass
+class Scale:
+    model: str  # preset
+    device: str
+    dtype: str
+    seq_len: int
+    batch_size: int
+    steps: int  # every run: steps * batch_size * seq_len tokens
+    lr: float
+    warmup: int
+    ref_steps: int
+    train_docs: int  # noisy training documents (corpus seed 0)
+    clean_docs: int  # clean documents for the reference model
+    evals: int  # checkpoints evaluated per run (evenly spaced, the last included)
+    eval_rows: int  # clean held-out rows per evaluation
+    eval_problems: int  # held-out problems for answer accuracy
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # headline (ρ = 0.5)
+    side_seeds: list[int] = field(default_factory=lambda: [0])  # ρ = 0.3, 0.7
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    headline_ratio: float = 0.5
+    threads: int | None = None  # CPU intra-op threads
+
+
+SCALES = {
+    # Tiny model, short runs: a CPU check that the pipeline works and moves
+    # in the expected direction. Not evidence by itself.
+    "smoke": Scale(model="tiny", device="cpu", dtype="fp32", seq_len=128, batch_size=8, steps=240,
+                   lr=3e-3, warmup=20, ref_steps=240, train_docs=1500, clean_docs=1500, evals=3,
+                   eval_rows=48, eval_problems=100, threads=1),
+    # The real run, for one GPU.
+    "full": Scale(model="small", device="cuda", dtype="bf16", seq_len=512, batch_size=16, steps=400,
+                  lr=2e-3, warmup=40, ref_steps=400, train_docs=6000, clean_docs=6000, evals=5,
+                  eval_rows=256, eval_problems=300, side_seeds=[0, 1, 2]),
+}  # fmt: skip
+
+
+@dataclass
+class RunSpec:
+    name: str
+    method: str  # standard | rho1-exact | rho1-centrifuge
+    select: str
+    backward: str
+    ratio: float
+    seed: int
+
+
+def plan_runs(s: Scale) -> list[RunSpec]:
+    """Headline comparison first (so a time budget cuts the side ratios first)."""
+    runs = []
+
+    def add(seed, ratio):
+        for method, select, backward in (("rho1-exact", "rho1", "exact"),
+                                         ("rho1-centrifuge", "rho1", "amplified")):  # fmt: skip
+            runs.append(RunSpec(f"{method}-r{ratio:g}-s{seed}", method, select, backward, ratio, seed))
+
+    for seed in s.seeds:
+        runs.append(RunSpec(f"standard-s{seed}", "standard", "none", "exact", 1.0, seed))
+        add(seed, s.headline_ratio)
+    for seed in s.side_seeds:
+        for r in s.ratios:
+            if r != s.headline_ratio:
+                add(seed, r)
+    return runs
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def base_config(s: Scale, data: Path, out_dir: Path, cache: Path, **kw) -> TrainConfig:
+    steps = kw.pop("steps", s.steps)
+    save = max(1, steps // s.evals)
+    return TrainConfig(
+        model=s.model, data=[str(data)], tokenizer="byte", seq_len=s.seq_len,
+        batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup, steps=steps, dtype=s.dtype,
+        device=s.device, eval_interval=0, save_interval=save, eval_rows=8, out_dir=str(out_dir),
+        cache_dir=str(cache), **kw,
+    )  # fmt: skip
+
+
+def step_times(metrics: Path) -> list[float]:
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return [r["step_s"] for r in recs if r.get("kind") == "train"]
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for d in run_dir.glob("checkpoint-*"):
+        if d.is_dir() and (d / "config.json").is_file():
+            out.append((int(d.name.split("-")[1]), d))
+    return sorted(out)
+
+
+def evaluate_checkpoint(path: Path, eval_ds, s: Scale) -> dict:
+    model = LlamaForCausalLM.from_pretrained(path).to(s.device)
+    r = evaluate(model, eval_ds, 2 * s.batch_size, s.device, max_rows=s.eval_rows,
+                 problems=eval_ds.problems[: s.eval_problems])  # fmt: skip
+    return dict(loss=r["loss"], perplexity=r["perplexity"], accuracy=r["accuracy"])
+
+
+def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path,
+            eval_ds) -> dict:  # fmt: skip
+    run_dir = out / "runs" / spec.name
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run: start it again
+    extra = dict(select=spec.select, ratio=spec.ratio, backward=spec.backward, seed=spec.seed)
+    if spec.select == "rho1":
+        extra["reference_scores"] = str(scores)
+    cfg = base_config(s, data, run_dir, cache, **extra)
+    summary = train(cfg, progress=False)
+    times = step_times(Path(summary["metrics"]))
+    skip = max(1, len(times) // 10)  # the first steps include warm-up (allocation, compilation)
+    curve = []
+    for step, ck in checkpoints(run_dir):
+        curve.append(dict(step=step, tokens=step * cfg.tokens_per_step, **evaluate_checkpoint(ck, eval_ds, s)))
+    res = dict(asdict(spec), steps=summary["steps"], tokens_seen=summary["tokens_seen"],
+               tokens_kept=summary["tokens_kept"], kept_fraction=summary["kept_fraction"],
+               ms_per_step=1e3 * statistics.median(times[skip:]),
+               train_s=sum(times), wall_s=summary["wall_s"],
+               final_train_loss=summary["final_train_loss"], curve=curve,
+               eval_loss=curve[-1]["loss"], eval_accuracy=curve[-1]["accuracy"])  # fmt: skip
+    done.write_text(json.dumps(res, indent=1))
+    return res
+
+
+# --- report -------------------------------------------------------------------
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def fmt(xs: list[float], digits: int = 4, scale: float = 1.0) -> str:
+    m, sd = mean_std([x * scale for x in xs])
+    if math.isnan(m):
+        return "—"
+    return f"{m:.{digits}f}" if math.isnan(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def groups(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    g: dict[tuple[str, float], list[dict]] = {}
+    for r in results:
+        g.setdefault((r["method"], r["ratio"]), []).append(r)
+    return g
+
+
+def to_markdown(results: list[dict], s: Scale, meta: dict) -> str:
+    g = groups(results)
+    order = sorted(g, key=lambda k: (k[1] != 1.0, k[1], k[0]))
+    lines = [
+        f"Model `{s.model}`, {s.steps} steps × {s.batch_size} rows × {s.seq_len} tokens "
+        f"= {s.steps * s.batch_size * s.seq_len:,} training tokens per run, {s.dtype}, "
+        f"device {meta['device']}. Clean held-out eval: {s.eval_rows} rows, "
+        f"{s.eval_problems} problems. Mean ± std over seeds.",
+        "",
+        "| method | ρ | seeds | clean eval loss | perplexity | answer accuracy (%) | ms / step | kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in order:
+        rs = g[key]
+        method, ratio = key
+        lines.append(
+            f"| {method} | {ratio:g} | {len(rs)} | {fmt([r['eval_loss'] for r in rs])} | "
+            f"{fmt([math.exp(r['eval_loss']) for r in rs], 3)} | "
+            f"{fmt([r['eval_accuracy'] for r in rs], 1, 100)} | "
+            f"{fmt([r['ms_per_step'] for r in rs], 1)} | {fmt([r['kept_fraction'] for r in rs], 2)} |"
+        )
+    # Paired differences (same seed: same initialisation and data order).
+    by = {(r["method"], r["ratio"], r["seed"]): r for r in results}
+    rows = []
+    for ratio in sorted({r["ratio"] for r in results if r["method"] != "standard"}):
+        seeds = sorted(sd for (m, rr, sd) in by if m == "rho1-exact" and rr == ratio
+                       and ("rho1-centrifuge", ratio, sd) in by)  # fmt: skip
+        if not seeds:
+            continue
+        d_amp = [by["rho1-centrifuge", ratio, sd]["eval_loss"] - by["rho1-exact", ratio, sd]["eval_loss"]
+                 for sd in seeds]  # fmt: skip
+        d_std = [by["rho1-exact", ratio, sd]["eval_loss"] - by["standard", 1.0, sd]["eval_loss"]
+                 for sd in seeds if ("standard", 1.0, sd) in by]  # fmt: skip
+        speed = [by["rho1-exact", ratio, sd]["ms_per_step"] / by["rho1-centrifuge", ratio, sd]["ms_per_step"]
+                 for sd in seeds]  # fmt: skip
+        rows.append(f"| {ratio:g} | {len(seeds)} | {fmt(d_std)} | {fmt(d_amp)} | {fmt(speed, 2)}× |")
+    if rows:
+        lines += [
+            "",
+            "Paired by seed: Δ loss (Rho-1 exact − standard; negative = Rho-1 better), "
+            "Δ loss (Centrifuge − Rho-1 exact; ≈ 0 = gains kept), step-time speed-up of "
+            "Centrifuge over Rho-1 exact.",
+            "",
+            "| ρ | seeds | Δ exact − standard | Δ Centrifuge − exact | speed-up |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    if meta.get("skipped"):
+        lines += ["", f"Not run (time budget): {', '.join(meta['skipped'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], s: Scale, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    g = groups(results)
+    colors = {"standard": "tab:gray", "rho1-exact": "tab:blue", "rho1-centrifuge": "tab:orange"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for method in colors:
+        rs = g.get((method, 1.0 if method == "standard" else s.headline_ratio), [])
+        if not rs:
+            continue
+        steps = [p["tokens"] for p in rs[0]["curve"]]
+        ys = [[r["curve"][i]["loss"] for r in rs if len(r["curve"]) > i] for i in range(len(steps))]
+        mean = [statistics.fmean(y) for y in ys]
+        label = method if method == "standard" else f"{method} ρ={s.headline_ratio:g}"
+        ax.plot(steps, mean, "o-", color=colors[method], label=f"{label} (n={len(rs)})")
+        ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colors[method], alpha=0.2)
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("clean held-out loss")
+    ax.set_title("eval loss during training (band: min–max over seeds)")
+    ax.legend()
+    for ax, key, label, scale in ((axes[1], "eval_loss", "clean held-out loss", 1.0),
+                                  (axes[2], "eval_accuracy", "answer accuracy (%)", 100.0)):  # fmt: skip
+        base = g.get(("standard", 1.0), [])
+        if base:
+            m, sd = mean_std([r[key] * scale for r in base])
+            ax.axhline(m, color=colors["standard"], label="standard (all tokens)")
+            if not math.isnan(sd):
+                ax.axhspan(m - sd, m + sd, color=colors["standard"], alpha=0.15)
+        for method in ("rho1-exact", "rho1-centrifuge"):
+            pts = sorted((r, g[(method, r)]) for (mm, r) in g if mm == method)
+            if not pts:
+                continue
+            xs = [r for r, _ in pts]
+            ms = [mean_std([x[key] * scale for x in rs]) for _, rs in pts]
+            ax.errorbar(xs, [m for m, _ in ms], yerr=[0 if math.isnan(sd) else sd for _, sd in ms],
+                        fmt="o-", capsize=4, color=colors[method], label=method)  # fmt: skip
+        ax.set_xlabel("kept ratio ρ")
+        ax.set_ylabel(label)
+        ax.set_title(f"final {label} vs ρ (mean ± std)")
+        ax.legend()
+    fig.suptitle(f"Utility, {s.model} on the built-in corpus ({s.steps} steps × "
+                 f"{s.batch_size * s.seq_len} tokens)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- main ---------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="smoke")
+    p.add_argument("--out", type=Path, default=None, help="output directory (none: runs/utility-<scale>)")
+    p.add_argument("--device", default=None, help="override the scale's device")
+    p.add_argument("--steps", type=int, default=None, help="override the scale's steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the headline seeds")
+    p.add_argument("--side-seeds", type=int, nargs="+", default=None,
+                   help="override the seeds of the other ratios")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; runs that would start after it are skipped (and listed)")
+    p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite results.md and curves.png from --out's results.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    s = SCALES[args.scale]
+    if args.device:
+        s.device = args.device
+    if args.steps:
+        s.steps = args.steps
+    if args.seeds:
+        s.seeds = args.seeds
+    if args.side_seeds:
+        s.side_seeds = args.side_seeds
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"scale {args.scale!r} wants {s.device}, but CUDA is not available "
+                         "(use --scale smoke, or --device cpu)")  # fmt: skip
+    if s.threads:
+        torch.set_num_threads(s.threads)  # tiny models: more threads only add contention
+    out = args.out or Path("runs") / f"utility-{args.scale}"
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        s = Scale(**saved["meta"]["config"])
+        write_report(out, s, saved["runs"], saved["meta"]["skipped"], saved["meta"]["reference_eval"],
+                     args, device=saved["meta"]["device"])  # fmt: skip
+        print((out / "results.md").read_text())
+        return 0
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "cache"
+
+    def say(msg):
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    # 1. Data: the noisy training documents and the clean reference documents.
+    train_data = write_jsonl(out / "train.jsonl", corpus.documents("train", seed=0, n=s.train_docs))
+    clean_data = write_jsonl(out / "clean.jsonl", corpus.documents("clean", seed=0, n=s.clean_docs))
+    tok = load_tokenizer("byte")
+    eval_ds = load_dataset(None, tok, s.seq_len, split="eval", cache_dir=cache, seed=0)
+
+    # 2. The reference model, trained on clean data only (Rho-1's recipe).
+    ref_dir = out / "reference"
+    if not (ref_dir / "latest").is_file():
+        say(f"training the reference model on {s.clean_docs} clean documents ({s.ref_steps} steps)")
+        cfg = base_config(s, clean_data, ref_dir, cache, select="none", steps=s.ref_steps, seed=1000)
+        train(cfg, progress=False)
+    ref_ckpt = checkpoints(ref_dir)[-1][1]
+    ref_eval = evaluate_checkpoint(ref_ckpt, eval_ds, s)
+    say(f"reference: clean eval loss {ref_eval['loss']:.4f}, accuracy {ref_eval['accuracy']:.3f}")
+
+    # 3. Reference scores of the training corpus, with the user-facing command.
+    scores = out / "scores"
+    say("scoring the training corpus: centrifuge score")
+    rc = centrifuge_cli(["score", "--model", str(ref_dir), "--data", str(train_data), "--tokenizer",
+                         "byte", "--seq-len", str(s.seq_len), "--cache-dir", str(cache), "--out",
+                         str(scores), "--batch-size", str(4 * s.batch_size), "--device", s.device,
+                         "--precision", s.dtype])  # fmt: skip
+    if rc:
+        return rc
+
+    # 4. The runs.
+    results, skipped, durations = [], [], []
+    runs = plan_runs(s)
+    for i, spec in enumerate(runs):
+        elapsed = time.perf_counter() - t0
+        if args.time_budget is not None and durations and not (out / "runs" / spec.name / "result.json").exists():
+            if elapsed + 1.2 * max(durations) > args.time_budget:
+                skipped.append(spec.name)
+                continue
+        t_run = time.perf_counter()
+        r = run_one(spec, s, train_data, scores, out, cache, eval_ds)
+        durations.append(time.perf_counter() - t_run)  # training and its evaluations
+        results.append(r)
+        say(f"run {i + 1}/{len(runs)} {spec.name}: clean eval loss {r['eval_loss']:.4f}, "
+            f"accuracy {r['eval_accuracy']:.3f}, {r['ms_per_step']:.1f} ms/step")
+        write_report(out, s, results, skipped, ref_eval, args)
+    write_report(out, s, results, skipped, ref_eval, args)
+    print((out / "results.md").read_text())
+    say(f"done: {out / 'results.md'}, {out / 'curves.png'}")
+    return 0
+
+
+def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None) -> None:
+    dev = device or s.device
+    if device is None and dev.startswith("cuda") and torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    elif device is None and dev == "cpu":
+        dev = f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+    meta = dict(scale=args.scale, device=dev, skipped=skipped, reference_eval=ref_eval,
+                torch=torch.__version__, config=asdict(s))  # fmt: skip
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
+    md = to_markdown(results, s, meta)
+    md += (f"\nReference model (clean data only): clean eval loss {ref_eval['loss']:.4f}, "
+           f"answer accuracy {100 * ref_eval['accuracy']:.1f}%.\n")  # fmt: skip
+    (out / "results.md").write_text(md)
+    plot(results, s, out / "curves.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The Rho-1 pipeline end to end: `centrifuge score` (and its resume), selection
+with stored scores equals selection with an online reference model, and the
+eval metrics (`centrifuge eval`) on inputs whose answer is known."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from centrifuge import Selector, build_model, get_preset
+from centrifuge.cli import main
+from centrifuge.data import corpus, load_dataset, load_tokenizer
+from centrifuge.evaluation import evaluate
+from centrifuge.models import LlamaForCausalLM, ModelConfig
+from centrifuge.scoring import load_reference_scores, read_header, score_dataset
+
+SEQ = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: a second intra-op thread only adds contention on a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory):
+    """A small JSONL file of built-in training documents (noise included) and its cache."""
+    d = tmp_path_factory.mktemp("data")
+    with open(d / "docs.jsonl", "w") as f:
+        for text in corpus.documents("train", seed=7, n=40):
+            f.write(json.dumps({"text": text}) + "\n")
+    return d / "docs.jsonl", d / "cache"
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref") / "reference"
+    build_model(get_preset("tiny"), seed=11).save_pretrained(d)
+    return d
+
+
+def _score_cli(reference_dir, data, cache, out, *extra):
+    return main(["score", "--model", str(reference_dir), "--data", str(data), "--seq-len", str(SEQ),
+                 "--cache-dir", str(cache), "--out", str(out), "--batch-size", "3",
+                 "--device", "cpu", *extra])  # fmt: skip
+
+
+def test_score_cli_resumes_an_interrupted_run(tmp_path, user_data, reference_dir, capsys):
+    data, cache = user_data
+    ds = load_dataset([str(data)], load_tokenizer(None), SEQ, cache_dir=cache)
+    ref = LlamaForCausalLM.from_pretrained(reference_dir)
+    # The first run dies after two chunks (as if killed), the CLI picks it up.
+    part = score_dataset(ref, ds, tmp_path / "s", batch_size=3, chunk_rows=6, max_chunks=2,
+                         model_source=str(reference_dir))  # fmt: skip
+    assert part["rows_done"] == 12 < len(ds)
+    assert _score_cli(reference_dir, data, cache, tmp_path / "s", "--chunk-rows", "6") == 0
+    assert "resumed at row 12" in capsys.readouterr().out
+    resumed = np.array(load_reference_scores(tmp_path / "s", ds))
+    assert _score_cli(reference_dir, data, cache, tmp_path / "fresh", "--chunk-rows", "6") == 0
+    assert np.array_equal(resumed, load_reference_scores(tmp_path / "fresh", ds))
+    assert read_header(tmp_path / "s")["model"]["source"] == str(reference_dir)
+    # A float16 store: half the bytes, the same values to fp16 precision.
+    assert _score_cli(reference_dir, data, cache, tmp_path / "h", "--dtype", "float16") == 0
+    half = load_reference_scores(tmp_path / "h", ds)
+    assert half.dtype == np.float16 and half.nbytes * 2 == resumed.nbytes
+    np.testing.assert_allclose(half.astype(np.float32), resumed, rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def stored_scores(tmp_path_factory, user_data, reference_dir):
+    data, cache = user_data
+    store = tmp_path_factory.mktemp("scores") / "s"
+    assert _score_cli(reference_dir, data, cache, store) == 0
+    return store
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sequence"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_stored_scores_select_like_an_online_reference(user_data, reference_dir, stored_scores,
+                                                       granularity, ratio):  # fmt: skip
+    data, cache = user_data
+    ds = load_dataset([str(data)], load_tokenizer(None), SEQ, cache_dir=cache)
+    scores = load_reference_scores(stored_scores, ds)
+    ref = LlamaForCausalLM.from_pretrained(reference_dir).eval()
+    model = build_model(get_preset("tiny"), seed=5)  # the model being trained
+    select = Selector("rho1", ratio, granularity)
+    rng = np.random.default_rng(int(ratio * 10))
+    for _ in range(3):
+        rows = rng.choice(len(ds), size=4, replace=False)  # shuffled rows, as training reads them
+        b = ds.batch(rows)
+        out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+        with torch.no_grad():
+            online = ref(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+        stored = torch.from_numpy(scores[rows])
+        torch.testing.assert_close(stored[online.valid], online.token_loss[online.valid],
+                                   rtol=1e-6, atol=1e-6)  # fmt: skip
+        keep_online = select(out.token_loss, out.valid, online.token_loss)
+        keep_stored = select(out.token_loss, out.valid, stored)
+        assert torch.equal(keep_online, keep_stored)
+        assert 0 < int(keep_stored.sum()) < int(out.valid.sum())
+
+
+class _Oracle(LlamaForCausalLM):
+    """Final hidden state = a scaled one-hot of a chosen token, LM head = identity:
+    the model predicts exactly the token that ``predict(input_ids)`` names."""
+
+    def __init__(self, vocab: int, predict):
+        super().__init__(ModelConfig(vocab, vocab, 8, 1, 2, 2, max_position_embeddings=4096))
+        self.predict = predict
+        with torch.no_grad():
+            self.lm_head.weight.copy_(3 * torch.eye(vocab))
+
+    def hidden_states(self, input_ids, plan, final_norm=True):
+        # Before or after the final norm (weight 1), the chosen logit dominates.
+        return 30.0 * torch.nn.functional.one_hot(self.predict(input_ids), self.config.vocab_size).float()
+
+
+def _next_token(ids):
+    return torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+
+
+def _next_token_but_even_answers_wrong(ids):
+    """Right everywhere except the end marker after an even final answer digit."""
+    nxt = _next_token(ids)
+    even_digit = (ids >= ord("0")) & (ids <= ord("9")) & ((ids - ord("0")) % 2 == 0)
+    return torch.where(even_digit & (nxt == ord("\n")), ord(" "), nxt)
+
+
+@pytest.fixture(scope="module")
+def eval_split(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("evalcache")
+    return load_dataset(None, load_tokenizer(None), SEQ, split="eval", cache_dir=cache), cache
+
+
+def test_eval_metrics_on_known_models(eval_split):
+    ds, _ = eval_split
+    vocab = load_tokenizer(None).vocab_size
+    problems = ds.problems[:40]
+    # Uniform logits: the loss of every token is exactly ln(vocab), no answer right
+    # (the argmax tie goes to token 0, a NUL byte that no answer holds).
+    uniform = build_model(ModelConfig(vocab, 32, 64, 1, 2, 2, max_position_embeddings=4096), seed=0)
+    torch.nn.init.zeros_(uniform.lm_head.weight)
+    r = evaluate(uniform, ds, 4, "cpu", max_rows=6, problems=problems)
+    assert r["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert r["perplexity"] == pytest.approx(vocab, rel=1e-5) and r["accuracy"] == 0.0
+    # A perfect next-token oracle: loss ~ 0, perplexity ~ 1, every answer right.
+    r = evaluate(_Oracle(vocab, _next_token), ds, 4, "cpu", max_rows=6, problems=problems)
+    assert r["loss"] < 1e-6 and r["perplexity"] == pytest.approx(1.0, abs=1e-6)
+    assert r["accuracy"] == 1.0
+    # Off by one (predicts the current token): never right.
+    r = evaluate(_Oracle(vocab, lambda ids: ids), ds, 4, "cpu", max_rows=6, problems=problems)
+    assert r["accuracy"] == 0.0 and r["loss"] > 5
+    # Wrong exactly on the problems whose answer ends in an even digit.
+    want = sum(int(p.answer[-1]) % 2 for p in problems) / len(problems)
+    assert 0 < want < 1
+    r = evaluate(_Oracle(vocab, _next_token_but_even_answers_wrong), ds, 4, "cpu", max_rows=2,
+                 problems=problems)  # fmt: skip
+    assert r["accuracy"] == pytest.approx(want)
+
+
+def test_eval_cli_on_a_known_checkpoint(tmp_path, eval_split, capsys):
+    _, cache = eval_split
+    vocab = load_tokenizer(None).vocab_size
+    model = build_model(ModelConfig(vocab, 32, 64, 1, 2, 2, max_position_embeddings=4096), seed=0)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "checkpoint-5")
+    (run / "latest").write_text("checkpoint-5\n")  # a training run directory
+    argv = ["eval", str(run), "--seq-len", str(SEQ), "--cache-dir", str(cache), "--max-rows", "4",
+            "--device", "cpu", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["checkpoint"] == str(run / "checkpoint-5") and res["rows"] == 4
+    assert res["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert res["accuracy"] == 0.0 and f"{math.log(vocab):.4f}" in printed
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+        main(["eval", str(tmp_path), "--cache-dir", str(cache)])
