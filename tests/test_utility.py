@@ -182,3 +182,29 @@ def test_eval_cli_on_a_known_checkpoint(tmp_path, eval_split, capsys):
     assert res["accuracy"] == 0.0 and f"{math.log(vocab):.4f}" in printed
     with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
         main(["eval", str(tmp_path), "--cache-dir", str(cache)])
+
+
+def test_training_with_stored_scores_equals_training_with_the_reference_model(
+        tmp_path, user_data, reference_dir, stored_scores):  # fmt: skip
+    """`centrifuge train --reference-scores` (no reference forward per step) and
+    `--reference MODEL` (online) pick the same tokens, so they train identically."""
+    data, cache = user_data
+    common = ["train", "--model", "tiny", "--data", str(data), "--tokenizer", "byte", "--seq-len",
+              str(SEQ), "--cache-dir", str(cache), "--batch-size", "4", "--steps", "4",
+              "--select", "rho1", "--ratio", "0.4", "--eval-rows", "2", "--eval-interval", "0",
+              "--device", "cpu", "--seed", "3", "--quiet"]  # fmt: skip
+    assert main(common + ["--reference-scores", str(stored_scores), "--out-dir", str(tmp_path / "a")]) == 0
+    assert main(common + ["--reference", str(reference_dir), "--out-dir", str(tmp_path / "b")]) == 0
+
+    def train_records(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        return [(r["step"], r["loss"], r["tokens_kept"]) for r in recs if r["kind"] == "train"]
+
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    assert len(a) == 4 and [r[2] for r in a] == [r[2] for r in b]
+    for (_, la, _), (_, lb, _) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5)
+    wa = LlamaForCausalLM.from_pretrained(tmp_path / "a" / "checkpoint-4").state_dict()
+    wb = LlamaForCausalLM.from_pretrained(tmp_path / "b" / "checkpoint-4").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
