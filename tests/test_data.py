@@ -1,0 +1,307 @@
+"""Data: tokenizers, the built-in corpus, every file format, packing
+boundaries, the token cache and the errors on bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from centrifuge.data import ByteTokenizer, PackedDataset, corpus, load_dataset, load_tokenizer
+from centrifuge.data.formats import iter_documents, resolve_files
+
+
+def reference_rows(docs: list[list[int]], eos: int, pad: int, L: int):
+    """Plain-Python packing, the semantics PackedDataset must match."""
+    stream, doc_of = [], []
+    for d, ids in enumerate(docs):
+        if ids:
+            stream += ids + [eos]
+            doc_of += [d] * (len(ids) + 1)
+    rows = []
+    for start in range(0, len(stream), L):
+        ids, labels, pos = [], [], []
+        for j in range(start, start + L):
+            if j < len(stream):
+                ids.append(stream[j])
+                labels.append(stream[j])
+                new_doc = j == start or doc_of[j] != doc_of[j - 1]
+                pos.append(0 if new_doc else pos[-1] + 1)
+            else:
+                ids.append(pad)
+                labels.append(-100)
+                pos.append(0 if j == len(stream) else pos[-1] + 1)
+        rows.append((ids, labels, pos))
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("L", [5, 16, 37])
+def test_packing_matches_reference(tmp_path, seed, L):
+    rng = np.random.default_rng(seed)
+    texts = ["".join(chr(97 + int(c)) for c in rng.integers(0, 26, int(n)))
+             for n in rng.integers(0, 40, 23)]  # fmt: skip  (some empty documents)
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ds = load_dataset([str(f)], None, L, cache_dir=tmp_path / "cache")
+    tok = ByteTokenizer()
+    expected = reference_rows([tok.encode(t) for t in texts], tok.eos_id, tok.pad_id, L)
+    assert len(ds) == len(expected)
+    batch = ds.batch(range(len(ds)))
+    for i, (ids, labels, pos) in enumerate(expected):
+        assert batch["input_ids"][i].tolist() == ids
+        assert batch["labels"][i].tolist() == labels
+        assert batch["position_ids"][i].tolist() == pos
+        row = ds[i]
+        assert all(row[k].dtype == torch.long and row[k].shape == (L,) for k in row)
+    # a shuffled, repeated selection gives the same rows
+    idx = rng.integers(0, len(ds), 7)
+    b2 = ds.batch(idx)
+    assert torch.equal(b2["input_ids"], batch["input_ids"][idx])
+    with pytest.raises(IndexError):
+        ds.batch([len(ds)])
+
+
+def test_packed_rows_make_document_boundaries_for_the_model(tmp_path):
+    """The model sees one segment per document: attention never crosses them."""
+    from centrifuge.plan import Layout
+
+    f = tmp_path / "a.txt"
+    f.write_text("hello")
+    g = tmp_path / "b.txt"
+    g.write_text("worlds!")
+    ds = load_dataset([str(f), str(g)], None, 16, cache_dir=tmp_path / "c")
+    b = ds.batch([0])
+    layout = Layout.build(1, 16, "cpu", b["position_ids"])
+    # "hello<eos>" | "worlds!<eos>" | 2 pads
+    assert layout.segment_ids[0].tolist() == [0] * 6 + [1] * 8 + [2] * 2
+    assert b["labels"][0, -2:].tolist() == [-100, -100]
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = load_tokenizer(None)
+    text = "Problem: 3 + 4 = 7. Ünïcödé ✓"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == 258 and tok.eos_id == 256 and tok.pad_id == 257
+    assert tok.decode([72, 105, tok.eos_id]) == "Hi"
+
+
+def _hf_tokenizer_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(["one two three four five six", "seven eight nine ten"],
+                           trainers.WordLevelTrainer(special_tokens=["<unk>", "</s>"]))  # fmt: skip
+    d = tmp_path / "tok"
+    d.mkdir()
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return d
+
+
+def test_hf_tokenizer_directory(tmp_path):
+    d = _hf_tokenizer_dir(tmp_path)
+    tok = load_tokenizer(str(d))
+    assert tok.eos_id == 1 and tok.vocab_size == 12
+    ids = tok.encode("three one ten")
+    assert len(ids) == 3 and tok.decode(ids) == "three one ten"
+    f = tmp_path / "x.txt"
+    f.write_text("one two three")
+    ds = load_dataset([str(f)], tok, 8, cache_dir=tmp_path / "c")
+    assert ds[0]["input_ids"][:4].tolist() == ids[:0] + tok.encode("one two three") + [1]
+    other = load_dataset([str(f)], None, 8, cache_dir=tmp_path / "c")
+    assert other.fingerprint != ds.fingerprint  # the tokenizer is part of the identity
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_tokenizer(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def _write_all_formats(tmp_path, texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    d = tmp_path / "txt"
+    d.mkdir()
+    for i, t in enumerate(texts):
+        (d / f"doc{i:02d}.txt").write_text(t)
+    out["text dir"] = d
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    out["jsonl"] = f
+    table = pa.table({"text": texts, "n": list(range(len(texts)))})
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
+    out["parquet"] = tmp_path / "d.parquet"
+    with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=2)
+    out["arrow file"] = tmp_path / "d.arrow"
+    # datasets.save_to_disk layout: Arrow stream files listed in state.json
+    sd = tmp_path / "saved"
+    sd.mkdir()
+    with pa.OSFile(str(sd / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema) as w:  # fmt: skip
+        w.write_table(table, max_chunksize=3)
+    (sd / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (sd / "dataset_info.json").write_text("{}")
+    out["save_to_disk"] = sd
+    dd = tmp_path / "saved_dict"
+    dd.mkdir()
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    shutil.copytree(sd, dd / "train")
+    out["save_to_disk dict"] = dd
+    return out
+
+
+def test_every_format_gives_the_same_documents(tmp_path):
+    texts = [f"document {i}: " + "x" * i for i in range(7)]
+    for name, path in _write_all_formats(tmp_path, texts).items():
+        docs = [d for f in resolve_files([path]) for d in iter_documents(f)]
+        assert docs == texts, name
+        ds = load_dataset([str(path)], None, 32, cache_dir=tmp_path / "cache")
+        assert ds.n_tokens == sum(len(t) + 1 for t in texts), name
+
+
+def test_token_cache_is_reused(tmp_path, monkeypatch):
+    f = tmp_path / "d.txt"
+    f.write_text("some text " * 50)
+    calls = []
+    tok = ByteTokenizer()
+    orig = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(len(texts)) or orig(texts))
+    a = load_dataset([str(f)], tok, 64, cache_dir=tmp_path / "c")
+    b = load_dataset([str(f)], tok, 32, cache_dir=tmp_path / "c")  # other seq_len: same tokens
+    assert len(calls) == 1
+    assert a.cache_dir == b.cache_dir and (a.cache_dir / "tokens.bin").is_file()
+    assert isinstance(a.tokens, np.memmap)
+    assert a.fingerprint != b.fingerprint  # seq_len is part of the fingerprint
+    f.write_text("other text " * 50)  # changed data: tokenized again, new fingerprint
+    c = load_dataset([str(f)], tok, 64, cache_dir=tmp_path / "c")
+    assert len(calls) == 2 and c.fingerprint != a.fingerprint
+
+
+def test_interrupted_cache_build_leaves_no_entry(tmp_path, monkeypatch):
+    f = tmp_path / "d.txt"
+    f.write_text("abc")
+    tok = ByteTokenizer()
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        load_dataset([str(f)], tok, 8, cache_dir=tmp_path / "c")
+    assert list((tmp_path / "c").iterdir()) == []
+    assert len(load_dataset([str(f)], None, 8, cache_dir=tmp_path / "c")) == 1
+
+
+def test_eval_split_holds_out_every_50th_document(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(120)))
+    tr = load_dataset([str(f)], None, 16, cache_dir=tmp_path / "c")
+    ev = load_dataset([str(f)], None, 16, split="eval", cache_dir=tmp_path / "c")
+    assert tr.num_documents == 118 and ev.num_documents == 2
+    assert ByteTokenizer().decode(ev[0]["input_ids"].tolist()).startswith("doc 49")
+    small = tmp_path / "s.jsonl"
+    small.write_text(json.dumps({"text": "one"}) + "\n")
+    with pytest.raises(ValueError, match="held-out"):
+        load_dataset([str(small)], None, 16, split="eval", cache_dir=tmp_path / "c")
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset([str(tmp_path / "missing.jsonl")], None, 16, cache_dir=tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty after tokenization"):
+        load_dataset([str(empty)], None, 16, cache_dir=tmp_path / "c")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        load_dataset([str(bad)], None, 16, cache_dir=tmp_path / "c")
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"content": "ok"}\n')
+    with pytest.raises(ValueError, match="no 'text' field"):
+        load_dataset([str(nofield)], None, 16, cache_dir=tmp_path / "c")
+    assert load_dataset([str(nofield)], None, 16, cache_dir=tmp_path / "c", text_field="content")
+    odd = tmp_path / "data.csv"
+    odd.write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported type"):
+        load_dataset([str(odd)], None, 16, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="seq_len"):
+        load_dataset([str(nofield)], None, 1, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset([str(nofield)], None, 16, split="test", cache_dir=tmp_path / "c")
+
+
+def test_builtin_corpus_is_deterministic_and_noisy():
+    a, b = corpus.documents("train", seed=3, n=50), corpus.documents("train", seed=3, n=50)
+    assert a == b and a != corpus.documents("train", seed=4, n=50)
+    text = "".join(a)
+    clean = sum(len(p) for d in a for p in d.split("\n") if _is_clean_line(p))
+    assert 0.15 < 1 - clean / len(text) < 0.6  # a real share of noise
+    assert all(_is_clean_line(line) for d in corpus.documents("clean", 0, 20) for line in d.split("\n"))
+    problems = corpus.heldout_problems(0, 40)
+    assert [p.text for p in problems] == corpus.documents("eval", 0, 40)
+    for p in problems:  # answers are right and appear in the worked solution
+        assert p.prompt.endswith(corpus.ANSWER_PREFIX)
+        assert f"= {p.answer}." in p.prompt
+    train_problems = {line for d in corpus.documents("train", 0) for line in d.split("\n")}
+    overlap = sum(p.prompt.split("\n")[0] in train_problems for p in problems)
+    assert overlap < len(problems) // 4  # held out: mostly unseen problems
+
+
+def _is_clean_line(line: str) -> bool:
+    return line == "" or line.startswith(("Problem: ", "Solution: ", "Answer: "))
+
+
+def test_builtin_dataset_splits(tmp_path):
+    ds = load_dataset(None, None, 64, cache_dir=tmp_path)
+    ev = load_dataset(None, None, 64, split="eval", cache_dir=tmp_path)
+    assert ds.problems is None and len(ev.problems) == corpus.NUM_DOCS["eval"]
+    assert ByteTokenizer().decode(ev[0]["input_ids"].tolist()).startswith(ev.problems[0].prompt[:60])
+    again = load_dataset(None, None, 64, cache_dir=tmp_path)
+    assert again.fingerprint == ds.fingerprint
+    assert load_dataset(None, None, 64, cache_dir=tmp_path, seed=1).fingerprint != ds.fingerprint
+    with pytest.raises(ValueError, match="split"):
+        load_dataset(None, None, 64, split="validation", cache_dir=tmp_path)
+
+
+class _NextTokenOracle(torch.nn.Module):
+    """A stand-in model whose row t predicts input token t+1 (unless told to
+    be wrong on some sequences): answer_accuracy must count exactly those."""
+
+    def __init__(self, vocab, wrong: set):
+        super().__init__()
+        self.config = type("C", (), {"max_position_embeddings": 4096})()
+        self.lm_head = torch.nn.Linear(vocab, vocab, bias=False)
+        self.lm_head.weight.data = torch.eye(vocab)
+        self.wrong, self.vocab = wrong, vocab
+        self.calls = 0
+
+    def forward(self, ids, attention_mask=None):
+        nxt = torch.roll(ids, -1, dims=1)
+        for i in range(ids.shape[0]):
+            if self.calls * 1000 + i in self.wrong:
+                last = int(attention_mask[i].sum()) - 2  # the row predicting the end marker
+                nxt[i, last] = (nxt[i, last] + 1) % self.vocab
+        self.calls += 1
+        return type("O", (), {"hidden": torch.nn.functional.one_hot(nxt, self.vocab).float()})()
+
+
+def test_answer_accuracy_counts_exact_answers():
+    tok = ByteTokenizer()
+    problems = corpus.heldout_problems(0, 10)
+    assert corpus.answer_accuracy(_NextTokenOracle(258, set()), tok, problems, batch_size=4) == 1.0
+    wrong = {1, 1003, 2001}  # one problem wrong in each batch of 4
+    assert corpus.answer_accuracy(_NextTokenOracle(258, wrong), tok, problems, batch_size=4) == 0.7
+
+
+def test_packed_dataset_repr_and_len(tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_text("a" * 99)
+    ds = load_dataset([str(f)], None, 10, cache_dir=tmp_path / "c")
+    assert isinstance(ds, PackedDataset) and len(ds) == 10 and "10 rows" in repr(ds)
+    assert ds[-1]["labels"].tolist() == [97] * 9 + [256]  # 99 bytes + eos fill 10 rows exactly
