@@ -182,6 +182,46 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
     return res
 
 
+def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dict:
+    """Before timing anything on this device: one Rho-1 step of the experiment's
+    model, both backward modes, against the reference semantics in plain
+    autograd (float32). Returns the relative gradient errors."""
+    from centrifuge import Selector, build_model, get_preset
+    from centrifuge.models.reference import reference_filtered_loss
+    from centrifuge.scoring import load_reference_scores
+
+    ds = load_dataset([str(train_data)], load_tokenizer("byte"), s.seq_len, cache_dir=cache)
+    rows = list(range(min(len(ds), s.batch_size)))
+    b = {k: v.to(s.device) for k, v in ds.batch(rows).items()}
+    ref = torch.from_numpy(load_reference_scores(scores, ds)[rows]).to(s.device)
+    model = build_model(get_preset(s.model), device=s.device, seed=0)
+    out = {}
+    for mode in ("amplified", "exact"):
+        model.zero_grad(set_to_none=True)
+        o = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], backward=mode)
+        keep = Selector("rho1", s.headline_ratio)(o.token_loss, o.valid, ref)
+        o.plan.loss(o.token_loss, keep).backward()
+        got = [p.grad.detach().clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        # exact = ordinary autograd of the masked loss; amplified = K/V of filtered rows detached
+        if mode == "amplified":
+            loss = reference_filtered_loss(model, b["input_ids"], b["labels"], keep,
+                                           position_ids=b["position_ids"])  # fmt: skip
+        else:
+            from centrifuge.models.reference import reference_token_loss
+
+            tl, _ = reference_token_loss(model, b["input_ids"], b["labels"], None,
+                                         position_ids=b["position_ids"])  # fmt: skip
+            loss = (tl * keep).sum() / keep.sum()
+        loss.backward()
+        want = [p.grad.detach() for p in model.parameters()]
+        num = sum(float((g - w).double().pow(2).sum()) for g, w in zip(got, want))
+        den = sum(float(w.double().pow(2).sum()) for w in want)
+        out[mode] = math.sqrt(num / den)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 # --- report -------------------------------------------------------------------
 def mean_std(xs: list[float]) -> tuple[float, float]:
     if not xs:
@@ -349,8 +389,9 @@ def main(argv=None) -> int:
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
         s = Scale(**saved["meta"]["config"])
-        write_report(out, s, saved["runs"], saved["meta"]["skipped"], saved["meta"]["reference_eval"],
-                     args, device=saved["meta"]["device"])  # fmt: skip
+        m = saved["meta"]
+        write_report(out, s, saved["runs"], m["skipped"], m["reference_eval"], args,
+                     device=m["device"], check=m.get("gradient_check"), failed=m.get("failed", ()))
         print((out / "results.md").read_text())
         return 0
     if args.fresh and out.exists():
@@ -387,8 +428,14 @@ def main(argv=None) -> int:
     if rc:
         return rc
 
+    check = gradient_check(s, train_data, scores, cache)
+    say("gradients vs the reference semantics (relative error): "
+        + ", ".join(f"{k} {v:.2e}" for k, v in check.items()))
+    if max(check.values()) > 1e-2:
+        raise SystemExit(f"gradient check failed on {s.device}: {check}")
+
     # 4. The runs.
-    results, skipped, durations = [], [], []
+    results, skipped, durations, failed = [], [], [], []
     runs = plan_runs(s)
     for i, spec in enumerate(runs):
         elapsed = time.perf_counter() - t0
@@ -397,30 +444,42 @@ def main(argv=None) -> int:
                 skipped.append(spec.name)
                 continue
         t_run = time.perf_counter()
-        r = run_one(spec, s, train_data, scores, out, cache, eval_ds)
+        try:
+            r = run_one(spec, s, train_data, scores, out, cache, eval_ds)
+        except Exception as e:  # keep the other runs' results; report this one as failed
+            failed.append(f"{spec.name} ({type(e).__name__}: {e})")
+            say(f"run {i + 1}/{len(runs)} {spec.name} FAILED: {type(e).__name__}: {e}")
+            continue
         durations.append(time.perf_counter() - t_run)  # training and its evaluations
         results.append(r)
         say(f"run {i + 1}/{len(runs)} {spec.name}: clean eval loss {r['eval_loss']:.4f}, "
             f"accuracy {r['eval_accuracy']:.3f}, {r['ms_per_step']:.1f} ms/step")
-        write_report(out, s, results, skipped, ref_eval, args)
-    write_report(out, s, results, skipped, ref_eval, args)
+        write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed)
+    write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed)
     print((out / "results.md").read_text())
     say(f"done: {out / 'results.md'}, {out / 'curves.png'}")
     return 0
 
 
-def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None) -> None:
+def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None, check=None,
+                 failed=()) -> None:  # fmt: skip
     dev = device or s.device
     if device is None and dev.startswith("cuda") and torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
     elif device is None and dev == "cpu":
         dev = f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-    meta = dict(scale=args.scale, device=dev, skipped=skipped, reference_eval=ref_eval,
-                torch=torch.__version__, config=asdict(s))  # fmt: skip
+    meta = dict(scale=args.scale, device=dev, skipped=skipped, failed=list(failed),
+                reference_eval=ref_eval, gradient_check=check, torch=torch.__version__,
+                config=asdict(s))  # fmt: skip
     (out / "results.json").write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
     md = to_markdown(results, s, meta)
     md += (f"\nReference model (clean data only): clean eval loss {ref_eval['loss']:.4f}, "
            f"answer accuracy {100 * ref_eval['accuracy']:.1f}%.\n")  # fmt: skip
+    if check:
+        md += ("Gradient check before the runs (relative error vs the reference semantics, "
+               "fp32): " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + ".\n")
+    if failed:
+        md += "Failed runs: " + "; ".join(failed) + ".\n"
     (out / "results.md").write_text(md)
     plot(results, s, out / "curves.png")
 
