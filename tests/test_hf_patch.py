@@ -271,3 +271,20 @@ def test_clear_errors():
     model.train()
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         model(ids)
+
+
+def test_autocast_bf16_grads_close_to_float32_reference():
+    model = make_model("qwen2", 2, dtype=torch.float32)
+    ids, kw, keep = batch("padding", seed=7)
+    _, want = reference_loss(model.double(), ids, keep, **kw)
+    patch(model.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids, **kw).logits
+        assert logits.dtype == torch.bfloat16
+        tl = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = filtered_loss(tl, keep[:, :-1])
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        err = (p.grad.double() - want[name]).norm() / want[name].norm()
+        assert err < 0.05, (name, float(err))

@@ -93,7 +93,8 @@ class CompactLinearFunction(torch.autograd.Function):
         d, V = x.shape[-1], w.shape[0]
         x2, dy2 = x.reshape(-1, d), dy.reshape(-1, V)
         if ctx.check and plan.keep is not None:
-            stray = dy2.ne(0).any(1) & ~plan.keep.reshape(-1)
+            lo, hi = torch.aminmax(dy2, dim=1)  # one pass, no [N, V] temporary
+            stray = ((lo != 0) | (hi != 0)) & ~plan.keep.reshape(-1)
             if bool(stray.any()):
                 raise RuntimeError(
                     "the loss sends gradient to logits of filtered rows: with Centrifuge only the "
@@ -201,6 +202,18 @@ class _PatchedForward:
         return _FORWARDS[self.kind](self.module, self.state, *args, **kwargs)
 
 
+_SIGNATURES: dict = {}
+
+
+def _bind(module, args, kwargs) -> inspect.BoundArguments:
+    """Bind a call to the module class's forward signature (cached per class)."""
+    cls = type(module)
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return sig.bind(module, *args, **kwargs)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
@@ -285,11 +298,11 @@ def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
 
 
 def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
-    original = type(model).forward.__get__(model)
-    bound = inspect.signature(original).bind(*args, **kwargs)
+    original = type(model).forward
+    bound = _bind(model, args, kwargs)
     a = bound.arguments
     if state.plan is not None or _dense_reason(model, a) is not None:
-        return original(*args, **kwargs)
+        return original(model, *args, **kwargs)
     ref = a.get("input_ids")
     if ref is None:
         ref = a.get("inputs_embeds")
@@ -303,17 +316,16 @@ def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
     a["use_cache"] = False
     state.plan = plan
     try:
-        return original(*bound.args, **bound.kwargs)
+        return original(*bound.args, **bound.kwargs)  # bound.args starts with the model
     finally:
         state.plan = None
 
 
 def _layer_forward(layer, state: _PatchState, *args, **kwargs):
-    original = type(layer).forward.__get__(layer)
     plan = state.plan
     if plan is None:
-        return original(*args, **kwargs)
-    a = inspect.signature(original).bind(*args, **kwargs).arguments
+        return type(layer).forward(layer, *args, **kwargs)
+    a = _bind(layer, args, kwargs).arguments
     x = a["hidden_states"]
     B, L, _ = x.shape
     if (B, L) != plan.shape:
