@@ -85,12 +85,15 @@ def test_mha_and_mqa_uneven_tiles(H, Hkv):
     check(args, UNEVEN)
 
 
-@pytest.mark.parametrize("split", [1, 3, 6])
-def test_group_split_partial_sums(split):
-    """dK/dV of a KV head summed over query-head slices run as separate programs."""
+@pytest.mark.parametrize("split,atomic", [(1, True), (3, True), (6, True), (3, False)])
+def test_group_split_partial_sums(split, atomic):
+    """dK/dV of a KV head summed over query-head slices run as separate programs,
+    by float32 atomics or per-slice buffers."""
     args = inputs(14, B=2, L=26, H=6, Hkv=1, D=16, packed=True, ratio=0.5)
-    cfg = BackwardConfig(16, 16, 4, 1, 16, 16, 4, 1, kv_split=split)
+    cfg = BackwardConfig(16, 16, 4, 1, 16, 16, 4, 1, kv_split=split, kv_atomic=atomic)
     check(args, cfg)
+    with pytest.raises(ValueError, match="must divide"):
+        attention_backward_triton(*args, config=BackwardConfig(kv_split=4))
 
 
 def test_block_order_is_a_permutation_longest_first():

@@ -134,6 +134,13 @@ def attention_backward_reference(
     return dq, dk, dv
 
 
+# The dense backward (keep_idx None: exact mode, or nothing filtered that matters)
+# on CUDA: "triton" runs the filtered kernels over every row, "flash" PyTorch's
+# flash backward. The Triton pair measured faster on the H100 at every tested
+# shape despite 1.4x the FLOPs (docs/kernels.md, Attention).
+DENSE_BACKWARD = "triton"
+
+
 def _gpu_kernels_available(x: torch.Tensor) -> bool:
     if not x.is_cuda:
         return False
@@ -157,13 +164,14 @@ def attention_forward(q, k, v, layout: Layout, scale: float | None = None):
 
 
 def attention_backward(q, k, v, o, lse, do, layout: Layout, keep_idx, scale: float | None = None):
-    """Dispatch: on CUDA the Triton filtered backward (kept rows), or flash's own
-    dense backward when every row is kept (keep_idx None) and the forward was
-    flash's; the reference on CPU."""
+    """Dispatch: on CUDA the Triton filtered backward (kept rows; every row when
+    keep_idx is None, unless DENSE_BACKWARD selects flash's own dense backward);
+    the reference on CPU."""
     if _gpu_kernels_available(q):
         from centrifuge.ops import attention_triton as at
 
-        if keep_idx is None and at.flash_supported(q) and at.flash_dense_backward_possible(lse, layout):
+        use_flash = keep_idx is None and DENSE_BACKWARD == "flash" and at.flash_supported(q)
+        if use_flash and at.flash_dense_backward_possible(lse, layout):
             return at.attention_backward_flash_dense(q, k, v, o, lse, do, layout, scale)
         return at.attention_backward_triton(q, k, v, o, lse, do, layout, keep_idx, scale)
     return attention_backward_reference(q, k, v, o, lse, do, layout, keep_idx, scale)

@@ -188,14 +188,16 @@ def _dkdv_kernel(
     n_keep, qk_scale, sm_scale,
     stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dks, stride_dkn, stride_dkh, stride_dvs, stride_dvn, stride_dvh,
-    H: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_N consecutive kept keys x one KV head x one of SPLIT
     slices of its query-head group; loops over those heads and over the kept
-    queries that see the keys. With SPLIT > 1 each slice writes a float32
-    partial sum (DK, DV are [SPLIT, n, Hkv, D]) that the wrapper adds up: more
-    programs in flight when there are few KV heads."""
+    queries that see the keys. With SPLIT > 1 (more programs in flight when
+    there are few KV heads) each slice either adds its float32 sum atomically
+    into DK, DV ([n, Hkv, D] float32, zeroed; ATOMIC) or writes it to its own
+    slice of DK, DV ([SPLIT, n, Hkv, D] float32) for the wrapper to add up."""
     pid_n = tl.load(ORDER + tl.program_id(0))
     hk = tl.program_id(1) // SPLIT
     part = tl.program_id(1) % SPLIT
@@ -234,10 +236,14 @@ def _dkdv_kernel(
                                 QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok,
                                 qk_scale, H, D, BLOCK_M, True, PREC)  # fmt: skip
     c64 = cols.to(tl.int64)[:, None]
-    tl.store(DK + part * stride_dks + c64 * stride_dkn + hk * stride_dkh + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=m2)  # fmt: skip
-    tl.store(DV + part * stride_dvs + c64 * stride_dvn + hk * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=m2)  # fmt: skip
+    dk_ptr = DK + part * stride_dks + c64 * stride_dkn + hk * stride_dkh + offs_d[None, :]
+    dv_ptr = DV + part * stride_dvs + c64 * stride_dvn + hk * stride_dvh + offs_d[None, :]
+    if ATOMIC:
+        tl.atomic_add(dk_ptr, dk * sm_scale, mask=m2, sem="relaxed")
+        tl.atomic_add(dv_ptr, dv, mask=m2, sem="relaxed")
+    else:
+        tl.store(dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=m2)
+        tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=m2)
 
 
 # --------------------------------------------------------------------------- #
@@ -250,7 +256,8 @@ class BackwardConfig:
     """Tile shapes and launch parameters of the two backward kernels.
     dq_*: query block x key tile of the dQ kernel; kv_*: query tile x key block
     of the dK/dV kernel; kv_split: slices of a KV head's query-head group run as
-    separate programs (0 = choose from the grid size)."""
+    separate programs (0 = choose from the grid size), their sums combined by
+    float32 atomics (kv_atomic) or by a sum over per-slice buffers."""
 
     dq_block_m: int = 64
     dq_block_n: int = 64
@@ -261,6 +268,7 @@ class BackwardConfig:
     kv_warps: int = 4
     kv_stages: int = 2
     kv_split: int = 0
+    kv_atomic: bool = True
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
@@ -270,7 +278,7 @@ def default_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     return BackwardConfig(64, 64, 4, 2, 32, 64, 4, 2)
 
 
-def _split_for(groups: int, programs: int, target: int = 1024) -> int:
+def _split_for(groups: int, programs: int, target: int = 2048) -> int:
     """Largest power-of-two slice count dividing ``groups`` that is still needed
     to bring the dK/dV grid near ``target`` programs (several waves on 132 SMs)."""
     split = 1
@@ -322,6 +330,17 @@ def block_order(keep_idx: torch.Tensor, bounds: KeptRowBounds, kind: str, block:
 # Every decoder layer of a step calls the backward with the same keep_idx and
 # layout: compute their bounds once. Holding the tensors keeps `is` meaningful.
 _bounds_cache: list = [None, None, None]
+
+
+def _all_rows(n: int, device) -> torch.Tensor:
+    """One arange per size and device, so the bounds cache also serves dense calls."""
+    key = (n, str(device))
+    if key not in _all_rows_cache:
+        _all_rows_cache[key] = torch.arange(n, device=device)
+    return _all_rows_cache[key]
+
+
+_all_rows_cache: dict = {}
 
 
 def _cached_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
@@ -385,7 +404,7 @@ def attention_backward_triton(
     N = B * L
     scale = D**-0.5 if scale is None else scale
     if keep_idx is None:
-        keep_idx = torch.arange(N, device=q.device)
+        keep_idx = _all_rows(N, q.device)
     n = keep_idx.numel()
     dq = torch.empty(n, H, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(n, Hkv, D, device=q.device, dtype=k.dtype)
@@ -420,9 +439,15 @@ def attention_backward_triton(
     split = cfg.kv_split or _split_for(groups, order.numel() * Hkv)
     if groups % split:
         raise ValueError(f"kv_split={split} must divide the query heads per KV head ({groups})")
+    atomic = split > 1 and cfg.kv_atomic
     if split == 1:
         dk_out, dv_out = dk, dv
         strides = (0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1))
+    elif atomic:
+        f32 = dk.dtype == torch.float32
+        dk_out = dk.zero_() if f32 else torch.zeros(n, Hkv, D, device=q.device, dtype=torch.float32)
+        dv_out = dv.zero_() if f32 else torch.zeros(n, Hkv, D, device=q.device, dtype=torch.float32)
+        strides = (0, dk_out.stride(0), dk_out.stride(1), 0, dv_out.stride(0), dv_out.stride(1))
     else:
         dk_out = torch.empty(split, n, Hkv, D, device=q.device, dtype=torch.float32)
         dv_out = torch.empty_like(dk_out)
@@ -432,13 +457,13 @@ def attention_backward_triton(
         n, qk_scale, scale,
         k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), do.stride(0), do.stride(1),
         *strides,
-        H=H, GROUPS=groups, SPLIT=split, D=D, BLOCK_D=block_d,
+        H=H, GROUPS=groups, SPLIT=split, ATOMIC=atomic, D=D, BLOCK_D=block_d,
         BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, PREC=prec,
         num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )  # fmt: skip
-    if split > 1:
-        torch.sum(dk_out, 0, out=dk) if dk.dtype == torch.float32 else dk.copy_(dk_out.sum(0))
-        torch.sum(dv_out, 0, out=dv) if dv.dtype == torch.float32 else dv.copy_(dv_out.sum(0))
+    if split > 1 and dk_out is not dk:
+        dk.copy_(dk_out if atomic else dk_out.sum(0))
+        dv.copy_(dv_out if atomic else dv_out.sum(0))
     return dq, dk, dv
 
 

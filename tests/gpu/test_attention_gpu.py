@@ -154,15 +154,14 @@ def sweep_configs(D):
     from centrifuge.ops.attention_triton import BackwardConfig as C
 
     if D <= 64:
-        return [C(64, 64, 4, 2, 32, 128, 4, 2), C(64, 64, 4, 3, 32, 128, 4, 3),
-                C(64, 64, 4, 2, 64, 64, 4, 2), C(64, 64, 4, 2, 32, 64, 4, 2),
-                C(64, 64, 4, 2, 64, 128, 8, 2), C(64, 64, 4, 2, 32, 128, 4, 2, kv_split=1),
-                C(64, 64, 4, 2, 32, 128, 4, 2, kv_split=8), C(128, 64, 8, 2, 16, 128, 4, 2),
-                C(64, 32, 4, 3, 32, 128, 8, 2)]  # fmt: skip
-    return [C(64, 64, 4, 2, 32, 64, 4, 2), C(64, 64, 4, 3, 32, 64, 4, 3),
-            C(64, 64, 4, 2, 32, 128, 4, 2), C(64, 64, 4, 2, 32, 128, 8, 2),
-            C(64, 64, 4, 2, 64, 64, 8, 2), C(64, 64, 4, 2, 32, 64, 4, 2, kv_split=1),
-            C(128, 32, 4, 2, 16, 64, 4, 2)]  # fmt: skip
+        return [C(64, 64, 4, 2, 32, 128, 4, 2), C(64, 64, 4, 2, 32, 128, 4, 2, kv_split=2),
+                C(64, 64, 4, 2, 32, 128, 4, 2, kv_split=4),
+                C(64, 64, 4, 2, 32, 128, 4, 2, kv_split=8, kv_atomic=False),
+                C(64, 64, 4, 2, 32, 128, 8, 2), C(64, 64, 4, 2, 64, 128, 4, 2),
+                C(64, 64, 8, 2, 32, 128, 4, 2), C(32, 64, 4, 2, 32, 128, 4, 2)]  # fmt: skip
+    return [C(64, 64, 4, 2, 32, 64, 4, 2), C(64, 64, 4, 2, 32, 64, 4, 2, kv_split=1),
+            C(64, 64, 4, 2, 32, 64, 4, 2, kv_split=4), C(64, 64, 4, 2, 32, 128, 8, 2),
+            C(64, 32, 4, 2, 32, 64, 4, 2), C(64, 64, 8, 2, 32, 64, 4, 2)]  # fmt: skip
 
 
 def causal_pairs(layout, keep_idx):
@@ -241,12 +240,13 @@ def bench_main(out_dir):
         do_full = torch.randn(N, H, D, device=DEVICE, dtype=dtype)
         t_flash_dense = ms(lambda: at.attention_backward_flash_dense(q, k, v, o, lse, do_full, layout))
         t_triton_dense = ms(lambda: at.attention_backward_triton(q, k, v, o, lse, do_full, layout, None))
+        t_dispatch = ms(lambda: attention_backward(q, k, v, o, lse, do_full, layout, None))
         _, _, dense_pairs = causal_pairs(layout, None)
         fl = 2 * D * H
         dense_flop = 5 * fl * dense_pairs
         say(f"forward (flash varlen) {t_fwd:.3f} ms | dense backward: flash {t_flash_dense:.3f} ms "
             f"({dense_flop / t_flash_dense / 1e9:.0f} TFLOP/s), triton {t_triton_dense:.3f} ms "
-            f"({dense_flop / t_triton_dense / 1e9:.0f} TFLOP/s)")  # fmt: skip
+            f"({dense_flop / t_triton_dense / 1e9:.0f} TFLOP/s), dispatch {t_dispatch:.3f} ms")  # fmt: skip
         # dense correctness: triton (all rows) vs flash
         a = at.attention_backward_triton(q, k, v, o, lse, do_full, layout, None)
         b = at.attention_backward_flash_dense(q, k, v, o, lse, do_full, layout)
