@@ -16,9 +16,6 @@ import triton.language as tl
 
 from centrifuge.ops.rowwise_dispatch import num_programs, row_block, warps_for
 
-# Elements of one backward tile ([ROWS, D]); tuned on the device (docs/kernels.md).
-TILE_ELEMS = 8192
-
 
 @triton.jit
 def _rms_forward_kernel(X, W, Y, RSTD, D, stride_x, stride_y, eps, BLOCK: tl.constexpr):
@@ -56,52 +53,44 @@ def _rms_apply_kernel(
 def _rms_backward_kernel(
     DY, X, RSTD, W, IDX, INV, RES, DX, DWP,
     n_out, rows_per_prog, D, stride_dy, stride_x, stride_res, stride_dx,
-    HAS_IDX: tl.constexpr, SCATTER: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HAS_IDX: tl.constexpr, SCATTER: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Output rows of one program's range, ROWS at a time (a [ROWS, D] tile
-    keeps more loads in flight than one row). Compact mode: output row r is
-    kept row r (x row idx[r]). Scatter mode: output row r is a full-size row;
-    inv[r] is its compact index, or -1 for a filtered row, which gets zeros
-    (its loads are masked to 0, so dx and its dweight share come out 0)."""
+    """Output rows r of one program's range. Compact mode: row r is kept row r
+    (x row idx[r]). Scatter mode: output row r is a full-size row; inv[r] is its
+    compact index, or -1 for a filtered row, which gets zeros."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    cm = cols < D
-    w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-    dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    m = cols < D
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, n_out)
-    for r0 in range(start, end, ROWS):
-        r = r0 + tl.arange(0, ROWS)
-        rm = r < end
-        r64 = r.to(tl.int64)
+    for r in range(start, end):
+        r64 = tl.cast(r, tl.int64)
         if SCATTER:
-            c = tl.load(INV + r64, mask=rm, other=-1).to(tl.int64)
+            c = tl.load(INV + r64).to(tl.int64)
             src = r64
         else:
             c = r64
             if HAS_IDX:
-                src = tl.load(IDX + r64, mask=rm, other=0).to(tl.int64)
+                src = tl.load(IDX + r64).to(tl.int64)
             else:
                 src = r64
-        kept = rm & (c >= 0)
-        c = tl.where(kept, c, 0)
-        src = tl.where(kept, src, 0)
-        m2 = kept[:, None] & cm[None, :]
-        dy = tl.load(DY + c[:, None] * stride_dy + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(X + src[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + src, mask=kept, other=0.0).to(tl.float32)
-        xhat = x * rstd[:, None]
-        g = dy * w[None, :]
-        dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None])
-        if HAS_RES:
-            res = tl.load(RES + c[:, None] * stride_res + cols[None, :], mask=m2, other=0.0)
-            dx += res.to(tl.float32)
-        out = DX + r64[:, None] * stride_dx + cols[None, :]
-        tl.store(out, dx.to(DX.dtype.element_ty), mask=rm[:, None] & cm[None, :])
-        # dweight sees the normalized value rounded to the activation dtype (the forward's).
-        dw += dy * xhat.to(DX.dtype.element_ty).to(tl.float32)
-    tl.store(DWP + pid * D + cols, tl.sum(dw, axis=0), mask=cm)
+        if c >= 0:
+            dy = tl.load(DY + c * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(X + src * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + src).to(tl.float32)
+            xhat = x * rstd
+            g = dy * w
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / D))
+            if HAS_RES:
+                dx += tl.load(RES + c * stride_res + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(DX + r64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+            # dweight sees the normalized value rounded to the activation dtype (the forward's).
+            dw += dy * xhat.to(DX.dtype.element_ty).to(tl.float32)
+        else:
+            tl.store(DX + r64 * stride_dx + cols, tl.zeros([BLOCK], dtype=tl.float32).to(DX.dtype.element_ty), mask=m)
+    tl.store(DWP + pid * D + cols, dw, mask=m)
 
 
 def _rows2d(t: torch.Tensor) -> torch.Tensor:
@@ -160,19 +149,17 @@ def rms_norm_backward_triton(dy, x, rstd, w, idx=None, residual=None, scatter=Fa
         inv[idx] = torch.arange(n, device=x.device, dtype=torch.int32)
     n_out = N if scatter else n
     dx = torch.empty(n_out, D, device=x.device, dtype=x.dtype)
-    block = row_block(D)
-    rows = max(1, min(8, TILE_ELEMS // block))
-    progs = num_programs(triton.cdiv(max(n_out, 1), rows), x.device)
+    progs = num_programs(max(n_out, 1), x.device)
     partial = torch.empty(progs, D, device=x.device, dtype=torch.float32)
     if n_out:
-        per_prog = triton.cdiv(triton.cdiv(n_out, progs), rows) * rows
+        block = row_block(D)
         _rms_backward_kernel[(progs,)](
             dy, x, rstd, w, x if idx is None else idx, x if inv is None else inv,
             dy if residual is None else residual, dx, partial,
-            n_out, per_prog, D, dy.stride(0), x.stride(0),
+            n_out, triton.cdiv(n_out, progs), D, dy.stride(0), x.stride(0),
             0 if residual is None else residual.stride(0), dx.stride(0),
             HAS_IDX=idx is not None, SCATTER=scatter, HAS_RES=residual is not None,
-            BLOCK=block, ROWS=rows, num_warps=warps_for(block * rows),
+            BLOCK=block, num_warps=warps_for(block),
         )  # fmt: skip
     else:
         partial.zero_()
