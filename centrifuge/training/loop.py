@@ -161,6 +161,7 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
     else:
         torch.manual_seed(cfg.seed)
     start = state["step"]
+    ckpt_io.clean_partial(out_dir)  # temporary directories of a save cut short by a crash
     log = MetricsLog(out_dir, resume_step=start if run.resume_state is not None else None)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
                 else contextlib.nullcontext())  # fmt: skip

@@ -1,0 +1,235 @@
+"""Training: the CLI end to end, exact resume, options, and every error path
+(each raised before any training starts)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from centrifuge.cli import main
+from centrifuge.data import corpus
+from centrifuge.models import LlamaForCausalLM
+from centrifuge.training import CheckpointError, TrainConfig, train
+from centrifuge.training.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A small JSONL corpus: the built-in corpus' noisy training documents."""
+    d = tmp_path_factory.mktemp("data")
+    f = d / "train.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 120)))
+    return f
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny(tmp_path, data_file, cache, **kw):
+    base = dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=32,
+                batch_size=2, steps=5, warmup_steps=2, lr=1e-2, eval_interval=0, eval_rows=4,
+                save_interval=0, out_dir=str(tmp_path / "run"), cache_dir=cache, device="cpu")  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cli_default_corpus_end_to_end(tmp_path, cache, capsys):
+    """The built-in path: reference trained on the clean split, rho1, eval with accuracy."""
+    out = tmp_path / "out"
+    rc = main(["train", "--model", "tiny", "--steps", "3", "--seq-len", "64", "--batch-size", "2",
+               "--reference-steps", "2", "--eval-rows", "4", "--eval-problems", "6",
+               "--eval-interval", "2", "--out-dir", str(out), "--cache-dir", cache, "--quiet"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    for field in ("done: 3 steps", "tokens seen", "kept", "tokens/s", "train loss", "eval loss",
+                  "eval accuracy", "checkpoint", "metrics"):  # fmt: skip
+        assert field in text
+    assert (out / "latest").read_text().strip() == "checkpoint-3"
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    assert (out / "reference" / "checkpoint-2" / "model.safetensors").is_file()
+    records = read_metrics(out / "metrics.jsonl")
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3]
+    assert all(0.55 < r["kept_fraction"] < 0.65 for r in train_recs)  # default ρ = 0.6
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 3]
+    assert all(r["accuracy"] is not None for r in records if r["kind"] == "eval")
+    # the checkpoint is a Hugging Face model directory: both loaders agree
+    ours = LlamaForCausalLM.from_pretrained(out / "checkpoint-3")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "checkpoint-3", dtype=torch.float32)
+    ids = torch.randint(0, 258, (1, 20))
+    torch.testing.assert_close(hf(ids).logits.float(), ours.logits(ids), atol=1e-4, rtol=1e-4)
+
+
+def _weights(ckpt):
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("variant", [
+    dict(select="random", backward="amplified", grad_accum=2, granularity="sequence"),
+    dict(select="loss", backward="exact", grad_clip=0.0),
+])  # fmt: skip
+def test_resume_is_exact(tmp_path, data_file, cache, variant):
+    straight = train(tiny(tmp_path / "a", data_file, cache, steps=6, **variant), progress=False)
+
+    def crash_at_4(step, record):
+        if step == 4:
+            raise Crash()
+
+    cfg = tiny(tmp_path / "b", data_file, cache, steps=6, save_interval=3, **variant)
+    with pytest.raises(Crash):
+        train(cfg, progress=False, callback=crash_at_4)
+    run_b = tmp_path / "b" / "run"
+    assert (run_b / "latest").read_text().strip() == "checkpoint-3"
+    resumed = train(tiny(tmp_path / "b", data_file, cache, steps=6, save_interval=3, resume=True,
+                         **variant), progress=False)  # fmt: skip
+    assert resumed["steps"] == straight["steps"] == 6
+    wa, wb = _weights(tmp_path / "a" / "run" / "checkpoint-6"), _weights(run_b / "checkpoint-6")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa = torch.load(tmp_path / "a" / "run" / "checkpoint-6" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(run_b / "checkpoint-6" / "trainer_state.pt", weights_only=True)
+    for i, st in sa["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], sb["optimizer"]["state"][i]["exp_avg_sq"])
+    assert sa["tokens_kept"] == sb["tokens_kept"] and sa["data"] == sb["data"]
+    # the metrics file tells one history: the interrupted step 4 is not duplicated
+    la = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(run_b / "metrics.jsonl") if r["kind"] == "train"]
+    assert la == lb
+    assert straight["tokens_kept"] == resumed["tokens_kept"]
+
+
+def test_resume_with_a_reference_model_and_given_checkpoint(tmp_path, data_file, cache):
+    """rho1 against a reference model directory; --resume CHECKPOINT picks a given one."""
+    ref = train(tiny(tmp_path / "ref", data_file, cache, select="none", steps=2), progress=False)
+    common = dict(select="rho1", reference=ref["checkpoint"], steps=4)
+    straight = train(tiny(tmp_path / "a", data_file, cache, **common), progress=False)
+    part = tiny(tmp_path / "b", data_file, cache, save_interval=1, **common)
+    with pytest.raises(Crash):
+        train(part, progress=False, callback=lambda s, r: (_ for _ in ()).throw(Crash()) if s == 3 else None)
+    ckpt2 = tmp_path / "b" / "run" / "checkpoint-2"
+    resumed = train(tiny(tmp_path / "b", data_file, cache, save_interval=1, resume=str(ckpt2),
+                         **common), progress=False)  # fmt: skip
+    wa, wb = _weights(tmp_path / "a" / "run" / "checkpoint-4"), _weights(tmp_path / "b" / "run" / "checkpoint-4")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert resumed["reference"].startswith("model ")
+
+
+def test_token_budget_bf16_and_selection_counts(tmp_path, data_file, cache):
+    cfg = tiny(tmp_path, data_file, cache, steps=100, max_tokens=3 * 2 * 32, dtype="bf16",
+               select="random", ratio=0.3)  # fmt: skip
+    s = train(cfg, progress=False)
+    assert s["steps"] == 3
+    recs = [r for r in read_metrics(s["metrics"]) if r["kind"] == "train"]
+    assert all(abs(r["kept_fraction"] - 0.3) < 0.05 for r in recs)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert s["eval_loss"] is not None and s["eval_accuracy"] is None  # user data: no problems
+
+
+def test_training_learns(tmp_path, data_file, cache):
+    s = train(tiny(tmp_path, data_file, cache, steps=25, select="none", lr=1e-2, seq_len=32,
+                   batch_size=4, eval_rows=8), progress=False)  # fmt: skip
+    evals = [r["loss"] for r in read_metrics(s["metrics"]) if r["kind"] == "eval"]
+    assert evals[-1] < evals[0] - 1.5  # from ~ln(512) = 6.2 to well below
+
+
+def test_config_file_and_overrides(tmp_path, data_file, cache):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: tiny\nseq-len: 16\nratio: 0.25\ndata: [{data_file}]\n")
+    cfg = TrainConfig.from_file(y, ratio=0.5)
+    assert (cfg.model, cfg.seq_len, cfg.ratio, cfg.data) == ("tiny", 16, 0.5, [str(data_file)])
+    t = tmp_path / "c.toml"
+    t.write_text('select = "random"\nsteps = 7\n')
+    assert TrainConfig.from_file(t).steps == 7
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 7\n")
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_file(bad)
+    out = tmp_path / "cli"
+    rc = main(["train", "--config", str(y), "--steps", "2", "--select", "none", "--batch-size", "1",
+               "--cache-dir", cache, "--out-dir", str(out), "--quiet", "--eval-rows", "2"])  # fmt: skip
+    assert rc == 0
+    ck = json.loads((out / "checkpoint-2" / "config.json").read_text())
+    assert ck["hidden_size"] == 64
+    assert torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)["config"]["seq_len"] == 16
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(data=["/nonexistent/data.jsonl"]), FileNotFoundError, "does not exist"),
+    (dict(model="no-such-preset"), ValueError, "neither a preset"),
+    (dict(seq_len=4096), ValueError, "larger than the model supports"),
+    (dict(select="rho1"), ValueError, "needs a reference"),
+    (dict(select="rho1", reference_scores="/nonexistent/scores"), ValueError, "no reference-score store"),
+    (dict(resume=True), CheckpointError, "nothing to resume"),
+    (dict(device="cuda:0" if not torch.cuda.is_available() else "nodev"), ValueError, "device"),
+])  # fmt: skip
+def test_errors_before_training(tmp_path, data_file, cache, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        train(tiny(tmp_path, data_file, cache, **kw), progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_empty_data_and_bad_options(tmp_path, cache):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(ValueError, match="empty after tokenization"):
+        train(TrainConfig(model="tiny", data=[str(empty)], select="none", cache_dir=cache,
+                          out_dir=str(tmp_path / "o")), progress=False)  # fmt: skip
+    for kw, match in [(dict(ratio=1.5), "ratio"), (dict(ratio=0.0), "ratio"),
+                      (dict(select="best"), "select"), (dict(backward="fast"), "backward"),
+                      (dict(steps=0), "steps"), (dict(dtype="fp16"), "dtype"),
+                      (dict(granularity="doc"), "granularity"), (dict(lr=-1.0), "lr"),
+                      (dict(reference="a", reference_scores="b"), "either")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw)
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    rc = main(["train", "--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "o")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["train", "--ratio", "0", "--out-dir", str(tmp_path / "o")])
+    assert rc == 2 and "ratio" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--select", "best"])
+
+
+def test_scores_not_matching_the_data(tmp_path, data_file, cache):
+    from centrifuge.data import load_dataset
+    from centrifuge.models import build_model, get_preset
+    from centrifuge.scoring import score_dataset
+
+    data_file = tmp_path / "small.jsonl"  # few rows: scoring stays cheap
+    data_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 1, 8)))
+    ds16 = load_dataset([str(data_file)], None, 16, cache_dir=cache)
+    store = tmp_path / "scores"
+    score_dataset(build_model(get_preset("tiny"), seed=0), ds16, store, batch_size=64)
+    ok = train(tiny(tmp_path / "ok", data_file, cache, select="rho1", seq_len=16, steps=1,
+                    reference_scores=str(store)), progress=False)  # fmt: skip
+    assert ok["steps"] == 1 and ok["reference"].startswith("precomputed")
+    with pytest.raises(ValueError, match="other data, tokenizer or seq_len|shape"):
+        train(tiny(tmp_path, data_file, cache, select="rho1", seq_len=32,
+                   reference_scores=str(store)), progress=False)  # fmt: skip
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_mismatch_and_corrupt_checkpoint(tmp_path, data_file, cache):
+    train(tiny(tmp_path, data_file, cache, steps=2), progress=False)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train(tiny(tmp_path, data_file, cache, steps=4, batch_size=3, resume=True), progress=False)
+    with pytest.raises(CheckpointError, match="different model"):
+        train(tiny(tmp_path, data_file, cache, steps=4, model="tiny-gqa", resume=True), progress=False)
+    w = tmp_path / "run" / "checkpoint-2" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(tiny(tmp_path, data_file, cache, steps=4, resume=True), progress=False)
