@@ -43,8 +43,9 @@ def run(args) -> int:
     if not math.isfinite(metrics["loss"]):
         raise ValueError(f"the held-out loss of {ckpt} is not finite: {metrics['loss']}")
     rows = len(ds) if args.max_rows is None else min(len(ds), args.max_rows)
-    res = dict(checkpoint=str(ckpt), data="built-in corpus" if args.data is None else ", ".join(args.data),
-               split=args.split, rows=rows, seq_len=ds.seq_len, **metrics)  # fmt: skip
+    data = "built-in corpus" if args.data is None else ", ".join(args.data)
+    res = dict(checkpoint=str(ckpt), data=data, split=args.split, rows=rows, seq_len=ds.seq_len,
+               **metrics)  # fmt: skip
     print(format_results(res))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ def add_dataset_arguments(p, split_default: str = "train") -> None:
     p.add_argument("--split", default=split_default, help="dataset split")
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the built-in corpus (the trainer's --seed)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="token cache root (none: $CENTRIFUGE_CACHE or ~/.cache/centrifuge)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="token cache root (none: $CENTRIFUGE_CACHE or ~/.cache/centrifuge)")
 
 
 def load_dataset_from_args(args, model_dir: Path | None = None):
