@@ -79,7 +79,7 @@ SCALES = {
                    eval_rows=48, eval_problems=100, threads=1),
     # The real run, for one GPU.
     "full": Scale(model="small", device="cuda", dtype="bf16", seq_len=512, batch_size=16, steps=400,
-                  lr=2e-3, warmup=40, ref_steps=400, train_docs=6000, clean_docs=6000, evals=5,
+                  lr=3e-3, warmup=40, ref_steps=400, train_docs=6000, clean_docs=6000, evals=5,
                   eval_rows=256, eval_problems=300, side_seeds=[0, 1, 2]),
 }  # fmt: skip
 
