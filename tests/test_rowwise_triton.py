@@ -192,8 +192,8 @@ def kernels_on_cpu(monkeypatch):
         monkeypatch.setattr(mod, "use_kernels", on)
 
 
-@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-qwen2", "tiny-qwen3"])
-@pytest.mark.parametrize("ratio", [0.4, 1.0])
+# GQA + llama3 RoPE, bias + tied head, q/k norm; compact (0.4) and dense (1.0) plans.
+@pytest.mark.parametrize("name,ratio", [("tiny-gqa", 0.4), ("tiny-qwen2", 1.0), ("tiny-qwen3", 0.4)])
 def test_model_on_kernel_path_matches_reference(name, ratio, kernels_on_cpu):
     """The whole model with every row-wise op on its kernel: per-token losses
     and the compact backward's gradients equal the reference semantics."""
