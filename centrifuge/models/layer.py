@@ -128,7 +128,7 @@ class DecoderLayerFunction(torch.autograd.Function):
         if W["q_norm"] is None:
             rope_backward_rows(dq, cos, sin, idx, out=dq_out)
             rope_backward_rows(dk, cos, sin, idx, out=dk_out)
-        else:  # Qwen3 q/k norm sits before RoPE: torch composition on kept rows.
+        else:  # Qwen3's q/k norm sits before RoPE: RoPE backward, then the norm's.
             dq, dk = rope_backward_rows(dq, cos, sin, idx), rope_backward_rows(dk, cos, sin, idx)
             dq, dW["q_norm"] = rms_norm_backward_rows(dq, q_lin, rstd_q, W["q_norm"], idx)
             dk, dW["k_norm"] = rms_norm_backward_rows(dk, k_lin, rstd_k, W["k_norm"], idx)
