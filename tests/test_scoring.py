@@ -213,3 +213,26 @@ def test_vocabulary_mismatch_is_named(tmp_path):
     ds.ids[0, 0] = 599
     with pytest.raises(ValueError, match="vocabulary has 512 entries"):
         score_dataset(build_model(get_preset("tiny"), seed=0), ds, tmp_path / "s")
+
+
+def test_resume_edge_cases(tmp_path):
+    ds = FakeDataset(6, 10, seed=8)
+    model = build_model(get_preset("tiny"), seed=8)
+    # A crash after the first header, before the data file existed: starts afresh.
+    with ScoreWriter.open(tmp_path / "s", ds, "m", chunk_rows=3):
+        pass
+    (tmp_path / "s" / DATA).unlink()
+    res = score_dataset(model, ds, tmp_path / "s", batch_size=3, chunk_rows=3)
+    assert res["complete"] and res["resumed_from"] == 0
+    # The same weights given by another path resume (identity = the weights' digest).
+    score_dataset(model, ds, tmp_path / "p", batch_size=3, chunk_rows=3, max_chunks=1,
+                  model_source="/some/where")  # fmt: skip
+    res = score_dataset(model, ds, tmp_path / "p", batch_size=3, chunk_rows=3,
+                        model_source="elsewhere/../where")  # fmt: skip
+    assert res["complete"] and res["resumed_from"] == 3
+    assert np.array_equal(load_reference_scores(tmp_path / "p", ds), load_reference_scores(tmp_path / "s", ds))
+    # A store whose completed data file vanished cannot be resumed silently.
+    score_dataset(model, ds, tmp_path / "q", batch_size=3, chunk_rows=3, max_chunks=1)
+    (tmp_path / "q" / DATA).unlink()
+    with pytest.raises(ValueError, match="has no scores.bin"):
+        score_dataset(model, ds, tmp_path / "q", batch_size=3, chunk_rows=3)

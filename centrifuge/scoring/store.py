@@ -212,12 +212,24 @@ def _exclusive(path: Path):
     with open(path / LOCK, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise ScoreStoreError(f"another process is writing the score store {path}") from None
+        except OSError:  # a filesystem without locks (some network mounts): go on unlocked
+            locked = False
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _same_model(a, b) -> bool:
+    """Model identities from :func:`~centrifuge.scoring.score.model_identity` match
+    by their weights' digest; where they were loaded from does not matter."""
+    if isinstance(a, dict) and isinstance(b, dict) and "digest" in a and "digest" in b:
+        return (a["digest"], a.get("numel")) == (b["digest"], b.get("numel"))
+    return a == b
 
 
 class ScoreWriter:
@@ -271,9 +283,13 @@ class ScoreWriter:
         if overwrite or not (path / HEADER).exists():
             return None
         old = read_header(path)
+        if old["rows_done"] == 0:
+            return None  # nothing worth keeping (perhaps not even the data file)
         same = {k: (old.get(k), fresh[k]) for k in
                 ("fingerprint", "n_rows", "seq_len", "dtype", "model", "chunk_rows")}
         diff = {k: v for k, v in same.items() if v[0] != v[1]}
+        if "model" in diff and _same_model(*diff["model"]):
+            del diff["model"]
         if diff:
             detail = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ScoreStoreError(
