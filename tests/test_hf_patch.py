@@ -37,7 +37,7 @@ def make_model(family, kv_heads=2, attn="sdpa", dtype=torch.float64, seed=0, **o
     cfg = config_cls(
         vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-        tie_word_embeddings=False, **{**extra, **over},
+        **{"tie_word_embeddings": False, **extra, **over},
     )  # fmt: skip
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
@@ -288,3 +288,16 @@ def test_autocast_bf16_grads_close_to_float32_reference():
         assert p.grad.dtype == torch.float32
         err = (p.grad.double() - want[name]).norm() / want[name].norm()
         assert err < 0.05, (name, float(err))
+
+
+def test_tied_embeddings():
+    model = make_model("qwen2", 2, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids, kw, keep = batch("packing", seed=11)
+    want_loss, want = reference_loss(model, ids, keep, **kw)
+    patch(model)
+    logits = model(ids, **kw).logits
+    tl = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    filtered_loss(tl, keep[:, :-1]).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-9, atol=1e-11, msg=name)

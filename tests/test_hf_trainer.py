@@ -112,3 +112,20 @@ def test_short_trainer_run_converges(tmp_path):
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("method", ["loss", "random", "none"])
+@pytest.mark.parametrize("granularity", ["batch", "sequence"])
+def test_kept_count_is_what_selection_keeps(method, granularity):
+    from centrifuge.integrations import selective_loss
+    from centrifuge.integrations.trainer import kept_count
+
+    ds = CountingTask(6, pad_every=1, seed=3)
+    b = transformers.default_data_collator([ds[i] for i in range(6)])
+    logits = torch.randn(6, 16, V, requires_grad=True)
+    sel = Selector(method, 0.37, granularity, seed=1)
+    with pytest.warns(UserWarning, match="patched"):  # random logits: no patched forward
+        _, keep = selective_loss(
+            logits, b["labels"], sel, attention_mask=b["attention_mask"], return_keep=True
+        )
+    assert kept_count(sel, b) == int(keep.sum()) > 0
