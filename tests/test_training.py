@@ -63,6 +63,16 @@ def test_cli_default_corpus_end_to_end(tmp_path, cache, capsys):
     hf = AutoModelForCausalLM.from_pretrained(out / "checkpoint-3", dtype=torch.float32)
     ids = torch.randint(0, 258, (1, 20))
     torch.testing.assert_close(hf(ids).logits.float(), ours.logits(ids), atol=1e-4, rtol=1e-4)
+    # resuming with a larger budget continues the run and reuses the finished reference
+    ref_file = out / "reference" / "checkpoint-2" / "model.safetensors"
+    stamp = ref_file.stat().st_mtime_ns
+    rc = main(["train", "--model", "tiny", "--steps", "4", "--seq-len", "64", "--batch-size", "2",
+               "--reference-steps", "2", "--eval-rows", "4", "--eval-problems", "6",
+               "--eval-interval", "2", "--out-dir", str(out), "--cache-dir", cache, "--quiet",
+               "--resume"])  # fmt: skip
+    assert rc == 0 and "done: 4 steps" in capsys.readouterr().out
+    assert ref_file.stat().st_mtime_ns == stamp
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
 def _weights(ckpt):
@@ -233,3 +243,33 @@ def test_resume_mismatch_and_corrupt_checkpoint(tmp_path, data_file, cache):
     w.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
         train(tiny(tmp_path, data_file, cache, steps=4, resume=True), progress=False)
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from centrifuge.training.metrics import MetricsLog
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = MetricsLog(tmp_path)
+    assert log.tensorboard
+    log.log(dict(kind="train", step=3, loss=1.5, kept_fraction=0.5, note="x"))
+    log.log(dict(kind="eval", step=3, loss=1.25, accuracy=None))
+    log.close()
+    assert scalars == [("train/loss", 1.5, 3), ("train/kept_fraction", 0.5, 3), ("eval/loss", 1.25, 3), "closed"]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [3, 3]
+    MetricsLog(tmp_path, resume_step=2).close()  # resuming from step 2 drops later records
+    assert read_metrics(tmp_path / "metrics.jsonl") == []

@@ -222,16 +222,22 @@ def train_builtin_reference(cfg: TrainConfig, progress: bool) -> Path:
     from centrifuge.training.loop import train
 
     out = Path(cfg.out_dir) / "reference"
+    finished = False  # reuse only a reference that completed its steps
+    if (out / ckpt_io.LATEST).is_file():
+        try:
+            finished = ckpt_io.load_trainer_state(ckpt_io.resolve(out))["step"] == cfg.reference_steps
+        except ckpt_io.CheckpointError:
+            finished = False
     sub = dataclasses.replace(
         cfg, select="none", ratio=1.0, reference=None, reference_scores=None, grad_accum=1,
         steps=cfg.reference_steps, max_tokens=None, eval_interval=0, save_interval=0,
-        out_dir=str(out), resume=(out / ckpt_io.LATEST).is_file(),
+        out_dir=str(out), resume=finished,
         warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),
     )  # fmt: skip
     try:
         summary = train(sub, progress=progress, split="clean", label="reference")
     except ckpt_io.CheckpointError:
-        # A reference left by a run with other options: train a fresh one.
+        # A reference left by a run with other options or data: train a fresh one.
         sub.resume = False
         summary = train(sub, progress=progress, split="clean", label="reference")
     return Path(summary["checkpoint"])
