@@ -22,6 +22,10 @@ same inputs) or from a ``reference_loss`` column in the batch ([B, L] or
 [B, L-1] per-token losses, e.g. precomputed by ``centrifuge score``).
 
 Evaluation reports the ordinary mean loss over all valid rows.
+
+Why a subclass rather than ``compute_loss_func``: that hook sees neither the
+inputs (``rho1`` runs the reference model on them) nor the window's micro-batches
+(its ``num_items_in_batch`` counts valid tokens, not the tokens kept).
 """
 
 from __future__ import annotations
