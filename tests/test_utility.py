@@ -208,3 +208,30 @@ def test_training_with_stored_scores_equals_training_with_the_reference_model(
     wb = LlamaForCausalLM.from_pretrained(tmp_path / "b" / "checkpoint-4").state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_experiment_plan_and_paired_report(monkeypatch):
+    """The experiment's run list (headline first) and its paired statistics."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "utility_experiment.py"
+    spec = importlib.util.spec_from_file_location("utility_experiment", path)
+    ue = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "utility_experiment", ue)  # dataclasses look it up
+    spec.loader.exec_module(ue)
+    s = ue.SCALES["smoke"]
+    runs = ue.plan_runs(s)
+    names = [r.name for r in runs]
+    assert names[:3] == ["standard-s0", "rho1-exact-r0.5-s0", "rho1-centrifuge-r0.5-s0"]
+    assert len(names) == len(set(names)) == 3 * len(s.seeds) + 4 * len(s.side_seeds)
+    loss = {("standard", 0): 1.0, ("standard", 1): 1.2, ("rho1-exact", 0): 0.7,
+            ("rho1-exact", 1): 0.8, ("rho1-centrifuge", 0): 0.75, ("rho1-centrifuge", 1): 0.9}
+    results = [dict(method=m, ratio=1.0 if m == "standard" else 0.5, seed=sd, eval_loss=v,
+                    eval_accuracy=0.1, ms_per_step=20.0 if m == "rho1-centrifuge" else 30.0,
+                    kept_fraction=0.5) for (m, sd), v in loss.items()]  # fmt: skip
+    md = ue.to_markdown(results, s, dict(device="cpu"))
+    # Δ exact − standard: −0.3, −0.4; Δ Centrifuge − exact: +0.05, +0.1; speed-up 1.5×.
+    assert "| 0.5 | 2 | -0.3500 ± 0.0707 | 0.0750 ± 0.0354 | 1.50 ± 0.00× |" in md
+    assert "| standard | 1 | 2 | 1.1000 ± 0.1414 |" in md
