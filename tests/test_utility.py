@@ -68,6 +68,12 @@ def test_score_cli_resumes_an_interrupted_run(tmp_path, user_data, reference_dir
     # A float16 store: half the bytes, the same values to fp16 precision.
     assert _score_cli(reference_dir, data, cache, tmp_path / "h", "--dtype", "float16") == 0
     half = load_reference_scores(tmp_path / "h", ds)
+    # Without --out the store goes beside the dataset's token cache.
+    argv = ["score", "--model", str(reference_dir), "--data", str(data), "--seq-len", str(SEQ),
+            "--cache-dir", str(cache), "--batch-size", "8", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    beside = next((ds.cache_dir / "reference_scores").iterdir())
+    assert np.array_equal(load_reference_scores(beside, ds), resumed)
     assert half.dtype == np.float16 and half.nbytes * 2 == resumed.nbytes
     np.testing.assert_allclose(half.astype(np.float32), resumed, rtol=1e-3, atol=1e-3)
 

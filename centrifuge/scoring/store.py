@@ -160,8 +160,8 @@ def check_matches(h: dict, dataset, where: str = "") -> None:
     if h["fingerprint"] != dataset.fingerprint:
         raise ScoreStoreError(
             f"reference scores{where} were computed for dataset {h['fingerprint']!r}, not for "
-            f"this dataset {dataset.fingerprint!r} (other data, tokenizer or seq_len): "
-            "re-run `centrifuge score` on this dataset"
+            f"this dataset {dataset.fingerprint!r} (other data, tokenizer, seq_len or built-in "
+            "corpus seed): re-run `centrifuge score` with the training run's data options"
         )
     if (h["n_rows"], h["seq_len"]) != (n, L):
         raise ScoreStoreError(
