@@ -278,7 +278,7 @@ def default_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     return BackwardConfig(64, 64, 4, 2, 32, 64, 4, 2)
 
 
-def _split_for(groups: int, programs: int, target: int = 2048) -> int:
+def _split_for(groups: int, programs: int, target: int = 4096) -> int:
     """Largest power-of-two slice count dividing ``groups`` that is still needed
     to bring the dK/dV grid near ``target`` programs (several waves on 132 SMs)."""
     split = 1
