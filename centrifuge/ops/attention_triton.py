@@ -13,14 +13,19 @@ causal, same-document mask for query row ``i`` and key row ``f`` is simply
 ``doc_start(i) <= f <= i``. Kept rows are sorted, hence in the *kept index*
 space (position in ``keep_idx``) a kept key ``j`` is seen by the kept queries
 ``j <= i < kept_end(j)``, where ``kept_end(j)`` counts the kept rows before the
-end of ``j``'s document. Both kernels read q, k, v, o and lse through
-``keep_idx`` (no gathered copies); ``do``, ``dq``, ``dk``, ``dv`` are compact
+end of ``j``'s document. The dQ kernel reads q, k, v, o and lse through
+``keep_idx`` (no gathered copies made beforehand) and hands the rows it gathered
+(q, lse, and Delta = rowsum(dO * O)) to the dK/dV kernel in compact form, so the
+dK/dV inner loop reads contiguous rows; ``do``, ``dq``, ``dk``, ``dv`` are compact
 ``[n_keep, heads, D]``.
 
 Tiles: a program owns a block of consecutive kept rows (which may straddle a
 document boundary; the mask handles it) and walks the other operand in tiles.
 Tiles that are fully visible to every row of the block skip the mask; only the
-diagonal and document-boundary tiles pay for it.
+diagonal and document-boundary tiles pay for it. Blocks launch longest-first,
+and a KV head's query-head group may be split over programs (float32 atomics
+add the slices), which keeps the H100 full when there are few KV heads.
+Measurements and tuning: docs/kernels.md, section Attention.
 
 Accumulation is float32; P and dS are rounded to the input dtype before their
 matmuls (as flash-attention does).
@@ -301,6 +306,7 @@ class KeptRowBounds:
 
 
 def kept_row_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
+    """keep_idx: [n] sorted flat row indices; cu_seqlens: [n_docs + 1] document bounds."""
     cu = cu_seqlens.to(device=keep_idx.device, dtype=keep_idx.dtype)
     doc = torch.searchsorted(cu, keep_idx, right=True) - 1
     doc_start = cu[doc]

@@ -182,7 +182,7 @@ def causal_pairs(layout, keep_idx):
 
 
 def kernel_split(fn, iters=10):
-    """Median-free per-kernel device time (us per call) from the profiler."""
+    """Per-kernel device time (us per call, mean over iters) from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
