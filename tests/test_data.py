@@ -245,12 +245,19 @@ def test_builtin_corpus_is_deterministic_and_noisy():
     assert all(_is_clean_line(line) for d in corpus.documents("clean", 0, 20) for line in d.split("\n"))
     problems = corpus.heldout_problems(0, 40)
     assert [p.text for p in problems] == corpus.documents("eval", 0, 40)
-    for p in problems:  # answers are right and appear in the worked solution
+    drills = 0
+    for p in problems:  # answers are right: in the worked solution, or the drill's value
         assert p.prompt.endswith(corpus.ANSWER_PREFIX)
-        assert f"= {p.answer}." in p.prompt
+        if p.prompt.startswith("Problem: What is "):
+            a, op, b = p.prompt.removeprefix("Problem: What is ").split("?")[0].split()
+            assert int(p.answer) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+            drills += 1
+        else:
+            assert f"= {p.answer}." in p.prompt
+    assert 0 < drills < len(problems) // 2
     train_problems = {line for d in corpus.documents("train", 0) for line in d.split("\n")}
-    overlap = sum(p.prompt.split("\n")[0] in train_problems for p in problems)
-    assert overlap < len(problems) // 4  # held out: mostly unseen problems
+    word = [p for p in problems if "What is" not in p.prompt]
+    assert len(word) > 10 and not any(p.prompt.split("\n")[0] in train_problems for p in word)
 
 
 def _is_clean_line(line: str) -> bool:

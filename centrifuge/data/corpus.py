@@ -10,7 +10,8 @@ Splits
 ``clean``  the same kind of problems without noise (for training a reference
            model, as Rho-1 does with its high-quality reference data).
 ``eval``   clean held-out problems, one per document, from a separate random
-           stream. :func:`heldout_problems` gives them as prompt/answer pairs
+           stream; no training text contains its word problems (the one-digit
+           drills are a table of facts that training text shares). :func:`heldout_problems` gives them as prompt/answer pairs
            for :func:`answer_accuracy`.
 
 Every problem ends ``Answer: <number>`` followed by a newline (the end marker).
@@ -18,17 +19,19 @@ Every problem ends ``Answer: <number>`` followed by a newline (the end marker).
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
 import torch
 
-VERSION = 1  # bump when the generator changes: it keys the token cache
+VERSION = 3  # bump when the generator changes: it keys the token cache
 SPLITS = ("train", "clean", "eval")
 # Sizes chosen so the default training run sees mostly unseen text and the eval
 # is cheap: about 2.4 MB of training text, 300 held-out problems.
 NUM_DOCS = {"train": 4000, "clean": 3000, "eval": 300}
 ANSWER_PREFIX = "Answer: "
+DRILL_SHARE = 0.3  # share of one-digit mental-arithmetic problems
 END_MARKER = "\n"
 
 _NAMES = ["Ava", "Ben", "Chloe", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai",
@@ -64,6 +67,8 @@ class Problem:
 
 
 def _problem(rng: random.Random) -> Problem:
+    if rng.random() < DRILL_SHARE:
+        return _drill(rng)
     kind = rng.randrange(6)
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     if kind == 0:
@@ -97,6 +102,14 @@ def _problem(rng: random.Random) -> Problem:
     return Problem(f"Problem: {q}\nSolution: {s}\n{ANSWER_PREFIX}", str(ans))
 
 
+def _drill(rng: random.Random) -> Problem:
+    """Mental arithmetic with one-digit numbers: the answer follows from the
+    question alone (a table of facts), so it is learnable in a short run."""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    op = rng.choice("+*")
+    return Problem(f"Problem: What is {a} {op} {b}?\n{ANSWER_PREFIX}", str(a + b if op == "+" else a * b))
+
+
 def _noise(rng: random.Random) -> str:
     kind = rng.randrange(3)
     if kind == 0:
@@ -107,15 +120,38 @@ def _noise(rng: random.Random) -> str:
             f" | Posted {rng.randint(2005, 2024)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}")
 
 
-def _train_document(rng: random.Random) -> str:
+def _question(p: Problem) -> str:
+    return p.prompt.split("\n", 1)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _heldout_questions(seed: int) -> frozenset:
+    """Word problems of the eval split; training text never contains them
+    (drills, a table of one-digit facts, are shared on purpose)."""
+    return frozenset(_question(p) for p in heldout_problems(seed) if not _is_drill(p))
+
+
+def _is_drill(p: Problem) -> bool:
+    return p.prompt.startswith("Problem: What is ")
+
+
+def _training_problem(rng: random.Random, seed: int) -> Problem:
+    held = _heldout_questions(seed)
+    while True:
+        p = _problem(rng)
+        if _is_drill(p) or _question(p) not in held:
+            return p
+
+
+def _train_document(rng: random.Random, seed: int) -> str:
     parts = []
     for _ in range(rng.randint(2, 4)):
         while rng.random() < 0.55:  # noise spans between problems
             parts.append(_noise(rng) + "\n")
-        p = _problem(rng)
-        if rng.random() < 0.2:  # noise inside a problem, between question and solution
-            head, sol = p.prompt.split("\nSolution: ")
-            parts.append(f"{head}\n{_noise(rng)}\nSolution: {sol}{p.answer}{END_MARKER}")
+        p = _training_problem(rng, seed)
+        if rng.random() < 0.2:  # noise inside a problem, after the question line
+            head, rest = p.prompt.split("\n", 1)
+            parts.append(f"{head}\n{_noise(rng)}\n{rest}{p.answer}{END_MARKER}")
         else:
             parts.append(p.text)
     if rng.random() < 0.5:
@@ -144,8 +180,9 @@ def documents(split: str = "train", seed: int = 0, n: int | None = None) -> list
         return [p.text for p in heldout_problems(seed, n)]
     rng = _rng(seed, split)
     if split == "clean":
-        return ["".join(_problem(rng).text for _ in range(rng.randint(2, 4))) for _ in range(n)]
-    return [_train_document(rng) for _ in range(n)]
+        return ["".join(_training_problem(rng, seed).text for _ in range(rng.randint(2, 4)))
+                for _ in range(n)]  # fmt: skip
+    return [_train_document(rng, seed) for _ in range(n)]
 
 
 @torch.no_grad()
