@@ -225,7 +225,7 @@ def test_scores_not_matching_the_data(tmp_path, data_file, cache):
     ok = train(tiny(tmp_path / "ok", data_file, cache, select="rho1", seq_len=16, steps=1,
                     reference_scores=str(store)), progress=False)  # fmt: skip
     assert ok["steps"] == 1 and ok["reference"].startswith("precomputed")
-    with pytest.raises(ValueError, match="other data, tokenizer or seq_len|shape"):
+    with pytest.raises(ValueError, match="computed for dataset|shape"):
         train(tiny(tmp_path, data_file, cache, select="rho1", seq_len=32,
                    reference_scores=str(store)), progress=False)  # fmt: skip
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
