@@ -51,11 +51,14 @@ def model_config(name: str) -> tuple[ModelConfig, Path | None]:
     )
 
 
-def pick_tokenizer(cfg: TrainConfig, model_dir: Path | None):
+def pick_tokenizer(cfg: TrainConfig, model_dir: Path | None, progress: bool = True):
     from centrifuge.data import load_tokenizer
 
-    if cfg.tokenizer is None and model_dir is not None and (model_dir / "tokenizer.json").is_file():
-        return load_tokenizer(model_dir)  # a checkpoint's own tokenizer
+    if cfg.tokenizer is None and model_dir is not None:
+        if (model_dir / "tokenizer.json").is_file():
+            return load_tokenizer(model_dir)  # a checkpoint's own tokenizer
+        _say(progress, f"note: {model_dir} has no tokenizer.json; using the built-in byte "
+                       "tokenizer (pass --tokenizer to choose one)")  # fmt: skip
     return load_tokenizer(cfg.tokenizer)
 
 
@@ -119,7 +122,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
         resume_state = ckpt_io.load_trainer_state(resume_path)
 
     mc, model_dir = model_config(cfg.model)
-    tokenizer = pick_tokenizer(cfg, model_dir)
+    tokenizer = pick_tokenizer(cfg, model_dir, progress)
     check_model_fits(mc, cfg, tokenizer)
     if resume_state is not None:
         _check_resume(resume_state, cfg, mc, resume_path, progress)
