@@ -273,3 +273,22 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [3, 3]
     MetricsLog(tmp_path, resume_step=2).close()  # resuming from step 2 drops later records
     assert read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+def test_start_from_a_checkpoint_directory_and_tokenizer_checks(tmp_path, data_file, cache):
+    """--model DIR fine-tunes a saved model; a tokenizer larger than its vocabulary is refused."""
+    first = train(tiny(tmp_path / "a", data_file, cache, steps=2), progress=False)
+    again = train(tiny(tmp_path / "b", data_file, cache, steps=1, model=first["checkpoint"],
+                       eval_rows=2), progress=False)  # fmt: skip
+    assert again["steps"] == 1
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(600)} | {"</s>": 600, "<unk>": 601}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tk.save(str(tok_dir / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer has 602 tokens.*only 512"):
+        train(tiny(tmp_path / "c", data_file, cache, model=first["checkpoint"], tokenizer=str(tok_dir)),
+              progress=False)  # fmt: skip
