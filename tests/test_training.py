@@ -292,3 +292,16 @@ def test_start_from_a_checkpoint_directory_and_tokenizer_checks(tmp_path, data_f
     with pytest.raises(ValueError, match="tokenizer has 602 tokens.*only 512"):
         train(tiny(tmp_path / "c", data_file, cache, model=first["checkpoint"], tokenizer=str(tok_dir)),
               progress=False)  # fmt: skip
+
+
+def test_stop_training_saves_and_resume_continues(tmp_path, data_file, cache):
+    from centrifuge.training import StopTraining
+
+    def stop_at_2(step, record):
+        if step == 2:
+            raise StopTraining
+
+    s = train(tiny(tmp_path, data_file, cache, steps=4), progress=False, callback=stop_at_2)
+    assert s["steps"] == 2 and s["checkpoint"].endswith("checkpoint-2")
+    s = train(tiny(tmp_path, data_file, cache, steps=4, resume=True), progress=False)
+    assert s["steps"] == 4 and s["checkpoint"].endswith("checkpoint-4")

@@ -121,7 +121,8 @@ def train(cfg: TrainConfig, progress: bool = True, callback=None, *, split: str 
     """Run (or resume) training; return the summary.
 
     callback(step, record) is called after every optimizer step with that
-    step's metrics; raising :class:`StopTraining` ends the run early.
+    step's metrics; raising :class:`StopTraining` ends the run there (with a
+    checkpoint, so ``resume`` continues it).
     Summary keys: steps, tokens_seen, tokens_kept, tokens_per_s, wall_s,
     final_train_loss, eval_loss, eval_accuracy, checkpoint, metrics, plot, ...
     """
@@ -245,8 +246,9 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
                 saved_step = step
             if callback is not None:
                 callback(step, record)
-    except StopTraining:
-        pass
+    except StopTraining:  # a graceful stop: keep the steps done
+        if step > saved_step and step > 0:
+            ckpt_path = ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step))
     except KeyboardInterrupt:
         if step > saved_step and step > 0:  # keep the work done so far
             ckpt_path = ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step))
