@@ -136,6 +136,8 @@ def _write_all_formats(tmp_path, texts):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
     out["jsonl"] = f
+    (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in texts], indent=1))
+    out["json array"] = tmp_path / "d.json"
     table = pa.table({"text": texts, "n": list(range(len(texts)))})
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
     out["parquet"] = tmp_path / "d.parquet"

@@ -2,7 +2,8 @@
 and ``datasets.save_to_disk`` directories.
 
 ``.txt`` / ``.md`` / ``.text``  one document per file.
-``.jsonl`` / ``.json``          one JSON object per line; the document is its text field.
+``.jsonl`` / ``.json``          one JSON object per line (or a ``.json`` array of objects);
+                                the document is the text field.
 ``.parquet``                    the text column.
 ``.arrow``                      an Arrow IPC file or stream with a text column.
 a ``save_to_disk`` directory    (``state.json`` with ``_data_files``, or a
@@ -61,6 +62,8 @@ def iter_documents(file: Path, text_field: str = "text") -> Iterator[str]:
     suffix = file.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         yield file.read_text(encoding="utf-8", errors="replace")
+    elif suffix == ".json" and _starts_with(file, "["):
+        yield from _json_array(file, text_field)
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl(file, text_field)
     elif suffix == ".parquet":
@@ -93,6 +96,23 @@ def _jsonl(file: Path, text_field: str) -> Iterator[str]:
             if not isinstance(obj[text_field], str):
                 raise ValueError(f"{file}:{n}: field {text_field!r} is not a string")
             yield obj[text_field]
+
+
+def _starts_with(file: Path, char: str) -> bool:
+    with open(file, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(char)
+
+
+def _json_array(file: Path, text_field: str) -> Iterator[str]:
+    try:
+        items = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    for n, obj in enumerate(items):
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise ValueError(f"{file}: item {n} has no string {text_field!r} field")
+        yield obj[text_field]
 
 
 def _arrow_batches(file: Path):
