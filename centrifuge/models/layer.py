@@ -52,6 +52,31 @@ def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return t if idx is None else t[idx]
 
 
+# Structure switches of the layer's GEMMs (docs/kernels.md, "Whole step", has the
+# measurements behind the defaults). fused_qkv: one GEMM against [Wq; Wk; Wv] in
+# the forward and one for dX in the backward, at the cost of concatenating the
+# weights (a copy per call; models with q/k norms keep separate projections).
+# fused_gate_up: the same for [Wg; Wu].
+PERF = {"fused_qkv": True, "fused_gate_up": False}
+
+
+def _fuse_qkv(W: dict) -> bool:
+    return PERF["fused_qkv"] and W["q_norm"] is None
+
+
+def _cat(*ts):
+    """Row-wise concatenation of weights (or biases); None when they are absent."""
+    return None if ts[0] is None else torch.cat(ts)
+
+
+def _split_heads(qkv: torch.Tensor, N: int, H: int, Hkv: int, D: int):
+    """[N, (H + 2 Hkv) D] -> views q [N, H, D], k, v [N, Hkv, D] (row stride kept)."""
+    q = qkv[:, : H * D].view(N, H, D)
+    k = qkv[:, H * D : (H + Hkv) * D].view(N, Hkv, D)
+    v = qkv[:, (H + Hkv) * D :].view(N, Hkv, D)
+    return q, k, v
+
+
 class DecoderLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, plan: Plan, shape: LayerShape, *weights):
@@ -60,23 +85,38 @@ class DecoderLayerFunction(torch.autograd.Function):
         N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
         xf = x.reshape(N, d)
         h1, rstd1 = rms_norm_forward(xf, W["input_norm"], shape.eps)
-        q = _linear(h1, W["wq"], W["bq"]).view(N, H, D)
-        k = _linear(h1, W["wk"], W["bk"]).view(N, Hkv, D)
-        v = _linear(h1, W["wv"], W["bv"]).view(N, Hkv, D)
-        q_lin = k_lin = rstd_q = rstd_k = None
-        if W["q_norm"] is not None:
-            q_lin, k_lin = q, k
-            q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
-            k, rstd_k = rms_norm_forward(k, W["k_norm"], shape.eps)
         cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
-        q = rope_forward(q, cos2, sin2)
-        k = rope_forward(k, cos2, sin2)
+        q_lin = k_lin = rstd_q = rstd_k = None
+        if _fuse_qkv(W):
+            # One GEMM against [Wq; Wk; Wv] (the K/V projections alone are skinny,
+            # N = Hkv*D); q, k, v stay column views of its output and RoPE rotates
+            # q and k in place, so the saved bytes are those of q, k, v.
+            qkv = _linear(h1, _cat(W["wq"], W["wk"], W["wv"]), _cat(W["bq"], W["bk"], W["bv"]))
+            q, k, v = _split_heads(qkv, N, H, Hkv, D)
+            rope_forward(q, cos2, sin2, out=q)
+            rope_forward(k, cos2, sin2, out=k)
+        else:
+            q = _linear(h1, W["wq"], W["bq"]).view(N, H, D)
+            k = _linear(h1, W["wk"], W["bk"]).view(N, Hkv, D)
+            v = _linear(h1, W["wv"], W["bv"]).view(N, Hkv, D)
+            if W["q_norm"] is not None:
+                q_lin, k_lin = q, k
+                q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
+                k, rstd_k = rms_norm_forward(k, W["k_norm"], shape.eps)
+            q = rope_forward(q, cos2, sin2)
+            k = rope_forward(k, cos2, sin2)
         o, lse = attention_forward(
             q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D), plan.layout
         )
         x2 = _linear(o.reshape(N, H * D), W["wo"], xf)  # residual add inside the GEMM
         h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
-        g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
+        if PERF["fused_gate_up"]:
+            # g, u: column views of one [N, 2F] output (the SwiGLU kernels take them).
+            gu = h2 @ _cat(W["wg"], W["wu"]).t()
+            F = W["wg"].shape[0]
+            g, u = gu[:, :F], gu[:, F:]
+        else:
+            g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
         y = _linear(swiglu_forward(g, u), W["wd"], x2)
         # Saved full size: which rows are kept is only known after the loss.
         # h1, h2 and a are recomputed on kept rows in the backward instead.
@@ -109,7 +149,10 @@ class DecoderLayerFunction(torch.autograd.Function):
         h2 = rms_norm_apply_rows(x2, rstd2, W["post_norm"], idx)
         dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
         dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
-        dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
+        if PERF["fused_gate_up"]:
+            dh2 = dgu @ _cat(W["wg"], W["wu"])
+        else:
+            dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
         # The residual gradient dy is added inside the norm's backward.
         dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, x2, rstd2, W["post_norm"], idx, dy)
 
@@ -140,9 +183,12 @@ class DecoderLayerFunction(torch.autograd.Function):
         dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])
         if W["bq"] is not None:
             dW["bq"], dW["bk"], dW["bv"] = dqkv.sum(0).split([H * D, Hkv * D, Hkv * D])
-        dh1 = dqkv[:, : H * D] @ W["wq"]
-        dh1 = torch.addmm(dh1, dqkv[:, H * D : (H + Hkv) * D], W["wk"])
-        dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
+        if _fuse_qkv(W):  # one GEMM with K = (H + 2 Hkv) D instead of three
+            dh1 = dqkv @ _cat(W["wq"], W["wk"], W["wv"])
+        else:
+            dh1 = dqkv[:, : H * D] @ W["wq"]
+            dh1 = torch.addmm(dh1, dqkv[:, H * D : (H + Hkv) * D], W["wk"])
+            dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
         # The layer's one full-size write: dx of kept rows, zeros elsewhere.
         dx, dW["input_norm"] = rms_norm_backward_rows(
             dh1, xf, rstd1, W["input_norm"], idx, dx2, scatter=True

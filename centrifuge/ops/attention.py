@@ -151,15 +151,23 @@ def _gpu_kernels_available(x: torch.Tensor) -> bool:
     return True
 
 
-def attention_forward(q, k, v, layout: Layout, scale: float | None = None):
-    """Dispatch: PyTorch's varlen flash forward on CUDA (fp16/bf16), the
-    reference elsewhere. Returns (o [B, L, H, D], lse [B, H, L] float32); on
-    CUDA lse may be a strided view of flash's [H, B*L] logsumexp."""
-    if q.is_cuda:
-        from centrifuge.ops.attention_triton import attention_forward_flash, flash_supported
+# The forward on CUDA (fp16/bf16): "cudnn" takes cuDNN's fused attention where
+# every batch row is one document (flash varlen for packed or padded batches),
+# "flash" always PyTorch's varlen flash kernel (docs/kernels.md, "Whole step").
+FORWARD_BACKEND = "flash"
 
-        if flash_supported(q):
-            return attention_forward_flash(q, k, v, layout, scale)
+
+def attention_forward(q, k, v, layout: Layout, scale: float | None = None):
+    """Dispatch: on CUDA (fp16/bf16) cuDNN or PyTorch's varlen flash forward
+    (``FORWARD_BACKEND``), the reference elsewhere. Returns (o [B, L, H, D],
+    lse [B, H, L] float32); on CUDA lse may be a strided view."""
+    if q.is_cuda:
+        from centrifuge.ops import attention_triton as at
+
+        if FORWARD_BACKEND == "cudnn" and at.cudnn_forward_possible(q, layout):
+            return at.attention_forward_cudnn(q, k, v, layout, scale)
+        if at.flash_supported(q):
+            return at.attention_forward_flash(q, k, v, layout, scale)
     return attention_forward_reference(q, k, v, layout, scale)
 
 

@@ -513,6 +513,55 @@ def attention_forward_flash(q, k, v, layout: Layout, scale: float | None = None)
     return out.view(B, L, H, D), _lse_to_bhl(lse, layout, H)
 
 
+# --------------------------------------------------------------------------- #
+# cuDNN's fused attention forward (CUDA, fp16/bf16), for batches whose rows are
+# one whole document each (no packing, no padding): [B, H, L, D] views, causal.
+# --------------------------------------------------------------------------- #
+
+# GQA: cuDNN takes Hkv < H heads natively; set True to hand it k/v expanded to
+# H heads instead (a copy per layer), e.g. on a cuDNN that rejects GQA.
+CUDNN_EXPAND_KV = False
+
+
+def cudnn_forward_possible(q: torch.Tensor, layout: Layout) -> bool:
+    """One document per row (cu_seqlens has B + 1 entries): a plain causal batch."""
+    B = q.shape[0]
+    return (
+        flash_supported(q)
+        and layout.cu_seqlens.numel() == B + 1
+        and torch.backends.cudnn.is_available()
+        and q.shape[-1] <= 128
+    )
+
+
+def _cudnn_lse_to_bhl(lse: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
+    """cuDNN's softmax statistics -> [B, H, L] float32 (a view where possible)."""
+    if lse.shape == (B, H, L, 1):
+        lse = lse[..., 0]
+    if lse.shape != (B, H, L):
+        raise RuntimeError(f"unexpected logsumexp shape {tuple(lse.shape)} from the cuDNN forward")
+    return lse if lse.dtype == torch.float32 else lse.float()
+
+
+def attention_forward_cudnn(q, k, v, layout: Layout, scale: float | None = None):
+    """Causal attention of [B, L, H, D] q (k, v: [B, L, Hkv, D]), one document per
+    row, with cuDNN's fused kernel. Inputs may be column views of a wider buffer
+    (unit stride in D). Returns (o [B, L, H, D], lse [B, H, L] float32, natural log,
+    the convention of the flash forward and of the Triton backward)."""
+    B, L, H, D = q.shape
+    Hkv = k.shape[2]
+    if CUDNN_EXPAND_KV and Hkv != H:
+        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, True, False,
+        scale=scale,
+    )  # fmt: skip
+    o = out.transpose(1, 2)
+    # The layer's output GEMM wants [B*L, H*D] rows: copy only if cuDNN chose another layout.
+    o = o if o.is_contiguous() else o.contiguous()
+    return o, _cudnn_lse_to_bhl(lse, B, H, L)
+
+
 def flash_dense_backward_possible(lse: torch.Tensor, layout: Layout) -> bool:
     """The dense flash backward needs the [H, total] logsumexp the forward made."""
     B, L = layout.shape

@@ -54,13 +54,16 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
-def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, H, D], cos/sin: [N, D] -> [N, H, D]."""
+def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> torch.Tensor:
+    """x: [N, H, D], cos/sin: [N, D] -> [N, H, D]. ``out``: optional destination
+    with unit stride in D; ``out=x`` rotates in place (each row is read whole
+    before it is written)."""
     if use_kernels(x) and x.stride(-1) == 1 and cos.stride() == sin.stride():
         from centrifuge.ops.rope_triton import rope_triton
 
-        return rope_triton(x, cos, sin)
-    return rope_reference(x, cos, sin)
+        return rope_triton(x, cos, sin, out=out)
+    y = rope_reference(x, cos, sin)
+    return y if out is None else out.copy_(y)
 
 
 def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
