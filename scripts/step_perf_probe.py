@@ -366,6 +366,12 @@ def probe_step():
         top_after = sorted(small.items(), key=lambda kv: -kv[1])[:12]
         say("    idle before (us, summed by next kernel): " + "; ".join(f"{k} {v:.0f}" for k, v in top_after))
         say("    largest gaps (us): " + "; ".join(f"{x:.0f} [{a} -> {b}]" for x, a, b in gaps[:8]))
+        by_name = {}
+        for s_, e_, n_ in kern:
+            by_name[n_[:70]] = by_name.get(n_[:70], 0.0) + (e_ - s_) / 1e3
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+        say("    kernel time by name (ms): " + "; ".join(f"{k} {v:.2f}" for k, v in top))
+        RESULT[f"kernels_{c}"] = top
         RESULT[f"timeline_{c}"] = dict(wall=wall, busy=busy / 1e3, summed=total / 1e3, gaps=gaps[:60],
                                        idle_by_next=top_after, n_kernels=len(kern))  # fmt: skip
         if c == "qkv+cudnn":
