@@ -97,6 +97,23 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# Every layer boundary of a step scatters through the same keep index: build its
+# inverse once per index (three small launches per layer otherwise). Holding the
+# index keeps `is` meaningful.
+_inv_cache: list = [None, None, None]
+
+
+def _inverse_index(idx: torch.Tensor, N: int) -> torch.Tensor:
+    """[N] int32: the compact position of each kept row in ``idx``, -1 elsewhere."""
+    key, version, inv = _inv_cache
+    if key is idx and version == idx._version and inv.numel() == N:
+        return inv
+    inv = torch.full((N,), -1, device=idx.device, dtype=torch.int32)
+    inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=torch.int32)
+    _inv_cache[:] = [idx, idx._version, inv]
+    return inv
+
+
 def rms_norm_forward_triton(x: torch.Tensor, w: torch.Tensor, eps: float):
     """x: [M, D] -> (y [M, D] x.dtype, rstd [M] float32)."""
     x = _rows2d(x)
@@ -145,8 +162,7 @@ def rms_norm_backward_triton(dy, x, rstd, w, idx=None, residual=None, scatter=Fa
     if scatter:
         if idx is None:
             raise ValueError("scatter=True needs the keep index idx")
-        inv = torch.full((N,), -1, device=x.device, dtype=torch.int32)
-        inv[idx] = torch.arange(n, device=x.device, dtype=torch.int32)
+        inv = _inverse_index(idx, N)
     n_out = N if scatter else n
     dx = torch.empty(n_out, D, device=x.device, dtype=x.dtype)
     progs = num_programs(max(n_out, 1), x.device)
