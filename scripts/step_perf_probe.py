@@ -228,6 +228,9 @@ CONFIGS = {  # name: (fused_qkv, fused_gate_up, forward backend)
     "qkv+cudnn": (True, False, "cudnn"),
     "qkv+gu+cudnn": (True, True, "cudnn"),
 }
+if "--final" in sys.argv:  # the second run: the chosen defaults against the start and one variant
+    CONFIGS = {"committed": (False, False, "flash"), "qkv+cudnn": (True, False, "cudnn"),
+               "qkv+gu+cudnn": (True, True, "cudnn")}  # fmt: skip
 
 
 def set_config(name):
@@ -264,7 +267,7 @@ def probe_step():
     jobs = [("dense", 1.0), ("centrifuge", 0.5), ("centrifuge", 1.0)]
     samples = {(c, m, r): [] for c in CONFIGS for m, r in jobs}
     losses = {}
-    rounds = 2 + (3 if QUICK else 6)
+    rounds = 2 + (3 if QUICK else 8 if "--final" in sys.argv else 6)
     for i in range(rounds):
         for c in CONFIGS:
             set_config(c)
@@ -291,20 +294,30 @@ def probe_step():
     RESULT["step"] = table
     save()
 
-    # Gradients of the candidate structure vs the committed one (same ids, rho 0.5).
+    # Gradients of the candidate structure vs the committed one: same ids and the
+    # same kept rows (a selection by loss would pick other rows after any rounding change).
+    set_config("committed")
+    with torch.no_grad():
+        o0 = model(ids, labels=ids)
+    fixed_keep = Selector("loss", 0.5)(o0.token_loss, o0.valid)
+    del o0
+
     def grads(c):
         set_config(c)
-        loss_fn("centrifuge", 0.5).backward()
+        out = model(ids, labels=ids)
+        out.plan.loss(out.token_loss, fixed_keep).backward()
         out = {n: p.grad.float().clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         return out
 
     g0 = grads("committed")
-    for c in ("qkv+cudnn", "qkv+gu+cudnn"):
+    for c in [c for c in CONFIGS if c != "committed"]:
         g1 = grads(c)
-        worst = max(((rel(g1[n], g0[n]), n) for n in g0 if g0[n].norm() > 0), default=(0, ""))
-        say(f"  grads {c} vs committed: worst relative error {worst[0]:.2e} ({worst[1]})")
-        RESULT[f"grad_err_{c}"] = worst
+        errs = sorted((rel(g1[n], g0[n]), n) for n in g0 if g0[n].norm() > 0)
+        worst, median = errs[-1], errs[len(errs) // 2]
+        say(f"  grads {c} vs committed (same kept rows): worst relative error {worst[0]:.2e} ({worst[1]}),"
+            f" median {median[0]:.2e}")  # fmt: skip
+        RESULT[f"grad_err_{c}"] = errs[-10:]
 
     # Peak memory per config (rho 0.5 and dense).
     for c in ("committed", "qkv+cudnn"):
@@ -374,7 +387,7 @@ def probe_step():
         RESULT[f"kernels_{c}"] = top
         RESULT[f"timeline_{c}"] = dict(wall=wall, busy=busy / 1e3, summed=total / 1e3, gaps=gaps[:60],
                                        idle_by_next=top_after, n_kernels=len(kern))  # fmt: skip
-        if c == "qkv+cudnn":
+        if c == "qkv+cudnn" and "--final" not in sys.argv:
             try:
                 prof.export_chrome_trace(os.path.join(OUT, "bwd_trace.json"))
                 os.system(f"gzip -f {os.path.join(OUT, 'bwd_trace.json')}")
@@ -404,7 +417,8 @@ def main():
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
     say(f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, cudnn {torch.backends.cudnn.version()}")
-    for name, fn in (("attention", probe_attention), ("gemms", probe_gemms), ("step", probe_step)):
+    parts = [("attention", probe_attention), ("gemms", probe_gemms), ("step", probe_step)]
+    for name, fn in parts[2:] if "--final" in sys.argv else parts:
         try:
             fn()
         except Exception as e:

@@ -166,7 +166,10 @@ def attention_forward(q, k, v, layout: Layout, scale: float | None = None):
         from centrifuge.ops import attention_triton as at
 
         if FORWARD_BACKEND == "cudnn" and at.cudnn_forward_possible(q, layout):
-            return at.attention_forward_cudnn(q, k, v, layout, scale)
+            try:
+                return at.attention_forward_cudnn(q, k, v, layout, scale)
+            except RuntimeError as err:  # e.g. a cuDNN without fused attention
+                at.note_cudnn_failure(err)
         if at.flash_supported(q):
             return at.attention_forward_flash(q, k, v, layout, scale)
     return attention_forward_reference(q, k, v, layout, scale)

@@ -523,15 +523,30 @@ def attention_forward_flash(q, k, v, layout: Layout, scale: float | None = None)
 CUDNN_EXPAND_KV = False
 
 
+# Set to the error once cuDNN refused a call (an older cuDNN or GPU): every later
+# call takes the flash forward instead of failing again.
+_cudnn_failure: list = [None]
+
+
 def cudnn_forward_possible(q: torch.Tensor, layout: Layout) -> bool:
-    """One document per row (cu_seqlens has B + 1 entries): a plain causal batch."""
+    """One document per row (cu_seqlens has B + 1 entries): a plain causal batch,
+    on a GPU and cuDNN that run its fused attention (sm80+, not failed before)."""
     B = q.shape[0]
     return (
-        flash_supported(q)
+        _cudnn_failure[0] is None
+        and flash_supported(q)
         and layout.cu_seqlens.numel() == B + 1
-        and torch.backends.cudnn.is_available()
         and q.shape[-1] <= 128
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
     )
+
+
+def note_cudnn_failure(err: Exception) -> None:
+    import warnings
+
+    _cudnn_failure[0] = err
+    warnings.warn(f"cuDNN attention failed ({err}); using the flash forward from now on", stacklevel=3)
 
 
 def _cudnn_lse_to_bhl(lse: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:

@@ -123,3 +123,23 @@ def test_layer_qk_norm_with_cudnn_forward(monkeypatch):
 
     monkeypatch.setattr(attn, "FORWARD_BACKEND", "cudnn")
     check_layer(torch.bfloat16, qk_norm=True)
+
+
+def test_cudnn_failure_falls_back_to_flash_once(monkeypatch):
+    monkeypatch.setattr(attn, "FORWARD_BACKEND", "cudnn")
+    monkeypatch.setattr(at, "_cudnn_failure", [None])
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no fused attention in this cuDNN")
+
+    monkeypatch.setattr(at, "attention_forward_cudnn", refuse)
+    q, k, v = qkv_inputs(2, 128, 8, 2, 64, torch.bfloat16, seed=9, strided=False)
+    layout = Layout.build(2, 128, "cuda")
+    with pytest.warns(UserWarning, match="cuDNN attention failed"):
+        o, lse = attn.attention_forward(q, k, v, layout)
+    o_f, lse_f = at.attention_forward_flash(q, k, v, layout)
+    assert torch.equal(o, o_f) and torch.equal(lse, lse_f)
+    attn.attention_forward(q, k, v, layout)
+    assert len(calls) == 1  # not retried
