@@ -11,8 +11,9 @@ The filtered backward (DESIGN.md): with K/V of filtered rows detached,
 Softmax statistics (lse, and Delta = rowsum(dO * O)) come from the dense forward.
 
 On CUDA, ``attention_forward`` / ``attention_backward`` dispatch to the kernels of
-``attention_triton`` (flash forward, Triton filtered backward); on CPU they run
-the references below, which the kernels are tested against.
+``attention_triton`` (cuDNN forward for one-document rows, flash varlen forward
+otherwise, Triton filtered backward); on CPU they run the references below,
+which the kernels are tested against.
 """
 
 from __future__ import annotations
