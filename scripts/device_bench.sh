@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
-# matrix of docs/benchmarks.md. Usage: scripts/device_bench.sh OUT_DIR [quick|part1|part2|full]
-# (part1 + part2 = full, each inside one 10-minute device call).
+# matrix of docs/benchmarks.md. Usage: scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full]
+# (tests, part1 and part2 each fit one 10-minute device call; full = part1 + part2).
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -10,20 +10,24 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # Liger-Kernel travels as a wheel
 fi
 mkdir -p "$out"
 res=/tmp/bench-results; mkdir -p $res
-bench() { python3 -m centrifuge.cli bench --out $res "$@" 2>&1 | grep -v "bench rounds" ; }
+# Results are tarred after every run, so a call cut off at its limit keeps what finished.
+bench() {
+  python3 -m centrifuge.cli bench --out $res "$@" 2>&1 | grep -v "bench rounds"
+  tar -czf "$out/bench-$mode.tar.gz" -C $res .
+}
 gpu_tests() { python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$out/gpu-tests.log"; }
 case "$mode" in
   quick)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5 ;;
+  tests)
+    gpu_tests ;;
   part1|full)
-    gpu_tests
-    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8
-    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --liger --ratios 0.5 1.0 --repeats 6
-    bench --preset tinyllama-1.1b --seq-len 8192 --batch 2 --repeats 6 ;;&
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 ;;&
   part2|full)
-    bench --preset llama3.2-1b --seq-len 2048 --batch 8 --repeats 6
-    bench --preset llama3.2-1b --seq-len 8192 --batch 2 --ratios 0.5 1.0 --repeats 6
-    bench --preset qwen2.5-1.5b --seq-len 2048 --batch 8 --repeats 6
-    bench --preset llama3.1-8b --layers 8 --seq-len 2048 --batch 8 --no-hf --repeats 6 ;;
+    bench --preset tinyllama-1.1b --seq-len 8192 --batch 2 --ratios 0.5 1.0 --repeats 5
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --liger --ratios 0.5 1.0 --repeats 5
+    bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5
+    bench --preset qwen2.5-1.5b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5
+    bench --preset llama3.2-1b --seq-len 8192 --batch 2 --ratios 0.5 1.0 --repeats 5
+    bench --preset llama3.1-8b --layers 8 --seq-len 2048 --batch 8 --no-hf --ratios 0.5 1.0 --repeats 5 ;;
 esac
-tar -czf "$out/bench-$mode.tar.gz" -C $res .
