@@ -153,6 +153,9 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     config = get_preset(cfg.preset)
     if cfg.layers is not None:
         config.num_layers = cfg.layers
+    # Timing needs no trained positions: a preset published at 2k (TinyLlama)
+    # is timed at 8k as it would be after context extension (reported below).
+    config.max_position_embeddings = max(config.max_position_embeddings, cfg.seq_len)
     dtype = DTYPES[cfg.dtype]
     model = build_model(config, dtype=dtype, device=device, seed=cfg.seed)
     variants = native_variants(model)
@@ -197,6 +200,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         environment=environment(device),
         config=asdict(cfg),
         model=dict(preset=cfg.preset, layers=config.num_layers,
+                   max_position_embeddings=config.max_position_embeddings,
                    parameters=config.num_parameters(), tokens_per_step=cfg.batch * cfg.seq_len),
         rows=rows,
         ratios=speedups(rows, cfg.ratios),
