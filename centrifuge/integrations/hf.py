@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from centrifuge.models.layer import LayerShape, decoder_layer
+from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.plan import Layout, Plan
 
@@ -334,15 +334,7 @@ def _layer_forward(layer, state: _PatchState, *args, **kwargs):
     dtype = _compute_dtype(x)
     D = cos.shape[-1]
     cos, sin = cos.to(dtype).expand(B, L, D), sin.to(dtype).expand(B, L, D)
-    at, mlp = layer.self_attn, layer.mlp
-    w = dict(
-        input_norm=layer.input_layernorm.weight, wq=at.q_proj.weight, wk=at.k_proj.weight,
-        wv=at.v_proj.weight, bq=at.q_proj.bias, bk=at.k_proj.bias, bv=at.v_proj.bias,
-        wo=at.o_proj.weight, post_norm=layer.post_attention_layernorm.weight,
-        wg=mlp.gate_proj.weight, wu=mlp.up_proj.weight, wd=mlp.down_proj.weight,
-    )  # fmt: skip
-    if hasattr(at, "q_norm"):
-        w.update(q_norm=at.q_norm.weight, k_norm=at.k_norm.weight)
+    w = layer_weights(layer)
     # Under autocast the fp32 weights are cast here, differentiably, and the
     # layer computes in the autocast dtype; the residual stream returns in x.dtype.
     w = {k: None if t is None else t.to(dtype) for k, t in w.items()}

@@ -199,6 +199,21 @@ class DecoderLayerFunction(torch.autograd.Function):
         return (dx.view(B, L, d), None, None, None, None, *grads)
 
 
+def layer_weights(layer) -> dict:
+    """The weights of a Llama-family decoder layer keyed by WEIGHT_NAMES (None where
+    absent). Native and transformers layers use the same attribute names."""
+    a, m = layer.self_attn, layer.mlp
+    w = dict(
+        input_norm=layer.input_layernorm.weight, wq=a.q_proj.weight, wk=a.k_proj.weight,
+        wv=a.v_proj.weight, bq=a.q_proj.bias, bk=a.k_proj.bias, bv=a.v_proj.bias,
+        wo=a.o_proj.weight, post_norm=layer.post_attention_layernorm.weight,
+        wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
+    )  # fmt: skip
+    if hasattr(a, "q_norm"):
+        w.update(q_norm=a.q_norm.weight, k_norm=a.k_norm.weight)
+    return w
+
+
 def decoder_layer(x, cos, sin, plan: Plan, shape: LayerShape, weights: dict):
     """x: [B, L, d]; cos, sin: [B, L, head_dim]; weights keyed by WEIGHT_NAMES."""
     return DecoderLayerFunction.apply(

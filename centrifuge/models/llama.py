@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from centrifuge.models.config import ModelConfig
-from centrifuge.models.layer import LayerShape, decoder_layer
+from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
 from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.ops.rope import inv_frequencies, rope_cos_sin
@@ -83,22 +83,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.shape = LayerShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
 
-    def weights(self) -> dict:
-        a, m = self.self_attn, self.mlp
-        w = dict(
-            input_norm=self.input_layernorm.weight, wq=a.q_proj.weight, wk=a.k_proj.weight,
-            wv=a.v_proj.weight, bq=a.q_proj.bias, bk=a.k_proj.bias, bv=a.v_proj.bias,
-            wo=a.o_proj.weight, post_norm=self.post_attention_layernorm.weight,
-            wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
-        )  # fmt: skip
-        if hasattr(a, "q_norm"):
-            w.update(q_norm=a.q_norm.weight, k_norm=a.k_norm.weight)
-        return w
-
     def forward(self, x, cos, sin, plan: Plan):
         # Under autocast the fp32 master weights are cast here, differentiably,
         # so the layer computes in x.dtype and fp32 gradients reach the masters.
-        w = {k: None if v is None else v.to(x.dtype) for k, v in self.weights().items()}
+        w = {k: None if v is None else v.to(x.dtype) for k, v in layer_weights(self).items()}
         return decoder_layer(x, cos, sin, plan, self.shape, w)
 
 

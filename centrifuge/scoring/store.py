@@ -24,12 +24,13 @@ per-chunk CRCs catch data overwritten or damaged after the fact.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from centrifuge.io import write_text_atomic
 
 FORMAT = "centrifuge-reference-scores"
 VERSION = 1
@@ -48,29 +49,7 @@ def _crc(block: np.ndarray) -> int:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Replace ``path`` with ``obj`` so that a reader sees the old or the new
-    content, never a mixture: temp file in the same directory, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def read_header(path: str | Path) -> dict:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from centrifuge.io import fsync_path, write_text_atomic
+
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -44,19 +46,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict) -> Path:
     """Write ``checkpoint-<step>`` atomically and point ``latest`` at it.
 
@@ -73,8 +62,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict) 
         manifest = {p.name: dict(size=p.stat().st_size, sha256=_sha256(p)) for p in files}
         (tmp / MANIFEST).write_text(json.dumps(dict(step=step, files=manifest), indent=1))
         for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp)
+            fsync_path(p)
+        fsync_path(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume)
             old = out_dir / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
@@ -82,7 +71,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict) 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync(out_dir)
+        fsync_path(out_dir)
         _write_latest(out_dir, final.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,13 +79,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict) 
 
 
 def _write_latest(out_dir: Path, name: str) -> None:
-    tmp = out_dir / f".{LATEST}.{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / LATEST)
-    _fsync(out_dir)
+    write_text_atomic(out_dir / LATEST, name + "\n")
 
 
 def clean_partial(out_dir: str | Path) -> list[Path]:
