@@ -8,6 +8,7 @@ so it must be set here, before any test module imports triton.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -38,3 +39,13 @@ def _fix_interpreter_scalar_index():
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_scalar_index()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a shared CPU
+    (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,7 +9,6 @@ import torch
 
 from centrifuge import build_model, get_preset
 from centrifuge.scoring import (
-    ScoreStoreError,
     ScoreWriter,
     load_reference_scores,
     read_header,
@@ -18,13 +17,7 @@ from centrifuge.scoring import (
 from centrifuge.scoring.store import DATA, HEADER
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second intra-op thread only adds contention on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeDataset:

@@ -122,7 +122,7 @@ def test_resume_with_a_reference_model_and_given_checkpoint(tmp_path, data_file,
     """rho1 against a reference model directory; --resume CHECKPOINT picks a given one."""
     ref = train(tiny(tmp_path / "ref", data_file, cache, select="none", steps=2), progress=False)
     common = dict(select="rho1", reference=ref["checkpoint"], steps=4)
-    straight = train(tiny(tmp_path / "a", data_file, cache, **common), progress=False)
+    train(tiny(tmp_path / "a", data_file, cache, **common), progress=False)
     part = tiny(tmp_path / "b", data_file, cache, save_interval=1, **common)
     with pytest.raises(Crash):
         train(part, progress=False, callback=lambda s, r: (_ for _ in ()).throw(Crash()) if s == 3 else None)

@@ -53,16 +53,19 @@ def hf_model(config: ModelConfig, dtype: torch.dtype, device, attn: str = "sdpa"
     return model.to(device)
 
 
+def _hf_token_loss_and_keep(model, ids, ratio):
+    """What users run today up to the loss: logits, per-token cross-entropy, top-ρ keep."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+    valid = torch.ones_like(token_loss, dtype=torch.bool)
+    return token_loss, Selector("loss", ratio)(token_loss, valid)
+
+
 def hf_masked_variant(model, name="hf-masked", label="HF transformers, masked loss") -> Variant:
     """What users run today: logits, per-token cross-entropy, masked mean."""
 
     def step(ids, ratio):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        token_loss = F.cross_entropy(
-            logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
-        )
-        valid = torch.ones_like(token_loss, dtype=torch.bool)
-        keep = Selector("loss", ratio)(token_loss, valid)
+        token_loss, keep = _hf_token_loss_and_keep(model, ids, ratio)
         return (token_loss * keep).sum() / keep.sum()
 
     return Variant(name, label, step, module=model)
@@ -76,13 +79,7 @@ def hf_patched_variant(model) -> Variant:
     patch(model)
 
     def step(ids, ratio):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        token_loss = F.cross_entropy(
-            logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
-        )
-        valid = torch.ones_like(token_loss, dtype=torch.bool)
-        keep = Selector("loss", ratio)(token_loss, valid)
-        return filtered_loss(token_loss, keep)
+        return filtered_loss(*_hf_token_loss_and_keep(model, ids, ratio))
 
     return Variant("hf-patched", "HF transformers + centrifuge.patch", step, module=model)
 

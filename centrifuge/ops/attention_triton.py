@@ -504,7 +504,6 @@ def attention_forward_flash(q, k, v, layout: Layout, scale: float | None = None)
     """Causal varlen flash forward over the flat tokens (documents = cu_seqlens).
     Returns (o [B, L, H, D], lse [B, H, L] float32, possibly a strided view)."""
     B, L, H, D = q.shape
-    N = B * L
     cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         _rows_view(q), _rows_view(k), _rows_view(v), cu, cu,
