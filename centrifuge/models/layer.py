@@ -14,15 +14,19 @@ Forward (dense, every row; the selection needs every row's loss):
     h2 = rmsnorm(x2); a = silu(h2 Wg) * (h2 Wu);  y = x2 + a Wd
 Backward (kept rows S only): dimension-reduced GEMMs, e.g. dWd = dY[S]^T a[S],
 row-wise ops on S, and the filtered attention backward.
+Activation checkpointing (``recompute``) saves x and the attention lse only; the
+backward recomputes K, V for every row and the rest of the layer for S only
+(docs/kernels.md, "Activation checkpointing", has the cost model).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from centrifuge.ops.attention import attention_backward, attention_forward
+from centrifuge.ops.attention_recompute import attention_forward_rows
 from centrifuge.ops.rmsnorm import rms_norm_apply_rows, rms_norm_backward_rows, rms_norm_forward
 from centrifuge.ops.rope import rope_backward_rows, rope_forward
 from centrifuge.ops.swiglu import swiglu_backward_rows, swiglu_forward
@@ -77,126 +81,207 @@ def _split_heads(qkv: torch.Tensor, N: int, H: int, Hkv: int, D: int):
     return q, k, v
 
 
-class DecoderLayerFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin, plan: Plan, shape: LayerShape, *weights):
-        W = dict(zip(WEIGHT_NAMES, weights))
-        B, L, d = x.shape
-        N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
-        xf = x.reshape(N, d)
-        h1, rstd1 = rms_norm_forward(xf, W["input_norm"], shape.eps)
-        cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
-        q_lin = k_lin = rstd_q = rstd_k = None
-        if _fuse_qkv(W):
-            # One GEMM against [Wq; Wk; Wv] (the K/V projections alone are skinny,
-            # N = Hkv*D); q, k, v stay column views of its output and RoPE rotates
-            # q and k in place, so the saved bytes are those of q, k, v.
-            qkv = _linear(h1, _cat(W["wq"], W["wk"], W["wv"]), _cat(W["bq"], W["bk"], W["bv"]))
-            q, k, v = _split_heads(qkv, N, H, Hkv, D)
-            rope_forward(q, cos2, sin2, out=q)
-            rope_forward(k, cos2, sin2, out=k)
+@dataclass
+class Activations:
+    """What the backward reads of a layer's forward. rstd1, k, v, lse, k_lin and
+    rstd_k always cover every row (N = B*L); q, o, x2, rstd2, g, u, q_lin and
+    rstd_q cover the rows the forward computed them for: every row, or only the
+    kept rows when the backward recomputed them (see :func:`_forward`).
+    q: [n, H, D], k, v: [N, Hkv, D] (after RoPE), o: [n, H*D], lse: [B, H, L],
+    x2: [n, d], g, u: [n, F]; q_lin, k_lin: projections before the q/k norms."""
+
+    rstd1: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    lse: torch.Tensor
+    x2: torch.Tensor
+    rstd2: torch.Tensor
+    g: torch.Tensor
+    u: torch.Tensor
+    q_lin: torch.Tensor | None = None
+    k_lin: torch.Tensor | None = None
+    rstd_q: torch.Tensor | None = None
+    rstd_k: torch.Tensor | None = None
+
+
+def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=None) -> Activations:
+    """The layer up to the MLP's gate/up projections (the caller adds ``a Wd``).
+
+    xf: [N, d]; cos, sin: [N, head_dim]. rows=None: every row (the forward, and
+    the dense recompute). rows = kept rows [n] (the compact recompute): the input
+    norm and K/V for every row (the attention backward reads every key), the
+    rest for the kept rows only, the attention output from the forward's saved
+    ``lse`` ([B, H, L]) in one pass over the keys.
+    """
+    B, L = layout.shape
+    N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    h1, rstd1 = rms_norm_forward(xf, W["input_norm"], shape.eps)
+    q_lin = k_lin = rstd_q = rstd_k = None
+    if _fuse_qkv(W) and rows is None:
+        # One GEMM against [Wq; Wk; Wv] (the K/V projections alone are skinny,
+        # N = Hkv*D); q, k, v stay column views of its output and RoPE rotates
+        # q and k in place, so the saved bytes are those of q, k, v.
+        qkv = _linear(h1, _cat(W["wq"], W["wk"], W["wv"]), _cat(W["bq"], W["bk"], W["bv"]))
+        q, k, v = _split_heads(qkv, N, H, Hkv, D)
+        rope_forward(q, cos, sin, out=q)
+        rope_forward(k, cos, sin, out=k)
+    else:
+        hq = _rows(h1, rows)
+        q = _linear(hq, W["wq"], W["bq"]).view(hq.shape[0], H, D)
+        if _fuse_qkv(W):  # the compact recompute: K and V of every row in one GEMM
+            kv = _linear(h1, _cat(W["wk"], W["wv"]), _cat(W["bk"], W["bv"]))
+            k, v = kv[:, : Hkv * D].view(N, Hkv, D), kv[:, Hkv * D :].view(N, Hkv, D)
         else:
-            q = _linear(h1, W["wq"], W["bq"]).view(N, H, D)
             k = _linear(h1, W["wk"], W["bk"]).view(N, Hkv, D)
             v = _linear(h1, W["wv"], W["bv"]).view(N, Hkv, D)
-            if W["q_norm"] is not None:
-                q_lin, k_lin = q, k
-                q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
-                k, rstd_k = rms_norm_forward(k, W["k_norm"], shape.eps)
-            q = rope_forward(q, cos2, sin2)
-            k = rope_forward(k, cos2, sin2)
-        o, lse = attention_forward(
-            q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D), plan.layout
-        )
-        x2 = _linear(o.reshape(N, H * D), W["wo"], xf)  # residual add inside the GEMM
-        h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
-        if PERF["fused_gate_up"]:
-            # g, u: column views of one [N, 2F] output (the SwiGLU kernels take them).
-            gu = h2 @ _cat(W["wg"], W["wu"]).t()
-            F = W["wg"].shape[0]
-            g, u = gu[:, :F], gu[:, F:]
-        else:
-            g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
-        y = _linear(swiglu_forward(g, u), W["wd"], x2)
-        # Saved full size: which rows are kept is only known after the loss.
-        # h1, h2 and a are recomputed on kept rows in the backward instead.
-        ctx.save_for_backward(
-            xf, rstd1, q, k, v, o, lse, x2, rstd2, g, u, cos2, sin2,
-            q_lin, k_lin, rstd_q, rstd_k, *weights,
-        )  # fmt: skip
-        ctx.plan, ctx.shape, ctx.dims = plan, shape, (B, L, d)
+        if W["q_norm"] is not None:
+            q_lin, k_lin = q, k
+            q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
+            k, rstd_k = rms_norm_forward(k, W["k_norm"], shape.eps)
+        q = rope_forward(q, _rows(cos, rows), _rows(sin, rows))
+        k = rope_forward(k, cos, sin)
+    kb, vb = k.view(B, L, Hkv, D), v.view(B, L, Hkv, D)
+    if rows is None:
+        o, lse = attention_forward(q.view(B, L, H, D), kb, vb, layout)
+    else:
+        o = attention_forward_rows(q, kb, vb, lse, layout, rows)
+    o = o.reshape(-1, H * D)
+    x2 = _linear(o, W["wo"], _rows(xf, rows))  # residual add inside the GEMM
+    h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
+    if PERF["fused_gate_up"]:
+        # g, u: column views of one [n, 2F] output (the SwiGLU kernels take them).
+        gu = h2 @ _cat(W["wg"], W["wu"]).t()
+        F = W["wg"].shape[0]
+        g, u = gu[:, :F], gu[:, F:]
+    else:
+        g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
+    return Activations(rstd1, q, k, v, o, lse, x2, rstd2, g, u, q_lin, k_lin, rstd_q, rstd_k)
+
+
+def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
+    """Rows idx of a full-size [N, ...] buffer; other rows are never read."""
+    return t.new_empty(N, *t.shape[1:]).index_copy_(0, idx, t)
+
+
+def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layout, idx, local):
+    """The compact backward of one layer. dy: [N, d] (the layer output's gradient);
+    idx: kept rows [n] (None: every row); local: the index through which the
+    row-local activations of ``a`` (q, o, x2, rstd2, g, u, q_lin, rstd_q) are
+    read: idx when they were saved full size, None when they are compact.
+    Returns dx [N, d] (zeros outside idx) and the weight gradients by name."""
+    B, L = layout.shape
+    N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    F = a.g.shape[1]
+    dW = {}
+    # Saved activations are read through idx by the row-wise kernels (no
+    # gathered copies on CUDA); only dY, o and the kernels' compact outputs
+    # are [n_keep, .] buffers, and they feed the GEMMs (M = n_keep).
+
+    # MLP: one kernel recomputes a = silu(g) u and writes [dg du] side by side.
+    dy = _rows(dy, idx)
+    act, dgu = swiglu_backward_rows(dy @ W["wd"], a.g, a.u, local)
+    dW["wd"] = dy.t() @ act
+    h2 = rms_norm_apply_rows(a.x2, a.rstd2, W["post_norm"], local)
+    dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
+    dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
+    if PERF["fused_gate_up"]:
+        dh2 = dgu @ _cat(W["wg"], W["wu"])
+    else:
+        dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
+    # The residual gradient dy is added inside the norm's backward.
+    dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, a.x2, a.rstd2, W["post_norm"], local, dy)
+
+    # Attention: dQ for kept queries over all keys, dK/dV for kept keys only.
+    dW["wo"] = dx2.t() @ _rows(a.o, local)
+    do = (dx2 @ W["wo"]).view(-1, H, D)
+    q, o = a.q, a.o
+    if local is None and idx is not None:  # compact recompute: the kernels read q, o at idx
+        q, o = _scatter(q, idx, N), _scatter(o, idx, N)
+    dq, dk, dv = attention_backward(
+        q.view(B, L, H, D), a.k.view(B, L, Hkv, D), a.v.view(B, L, Hkv, D),
+        o.view(B, L, H, D), a.lse, do, layout, idx,
+    )  # fmt: skip
+    # dq, dk (after the RoPE transpose) and dv side by side: one weight GEMM.
+    n = dq.shape[0]
+    dqkv = dq.new_empty(n, (H + 2 * Hkv) * D)
+    dq_out = dqkv[:, : H * D].view(n, H, D)
+    dk_out = dqkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)
+    if W["q_norm"] is None:
+        rope_backward_rows(dq, cos, sin, idx, out=dq_out)
+        rope_backward_rows(dk, cos, sin, idx, out=dk_out)
+    else:  # Qwen3's q/k norm sits before RoPE: RoPE backward, then the norm's.
+        dq, dk = rope_backward_rows(dq, cos, sin, idx), rope_backward_rows(dk, cos, sin, idx)
+        dq, dW["q_norm"] = rms_norm_backward_rows(dq, a.q_lin, a.rstd_q, W["q_norm"], local)
+        dk, dW["k_norm"] = rms_norm_backward_rows(dk, a.k_lin, a.rstd_k, W["k_norm"], idx)
+        dq_out.copy_(dq)
+        dk_out.copy_(dk)
+    dqkv[:, (H + Hkv) * D :].copy_(dv.reshape(n, Hkv * D))
+    h1 = rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], idx)
+    dqkv_w = dqkv.t() @ h1
+    dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])
+    if W["bq"] is not None:
+        dW["bq"], dW["bk"], dW["bv"] = dqkv.sum(0).split([H * D, Hkv * D, Hkv * D])
+    if _fuse_qkv(W):  # one GEMM with K = (H + 2 Hkv) D instead of three
+        dh1 = dqkv @ _cat(W["wq"], W["wk"], W["wv"])
+    else:
+        dh1 = dqkv[:, : H * D] @ W["wq"]
+        dh1 = torch.addmm(dh1, dqkv[:, H * D : (H + Hkv) * D], W["wk"])
+        dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
+    # The layer's one full-size write: dx of kept rows, zeros elsewhere.
+    dx, dW["input_norm"] = rms_norm_backward_rows(
+        dh1, xf, a.rstd1, W["input_norm"], idx, dx2, scatter=True
+    )
+    return dx, dW
+
+
+_N_ACTS = len(fields(Activations))
+
+
+class DecoderLayerFunction(torch.autograd.Function):
+    """One decoder layer: dense forward, backward on the plan's kept rows.
+
+    recompute=False saves the activations the backward reads (full size: which
+    rows are kept is only known after the loss). recompute=True (activation
+    checkpointing) saves only the input x and the attention's lse, and the
+    backward recomputes the rest: with a compact plan only K/V for every row,
+    everything else for the kept rows (:func:`_forward` with ``rows``)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, plan: Plan, shape: LayerShape, recompute: bool, *weights):
+        W = dict(zip(WEIGHT_NAMES, weights))
+        B, L, d = x.shape
+        N, D = B * L, shape.head_dim
+        xf = x.reshape(N, d)
+        cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
+        a = _forward(xf, cos2, sin2, W, shape, plan.layout)
+        y = _linear(swiglu_forward(a.g, a.u), W["wd"], a.x2)
+        # h1, h2 and the SwiGLU output are recomputed on kept rows in the backward.
+        acts = (a.lse,) if recompute else tuple(getattr(a, f.name) for f in fields(a))
+        ctx.save_for_backward(xf, cos2, sin2, *acts, *weights)
+        ctx.plan, ctx.shape, ctx.recompute = plan, shape, recompute
         return y.view(B, L, d)
 
     @staticmethod
     def backward(ctx, dy):
-        (xf, rstd1, q, k, v, o, lse, x2, rstd2, g, u, cos, sin,
-         q_lin, k_lin, rstd_q, rstd_k, *weights) = ctx.saved_tensors  # fmt: skip
-        W = dict(zip(WEIGHT_NAMES, weights))
+        xf, cos, sin, *rest = ctx.saved_tensors
         plan, shape = ctx.plan, ctx.shape
-        B, L, d = ctx.dims
-        H, Hkv, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
         idx = plan.keep_idx  # None: dense backward over every row
-        F = g.shape[1]
-        dW = {}
-        # Saved activations are read through idx by the row-wise kernels (no
-        # gathered copies on CUDA); only dY, o and the kernels' compact outputs
-        # are [n_keep, .] buffers, and they feed the GEMMs (M = n_keep).
-
-        # MLP: one kernel recomputes a = silu(g) u and writes [dg du] side by side.
-        dy = _rows(dy.reshape(B * L, d), idx)
-        a, dgu = swiglu_backward_rows(dy @ W["wd"], g, u, idx)
-        dW["wd"] = dy.t() @ a
-        h2 = rms_norm_apply_rows(x2, rstd2, W["post_norm"], idx)
-        dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
-        dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
-        if PERF["fused_gate_up"]:
-            dh2 = dgu @ _cat(W["wg"], W["wu"])
+        if ctx.recompute:
+            weights = rest[1:]
+            W = dict(zip(WEIGHT_NAMES, weights))
+            a = _forward(xf, cos, sin, W, shape, plan.layout, idx, rest[0])
+            local = None
         else:
-            dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
-        # The residual gradient dy is added inside the norm's backward.
-        dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, x2, rstd2, W["post_norm"], idx, dy)
-
-        # Attention: dQ for kept queries over all keys, dK/dV for kept keys only.
-        dW["wo"] = dx2.t() @ _rows(o.reshape(B * L, H * D), idx)
-        do = (dx2 @ W["wo"]).view(-1, H, D)
-        dq, dk, dv = attention_backward(
-            q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D),
-            o, lse, do, plan.layout, idx,
-        )  # fmt: skip
-        # dq, dk (after the RoPE transpose) and dv side by side: one weight GEMM.
-        n = dq.shape[0]
-        dqkv = dq.new_empty(n, (H + 2 * Hkv) * D)
-        dq_out = dqkv[:, : H * D].view(n, H, D)
-        dk_out = dqkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)
-        if W["q_norm"] is None:
-            rope_backward_rows(dq, cos, sin, idx, out=dq_out)
-            rope_backward_rows(dk, cos, sin, idx, out=dk_out)
-        else:  # Qwen3's q/k norm sits before RoPE: RoPE backward, then the norm's.
-            dq, dk = rope_backward_rows(dq, cos, sin, idx), rope_backward_rows(dk, cos, sin, idx)
-            dq, dW["q_norm"] = rms_norm_backward_rows(dq, q_lin, rstd_q, W["q_norm"], idx)
-            dk, dW["k_norm"] = rms_norm_backward_rows(dk, k_lin, rstd_k, W["k_norm"], idx)
-            dq_out.copy_(dq)
-            dk_out.copy_(dk)
-        dqkv[:, (H + Hkv) * D :].copy_(dv.reshape(n, Hkv * D))
-        h1 = rms_norm_apply_rows(xf, rstd1, W["input_norm"], idx)
-        dqkv_w = dqkv.t() @ h1
-        dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])
-        if W["bq"] is not None:
-            dW["bq"], dW["bk"], dW["bv"] = dqkv.sum(0).split([H * D, Hkv * D, Hkv * D])
-        if _fuse_qkv(W):  # one GEMM with K = (H + 2 Hkv) D instead of three
-            dh1 = dqkv @ _cat(W["wq"], W["wk"], W["wv"])
-        else:
-            dh1 = dqkv[:, : H * D] @ W["wq"]
-            dh1 = torch.addmm(dh1, dqkv[:, H * D : (H + Hkv) * D], W["wk"])
-            dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
-        # The layer's one full-size write: dx of kept rows, zeros elsewhere.
-        dx, dW["input_norm"] = rms_norm_backward_rows(
-            dh1, xf, rstd1, W["input_norm"], idx, dx2, scatter=True
-        )
+            weights = rest[_N_ACTS:]
+            W = dict(zip(WEIGHT_NAMES, weights))
+            a, local = Activations(*rest[:_N_ACTS]), idx
+        dx, dW = _backward(dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local)
         grads = [
             None if w is None else dW[name].to(w.dtype) for name, w in zip(WEIGHT_NAMES, weights)
         ]
-        return (dx.view(B, L, d), None, None, None, None, *grads)
+        return (dx.view(dy.shape), None, None, None, None, None, *grads)
 
 
 def layer_weights(layer) -> dict:
@@ -214,8 +299,10 @@ def layer_weights(layer) -> dict:
     return w
 
 
-def decoder_layer(x, cos, sin, plan: Plan, shape: LayerShape, weights: dict):
-    """x: [B, L, d]; cos, sin: [B, L, head_dim]; weights keyed by WEIGHT_NAMES."""
+def decoder_layer(x, cos, sin, plan: Plan, shape: LayerShape, weights: dict, recompute=False):
+    """x: [B, L, d]; cos, sin: [B, L, head_dim]; weights keyed by WEIGHT_NAMES.
+    recompute: activation checkpointing (save x and the attention lse, recompute
+    the rest in the backward, on the kept rows where the plan is compact)."""
     return DecoderLayerFunction.apply(
-        x, cos, sin, plan, shape, *(weights.get(n) for n in WEIGHT_NAMES)
+        x, cos, sin, plan, shape, recompute, *(weights.get(n) for n in WEIGHT_NAMES)
     )

@@ -82,12 +82,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.shape = LayerShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+        # Activation checkpointing: save the input (and the attention lse) only,
+        # recompute the rest in the backward, on the kept rows.
+        self.recompute = False
 
     def forward(self, x, cos, sin, plan: Plan):
         # Under autocast the fp32 master weights are cast here, differentiably,
         # so the layer computes in x.dtype and fp32 gradients reach the masters.
         w = {k: None if v is None else v.to(x.dtype) for k, v in layer_weights(self).items()}
-        return decoder_layer(x, cos, sin, plan, self.shape, w)
+        return decoder_layer(x, cos, sin, plan, self.shape, w, self.recompute)
 
 
 class Backbone(nn.Module):
@@ -120,6 +123,22 @@ class LlamaForCausalLM(nn.Module):
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing in every decoder layer (the name transformers
+        uses): a layer keeps only its input and the attention's softmax
+        statistics; the backward recomputes K/V for every row and everything
+        else for the kept rows only (the whole layer in ``exact`` mode)."""
+        for layer in self.model.layers:
+            layer.recompute = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self.model.layers:
+            layer.recompute = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(layer.recompute for layer in self.model.layers)
 
     def make_plan(self, input_ids, position_ids=None, attention_mask=None, backward="amplified"):
         B, L = input_ids.shape
