@@ -177,3 +177,27 @@ def test_bf16_autocast_checkpointed_step_tracks_fp32():
     for name in g32:
         err = ((g16[name] - g32[name]).norm() / g32[name].norm()).item()
         assert err < 5e-2, f"{name}: {err:.3f}"
+
+
+def test_train_cli_activation_checkpointing_gives_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from centrifuge.cli import main
+
+    recomputed = []
+    original = layer_mod.attention_forward_rows
+    monkeypatch.setattr(
+        layer_mod, "attention_forward_rows", lambda *a: recomputed.append(1) or original(*a)
+    )
+    common = ["train", "--model", "tiny", "--select", "loss", "--ratio", "0.5", "--steps", "3",
+              "--seq-len", "32", "--batch-size", "2", "--eval-rows", "2", "--eval-problems", "0",
+              "--eval-interval", "0", "--device", "cpu", "--quiet",
+              "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    weights = {}
+    for name, extra in (("plain", []), ("ckpt", ["--activation-checkpointing"])):
+        recomputed.clear()
+        assert main([*common, "--out-dir", str(tmp_path / name), *extra]) == 0
+        assert len(recomputed) == (3 * get_preset("tiny").num_layers if extra else 0)
+        weights[name] = load_file(tmp_path / name / "checkpoint-3" / "model.safetensors")
+    for k, w in weights["plain"].items():
+        torch.testing.assert_close(weights["ckpt"][k], w, rtol=1e-4, atol=1e-6, msg=k)

@@ -61,6 +61,8 @@ def add_arguments(p) -> None:
     opt_g("--steps", "optimizer steps", type=int)
     opt_g("--max-tokens", "token budget (rows x seq_len); caps --steps", type=int)
     opt_g("--dtype", "fp32, or bf16 autocast with fp32 master weights", choices=DTYPES)
+    opt_g("--activation-checkpointing", "decoder layers keep only their input; the backward "
+          "recomputes the rest, on kept tokens only with --backward amplified", action="store_true")
     opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     opt_g("--seed", "seed of initialization, data order, selection and the built-in corpus",
           type=int)

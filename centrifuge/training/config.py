@@ -38,6 +38,8 @@ class TrainConfig:
     weight_decay, grad_clip: AdamW weight decay (matrices only); max gradient norm (0 = off).
     steps, max_tokens: optimizer steps; a token budget (rows * seq_len) caps them if set.
     dtype:            fp32, or bf16 autocast (fp32 master weights).
+    activation_checkpointing: decoder layers keep only their input and recompute
+                      the rest in the backward (on kept rows with ``amplified``).
     device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     eval_interval, save_interval: in steps (0 = only at the end).
     out_dir, resume:  output directory; resume = True continues from ``out_dir/latest``,
@@ -64,6 +66,7 @@ class TrainConfig:
     steps: int = 400
     max_tokens: int | None = None
     dtype: str = "fp32"
+    activation_checkpointing: bool = False
     device: str = "auto"
     seed: int = 0
     eval_interval: int = 100
@@ -114,6 +117,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(isinstance(self.activation_checkpointing, bool),
+             f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
 
     @property
     def tokens_per_step(self) -> int:
