@@ -39,3 +39,19 @@ def test_bench_cli_writes_outputs(tmp_path):
 def test_bench_rejects_bad_ratio():
     with pytest.raises(ValueError, match="ratio"):
         BenchConfig(ratios=[0.0])
+
+
+def test_bench_activation_checkpointing_variants(tmp_path):
+    rc = main(["bench", "--preset", "tiny", "--seq-len", "16", "--batch", "1", "--ratios", "0.5",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "fp32", "--no-hf",
+               "--activation-checkpointing", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "tiny-s16-b1-fp32-ckpt.json").read_text())
+    names = {r["variant"] for r in data["rows"]}
+    assert names == {"dense", "masked", "centrifuge", "dense-ckpt", "masked-ckpt", "centrifuge-ckpt"}
+    by = {(r["variant"], r["ratio"]): r for r in data["rows"]}
+    s = data["ratios"][0]
+    assert s["cc/ac"]["step"] == pytest.approx(
+        by[("centrifuge-ckpt", 0.5)]["step_ms"] / by[("dense-ckpt", None)]["step_ms"]
+    )
+    assert "step cc/ac" in (tmp_path / "tiny-s16-b1-fp32-ckpt.md").read_text()

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def checkpointed(name, seed):
     config = untied(name) if name == "tiny-qwen2" else get_preset(name)
     model = build_model(config, dtype=torch.float64, seed=seed)
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
     return model
 
 
@@ -41,7 +41,7 @@ def test_checkpointed_amplified_matches_reference_and_uncheckpointed(name, ratio
     ref_loss.backward()
     assert torch.allclose(loss, ref_loss.detach(), rtol=1e-12)
     assert_close(ours, grads(model))
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     _, _, plain = compact_grads(model, ids, labels, lambda o: keep, **kw)
     assert_close(ours, plain, tol=1e-12)
 
@@ -90,7 +90,7 @@ def test_checkpointed_layer_saves_input_and_lse_only():
     c = model.config
     ids = torch.randint(0, c.vocab_size, (2, 24))
     full = _saved_activation_bytes(model, ids)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     ckpt = _saved_activation_bytes(model, ids)
     N = ids.numel()
     per_layer = 4 * N * (c.hidden_size + c.num_heads + 2 * c.head_dim)  # x, lse, cos, sin
@@ -168,7 +168,7 @@ def test_bf16_autocast_checkpointed_step_tracks_fp32():
     ids, labels, _ = make_batch(seed=13)
     keep_fn = lambda o: Selector("loss", 0.5)(o.token_loss, o.valid)  # noqa: E731
     _, keep, g32 = compact_grads(model, ids, labels, keep_fn)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, labels=labels)
         loss = out.plan.loss(out.token_loss, keep)

@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
                    help="skip the Hugging Face transformers baseline")
     p.add_argument("--liger", action="store_true",
                    help="use HF + Liger-Kernel as the peer instead of plain HF (needs liger-kernel)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="also time every variant with activation checkpointing (HF peers: "
+                        "gradient_checkpointing_enable)")
     p.add_argument("--breakdown-ratio", type=float, default=d.breakdown_ratio,
                    help="ρ at which the backward is profiled by component (CUDA only)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
@@ -36,11 +39,13 @@ def run(args) -> int:
         preset=args.preset, seq_len=args.seq_len, batch=args.batch, ratios=args.ratios,
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
         repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
+        activation_checkpointing=args.activation_checkpointing,
     )  # fmt: skip
     result = run_bench(cfg, progress=tqdm)
     layers = f"-{cfg.layers}l" if cfg.layers else ""
     peer = "-liger" if cfg.liger else ""
-    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}"
+    ckpt = "-ckpt" if cfg.activation_checkpointing else ""
+    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}{ckpt}"
     paths = write(result, args.out, stem)
     print(to_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

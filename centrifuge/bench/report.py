@@ -34,6 +34,15 @@ def to_markdown(result: dict) -> str:
         get = lambda k, f: _fmt(s.get(k, {}).get(f), ".3f")  # noqa: E731
         lines.append(f"| {s['ratio']:.2f} | {get('c/a', 'step')} | {get('c/a', 'backward')} | "
                      f"{get('c/b', 'step')} | {get(peer, 'step')} |")  # fmt: skip
+    if any("cc/ac" in s for s in result["ratios"]):
+        lines += ["", "With activation checkpointing: Centrifuge + checkpointing over dense + "
+                  "checkpointing (cc/ac) and over Centrifuge without it (cc/c):", "",
+                  "| ρ | step cc/ac | backward cc/ac | step cc/bc (masked) | step cc/c | peak cc/c |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for s in result["ratios"]:
+            get = lambda k, f: _fmt(s.get(k, {}).get(f), ".3f")  # noqa: E731
+            lines.append(f"| {s['ratio']:.2f} | {get('cc/ac', 'step')} | {get('cc/ac', 'backward')} | "
+                         f"{get('cc/bc', 'step')} | {get('cc/c', 'step')} | {get('cc/c', 'peak')} |")  # fmt: skip
     if "breakdown" in result:
         cats = sorted({c for b in result["breakdown"].values() for c in b})
         lines += ["", f"Backward by component at ρ = {result['breakdown_ratio']} (ms):", "",

@@ -39,6 +39,9 @@ class BenchConfig:
     # module-wide, so it gets its own run rather than sharing one with plain HF.
     liger: bool = False
     breakdown_ratio: float | None = 0.5  # profile the backward by component here
+    # Also time every native variant with activation checkpointing (and the HF
+    # models with transformers' gradient checkpointing).
+    activation_checkpointing: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -158,15 +161,17 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     config.max_position_embeddings = max(config.max_position_embeddings, cfg.seq_len)
     dtype = DTYPES[cfg.dtype]
     model = build_model(config, dtype=dtype, device=device, seed=cfg.seed)
-    variants = native_variants(model)
+    ckpt = cfg.activation_checkpointing
+    variants = native_variants(model, ckpt)
     if cfg.liger:
         torch.manual_seed(cfg.seed)
-        variants.append(hf_liger_variant(hf_model(config, dtype, device)))
+        variants.append(hf_liger_variant(hf_model(config, dtype, device, checkpointing=ckpt)))
     elif cfg.hf:
         torch.manual_seed(cfg.seed)
-        variants.append(hf_masked_variant(hf_model(config, dtype, device)))
+        label = "HF transformers" + (" + gradient checkpointing" if ckpt else "") + ", masked loss"
+        variants.append(hf_masked_variant(hf_model(config, dtype, device, checkpointing=ckpt), label=label))
         torch.manual_seed(cfg.seed)  # the same weights, patched: the one-line change
-        variants.append(hf_patched_variant(hf_model(config, dtype, device)))
+        variants.append(hf_patched_variant(hf_model(config, dtype, device, checkpointing=ckpt)))
     return variants, config
 
 
@@ -208,7 +213,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     br = cfg.breakdown_ratio
     if device.type == "cuda" and br is not None:
         profiled = {v.name: backward_breakdown(v, ids, br) for v in variants
-                    if v.name in ("dense", "masked", "centrifuge")}  # fmt: skip
+                    if v.name in ("dense", "masked", "centrifuge", "dense-ckpt", "centrifuge-ckpt")}  # fmt: skip
         result["breakdown"] = {k: b for k, (b, _) in profiled.items()}
         result["top_kernels"] = {k: top for k, (_, top) in profiled.items()}
         result["breakdown_ratio"] = br
@@ -224,11 +229,20 @@ def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
         if c is None:
             continue
         entry = {"ratio": ratio}
-        for key, other in (("c/a", ("dense", None)), ("c/b", ("masked", ratio)),
-                           ("c/d", ("hf-masked", ratio)), ("c/liger", ("hf-liger-masked", ratio))):  # fmt: skip
+        cc = by.get(("centrifuge-ckpt", ratio))
+        for key, mine, other in (
+            ("c/a", c, ("dense", None)), ("c/b", c, ("masked", ratio)),
+            ("c/d", c, ("hf-masked", ratio)), ("c/liger", c, ("hf-liger-masked", ratio)),
+            # With activation checkpointing: against dense and masked with it, and
+            # against Centrifuge without it (the price of the memory saved).
+            ("cc/ac", cc, ("dense-ckpt", None)), ("cc/bc", cc, ("masked-ckpt", ratio)),
+            ("cc/c", cc, ("centrifuge", ratio)),
+        ):  # fmt: skip
             o = by.get(other)
-            if o is not None:
-                entry[key] = dict(step=c["step_ms"] / o["step_ms"],
-                                  backward=c["backward_ms"] / o["backward_ms"])  # fmt: skip
+            if o is not None and mine is not None:
+                entry[key] = dict(step=mine["step_ms"] / o["step_ms"],
+                                  backward=mine["backward_ms"] / o["backward_ms"])  # fmt: skip
+                if mine["peak_gib"] is not None and o["peak_gib"] is not None:
+                    entry[key]["peak"] = mine["peak_gib"] / o["peak_gib"]
         out.append(entry)
     return out

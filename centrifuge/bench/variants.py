@@ -24,7 +24,11 @@ class Variant:
     module: torch.nn.Module | None = None
 
 
-def native_variants(model: LlamaForCausalLM) -> list[Variant]:
+def native_variants(model: LlamaForCausalLM, checkpointing: bool = False) -> list[Variant]:
+    """dense, masked, centrifuge on the native model; with ``checkpointing`` also
+    each of them with activation checkpointing (``-ckpt``: the dense and masked
+    steps recompute whole layers, Centrifuge's recompute runs on kept rows)."""
+
     def dense(ids, ratio):
         out = model(ids, labels=ids, backward="exact")
         return out.plan.loss(out.token_loss, out.valid)
@@ -37,20 +41,39 @@ def native_variants(model: LlamaForCausalLM) -> list[Variant]:
 
         return step
 
-    return [
+    variants = [
         Variant("dense", "dense (no filtering)", dense, filtered=False, module=model),
         Variant("masked", "masked-loss filtering", filtered("exact"), module=model),
         Variant("centrifuge", "Centrifuge", filtered("amplified"), module=model),
     ]
+    if not checkpointing:
+        return variants
+
+    def recomputing(step, on: bool):
+        def run(ids, ratio):  # the variants share one model: set its mode every step
+            (model.activation_checkpointing_enable if on else model.activation_checkpointing_disable)()
+            return step(ids, ratio)
+
+        return run
+
+    return [
+        Variant(v.name + suffix, v.label + label, recomputing(v.loss, on), v.filtered, model)
+        for on, suffix, label in ((False, "", ""), (True, "-ckpt", " + checkpointing"))
+        for v in variants
+    ]
 
 
-def hf_model(config: ModelConfig, dtype: torch.dtype, device, attn: str = "sdpa"):
-    """transformers' own model class for ``config`` (random weights)."""
+def hf_model(config: ModelConfig, dtype: torch.dtype, device, attn: str = "sdpa", checkpointing=False):
+    """transformers' own model class for ``config`` (random weights), in training
+    mode; ``checkpointing``: with ``gradient_checkpointing_enable()``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.for_model(**config.to_hf_dict())
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=dtype)
-    return model.to(device)
+    if checkpointing:  # transformers >= 5.x renames gradient_ to activation_checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
+    return model.to(device).train()
 
 
 def _hf_token_loss_and_keep(model, ids, ratio):
@@ -81,7 +104,9 @@ def hf_patched_variant(model) -> Variant:
     def step(ids, ratio):
         return filtered_loss(*_hf_token_loss_and_keep(model, ids, ratio))
 
-    return Variant("hf-patched", "HF transformers + centrifuge.patch", step, module=model)
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers)
+    ckpt = " + gradient checkpointing" if checkpointed else ""
+    return Variant("hf-patched", f"HF transformers{ckpt} + centrifuge.patch", step, module=model)
 
 
 def hf_liger_variant(model) -> Variant:

@@ -20,6 +20,12 @@ and nothing outlives the graph. The user's loss call
 the graph back from the per-token losses and fills it. A forward whose plan is
 never filled differentiates like ordinary dense training.
 
+With transformers' activation checkpointing on (``gradient_checkpointing_enable()``
+or ``activation_checkpointing_enable()``, per layer), a checkpointed layer runs
+as ``decoder_layer(..., recompute=True)``: it saves its input and the attention
+lse only, and its backward recomputes K/V for every row and the rest of the
+layer for the kept rows (transformers' own checkpoint wrapper is not used).
+
 Every other call (``torch.no_grad``, ``generate``, ``use_cache=True``, a given
 ``past_key_values``, ``output_attentions=True``) runs the original forward
 untouched.
@@ -31,6 +37,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
@@ -274,12 +281,14 @@ def _dense_reason(model, a: dict) -> str | None:
 
 def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
     base = model.model
-    checkpointing = [getattr(m, "gradient_checkpointing", False) for m in (base, *base.layers)]
-    if any(checkpointing) and model.training:
-        raise RuntimeError(
-            "gradient checkpointing is not supported on a Centrifuge-patched model (the compact "
-            "layers already save fewer activations); call model.gradient_checkpointing_disable()"
-        )
+    for i, layer in enumerate(base.layers):
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if _recompute(layer) and getattr(func, "func", func) is not torch.utils.checkpoint.checkpoint:
+            raise NotImplementedError(
+                f"decoder layer {i}: a custom activation checkpointing function (e.g. offload=True) "
+                "is not supported on a Centrifuge-patched model: its layers recompute on kept rows "
+                "with their own checkpointing, which keeps activations on the device"
+            )
     if model.training and getattr(model.config, "attention_dropout", 0.0):
         raise ValueError("attention dropout is not supported by the compact path; set attention_dropout=0")
     for i, layer in enumerate(base.layers):
@@ -321,6 +330,12 @@ def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
         state.plan = None
 
 
+def _recompute(layer) -> bool:
+    """transformers' activation checkpointing is on for this layer (per layer:
+    ``every_n_layers`` may leave some out); Centrifuge's recompute replaces it."""
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
+
+
 def _layer_forward(layer, state: _PatchState, *args, **kwargs):
     plan = state.plan
     if plan is None:
@@ -339,7 +354,7 @@ def _layer_forward(layer, state: _PatchState, *args, **kwargs):
     # layer computes in the autocast dtype; the residual stream returns in x.dtype.
     w = {k: None if t is None else t.to(dtype) for k, t in w.items()}
     with torch.autocast(x.device.type, enabled=False):
-        y = decoder_layer(x.to(dtype), cos, sin, plan, layer._centrifuge_shape, w)
+        y = decoder_layer(x.to(dtype), cos, sin, plan, layer._centrifuge_shape, w, _recompute(layer))
     return y.to(x.dtype)
 
 

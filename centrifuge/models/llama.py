@@ -124,21 +124,24 @@ class LlamaForCausalLM(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Activation checkpointing in every decoder layer (the name transformers
-        uses): a layer keeps only its input and the attention's softmax
-        statistics; the backward recomputes K/V for every row and everything
-        else for the kept rows only (the whole layer in ``exact`` mode)."""
+    def activation_checkpointing_enable(self) -> None:
+        """Activation checkpointing in every decoder layer (transformers' names,
+        old and new, both work): a layer keeps only its input and the attention's
+        softmax statistics; the backward recomputes K/V for every row and
+        everything else for the kept rows only (the whole layer in ``exact`` mode)."""
         for layer in self.model.layers:
             layer.recompute = True
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         for layer in self.model.layers:
             layer.recompute = False
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
         return any(layer.recompute for layer in self.model.layers)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def make_plan(self, input_ids, position_ids=None, attention_mask=None, backward="amplified"):
         B, L = input_ids.shape

@@ -153,7 +153,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
     else:
         model = build_model(mc, device=device, seed=cfg.seed)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
     _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {device}; "
                    f"data: {len(train_ds)} rows x {cfg.seq_len} tokens "
