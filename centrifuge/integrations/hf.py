@@ -40,7 +40,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
+from centrifuge.models.layer import (
+    PROJECTIONS,
+    LayerShape,
+    decoder_layer,
+    layer_weights,
+    projection_weights,
+)
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.plan import Layout, Plan
 
@@ -126,26 +132,18 @@ def _supported_classes() -> tuple[type, ...]:
     return tuple(getattr(transformers, name) for name in SUPPORTED_MODELS)
 
 
-def _is_plain_linear(m) -> bool:
-    # A LoRA/quantized wrapper replaces the module or its forward: its weight
-    # alone would not be what the model computes.
-    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
-
-
 def _check_layer(layer, config, index: int) -> None:
-    a, m = layer.self_attn, layer.mlp
     where = f"decoder layer {index}"
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if not _is_plain_linear(getattr(a, name, None)):
-            raise TypeError(f"{where}: self_attn.{name} is not a plain nn.Linear (LoRA/quantized layers are not supported)")
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        if not _is_plain_linear(getattr(m, name, None)):
-            raise TypeError(f"{where}: mlp.{name} is not a plain nn.Linear (LoRA/quantized layers are not supported)")
-        if getattr(m, name).bias is not None:
-            raise ValueError(f"{where}: MLP biases (mlp_bias=True) are not supported")
-    if a.o_proj.bias is not None:
+    a = layer.self_attn
+    bias = {
+        p: projection_weights(getattr(getattr(layer, block), attr), f"{where}: {block}.{attr}")[1]
+        for p, (block, attr) in PROJECTIONS.items()
+    }
+    if any(bias[p] is not None for p in ("wg", "wu", "wd")):
+        raise ValueError(f"{where}: MLP biases (mlp_bias=True) are not supported")
+    if bias["wo"] is not None:
         raise ValueError(f"{where}: an o_proj bias (Llama attention_bias=True) is not supported")
-    biases = [getattr(a, n).bias is not None for n in ("q_proj", "k_proj", "v_proj")]
+    biases = [bias[p] is not None for p in ("wq", "wk", "wv")]
     if any(biases) and not all(biases):
         raise ValueError(f"{where}: q/k/v projections must all have a bias or none")
     act = getattr(config, "hidden_act", "silu")
@@ -292,12 +290,7 @@ def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
     if model.training and getattr(model.config, "attention_dropout", 0.0):
         raise ValueError("attention dropout is not supported by the compact path; set attention_dropout=0")
     for i, layer in enumerate(base.layers):
-        for name, m in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
-            if name.endswith("_proj") and not _is_plain_linear(m):
-                raise TypeError(
-                    f"decoder layer {i}: {name} was replaced by {type(m).__name__} after patching; "
-                    "Centrifuge supports plain nn.Linear projections only"
-                )
+        _check_layer(layer, model.config, i)  # projections may have been wrapped after patching
         window = _layer_window(layer, model.config)
         if window is not None and layout.max_seqlen > window:
             raise ValueError(
@@ -392,8 +385,14 @@ def _patched_modules(model):
     yield model.lm_head, "lm_head"
 
 
+def _causal_lm(model):
+    """The transformers causal LM inside a peft ``PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None and not isinstance(model, _supported_classes()) else model
+
+
 def is_patched(model) -> bool:
-    return isinstance(model.__dict__.get("forward"), _PatchedForward)
+    return isinstance(_causal_lm(model).__dict__.get("forward"), _PatchedForward)
 
 
 def patch(model, check_rows: bool = True):
@@ -405,15 +404,18 @@ def patch(model, check_rows: bool = True):
     activations, backward on the kept rows once a filtered loss fills the plan).
     check_rows: the LM head's backward verifies that no filtered row receives
     gradient (one pass over the logits' gradient) and raises if one does.
-    Patching a patched model is a no-op.
+    Patching a patched model is a no-op. A peft ``PeftModel`` is patched through
+    its base model (LoRA adapters on the projections get compact rank-r
+    gradients, frozen weights none); peft may also wrap a patched model.
     """
+    outer, model = model, _causal_lm(model)
     if not isinstance(model, _supported_classes()):
         raise TypeError(
             f"centrifuge.patch supports {', '.join(SUPPORTED_MODELS)} (transformers 5.x); "
             f"got {type(model).__name__}"
         )
     if is_patched(model):
-        return model
+        return outer
     config = model.config
     for i, layer in enumerate(model.model.layers):
         _check_layer(layer, config, i)
@@ -424,19 +426,20 @@ def patch(model, check_rows: bool = True):
         layer._centrifuge_shape = _layer_shape(layer, config)
     for module, kind in _patched_modules(model):
         module.forward = _PatchedForward(module, kind, state)
-    return model
+    return outer
 
 
 def unpatch(model):
     """Undo :func:`patch` (a no-op on an unpatched model); returns the model."""
     if not is_patched(model):
         return model
+    outer, model = model, _causal_lm(model)
     for module, _ in _patched_modules(model):
         if isinstance(module.__dict__.get("forward"), _PatchedForward):
             del module.forward
     for layer in model.model.layers:
         layer.__dict__.pop("_centrifuge_shape", None)
-    return model
+    return outer
 
 
 def find_plan(tensor: torch.Tensor, max_nodes: int = 100_000) -> Plan | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
 from centrifuge.ops.attention import attention_backward, attention_forward
 from centrifuge.ops.attention_recompute import attention_forward_rows
@@ -32,10 +33,20 @@ from centrifuge.ops.rope import rope_backward_rows, rope_forward
 from centrifuge.ops.swiglu import swiglu_backward_rows, swiglu_forward
 from centrifuge.plan import Plan
 
+# The projections: weight name -> (submodule, attribute) in a decoder layer.
+PROJECTIONS = {
+    "wq": ("self_attn", "q_proj"), "wk": ("self_attn", "k_proj"), "wv": ("self_attn", "v_proj"),
+    "wo": ("self_attn", "o_proj"), "wg": ("mlp", "gate_proj"), "wu": ("mlp", "up_proj"),
+    "wd": ("mlp", "down_proj"),
+}  # fmt: skip
+# LoRA adapters of a projection p: p_lora_A [r, in] and p_lora_B [out, r], the
+# latter already multiplied by the adapter's scaling (outside the Function, so
+# autograd applies the scale to B's gradient): y = x Wᵀ + (x Aᵀ) Bᵀ.
+LORA_NAMES = tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "AB")
 # The order in which a layer's weights enter the Function (None where absent).
 WEIGHT_NAMES = (
     "input_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm",
-    "wo", "post_norm", "wg", "wu", "wd",
+    "wo", "post_norm", "wg", "wu", "wd", *LORA_NAMES,
 )  # fmt: skip
 
 
@@ -71,6 +82,28 @@ def _fuse_qkv(W: dict) -> bool:
 def _cat(*ts):
     """Row-wise concatenation of weights (or biases); None when they are absent."""
     return None if ts[0] is None else torch.cat(ts)
+
+
+def _lora(y, x, W: dict, p: str):
+    """Adds projection p's adapter, (x Aᵀ) Bᵀ, to its output y in place (y may be
+    a column view of a fused output); returns y."""
+    A = W[p + "_lora_A"]
+    if A is not None:
+        y.addmm_(x @ A.t(), W[p + "_lora_B"].t())
+    return y
+
+
+def _lora_backward(dW: dict, dy, x, W: dict, p: str, dx=None):
+    """Rank-r gradients of projection p's adapter from the compact rows: dy [n, out]
+    and the projection's input x [n, in]: dA = (dY B)ᵀ X, dB = dYᵀ (X Aᵀ); adds
+    (dY B) A to dx [n, in] in place when given. Returns dx."""
+    A = W[p + "_lora_A"]
+    if A is None:
+        return dx
+    dyb = dy @ W[p + "_lora_B"]
+    dW[p + "_lora_A"] = dyb.t() @ x
+    dW[p + "_lora_B"] = dy.t() @ (x @ A.t())
+    return dx if dx is None else dx.addmm_(dyb, A)
 
 
 def _split_heads(qkv: torch.Tensor, N: int, H: int, Hkv: int, D: int):
@@ -124,18 +157,21 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
         # N = Hkv*D); q, k, v stay column views of its output and RoPE rotates
         # q and k in place, so the saved bytes are those of q, k, v.
         qkv = _linear(h1, _cat(W["wq"], W["wk"], W["wv"]), _cat(W["bq"], W["bk"], W["bv"]))
+        for p, cols in zip(("wq", "wk", "wv"), qkv.split([H * D, Hkv * D, Hkv * D], dim=1)):
+            _lora(cols, h1, W, p)
         q, k, v = _split_heads(qkv, N, H, Hkv, D)
         rope_forward(q, cos, sin, out=q)
         rope_forward(k, cos, sin, out=k)
     else:
         hq = _rows(h1, rows)
-        q = _linear(hq, W["wq"], W["bq"]).view(hq.shape[0], H, D)
+        q = _lora(_linear(hq, W["wq"], W["bq"]), hq, W, "wq").view(hq.shape[0], H, D)
         if _fuse_qkv(W):  # the compact recompute: K and V of every row in one GEMM
             kv = _linear(h1, _cat(W["wk"], W["wv"]), _cat(W["bk"], W["bv"]))
-            k, v = kv[:, : Hkv * D].view(N, Hkv, D), kv[:, Hkv * D :].view(N, Hkv, D)
+            k, v = _lora(kv[:, : Hkv * D], h1, W, "wk"), _lora(kv[:, Hkv * D :], h1, W, "wv")
+            k, v = k.view(N, Hkv, D), v.view(N, Hkv, D)
         else:
-            k = _linear(h1, W["wk"], W["bk"]).view(N, Hkv, D)
-            v = _linear(h1, W["wv"], W["bv"]).view(N, Hkv, D)
+            k = _lora(_linear(h1, W["wk"], W["bk"]), h1, W, "wk").view(N, Hkv, D)
+            v = _lora(_linear(h1, W["wv"], W["bv"]), h1, W, "wv").view(N, Hkv, D)
         if W["q_norm"] is not None:
             q_lin, k_lin = q, k
             q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
@@ -148,7 +184,7 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
     else:
         o = attention_forward_rows(q, kb, vb, lse, layout, rows)
     o = o.reshape(-1, H * D)
-    x2 = _linear(o, W["wo"], _rows(xf, rows))  # residual add inside the GEMM
+    x2 = _lora(_linear(o, W["wo"], _rows(xf, rows)), o, W, "wo")  # residual add inside the GEMM
     h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
     if PERF["fused_gate_up"]:
         # g, u: column views of one [n, 2F] output (the SwiGLU kernels take them).
@@ -157,6 +193,7 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
         g, u = gu[:, :F], gu[:, F:]
     else:
         g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
+    g, u = _lora(g, h2, W, "wg"), _lora(u, h2, W, "wu")
     return Activations(rstd1, q, k, v, o, lse, x2, rstd2, g, u, q_lin, k_lin, rstd_q, rstd_k)
 
 
@@ -165,12 +202,14 @@ def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
     return t.new_empty(N, *t.shape[1:]).index_copy_(0, idx, t)
 
 
-def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layout, idx, local):
+def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layout, idx, local, need):
     """The compact backward of one layer. dy: [N, d] (the layer output's gradient);
     idx: kept rows [n] (None: every row); local: the index through which the
     row-local activations of ``a`` (q, o, x2, rstd2, g, u, q_lin, rstd_q) are
     read: idx when they were saved full size, None when they are compact.
-    Returns dx [N, d] (zeros outside idx) and the weight gradients by name."""
+    need: weight name -> whether it wants a gradient (frozen weights, e.g. under
+    LoRA, get no weight-gradient GEMM). Returns dx [N, d] (zeros outside idx)
+    and the weight gradients by name."""
     B, L = layout.shape
     N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
     F = a.g.shape[1]
@@ -181,21 +220,31 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
 
     # MLP: one kernel recomputes a = silu(g) u and writes [dg du] side by side.
     dy = _rows(dy, idx)
-    act, dgu = swiglu_backward_rows(dy @ W["wd"], a.g, a.u, local)
-    dW["wd"] = dy.t() @ act
+    da = dy @ W["wd"]
+    if W["wd_lora_A"] is not None:  # (dY B) A joins da before the SwiGLU backward
+        da.addmm_(dy @ W["wd_lora_B"], W["wd_lora_A"])
+    act, dgu = swiglu_backward_rows(da, a.g, a.u, local)
+    if need["wd"]:
+        dW["wd"] = dy.t() @ act
+    _lora_backward(dW, dy, act, W, "wd")
     h2 = rms_norm_apply_rows(a.x2, a.rstd2, W["post_norm"], local)
-    dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
-    dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
+    if need["wg"] or need["wu"]:
+        dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
+        dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
     if PERF["fused_gate_up"]:
         dh2 = dgu @ _cat(W["wg"], W["wu"])
     else:
         dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
+    _lora_backward(dW, dgu[:, :F], h2, W, "wg", dh2)
+    _lora_backward(dW, dgu[:, F:], h2, W, "wu", dh2)
     # The residual gradient dy is added inside the norm's backward.
     dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, a.x2, a.rstd2, W["post_norm"], local, dy)
 
     # Attention: dQ for kept queries over all keys, dK/dV for kept keys only.
-    dW["wo"] = dx2.t() @ _rows(a.o, local)
-    do = (dx2 @ W["wo"]).view(-1, H, D)
+    o_rows = _rows(a.o, local)
+    if need["wo"]:
+        dW["wo"] = dx2.t() @ o_rows
+    do = _lora_backward(dW, dx2, o_rows, W, "wo", dx2 @ W["wo"]).view(-1, H, D)
     q, o = a.q, a.o
     if local is None and idx is not None:  # compact recompute: the kernels read q, o at idx
         q, o = _scatter(q, idx, N), _scatter(o, idx, N)
@@ -219,9 +268,10 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         dk_out.copy_(dk)
     dqkv[:, (H + Hkv) * D :].copy_(dv.reshape(n, Hkv * D))
     h1 = rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], idx)
-    dqkv_w = dqkv.t() @ h1
-    dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])
-    if W["bq"] is not None:
+    if need["wq"] or need["wk"] or need["wv"]:
+        dqkv_w = dqkv.t() @ h1
+        dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])
+    if W["bq"] is not None and (need["bq"] or need["bk"] or need["bv"]):
         dW["bq"], dW["bk"], dW["bv"] = dqkv.sum(0).split([H * D, Hkv * D, Hkv * D])
     if _fuse_qkv(W):  # one GEMM with K = (H + 2 Hkv) D instead of three
         dh1 = dqkv @ _cat(W["wq"], W["wk"], W["wv"])
@@ -229,6 +279,8 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         dh1 = dqkv[:, : H * D] @ W["wq"]
         dh1 = torch.addmm(dh1, dqkv[:, H * D : (H + Hkv) * D], W["wk"])
         dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
+    for p, dcols in zip(("wq", "wk", "wv"), dqkv.split([H * D, Hkv * D, Hkv * D], dim=1)):
+        _lora_backward(dW, dcols, h1, W, p, dh1)
     # The layer's one full-size write: dx of kept rows, zeros elsewhere.
     dx, dW["input_norm"] = rms_norm_backward_rows(
         dh1, xf, a.rstd1, W["input_norm"], idx, dx2, scatter=True
@@ -256,7 +308,8 @@ class DecoderLayerFunction(torch.autograd.Function):
         xf = x.reshape(N, d)
         cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
         a = _forward(xf, cos2, sin2, W, shape, plan.layout)
-        y = _linear(swiglu_forward(a.g, a.u), W["wd"], a.x2)
+        act = swiglu_forward(a.g, a.u)
+        y = _lora(_linear(act, W["wd"], a.x2), act, W, "wd")
         # h1, h2 and the SwiGLU output are recomputed on kept rows in the backward.
         acts = (a.lse,) if recompute else tuple(getattr(a, f.name) for f in fields(a))
         ctx.save_for_backward(xf, cos2, sin2, *acts, *weights)
@@ -277,23 +330,70 @@ class DecoderLayerFunction(torch.autograd.Function):
             weights = rest[_N_ACTS:]
             W = dict(zip(WEIGHT_NAMES, weights))
             a, local = Activations(*rest[:_N_ACTS]), idx
-        dx, dW = _backward(dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local)
+        need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[6:]))
+        dx, dW = _backward(
+            dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local, need
+        )
         grads = [
-            None if w is None else dW[name].to(w.dtype) for name, w in zip(WEIGHT_NAMES, weights)
+            dW[name].to(w.dtype) if w is not None and need[name] else None
+            for name, w in zip(WEIGHT_NAMES, weights)
         ]
         return (dx.view(dy.shape), None, None, None, None, None, *grads)
 
 
+def is_plain_linear(m) -> bool:
+    # A quantized (or otherwise wrapped) layer replaces the module or its
+    # forward: its weight alone would not be what the model computes.
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def projection_weights(m, where: str):
+    """(weight, bias, lora_A, lora_B * scaling) of a projection module: a plain
+    nn.Linear, or a peft LoRA layer around one (lora_* None without an active,
+    unmerged adapter). Raises for what the compact layer cannot compute exactly."""
+    if is_plain_linear(m):
+        return m.weight, m.bias, None, None
+    base = getattr(m, "base_layer", None)
+    if base is None or not hasattr(m, "lora_A"):
+        raise TypeError(
+            f"{where} is a {type(m).__name__}: Centrifuge supports plain nn.Linear projections "
+            "and peft LoRA layers around them (quantized layers are not supported)"
+        )
+    if not is_plain_linear(base):
+        raise TypeError(f"{where}: LoRA around a {type(base).__name__} is not supported "
+                        "(quantized base layers are not)")  # fmt: skip
+    if m.merged or m.disable_adapters:  # peft computes base_layer(x) alone then
+        return base.weight, base.bias, None, None
+    active = [name for name in m.active_adapters if name in m.lora_A]
+    if not active:
+        return base.weight, base.bias, None, None
+    if len(active) > 1:
+        raise NotImplementedError(f"{where}: several active LoRA adapters {active} are not supported")
+    name = active[0]
+    if m.use_dora.get(name) or name in getattr(m, "lora_variant", {}):
+        raise NotImplementedError(f"{where}: DoRA and other LoRA variants are not supported (plain LoRA is)")
+    if m.training and not isinstance(m.lora_dropout[name], nn.Identity):
+        raise NotImplementedError(
+            f"{where}: lora_dropout > 0 in training is not supported (the compact backward "
+            "recomputes adapter inputs and would need the dropout mask); use lora_dropout=0"
+        )
+    A, B = m.lora_A[name], m.lora_B[name]
+    if not (is_plain_linear(A) and is_plain_linear(B)) or A.bias is not None or B.bias is not None:
+        raise NotImplementedError(f"{where}: LoRA adapters with a bias (lora_bias) are not supported")
+    return base.weight, base.bias, A.weight, B.weight * m.scaling[name]
+
+
 def layer_weights(layer) -> dict:
     """The weights of a Llama-family decoder layer keyed by WEIGHT_NAMES (None where
-    absent). Native and transformers layers use the same attribute names."""
-    a, m = layer.self_attn, layer.mlp
-    w = dict(
-        input_norm=layer.input_layernorm.weight, wq=a.q_proj.weight, wk=a.k_proj.weight,
-        wv=a.v_proj.weight, bq=a.q_proj.bias, bk=a.k_proj.bias, bv=a.v_proj.bias,
-        wo=a.o_proj.weight, post_norm=layer.post_attention_layernorm.weight,
-        wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
-    )  # fmt: skip
+    absent), LoRA adapters included. Native and transformers layers use the same
+    attribute names."""
+    w = dict(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight)
+    for p, (block, attr) in PROJECTIONS.items():
+        weight, bias, A, B = projection_weights(getattr(getattr(layer, block), attr), f"{block}.{attr}")
+        w.update({p: weight, f"{p}_lora_A": A, f"{p}_lora_B": B})
+        if p in ("wq", "wk", "wv"):
+            w["b" + p[1]] = bias
+    a = layer.self_attn
     if hasattr(a, "q_norm"):
         w.update(q_norm=a.q_norm.weight, k_norm=a.k_norm.weight)
     return w

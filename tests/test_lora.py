@@ -1,0 +1,188 @@
+"""PEFT LoRA adapters and frozen weights in the compact layer, in float64 on CPU:
+gradients against the reference semantics (plain autograd through peft's own
+modules, K/V of filtered rows detached), on the native model and on real
+transformers classes (patched before or after peft wraps them, with and without
+activation checkpointing); frozen weights get no gradient and cost no
+weight-gradient GEMM; merge_and_unload and saving; clear errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from test_hf_checkpointing import enable_checkpointing  # noqa: E402
+from test_hf_patch import batch, make_model, reference_loss  # noqa: E402
+from test_model_grads import make_batch  # noqa: E402
+
+from centrifuge import filtered_loss, patch, unpatch  # noqa: E402
+from centrifuge.integrations import is_patched  # noqa: E402
+from centrifuge.models import build_model, get_preset  # noqa: E402
+from centrifuge.models.reference import reference_filtered_loss  # noqa: E402
+from centrifuge.selection import Selector  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora(model, **kw):
+    # init_lora_weights=False: B random too (peft's default B = 0 would make dA zero).
+    cfg = dict(r=3, lora_alpha=7, target_modules=TARGETS, init_lora_weights=False, **kw)
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, peft.LoraConfig(**cfg))
+
+
+def trainable_grads(model):
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def unpatched_reference(model, ids, keep, **kw):
+    """reference_loss of an unpatched copy (a deep copy of a patched model is patched)."""
+    return reference_loss(unpatch(copy.deepcopy(model)), ids, keep, **kw)
+
+
+def hf_step(model, ids, kw, keep):
+    logits = model(input_ids=ids, **kw).logits
+    tl = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    loss = filtered_loss(tl, keep[:, :-1])
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("order", ["peft-then-patch", "patch-then-peft"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hf_lora_grads_match_reference(family, order, checkpointing):
+    ids, kw, keep = batch("packing" if family == "qwen2" else "padding", seed=8)
+    model = make_model(family, 2)
+    if order == "patch-then-peft":
+        patch(model)
+    pm = lora(model)
+    if order == "peft-then-patch":
+        assert patch(pm) is pm and is_patched(pm)
+    if checkpointing:
+        enable_checkpointing(pm)
+    loss = hf_step(pm, ids, kw, keep)
+    got = trainable_grads(pm.get_base_model())
+    assert len(got) == 2 * len(TARGETS) * 2  # A and B of every projection of both layers
+    # The reference: the same peft modules through plain autograd on an unpatched copy.
+    want_loss, want = unpatched_reference(pm.get_base_model(), ids, keep, **kw)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_native_lora_and_frozen_weights_match_reference():
+    model = build_model(get_preset("tiny-qwen3"), dtype=torch.float64, seed=2)
+    pm = lora(model)
+    base = pm.get_base_model()
+    base.model.layers[1].mlp.down_proj.base_layer.weight.requires_grad_(True)  # a trainable base
+    ids, labels, kw = make_batch(seed=4, packed=True)
+    for recompute in (False, True):
+        (base.activation_checkpointing_enable if recompute else base.activation_checkpointing_disable)()
+        out = base(ids, labels=labels, **kw)
+        keep = Selector("loss", 0.4)(out.token_loss, out.valid)
+        out.plan.loss(out.token_loss, keep).backward()
+        got = trainable_grads(base)
+        reference_filtered_loss(base, ids, labels, keep, **kw).backward()
+        want = trainable_grads(base)
+        for name, g in got.items():
+            torch.testing.assert_close(g, want[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _backward_flops(model, ids, keep):
+    out = model(ids, labels=ids)
+    loss = out.plan.loss(out.token_loss, keep)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def test_frozen_weights_cost_no_weight_gradient_gemm():
+    """Freezing every projection removes their dW GEMMs: the backward GEMM FLOPs
+    drop from 2x to 1x the projections' dX work (plus the attention, LM head)."""
+    model = build_model(get_preset("tiny"), dtype=torch.float64, seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, 1:40:2] = True
+    full = _backward_flops(model, ids, keep)
+    model.zero_grad(set_to_none=True)
+    c, n = model.config, int(keep.sum())
+    d, F_, qkv = c.hidden_size, c.intermediate_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    dw = 2 * n * d * (qkv + c.num_heads * c.head_dim + 3 * F_) * c.num_layers  # dW of the projections
+    for layer in model.model.layers:
+        for block, name in [("self_attn", p) for p in TARGETS[:4]] + [("mlp", p) for p in TARGETS[4:]]:
+            getattr(getattr(layer, block), name).weight.requires_grad_(False)
+    frozen = _backward_flops(model, ids, keep)
+    assert full - frozen == dw
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.weight.grad is None and layer.mlp.down_proj.weight.grad is None
+        assert layer.input_layernorm.weight.grad is not None
+
+
+def test_merge_and_unload_and_saving(tmp_path):
+    model = make_model("llama", 2)
+    pm = patch(lora(model))
+    ids, kw, keep = batch("padding", seed=9)
+    hf_step(pm, ids, kw, keep)
+    pm.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        before = pm(input_ids=ids, **kw).logits
+    pm.save_pretrained(tmp_path / "adapter")
+    saved = peft.PeftModel.from_pretrained(make_model("llama", 2), tmp_path / "adapter")
+    for (n, p), (m, q) in zip(
+        pm.named_parameters(), saved.named_parameters()
+    ):  # the adapters round-trip as with an unpatched model
+        assert n == m and torch.equal(p, q), n
+    merged = pm.merge_and_unload()
+    assert is_patched(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, **kw).logits, before, rtol=1e-10, atol=1e-10)
+    merged.requires_grad_(True)  # merged: plain nn.Linear projections again, all trainable
+    hf_step(merged, ids, kw, keep)
+    got = {n: p.grad for n, p in merged.named_parameters()}
+    _, want = unpatched_reference(merged, ids, keep, **kw)
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_unsupported_lora_settings_raise_clear_errors():
+    ids = torch.randint(0, 61, (2, 9))
+    cases = [
+        (dict(lora_dropout=0.1), "lora_dropout"),
+        (dict(use_dora=True), "DoRA"),
+        (dict(lora_bias=True), "bias"),
+    ]
+    for extra, match in cases:
+        with pytest.raises(NotImplementedError, match=match):  # at patch time (peft trains)
+            patch(lora(make_model("llama", 2), **extra))
+    # Dropout is inactive in eval mode: no error then, and one at the call in training mode.
+    pm = patch(lora(make_model("llama", 2), lora_dropout=0.1).eval())
+    pm(input_ids=ids)
+    with pytest.raises(NotImplementedError, match="lora_dropout"):
+        pm.train()(input_ids=ids)
+
+    class Quantized(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    model = make_model("llama", 2)
+    q = model.model.layers[0].self_attn.q_proj
+    model.model.layers[0].self_attn.q_proj = Quantized(q.in_features, q.out_features, bias=False)
+    with pytest.raises(TypeError, match="decoder layer 0: self_attn.q_proj is a Quantized"):
+        patch(model)
+    model = make_model("llama", 2)
+    pm = lora(model)
+    q = model.model.layers[0].self_attn.q_proj
+    q.base_layer = Quantized(q.in_features, q.out_features, bias=False)
+    with pytest.raises(TypeError, match="LoRA around a Quantized"):
+        patch(pm)
