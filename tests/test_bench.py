@@ -5,6 +5,7 @@ import pytest
 from centrifuge.bench import BenchConfig, run_bench
 from centrifuge.bench.report import to_markdown
 from centrifuge.cli import main
+from centrifuge.models import get_preset
 
 
 def test_bench_runs_every_variant_on_cpu():
@@ -55,3 +56,18 @@ def test_bench_activation_checkpointing_variants(tmp_path):
         by[("centrifuge-ckpt", 0.5)]["step_ms"] / by[("dense-ckpt", None)]["step_ms"]
     )
     assert "step cc/ac" in (tmp_path / "tiny-s16-b1-fp32-ckpt.md").read_text()
+
+
+def test_bench_lora(tmp_path):
+    pytest.importorskip("peft")
+    cfg = BenchConfig(preset="tiny", seq_len=16, batch=1, ratios=[0.5], dtype="fp32", device="cpu",
+                      warmup=0, repeats=1, lora=2)  # fmt: skip
+    result = run_bench(cfg)
+    assert {r["variant"] for r in result["rows"]} == {"dense", "masked", "centrifuge", "hf-masked",
+                                                      "hf-patched"}  # fmt: skip
+    assert "LoRA rank 2" in to_markdown(result)
+    c = get_preset("tiny")  # adapters on 7 projections per layer: r * (in + out) each
+    per_layer = 2 * (4 * (c.hidden_size + c.hidden_size) + 3 * (c.hidden_size + c.intermediate_size))
+    assert result["model"]["trainable"] == c.num_layers * per_layer
+    with pytest.raises(ValueError, match="lora rank"):
+        BenchConfig(lora=0)

@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="also time every variant with activation checkpointing (HF peers: "
                         "gradient_checkpointing_enable)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="LoRA fine-tuning: peft adapters of this rank on every projection, "
+                        "base weights frozen (needs peft)")
     p.add_argument("--breakdown-ratio", type=float, default=d.breakdown_ratio,
                    help="ρ at which the backward is profiled by component (CUDA only)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
@@ -39,13 +42,14 @@ def run(args) -> int:
         preset=args.preset, seq_len=args.seq_len, batch=args.batch, ratios=args.ratios,
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
         repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
-        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing=args.activation_checkpointing, lora=args.lora,
     )  # fmt: skip
     result = run_bench(cfg, progress=tqdm)
     layers = f"-{cfg.layers}l" if cfg.layers else ""
     peer = "-liger" if cfg.liger else ""
     ckpt = "-ckpt" if cfg.activation_checkpointing else ""
-    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}{ckpt}"
+    lora = f"-lora{cfg.lora}" if cfg.lora else ""
+    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}{ckpt}{lora}"
     paths = write(result, args.out, stem)
     print(to_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -16,6 +16,7 @@ def to_markdown(result: dict) -> str:
         f"**{m['preset']}** ({m['layers']} layers, {m['parameters'] / 1e9:.2f} B parameters), "
         f"seq {cfg['seq_len']} × batch {cfg['batch']} = {m['tokens_per_step']} tokens, "
         f"{cfg['dtype']}, {env['device']}, torch {env['torch']}"
+        + (f", LoRA rank {cfg['lora']} (base frozen)" if cfg.get("lora") else "")
         + (f", transformers {env['transformers']}" if "transformers" in env else ""),
         "",
         "| variant | ρ | forward ms | backward ms | step ms | peak GiB |",

@@ -16,6 +16,7 @@ from centrifuge.bench.variants import (
     hf_model,
     hf_patched_variant,
     native_variants,
+    with_lora,
 )
 from centrifuge.models import build_model, get_preset
 from centrifuge.selection import check_ratio
@@ -42,10 +43,13 @@ class BenchConfig:
     # Also time every native variant with activation checkpointing (and the HF
     # models with transformers' gradient checkpointing).
     activation_checkpointing: bool = False
+    lora: int | None = None  # LoRA rank: every model gets peft adapters on its projections
     seed: int = 0
 
     def __post_init__(self):
         self.ratios = [check_ratio(r) for r in self.ratios]
+        if self.lora is not None and self.lora < 1:
+            raise ValueError(f"lora rank must be a positive integer, got {self.lora}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -162,16 +166,23 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     dtype = DTYPES[cfg.dtype]
     model = build_model(config, dtype=dtype, device=device, seed=cfg.seed)
     ckpt = cfg.activation_checkpointing
+    if cfg.lora:
+        model = with_lora(model, cfg.lora)
     variants = native_variants(model, ckpt)
+
+    def hf():
+        m = hf_model(config, dtype, device, checkpointing=ckpt)
+        return with_lora(m, cfg.lora) if cfg.lora else m
+
     if cfg.liger:
         torch.manual_seed(cfg.seed)
-        variants.append(hf_liger_variant(hf_model(config, dtype, device, checkpointing=ckpt)))
+        variants.append(hf_liger_variant(hf()))
     elif cfg.hf:
         torch.manual_seed(cfg.seed)
         label = "HF transformers" + (" + gradient checkpointing" if ckpt else "") + ", masked loss"
-        variants.append(hf_masked_variant(hf_model(config, dtype, device, checkpointing=ckpt), label=label))
+        variants.append(hf_masked_variant(hf(), label=label))
         torch.manual_seed(cfg.seed)  # the same weights, patched: the one-line change
-        variants.append(hf_patched_variant(hf_model(config, dtype, device, checkpointing=ckpt)))
+        variants.append(hf_patched_variant(hf()))
     return variants, config
 
 
@@ -206,7 +217,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         config=asdict(cfg),
         model=dict(preset=cfg.preset, layers=config.num_layers,
                    max_position_embeddings=config.max_position_embeddings,
-                   parameters=config.num_parameters(), tokens_per_step=cfg.batch * cfg.seq_len),
+                   parameters=config.num_parameters(), tokens_per_step=cfg.batch * cfg.seq_len,
+                   trainable=sum(p.numel() for p in variants[0].module.parameters() if p.requires_grad)),
         rows=rows,
         ratios=speedups(rows, cfg.ratios),
     )  # fmt: skip

@@ -63,6 +63,19 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False) -> lis
     ]
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def with_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """Wraps every attention and MLP projection of ``model`` in a peft LoRA adapter
+    (alpha = 2 rank, no dropout) and freezes the rest, in place; returns ``model``
+    (the variants call it directly, as a PeftModel would)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    return get_peft_model(model, cfg).get_base_model()
+
+
 def hf_model(config: ModelConfig, dtype: torch.dtype, device, attn: str = "sdpa", checkpointing=False):
     """transformers' own model class for ``config`` (random weights), in training
     mode; ``checkpointing``: with ``gradient_checkpointing_enable()``."""
