@@ -108,8 +108,8 @@ def _backward_flops(model, ids, keep):
 
 
 def test_frozen_weights_cost_no_weight_gradient_gemm():
-    """Freezing every projection removes their dW GEMMs: the backward GEMM FLOPs
-    drop from 2x to 1x the projections' dX work (plus the attention, LM head)."""
+    """Freezing every projection removes exactly their dW GEMMs from the backward,
+    freezing the LM head its dW GEMM."""
     model = build_model(get_preset("tiny"), dtype=torch.float64, seed=3)
     ids = torch.randint(0, model.config.vocab_size, (2, 64))
     keep = torch.zeros_like(ids, dtype=torch.bool)
@@ -124,6 +124,10 @@ def test_frozen_weights_cost_no_weight_gradient_gemm():
             getattr(getattr(layer, block), name).weight.requires_grad_(False)
     frozen = _backward_flops(model, ids, keep)
     assert full - frozen == dw
+    model.zero_grad(set_to_none=True)
+    model.lm_head.weight.requires_grad_(False)  # the LM head's dW: 2 n d V more
+    assert frozen - _backward_flops(model, ids, keep) == 2 * n * d * c.vocab_size
+    assert model.lm_head.weight.grad is None
     for layer in model.model.layers:
         assert layer.self_attn.q_proj.weight.grad is None and layer.mlp.down_proj.weight.grad is None
         assert layer.input_layernorm.weight.grad is not None

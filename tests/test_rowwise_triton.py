@@ -176,6 +176,9 @@ def test_linear_cross_entropy_backward(seed, chunks, monkeypatch):
     dx, dw = lcet.linear_ce_backward_triton(dl, x, w, t, lse, -100, budget=budget)
     assert rel(dx, dx_ref) < TOL and rel(dw, dw_ref) < TOL
     assert (dx[3] == 0).all()
+    # A frozen LM head: the same dx, no weight gradient.
+    dx_frozen, dw_frozen = lcet.linear_ce_backward_triton(dl, x, w, t, lse, -100, budget, False)
+    assert dw_frozen is None and torch.equal(dx_frozen, dx)
 
 
 def test_linear_cross_entropy_rejects_bad_shapes():

@@ -116,11 +116,12 @@ class CompactLinearFunction(torch.autograd.Function):
                     "added to the loss?"
                 )
         idx = plan.keep_idx
-        if idx is None:
-            return (dy2 @ w).view_as(x), (dy2.t() @ x2).to(w.dtype), None, None
-        dyk = dy2[idx]
-        dx = x2.new_zeros(x2.shape).index_copy_(0, idx, dyk @ w)
-        return dx.view_as(x), (dyk.t() @ x2[idx]).to(w.dtype), None, None
+        dyk, xk = (dy2, x2) if idx is None else (dy2[idx], x2[idx])
+        dxk = dyk @ w
+        dx = dxk if idx is None else x2.new_zeros(x2.shape).index_copy_(0, idx, dxk)
+        # A frozen LM head (LoRA fine-tuning) gets no weight-gradient GEMM.
+        dw = (dyk.t() @ xk).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx.view_as(x), dw, None, None
 
 
 # --- support checks ---------------------------------------------------------------

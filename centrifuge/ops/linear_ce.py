@@ -59,21 +59,24 @@ def linear_cross_entropy_forward(x, w, targets, ignore_index: int = IGNORE_INDEX
     return loss, lse
 
 
-def linear_cross_entropy_backward(dloss, x, w, targets, lse, ignore_index: int = IGNORE_INDEX):
+def linear_cross_entropy_backward(
+    dloss, x, w, targets, lse, ignore_index: int = IGNORE_INDEX, need_dw: bool = True
+):  # fmt: skip
     """Backward on the given rows.
 
     dloss: [n] (the upstream gradient of those rows' losses), x: [n, d],
     targets: [n], lse: [n]. Returns (dx [n, d] in x.dtype, dw [V, d] float32;
     x.dtype on the kernel path, whose GEMM accumulates in float32 internally).
+    dw is None without ``need_dw`` (a frozen LM head: no weight-gradient GEMM).
     """
     if use_kernels(x):
         from centrifuge.ops.linear_ce_triton import linear_ce_backward_triton
 
-        return linear_ce_backward_triton(dloss, x, w, targets, lse, ignore_index)
+        return linear_ce_backward_triton(dloss, x, w, targets, lse, ignore_index, need_dw=need_dw)
     n = x.shape[0]
     acc = torch.promote_types(x.dtype, torch.float32)
     dx = torch.empty_like(x)
-    dw = torch.zeros(w.shape, device=w.device, dtype=acc)
+    dw = torch.zeros(w.shape, device=w.device, dtype=acc) if need_dw else None
     scale = torch.where(targets != ignore_index, dloss.to(acc), 0.0)
     step = _chunk_rows(n, w.shape[0])
     for s in range(0, n, step):
@@ -83,7 +86,8 @@ def linear_cross_entropy_backward(dloss, x, w, targets, lse, ignore_index: int =
         g.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(g[:, :1]))
         g = (g * scale[s : s + step, None]).to(x.dtype)
         dx[s : s + step] = g @ w
-        dw += (g.t() @ xs).to(acc)
+        if need_dw:
+            dw += (g.t() @ xs).to(acc)
     return dx, dw
 
 
@@ -107,14 +111,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         d = x.shape[-1]
         x2, t2, dl = x.reshape(-1, d), targets.reshape(-1), dloss.reshape(-1)
         idx = ctx.plan.keep_idx
+        need_dw = ctx.needs_input_grad[1]
         if idx is None:
-            dx, dw = linear_cross_entropy_backward(dl, x2, w, t2, lse, ctx.ignore_index)
-            return dx.view_as(x), dw.to(w.dtype), None, None, None
-        dxk, dw = linear_cross_entropy_backward(
-            dl[idx], x2[idx], w, t2[idx], lse[idx], ctx.ignore_index
-        )
-        dx = x2.new_zeros(x2.shape).index_copy_(0, idx, dxk)
-        return dx.view_as(x), dw.to(w.dtype), None, None, None
+            dx, dw = linear_cross_entropy_backward(dl, x2, w, t2, lse, ctx.ignore_index, need_dw)
+        else:
+            dxk, dw = linear_cross_entropy_backward(
+                dl[idx], x2[idx], w, t2[idx], lse[idx], ctx.ignore_index, need_dw
+            )
+            dx = x2.new_zeros(x2.shape).index_copy_(0, idx, dxk)
+        return dx.view_as(x), None if dw is None else dw.to(w.dtype), None, None, None
 
 
 def linear_cross_entropy(x, w, targets, plan, ignore_index: int = IGNORE_INDEX):
@@ -152,10 +157,12 @@ class NormLinearCrossEntropyFunction(torch.autograd.Function):
 
         hk = rms_norm_apply_rows(x2, rstd, norm_w, idx)
         dhk, dw = linear_cross_entropy_backward(
-            rows(dloss.reshape(-1)), hk, w, rows(targets.reshape(-1)), rows(lse), ctx.ignore_index
-        )
+            rows(dloss.reshape(-1)), hk, w, rows(targets.reshape(-1)), rows(lse), ctx.ignore_index,
+            need_dw=ctx.needs_input_grad[2],
+        )  # fmt: skip
         dx, dnw = rms_norm_backward_rows(dhk, x2, rstd, norm_w, idx, scatter=True)
-        return dx.view(ctx.x_shape), dnw.to(norm_w.dtype), dw.to(w.dtype), None, None, None, None
+        dw = None if dw is None else dw.to(w.dtype)
+        return dx.view(ctx.x_shape), dnw.to(norm_w.dtype), dw, None, None, None, None
 
 
 def norm_linear_cross_entropy(x, norm_w, w, targets, plan, eps, ignore_index: int = IGNORE_INDEX):

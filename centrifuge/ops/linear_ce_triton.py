@@ -91,16 +91,19 @@ def linear_ce_forward_triton(x, w, targets, ignore_index: int, budget: int | Non
     return loss, lse
 
 
-def linear_ce_backward_triton(dloss, x, w, targets, lse, ignore_index: int, budget: int | None = None):
+def linear_ce_backward_triton(
+    dloss, x, w, targets, lse, ignore_index: int, budget: int | None = None, need_dw: bool = True
+):  # fmt: skip
     """Backward on the given rows: dloss, targets, lse: [n]; x: [n, d] (compact).
-    Returns (dx [n, d], dw [V, d]), both in x.dtype."""
+    Returns (dx [n, d], dw [V, d]), both in x.dtype; dw is None without need_dw
+    (a frozen LM head: no weight-gradient GEMM)."""
     _check(x, w, targets)
     budget = BACKWARD_BUDGET if budget is None else budget
     n, d = x.shape
     V = w.shape[0]
-    dw = torch.empty(V, d, device=x.device, dtype=x.dtype)
+    dw = torch.empty(V, d, device=x.device, dtype=x.dtype) if need_dw else None
     if n == 0:
-        return torch.empty_like(x), dw.zero_()
+        return torch.empty_like(x), dw if dw is None else dw.zero_()
     scale = torch.where(targets != ignore_index, dloss.float(), 0.0).contiguous()
     targets, lse = targets.contiguous(), lse.float().contiguous()
     # Column chunks: a multiple of 128 (GEMM-friendly), the whole vocabulary if it fits.
@@ -114,7 +117,8 @@ def linear_ce_backward_triton(dloss, x, w, targets, lse, ignore_index: int, budg
         _ce_grad_kernel[(n, triton.cdiv(c, BLOCK_V))](
             g, targets, lse, scale, c, v0, g.stride(0), BLOCK=BLOCK_V
         )
-        torch.mm(g.t(), x, out=dw[v0 : v0 + c])
+        if need_dw:
+            torch.mm(g.t(), x, out=dw[v0 : v0 + c])
         part = g @ wc
         if c == V:
             dx = part
