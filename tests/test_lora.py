@@ -190,3 +190,33 @@ def test_unsupported_lora_settings_raise_clear_errors():
     q.base_layer = Quantized(q.in_features, q.out_features, bias=False)
     with pytest.raises(TypeError, match="LoRA around a Quantized"):
         patch(pm)
+
+
+def test_trainer_with_peft_lora_and_gradient_checkpointing(tmp_path, monkeypatch):
+    """The usual fine-tuning set-up: CentrifugeTrainer on a PeftModel with
+    gradient_checkpointing=True. Only the adapters move; the layers recompute on
+    kept rows."""
+    pytest.importorskip("accelerate")
+    import transformers
+    from test_hf_trainer import CountingTask, tiny_model
+
+    from centrifuge.integrations.trainer import CentrifugeTrainer
+    from centrifuge.models import layer as layer_mod
+
+    recomputed = []
+    original = layer_mod.attention_forward_rows
+    monkeypatch.setattr(
+        layer_mod, "attention_forward_rows", lambda *a: recomputed.append(1) or original(*a)
+    )
+    pm = lora(tiny_model())
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+        gradient_checkpointing=True, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = CentrifugeTrainer(model=pm, args=args, train_dataset=CountingTask(8), ratio=0.5)
+    trainer.train()
+    assert is_patched(pm) and len(recomputed) == 2 * 2  # 2 steps x 2 layers
+    for n, p in pm.named_parameters():
+        assert torch.equal(p, before[n]) != ("lora_" in n), n
