@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from centrifuge.distributed import PARALLEL_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig
 
@@ -63,7 +64,11 @@ def add_arguments(p) -> None:
     opt_g("--dtype", "fp32, or bf16 autocast with fp32 master weights", choices=DTYPES)
     opt_g("--activation-checkpointing", "decoder layers keep only their input; the backward "
           "recomputes the rest, on kept tokens only with --backward amplified", action="store_true")
-    opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N; under torchrun "
+          "each process takes cuda:LOCAL_RANK")
+    opt_g("--parallel", "under torchrun: ddp, fsdp (FSDP2, sharded weights, gradients and "
+          "optimizer state) or auto (ddp while the training state fits in half a GPU, else "
+          "fsdp)", choices=PARALLEL_MODES)
     opt_g("--seed", "seed of initialization, data order, selection and the built-in corpus",
           type=int)
     g = p.add_argument_group("evaluation, checkpoints, output")
@@ -119,6 +124,8 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
+    import torch.distributed as dist
+
     from centrifuge.training.checkpoint import CheckpointError
     from centrifuge.training.loop import train
 
@@ -126,10 +133,16 @@ def run(args) -> int:
         cfg = config_from_args(args)
         summary = train(cfg, progress=not getattr(args, "quiet", False))
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"centrifuge train: error: {e}", file=sys.stderr)
+        rank = f" (rank {dist.get_rank()})" if dist.is_initialized() else ""
+        print(f"centrifuge train: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("centrifuge train: interrupted", file=sys.stderr)
         return 130
+    if dist.is_initialized():  # torchrun: one summary, from rank 0
+        main = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not main:
+            return 0
     print(format_summary(summary))
     return 0

@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from centrifuge.distributed import PARALLEL_MODES
 from centrifuge.plan import BACKWARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 
@@ -40,7 +41,12 @@ class TrainConfig:
     dtype:            fp32, or bf16 autocast (fp32 master weights).
     activation_checkpointing: decoder layers keep only their input and recompute
                       the rest in the backward (on kept rows with ``amplified``).
-    device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...; under
+                      torchrun every process takes cuda:LOCAL_RANK (or the CPU).
+    parallel:         several processes (torchrun): "ddp", "fsdp" (FSDP2, one unit per
+                      decoder layer + the root), or "auto" (DDP while the replicated
+                      weights, gradients and optimizer state fit in half a GPU, else FSDP);
+                      one process: "auto" or "none".
     eval_interval, save_interval: in steps (0 = only at the end).
     out_dir, resume:  output directory; resume = True continues from ``out_dir/latest``,
                       a path continues from that checkpoint.
@@ -68,6 +74,7 @@ class TrainConfig:
     dtype: str = "fp32"
     activation_checkpointing: bool = False
     device: str = "auto"
+    parallel: str = "auto"
     seed: int = 0
     eval_interval: int = 100
     save_interval: int = 200
@@ -119,17 +126,18 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(isinstance(self.activation_checkpointing, bool),
              f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
+        need(self.parallel in PARALLEL_MODES,
+             f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
+    def tokens_per_step(self, processes: int = 1) -> int:
+        """Tokens of one optimizer step over ``processes`` (torchrun) processes."""
+        return self.batch_size * self.grad_accum * self.seq_len * processes
 
-    @property
-    def total_steps(self) -> int:
+    def total_steps(self, processes: int = 1) -> int:
         """``steps``, capped by the token budget when ``max_tokens`` is set."""
         if self.max_tokens is None:
             return self.steps
-        return max(1, min(self.steps, self.max_tokens // self.tokens_per_step))
+        return max(1, min(self.steps, self.max_tokens // self.tokens_per_step(processes)))
 
     def to_dict(self) -> dict:
         return asdict(self)
