@@ -72,6 +72,8 @@ def launched(tmp_path_factory, base):
         "ddp": dict(base, parallel="ddp", grad_accum=2),
         "fsdp": dict(base, parallel="fsdp", grad_accum=2),
         "fsdp_exact": dict(base, parallel="fsdp", grad_accum=2, backward="exact"),
+        # FSDP2 units re-gather the weights for the compact recompute in the backward.
+        "fsdp_ckpt": dict(base, parallel="fsdp", grad_accum=2, activation_checkpointing=True),
         # 4 steps, saved at 2 and 4; then a copy of checkpoint-2 resumes to 4.
         "fsdp_long": dict(base, parallel="fsdp", steps=4, save_interval=2),
     }
@@ -82,7 +84,7 @@ def launched(tmp_path_factory, base):
     return root, runs
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_ckpt"])
 def test_n_processes_equal_one_process_with_n_times_the_accumulation(launched, tmp_path, name):
     root, runs = launched
     single = dict(runs[name], parallel="auto", grad_accum=runs[name]["grad_accum"] * N,
