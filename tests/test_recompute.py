@@ -201,3 +201,29 @@ def test_train_cli_activation_checkpointing_gives_the_same_weights(tmp_path, mon
         weights[name] = load_file(tmp_path / name / "checkpoint-3" / "model.safetensors")
     for k, w in weights["plain"].items():
         torch.testing.assert_close(weights["ckpt"][k], w, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize(
+    "name,ratio,fused_qkv,fused_gate_up", [("tiny-gqa", 0.4, True, True), ("tiny-qwen3", 0.6, False, False)]
+)
+def test_checkpointed_on_kernel_path(name, ratio, fused_qkv, fused_gate_up, monkeypatch):
+    """The recompute's compact activations (column views of fused outputs, compact
+    rows read with no index) through the row-wise Triton kernels and the
+    kept-query attention kernel, under the interpreter, in float32."""
+    pytest.importorskip("triton")
+    from test_step_structure import rel, set_structure, step_grads
+
+    from centrifuge.ops import linear_ce, rmsnorm, rope, swiglu
+    from centrifuge.ops.attention_recompute_triton import attention_forward_rows_triton
+
+    for mod in (rmsnorm, swiglu, rope, linear_ce):
+        monkeypatch.setattr(mod, "use_kernels", lambda t: t.dtype == torch.float32)
+    monkeypatch.setattr(layer_mod, "attention_forward_rows", attention_forward_rows_triton)
+    set_structure(monkeypatch, fused_qkv, fused_gate_up)
+    model = build_model(get_preset(name), dtype=torch.float32, seed=2)
+    model.activation_checkpointing_enable()
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
+    _, keep, ours = step_grads(model, ids, lambda o: Selector("loss", ratio)(o.token_loss, o.valid))
+    reference_filtered_loss(model, ids, ids, keep).backward()
+    for k, p in model.named_parameters():
+        assert rel(ours[k], p.grad) < 1e-4, k
