@@ -279,8 +279,10 @@ def _dense_reason(model, a: dict) -> str | None:
 
 
 def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
-    base = model.model
-    for i, layer in enumerate(base.layers):
+    if model.training and getattr(model.config, "attention_dropout", 0.0):
+        raise ValueError("attention dropout is not supported by the compact path; set attention_dropout=0")
+    for i, layer in enumerate(model.model.layers):
+        _check_layer(layer, model.config, i)  # projections may have been wrapped after patching
         func = getattr(layer, "_gradient_checkpointing_func", None)
         if _recompute(layer) and getattr(func, "func", func) is not torch.utils.checkpoint.checkpoint:
             raise NotImplementedError(
@@ -288,10 +290,6 @@ def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
                 "is not supported on a Centrifuge-patched model: its layers recompute on kept rows "
                 "with their own checkpointing, which keeps activations on the device"
             )
-    if model.training and getattr(model.config, "attention_dropout", 0.0):
-        raise ValueError("attention dropout is not supported by the compact path; set attention_dropout=0")
-    for i, layer in enumerate(base.layers):
-        _check_layer(layer, model.config, i)  # projections may have been wrapped after patching
         window = _layer_window(layer, model.config)
         if window is not None and layout.max_seqlen > window:
             raise ValueError(

@@ -348,11 +348,11 @@ def is_plain_linear(m) -> bool:
 
 
 def projection_weights(m, where: str):
-    """(weight, bias, lora_A, lora_B * scaling) of a projection module: a plain
+    """(weight, bias, lora_A, lora_B, scaling) of a projection module: a plain
     nn.Linear, or a peft LoRA layer around one (lora_* None without an active,
     unmerged adapter). Raises for what the compact layer cannot compute exactly."""
     if is_plain_linear(m):
-        return m.weight, m.bias, None, None
+        return m.weight, m.bias, None, None, None
     base = getattr(m, "base_layer", None)
     if base is None or not hasattr(m, "lora_A"):
         raise TypeError(
@@ -363,10 +363,10 @@ def projection_weights(m, where: str):
         raise TypeError(f"{where}: LoRA around a {type(base).__name__} is not supported "
                         "(quantized base layers are not)")  # fmt: skip
     if m.merged or m.disable_adapters:  # peft computes base_layer(x) alone then
-        return base.weight, base.bias, None, None
+        return base.weight, base.bias, None, None, None
     active = [name for name in m.active_adapters if name in m.lora_A]
     if not active:
-        return base.weight, base.bias, None, None
+        return base.weight, base.bias, None, None, None
     if len(active) > 1:
         raise NotImplementedError(f"{where}: several active LoRA adapters {active} are not supported")
     name = active[0]
@@ -380,7 +380,7 @@ def projection_weights(m, where: str):
     A, B = m.lora_A[name], m.lora_B[name]
     if not (is_plain_linear(A) and is_plain_linear(B)) or A.bias is not None or B.bias is not None:
         raise NotImplementedError(f"{where}: LoRA adapters with a bias (lora_bias) are not supported")
-    return base.weight, base.bias, A.weight, B.weight * m.scaling[name]
+    return base.weight, base.bias, A.weight, B.weight, m.scaling[name]
 
 
 def layer_weights(layer) -> dict:
@@ -389,8 +389,9 @@ def layer_weights(layer) -> dict:
     attribute names."""
     w = dict(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight)
     for p, (block, attr) in PROJECTIONS.items():
-        weight, bias, A, B = projection_weights(getattr(getattr(layer, block), attr), f"{block}.{attr}")
-        w.update({p: weight, f"{p}_lora_A": A, f"{p}_lora_B": B})
+        module = getattr(getattr(layer, block), attr)
+        weight, bias, A, B, scaling = projection_weights(module, f"{block}.{attr}")
+        w.update({p: weight, f"{p}_lora_A": A, f"{p}_lora_B": None if B is None else B * scaling})
         if p in ("wq", "wk", "wv"):
             w["b" + p[1]] = bias
     a = layer.self_attn
