@@ -103,7 +103,7 @@ def peak_memory_gib(variant: Variant, ids, ratio: float) -> float | None:
 
 
 CATEGORIES = (
-    ("attention", ("flash", "attn", "attention", "fmha", "_dq_kernel", "_dkdv_kernel")),
+    ("attention", ("flash", "attn", "attention", "fmha", "_dq_kernel", "_dkdv_kernel", "_o_kernel")),
     ("gemm", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "matmul")),
     ("norm/rope/act", ("norm", "rope", "rotary", "swiglu", "silu", "sigmoid", "rsqrt")),
     ("cross-entropy", ("cross_entropy", "log_softmax", "logsumexp", "nll", "_ce_")),
