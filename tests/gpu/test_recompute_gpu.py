@@ -42,8 +42,8 @@ def test_kept_query_forward_kernel_matches_reference(dtype, B, L, H, Hkv, D, pac
     q_rows = q.reshape(B * L, H, D)[idx]
     got = attention_forward_rows_triton(q_rows, k, v, lse, layout, idx)
     want = attention_forward_rows_reference(q_rows.float(), k.float(), v.float(), lse, layout, idx)
-    assert rel(got, want) < 1e-2
-    assert rel(got, o.reshape(B * L, H, D)[idx]) < 1e-2  # the forward's own output, kept rows
+    assert rel(got, want) < 2e-2  # bf16/fp16 rounding of o (test_attention_gpu.TOL)
+    assert rel(got, o.reshape(B * L, H, D)[idx]) < 2e-2  # the forward's own output, kept rows
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
