@@ -7,6 +7,10 @@
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then  # peft (and its missing deps) travel as wheels
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+python3 -c "import peft" 2>/dev/null || echo "peft is missing: the LoRA test and bench will be skipped / fail"
 mkdir -p "$out"
 res=/tmp/bench-ckpt-results; mkdir -p $res
 # Results are tarred after every run, so a call cut off at its limit keeps what finished.
