@@ -169,6 +169,11 @@ def test_unsupported_lora_settings_raise_clear_errors():
     for extra, match in cases:
         with pytest.raises(NotImplementedError, match=match):  # at patch time (peft trains)
             patch(lora(make_model("llama", 2), **extra))
+    pm = lora(make_model("llama", 2))
+    pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.base_model.set_adapter(["default", "other"])
+    with pytest.raises(NotImplementedError, match="several active LoRA adapters"):
+        patch(pm)
     # Dropout is inactive in eval mode: no error then, and one at the call in training mode.
     pm = patch(lora(make_model("llama", 2), lora_dropout=0.1).eval())
     pm(input_ids=ids)
