@@ -80,6 +80,15 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world, dev)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together: every process waits for the others
+    before tearing it down (gloo aborts a process that tears down while a peer
+    still talks to it)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _single_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
