@@ -179,3 +179,16 @@ def test_patched_hf_model_under_ddp_and_fsdp_equals_one_process(tmp_path, mode):
     assert got.keys() == want.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+def test_centrifuge_trainer_under_fsdp_equals_ddp(tmp_path):
+    """CentrifugeTrainer (examples/hf_trainer.py) under torchrun: FSDP2 through the
+    Trainer trains the same weights as DDP."""
+    pytest.importorskip("accelerate")
+    example = Path(__file__).parents[1] / "examples" / "hf_trainer.py"
+    for flags in ([], ["--fsdp"]):
+        out = tmp_path / ("fsdp" if flags else "ddp")
+        proc = launch(example, "--steps", "6", "--out", str(out), *flags)
+        assert proc.returncode == 0, failed(proc)
+    ddp, fsdp = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("ddp", "fsdp"))
+    assert_same_weights(ddp, fsdp, atol=1e-6)

@@ -8,6 +8,7 @@ path for both.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -81,12 +82,20 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group together: every process waits for the others
-    before tearing it down (gloo aborts a process that tears down while a peer
-    still talks to it)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group together. A barrier alone is not enough for gloo:
+    the first process out of it may close its sockets while a peer still
+    finishes the barrier's last exchange, and gloo aborts that peer. So every
+    process also checks in at torchrun's store (no gloo sockets) and waits
+    until all have, i.e. until every gloo operation has returned everywhere."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    store.add("centrifuge/shutdown", 1)
+    store.wait(["centrifuge/shutdown"])
+    while int(store.add("centrifuge/shutdown", 0)) < world:
+        time.sleep(0.005)
+    dist.destroy_process_group()
 
 
 def _single_device(device: str) -> torch.device:
