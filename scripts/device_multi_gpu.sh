@@ -33,9 +33,9 @@ PY
 esac
 case "$mode" in tiny|all)
   bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 10 \
-    --parallel ddp fsdp fsdp-no-reshard ;;
+    --parallel ddp fsdp fsdp-reshard ;;
 esac
 case "$mode" in 8b|all)
   bench --preset llama3.1-8b --seq-len 2048 --batch 4 --ratios 0.5 1.0 --repeats 5 --warmup 2 \
-    --parallel fsdp --no-single ;;
+    --parallel fsdp fsdp-reshard --no-single ;;
 esac

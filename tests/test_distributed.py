@@ -21,6 +21,7 @@ from centrifuge.training import TrainConfig, train
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
+HF_WORKER = Path(__file__).parent / "distributed" / "hf_worker.py"
 N = 2
 
 
@@ -47,9 +48,13 @@ def failed(proc: subprocess.CompletedProcess) -> str:
 
 
 def torchrun(configs: list[dict], timeout: float = 240) -> subprocess.CompletedProcess:
+    return launch(WORKER, json.dumps(configs), timeout=timeout)
+
+
+def launch(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={N}", str(WORKER), json.dumps(configs)]  # fmt: skip
+           f"--nproc-per-node={N}", str(script), *args]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -155,3 +160,37 @@ def test_one_failing_rank_stops_the_launch(base, tmp_path):
 def test_parallel_modes_need_processes(base, tmp_path):
     with pytest.raises(ValueError, match="needs several processes"):
         train(TrainConfig(**dict(base, parallel="fsdp", out_dir=str(tmp_path / "x"))), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_patched_hf_model_under_ddp_and_fsdp_equals_one_process(tmp_path, mode):
+    """The plain-loop recipe (centrifuge.patch + filtered_loss normalized by the
+    step's kept rows of every process) gives one process's gradients."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(HF_WORKER.parent))
+    try:
+        import hf_worker
+    finally:
+        sys.path.pop(0)
+    proc = launch(HF_WORKER, mode, str(tmp_path / "grads.pt"))
+    assert proc.returncode == 0, failed(proc)
+    got = torch.load(tmp_path / "grads.pt")
+    model = hf_worker.build_model()
+    hf_worker.train_step(model, hf_worker.micro_batches(0, 1), world=1)
+    want = {n: p.grad for n, p in model.named_parameters()}
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+def test_centrifuge_trainer_under_fsdp_equals_ddp(tmp_path):
+    """CentrifugeTrainer (examples/hf_trainer.py) under torchrun: FSDP2 through the
+    Trainer trains the same weights as DDP."""
+    pytest.importorskip("accelerate")
+    example = Path(__file__).parents[1] / "examples" / "hf_trainer.py"
+    for flags in ([], ["--fsdp"]):
+        out = tmp_path / ("fsdp" if flags else "ddp")
+        proc = launch(example, "--steps", "6", "--out", str(out), *flags)
+        assert proc.returncode == 0, failed(proc)
+    ddp, fsdp = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("ddp", "fsdp"))
+    assert_same_weights(ddp, fsdp, atol=1e-6)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from centrifuge.bench.multi import MODES, run_multi_bench
 from centrifuge.bench.multi import to_markdown as multi_markdown
 from centrifuge.bench.report import to_markdown, write
+from centrifuge.distributed import shutdown_distributed
 from centrifuge.bench.runner import DTYPES, BenchConfig, run_bench
 
 
@@ -55,6 +56,7 @@ def run(args) -> int:
     layers = f"-{cfg.layers}l" if cfg.layers else ""
     if args.parallel:
         result = run_multi_bench(cfg, args.parallel, single=args.single, progress=tqdm)
+        shutdown_distributed()
         if result is None:  # not rank 0
             return 0
         stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}-{result['environment']['gpus']}gpu"

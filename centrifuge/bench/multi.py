@@ -24,7 +24,7 @@ from centrifuge.bench.variants import Variant, native_variants
 from centrifuge.distributed import init_distributed, parallelize, uses_autocast
 from centrifuge.models import build_model, get_preset
 
-MODES = ("ddp", "fsdp", "fsdp-no-reshard")
+MODES = ("ddp", "fsdp", "fsdp-reshard")  # fsdp: weights kept from forward to backward
 
 
 def _autocast_variants(variants: list[Variant], autocast: bool) -> list[Variant]:
@@ -49,7 +49,7 @@ def _time_mode(cfg: BenchConfig, mode: str, ctx, config, ids, progress) -> list[
     else:
         base = "fsdp" if mode.startswith("fsdp") else mode
         wrapped = parallelize(model, ctx, base, cfg.dtype,
-                              reshard_after_forward=mode != "fsdp-no-reshard")  # fmt: skip
+                              reshard_after_forward=mode == "fsdp-reshard")  # fmt: skip
         autocast = uses_autocast(base, cfg.dtype)
     variants = _autocast_variants(native_variants(wrapped), autocast)
     jobs = [(v, r) for r in cfg.ratios for v in variants if v.filtered]

@@ -8,6 +8,7 @@ path for both.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,23 @@ def init_distributed(device: str = "auto") -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=dev if kind == "cuda" else None)
     return DistContext(rank, world, dev)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together. A barrier alone is not enough for gloo:
+    the first process out of it may close its sockets while a peer still
+    finishes the barrier's last exchange, and gloo aborts that peer. So every
+    process also checks in at torchrun's store (no gloo sockets) and waits
+    until all have, i.e. until every gloo operation has returned everywhere."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    store.add("centrifuge/shutdown", 1)
+    store.wait(["centrifuge/shutdown"])
+    while int(store.add("centrifuge/shutdown", 0)) < world:
+        time.sleep(0.005)
+    dist.destroy_process_group()
 
 
 def _single_device(device: str) -> torch.device:

@@ -23,6 +23,7 @@ from torch import nn
 from centrifuge.distributed.context import DistContext
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+RESHARD_MODES = ("auto", "on", "off")
 
 # auto picks FSDP once parameters, gradients and AdamW's two moments (16 bytes
 # per fp32 parameter) would take more than this share of one GPU's memory.
@@ -53,13 +54,27 @@ def choose_parallel(mode: str, ctx: DistContext, n_params: int) -> str:
     return "ddp"
 
 
+def choose_reshard(reshard: str, ctx: DistContext, n_params: int) -> bool:
+    """FSDP's reshard_after_forward. ``off`` keeps every layer's gathered bf16
+    weights from its forward to its backward: no all-gather in the backward, so
+    the reduce-scatters hide behind the (shorter) compact backward — measured
+    on 2 H200s, tinyllama-1.1b: Centrifuge/dense 0.671 (one GPU: 0.669) against
+    0.743 with ``on``, at 21.1 instead of 17.4 GiB. ``auto``: off while those
+    weights (2 bytes per parameter) take at most a quarter of a GPU."""
+    if reshard not in RESHARD_MODES:
+        raise ValueError(f"fsdp_reshard must be one of {RESHARD_MODES}, got {reshard!r}")
+    if reshard != "auto":
+        return reshard == "on"
+    if ctx.device.type == "cuda":
+        return 2 * n_params > 0.25 * torch.cuda.get_device_properties(ctx.device).total_memory
+    return False
+
+
 def parallelize(model: nn.Module, ctx: DistContext, mode: str, dtype: str,
-                reshard_after_forward: bool = True) -> nn.Module:  # fmt: skip
-    """Wrap ``model`` (a native LlamaForCausalLM on ``ctx.device``) for ``mode``.
-    reshard_after_forward (FSDP): free each layer's gathered weights after its
-    forward and gather them again for its backward (less memory), or keep them
-    (no all-gather in the backward: more of the shorter compact backward left
-    for the reduce-scatters to hide behind).
+                reshard_after_forward: bool = False) -> nn.Module:  # fmt: skip
+    """Wrap ``model`` for ``mode``: a native LlamaForCausalLM, or a transformers
+    causal LM of the same family (``centrifuge.patch`` it first), on ``ctx.device``.
+    reshard_after_forward (FSDP): see :func:`choose_reshard`.
 
     Returns the module to call in the training step: a DDP wrapper, or the
     model itself, sharded in place, for FSDP. Build the optimizer afterwards,
@@ -91,6 +106,20 @@ def parallelize(model: nn.Module, ctx: DistContext, mode: str, dtype: str,
         fully_shard(model, mp_policy=mp, reshard_after_forward=False)
         return model
     raise ValueError(f"unknown parallel mode {mode!r}")
+
+
+def gradient_sync(model: nn.Module, last: bool):
+    """Context for one micro-batch's forward and backward: gradients are reduced
+    across processes in a step's last micro-batch only (DDP's ``no_sync``,
+    FSDP2's ``set_requires_gradient_sync``); a no-op for a plain model."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+    elif isinstance(model, DDP) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def uses_autocast(mode: str, dtype: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from centrifuge.distributed import PARALLEL_MODES
+from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig
 
@@ -69,6 +69,9 @@ def add_arguments(p) -> None:
     opt_g("--parallel", "under torchrun: ddp, fsdp (FSDP2, sharded weights, gradients and "
           "optimizer state) or auto (ddp while the training state fits in half a GPU, else "
           "fsdp)", choices=PARALLEL_MODES)
+    opt_g("--fsdp-reshard", "FSDP: off keeps each layer's gathered weights from forward to "
+          "backward (faster), on gathers them again (less memory), auto: off while they take "
+          "at most a quarter of a GPU", choices=RESHARD_MODES)
     opt_g("--seed", "seed of initialization, data order, selection and the built-in corpus",
           type=int)
     g = p.add_argument_group("evaluation, checkpoints, output")
@@ -102,7 +105,8 @@ def config_from_args(args) -> TrainConfig:
 
 def format_summary(s: dict) -> str:
     lines = [
-        f"done: {s['steps']} steps in {s['wall_s']:.1f} s",
+        f"done: {s['steps']} steps in {s['wall_s']:.1f} s"
+        + (f" ({s['processes']} processes, {s['parallel']})" if s.get("processes", 1) > 1 else ""),
         f"  tokens seen      {s['tokens_seen']:,}  (kept {s['tokens_kept']:,}, "
         f"{100 * s['kept_fraction']:.1f}% of labelled tokens)",
         f"  throughput       {s['tokens_per_s']:,.0f} tokens/s (training steps only)",
@@ -126,6 +130,7 @@ def format_summary(s: dict) -> str:
 def run(args) -> int:
     import torch.distributed as dist
 
+    from centrifuge.distributed import shutdown_distributed
     from centrifuge.training.checkpoint import CheckpointError
     from centrifuge.training.loop import train
 
@@ -141,7 +146,7 @@ def run(args) -> int:
         return 130
     if dist.is_initialized():  # torchrun: one summary, from rank 0
         main = dist.get_rank() == 0
-        dist.destroy_process_group()
+        shutdown_distributed()
         if not main:
             return 0
     print(format_summary(summary))

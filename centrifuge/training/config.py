@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from centrifuge.distributed import PARALLEL_MODES
+from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
 from centrifuge.plan import BACKWARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 
@@ -47,6 +47,9 @@ class TrainConfig:
                       decoder layer + the root), or "auto" (DDP while the replicated
                       weights, gradients and optimizer state fit in half a GPU, else FSDP);
                       one process: "auto" or "none".
+    fsdp_reshard:     FSDP: "off" keeps each layer's gathered weights from forward to
+                      backward (faster), "on" gathers them again (less memory), "auto"
+                      off while they take at most a quarter of a GPU.
     eval_interval, save_interval: in steps (0 = only at the end).
     out_dir, resume:  output directory; resume = True continues from ``out_dir/latest``,
                       a path continues from that checkpoint.
@@ -75,6 +78,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"
     parallel: str = "auto"
+    fsdp_reshard: str = "auto"
     seed: int = 0
     eval_interval: int = 100
     save_interval: int = 200
@@ -128,6 +132,8 @@ class TrainConfig:
              f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         need(self.parallel in PARALLEL_MODES,
              f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        need(self.fsdp_reshard in RESHARD_MODES,
+             f"fsdp_reshard must be one of {RESHARD_MODES}, got {self.fsdp_reshard!r}")
 
     def tokens_per_step(self, processes: int = 1) -> int:
         """Tokens of one optimizer step over ``processes`` (torchrun) processes."""

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )  # fmt: skip
 
-from centrifuge.distributed import init_distributed, unsharded, uses_autocast
+from centrifuge.distributed import gradient_sync, init_distributed, unsharded, uses_autocast
 from centrifuge.models.llama import shift_targets
 from centrifuge.ops.linear_ce import IGNORE_INDEX
 from centrifuge.plan import Layout
@@ -250,14 +250,6 @@ class Trainer:
 
             tqdm.write(msg)
 
-    def _grad_sync(self, last: bool):
-        """Gradients are reduced across processes in a step's last micro-batch only."""
-        if self.run.parallel == "fsdp":
-            self.model.set_requires_gradient_sync(last)
-        elif self.run.parallel == "ddp" and not last:
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
     def train_step(self, step: int) -> dict:
         """Forward and backward of every micro-batch of ``step``, then the update.
         Returns the step's metrics (summed over processes)."""
@@ -273,7 +265,7 @@ class Trainer:
         sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # kept loss, all loss, seen, valid, kept
         for m, (rows, b, count) in enumerate(zip(micro, batches, counts)):
             b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
-            with self._grad_sync(last=m == cfg.grad_accum - 1):
+            with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
                 with self.autocast:
                     out = self.model(b["input_ids"], labels=b["labels"],
                                      position_ids=b["position_ids"], backward=cfg.backward)  # fmt: skip

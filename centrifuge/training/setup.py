@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from centrifuge.distributed import DistContext, choose_parallel, parallelize
+from centrifuge.distributed import DistContext, choose_parallel, choose_reshard, parallelize
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
@@ -173,7 +173,8 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
         model.activation_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
     parallel = choose_parallel(cfg.parallel, ctx, n_params)
-    wrapped = parallelize(model, ctx, parallel, cfg.dtype)
+    wrapped = parallelize(model, ctx, parallel, cfg.dtype,
+                          reshard_after_forward=choose_reshard(cfg.fsdp_reshard, ctx, n_params))  # fmt: skip
     where = (f"{ctx.world_size} processes ({parallel}, {ctx.device.type})" if ctx.distributed
              else str(ctx.device))  # fmt: skip
     _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {where}; "

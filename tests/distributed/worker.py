@@ -7,22 +7,26 @@ rank raise at its first step, to test that one rank's failure stops the launch."
 import json
 import sys
 
+from centrifuge.distributed import shutdown_distributed
 from centrifuge.training import TrainConfig, train
+
+
+def failing(rank: int):
+    import torch.distributed as dist
+
+    def callback(step, record):
+        if dist.get_rank() == rank:
+            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+
+    return callback
 
 
 def main() -> None:
     for entry in json.loads(sys.argv[1]):
         fail_rank = entry.pop("fail_on_rank", None)
         cfg = TrainConfig(**entry)
-        callback = None
-        if fail_rank is not None:
-            import torch.distributed as dist
-
-            def callback(step, record, rank=fail_rank):
-                if dist.get_rank() == rank:
-                    raise RuntimeError(f"injected failure on rank {rank} at step {step}")
-
-        train(cfg, progress=False, callback=callback)
+        train(cfg, progress=False, callback=None if fail_rank is None else failing(fail_rank))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
