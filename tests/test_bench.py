@@ -70,3 +70,9 @@ def test_bench_lora(tmp_path):
     assert result["model"]["trainable"] == c.num_layers * per_layer
     with pytest.raises(ValueError, match="lora rank"):
         BenchConfig(lora=0)
+
+
+def test_bench_checkpointing_and_lora_refuse_parallel():
+    with pytest.raises(ValueError, match="do not combine with --parallel"):
+        main(["bench", "--preset", "tiny", "--device", "cpu", "--parallel", "ddp",
+              "--activation-checkpointing"])  # fmt: skip

@@ -55,6 +55,9 @@ def run(args) -> int:
     )  # fmt: skip
     layers = f"-{cfg.layers}l" if cfg.layers else ""
     if args.parallel:
+        if cfg.activation_checkpointing or cfg.lora:
+            raise ValueError("--activation-checkpointing and --lora time one GPU; they do not "
+                             "combine with --parallel yet")  # fmt: skip
         result = run_multi_bench(cfg, args.parallel, single=args.single, progress=tqdm)
         shutdown_distributed()
         if result is None:  # not rank 0
