@@ -65,6 +65,26 @@ def test_checkpointed_patched_grads_match_reference(family, kind, recomputed):
         torch.testing.assert_close(g, plain[name], rtol=1e-11, atol=1e-13, msg=name)
 
 
+@pytest.fixture
+def layer_call_checkpoints(monkeypatch):
+    """transformers <= 5.17 checkpoints inside GradientCheckpointingLayer.__call__,
+    around the (patched) forward; later versions elsewhere. Emulate the former."""
+    from functools import partial
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def call(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(partial(torch.nn.Module.__call__, self, **kwargs), *args)
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientCheckpointingLayer, "__call__", call)
+
+
+def test_checkpointing_in_the_layer_call_is_replaced_too(recomputed, layer_call_checkpoints):
+    test_checkpointed_patched_grads_match_reference("llama", "padding", recomputed)
+
+
 def test_every_n_layers_and_dense_training_under_checkpointing(recomputed):
     model = make_model("mistral", 2)
     plain = exact_copy(model)

@@ -186,6 +186,7 @@ class _PatchState:
     def __init__(self, check_rows: bool):
         self.plan: HFPlan | None = None
         self.check_rows = check_rows
+        self.recompute: frozenset[int] = frozenset()  # ids of the layers that recompute
 
 
 class _PatchedForward:
@@ -315,11 +316,20 @@ def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
     # A training forward needs no cache; without one transformers also
     # isolates packed documents, as the layout above does.
     a["use_cache"] = False
-    state.plan = plan
+    # Centrifuge's recompute replaces transformers' checkpointing: some
+    # transformers versions wrap the layer call itself in torch's checkpoint
+    # (GradientCheckpointingLayer.__call__), which must not run around a patched
+    # layer, so the switch is off for the duration of this forward.
+    ckpt = [layer for layer in model.model.layers if _recompute(layer)]
+    state.plan, state.recompute = plan, frozenset(map(id, ckpt))
+    for layer in ckpt:
+        layer.gradient_checkpointing = False
     try:
         return original(*bound.args, **bound.kwargs)  # bound.args starts with the model
     finally:
-        state.plan = None
+        state.plan, state.recompute = None, frozenset()
+        for layer in ckpt:
+            layer.gradient_checkpointing = True
 
 
 def _recompute(layer) -> bool:
@@ -346,7 +356,8 @@ def _layer_forward(layer, state: _PatchState, *args, **kwargs):
     # layer computes in the autocast dtype; the residual stream returns in x.dtype.
     w = {k: None if t is None else t.to(dtype) for k, t in w.items()}
     with torch.autocast(x.device.type, enabled=False):
-        y = decoder_layer(x.to(dtype), cos, sin, plan, layer._centrifuge_shape, w, _recompute(layer))
+        y = decoder_layer(x.to(dtype), cos, sin, plan, layer._centrifuge_shape, w,
+                          id(layer) in state.recompute)  # fmt: skip
     return y.to(x.dtype)
 
 
