@@ -41,6 +41,7 @@ class LayerShape:
     num_kv_heads: int
     head_dim: int
     eps: float
+    layer_index: int = 0  # position in the stack: Plan.rows_for(layer_index) picks the rows
 
 
 def _linear(x, w, b=None):
@@ -135,7 +136,7 @@ class DecoderLayerFunction(torch.autograd.Function):
         plan, shape = ctx.plan, ctx.shape
         B, L, d = ctx.dims
         H, Hkv, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        idx = plan.keep_idx  # None: dense backward over every row
+        idx, extra = plan.rows_for(shape.layer_index)  # idx None: dense backward, every row
         F = g.shape[1]
         dW = {}
         # Saved activations are read through idx by the row-wise kernels (no
@@ -161,7 +162,7 @@ class DecoderLayerFunction(torch.autograd.Function):
         do = (dx2 @ W["wo"]).view(-1, H, D)
         dq, dk, dv = attention_backward(
             q.view(B, L, H, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D),
-            o, lse, do, plan.layout, idx,
+            o, lse, do, plan.layout, idx, extra=extra,
         )  # fmt: skip
         # dq, dk (after the RoPE transpose) and dv side by side: one weight GEMM.
         n = dq.shape[0]
