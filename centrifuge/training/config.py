@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from centrifuge.plan import BACKWARD_MODES
+from centrifuge.plan import BACKWARD_MODES, BackwardOptions
 from centrifuge.selection import GRANULARITIES, METHODS
 
 DTYPES = ("fp32", "bf16")
@@ -32,6 +32,12 @@ class TrainConfig:
                       trained on its clean split (``reference_steps``), as Rho-1 does.
     backward:         ``amplified`` (Centrifuge: backward on kept rows) or ``exact``
                       (masked loss, dense backward: the usual token filtering).
+    backward_extra, backward_extra_weight, exact_layers: quality knobs of ``amplified``
+                      (centrifuge.plan.BackwardOptions ``extra``, ``extra_weight``,
+                      ``exact_layers``): each filtered row that precedes a kept one joins
+                      the backward with probability backward_extra, its K/V gradient
+                      from other rows weighted 1/p (unbiased) or backward_extra_weight;
+                      the bottom exact_layers layers run the exact backward.
     seq_len, batch_size, grad_accum: rows of seq_len tokens; batch_size rows per
                       micro-batch, grad_accum micro-batches per optimizer step.
     lr, warmup_steps, min_lr_ratio: linear warm-up to lr, cosine decay to lr * min_lr_ratio.
@@ -53,6 +59,9 @@ class TrainConfig:
     reference: str | None = None
     reference_scores: str | None = None
     backward: str = "amplified"
+    backward_extra: float = 0.0
+    backward_extra_weight: float | None = None
+    exact_layers: int = 0
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
@@ -96,6 +105,7 @@ class TrainConfig:
              f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         need(self.backward in BACKWARD_MODES,
              f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        self.backward_options()  # raises on bad knobs
         need(not (self.reference and self.reference_scores),
              "give either reference or reference_scores, not both")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows"):
@@ -114,6 +124,11 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    def backward_options(self) -> BackwardOptions:
+        """A fresh :class:`BackwardOptions` (its sampling generator seeded by ``seed``)."""
+        return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
+                               self.exact_layers, seed=self.seed)  # fmt: skip
 
     @property
     def tokens_per_step(self) -> int:

@@ -27,7 +27,7 @@ from centrifuge.training.schedule import WarmupCosine
 # Options that must match between a checkpoint and the run resuming from it
 # (anything that changes the data order, the updates or the model).
 RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "select", "ratio", "granularity",
-               "backward", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+               "backward", "backward_extra", "backward_extra_weight", "exact_layers", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "dtype", "seed", "reference", "reference_scores", "reference_steps")  # fmt: skip
 
 
@@ -74,8 +74,9 @@ class DataOrder:
         return dict(rows_consumed=rows, epoch=rows // self.n, row_in_epoch=rows % self.n)
 
 
-def _rng_state(selector) -> dict:
-    st = dict(torch=torch.get_rng_state(), numpy=_np_state(), python=_py_state())
+def _rng_state(selector, backward) -> dict:
+    st = dict(torch=torch.get_rng_state(), numpy=_np_state(), python=_py_state(),
+              backward=backward.generator.get_state())  # fmt: skip
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     gen = selector._generator
@@ -94,8 +95,10 @@ def _py_state() -> list:
     return [version, list(internal), gauss]
 
 
-def _set_rng_state(st: dict, selector) -> None:
+def _set_rng_state(st: dict, selector, backward) -> None:
     torch.set_rng_state(st["torch"])
+    if "backward" in st:
+        backward.generator.set_state(st["backward"])
     name, keys, pos, has_gauss, cached = st["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = st["python"]
@@ -151,13 +154,14 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
     selector = run.selector
+    backward = cfg.backward_options()  # one object for the run: it holds the sampling generator
     state = dict(step=0, tokens_seen=0, tokens_kept=0, valid_seen=0, train_time=0.0, recent=[])
     if run.resume_state is not None:
         rs = run.resume_state
         opt.load_state_dict(rs["optimizer"])
         sched.load_state_dict(rs["scheduler"])
         sched.lr_lambdas[0] = WarmupCosine(cfg.warmup_steps, total, cfg.min_lr_ratio)
-        _set_rng_state(rs["rng"], selector)
+        _set_rng_state(rs["rng"], selector, backward)
         state.update({k: rs[k] for k in state})
     else:
         torch.manual_seed(cfg.seed)
@@ -182,7 +186,7 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
 
     def trainer_state(step: int) -> dict:
         return dict(
-            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(selector),
+            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(selector, backward),
             data=order.position(step), config=cfg.to_dict(), model_config=run.model_config_dict,
             data_fingerprint=run.train_ds.fingerprint, **dict(state, step=step),
         )  # fmt: skip
@@ -204,7 +208,7 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
                 b = {k: v.to(device) for k, v in run.train_ds.batch(rows).items()}
                 with autocast:
                     out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
-                                backward=cfg.backward)  # fmt: skip
+                                backward=backward)  # fmt: skip
                 ref = run.reference(rows, b) if selector.needs_reference else None
                 keep = selector(out.token_loss, out.valid, ref)
                 loss = out.plan.loss(out.token_loss, keep)

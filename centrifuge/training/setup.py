@@ -157,11 +157,11 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
                    f"data: {len(train_ds)} rows x {cfg.seq_len} tokens "
                    f"({'built-in corpus, ' + split + ' split' if cfg.data is None else ', '.join(cfg.data)})"
                    + (f"; selection {cfg.select} ρ={cfg.ratio:g} ({cfg.granularity}), "
-                      f"backward {cfg.backward}" if cfg.select != "none" else "; no selection")
+                      f"backward {cfg.backward_options().describe()}" if cfg.select != "none" else "; no selection")
                    + (f"; reference: {desc}" if desc else "")
                    + (f"; resuming from {resume_path}" if resume_path else ""))  # fmt: skip
     title = f"{cfg.model} · {cfg.select}" + (
-        f" ρ={cfg.ratio:g} · {cfg.backward}" if cfg.select != "none" else "")  # fmt: skip
+        f" ρ={cfg.ratio:g} · {cfg.backward_options().describe()}" if cfg.select != "none" else "")  # fmt: skip
     return Run(model, device, train_ds, eval_ds, selector, reference, desc, resume_state,
                resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
 
