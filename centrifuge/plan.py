@@ -67,6 +67,21 @@ class BackwardOptions:
             raise ValueError(f"exact_layers={self.exact_layers} exceeds the model's {num_layers} layers")
 
     @classmethod
+    def parse(cls, spec: str, seed: int = 0) -> "BackwardOptions":
+        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2"``
+        (any subset; ``""`` = plain amplified), as the bench's ``--knob`` takes them."""
+        kw = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("extra", "extra_weight", "exact_layers"):
+                raise ValueError(
+                    f"bad backward option {item!r} in {spec!r}: expected extra=P, "
+                    "extra_weight=W or exact_layers=K, separated by commas"
+                )
+            kw[key] = int(value) if key == "exact_layers" else float(value)
+        return cls("amplified", seed=seed, **kw)
+
+    @classmethod
     def of(cls, backward: "str | BackwardOptions") -> "BackwardOptions":
         return backward if isinstance(backward, BackwardOptions) else cls(backward)
 

@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
                    help="use HF + Liger-Kernel as the peer instead of plain HF (needs liger-kernel)")
     p.add_argument("--breakdown-ratio", type=float, default=d.breakdown_ratio,
                    help="ρ at which the backward is profiled by component (CUDA only)")
+    p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="SPEC",
+                   help="also time Centrifuge with a quality knob, e.g. extra=0.3, "
+                        "extra=0.5,extra_weight=1.5 or exact_layers=2 (repeatable)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
 
 
@@ -36,6 +39,7 @@ def run(args) -> int:
         preset=args.preset, seq_len=args.seq_len, batch=args.batch, ratios=args.ratios,
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
         repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
+        knobs=args.knobs,
     )  # fmt: skip
     result = run_bench(cfg, progress=tqdm)
     layers = f"-{cfg.layers}l" if cfg.layers else ""

@@ -18,6 +18,7 @@ from centrifuge.bench.variants import (
     native_variants,
 )
 from centrifuge.models import build_model, get_preset
+from centrifuge.plan import BackwardOptions
 from centrifuge.selection import check_ratio
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,9 +41,13 @@ class BenchConfig:
     liger: bool = False
     breakdown_ratio: float | None = 0.5  # profile the backward by component here
     seed: int = 0
+    # Quality knobs timed as extra Centrifuge variants (BackwardOptions.parse specs).
+    knobs: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.ratios = [check_ratio(r) for r in self.ratios]
+        for spec in self.knobs:
+            BackwardOptions.parse(spec)  # raises on a bad spec before anything runs
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -158,7 +163,7 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     config.max_position_embeddings = max(config.max_position_embeddings, cfg.seq_len)
     dtype = DTYPES[cfg.dtype]
     model = build_model(config, dtype=dtype, device=device, seed=cfg.seed)
-    variants = native_variants(model)
+    variants = native_variants(model, tuple(cfg.knobs))
     if cfg.liger:
         torch.manual_seed(cfg.seed)
         variants.append(hf_liger_variant(hf_model(config, dtype, device)))
@@ -216,7 +221,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
 
 def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
-    """Centrifuge's times over the others' (c/a dense, c/b masked, c/d HF)."""
+    """Centrifuge's times over the others' (c/a dense, c/b masked, c/d HF), and
+    each knob variant's over dense (``knobs``)."""
     by = {(r["variant"], r["ratio"]): r for r in rows}
     out = []
     for ratio in ratios:
@@ -230,5 +236,12 @@ def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
             if o is not None:
                 entry[key] = dict(step=c["step_ms"] / o["step_ms"],
                                   backward=c["backward_ms"] / o["backward_ms"])  # fmt: skip
+        dense = by.get(("dense", None))
+        knobs = {name: dict(step=r["step_ms"] / dense["step_ms"],
+                            backward=r["backward_ms"] / dense["backward_ms"])
+                 for (name, r_ratio), r in by.items()
+                 if name.startswith("centrifuge+") and r_ratio == ratio and dense}  # fmt: skip
+        if knobs:
+            entry["knobs"] = knobs
         out.append(entry)
     return out

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from centrifuge.models import LlamaForCausalLM
 from centrifuge.models.config import ModelConfig
+from centrifuge.plan import BackwardOptions
 from centrifuge.selection import Selector
 
 
@@ -24,7 +25,9 @@ class Variant:
     module: torch.nn.Module | None = None
 
 
-def native_variants(model: LlamaForCausalLM) -> list[Variant]:
+def native_variants(model: LlamaForCausalLM, knobs: tuple[str, ...] = ()) -> list[Variant]:
+    """dense, masked, centrifuge, and one Centrifuge variant per knob spec
+    (``BackwardOptions.parse``: e.g. ``extra=0.3`` or ``exact_layers=2``)."""
     def dense(ids, ratio):
         out = model(ids, labels=ids, backward="exact")
         return out.plan.loss(out.token_loss, out.valid)
@@ -37,11 +40,17 @@ def native_variants(model: LlamaForCausalLM) -> list[Variant]:
 
         return step
 
-    return [
+    variants = [
         Variant("dense", "dense (no filtering)", dense, filtered=False, module=model),
         Variant("masked", "masked-loss filtering", filtered("exact"), module=model),
         Variant("centrifuge", "Centrifuge", filtered("amplified"), module=model),
     ]
+    for spec in knobs:
+        opts = BackwardOptions.parse(spec)
+        opts.check_layers(model.config.num_layers)
+        name = "centrifuge" + opts.describe().removeprefix("amplified")
+        variants.append(Variant(name, f"Centrifuge, {spec}", filtered(opts), module=model))
+    return variants
 
 
 def hf_model(config: ModelConfig, dtype: torch.dtype, device, attn: str = "sdpa"):
