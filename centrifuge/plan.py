@@ -20,7 +20,7 @@ BACKWARD_MODES = ("amplified", "exact")
 
 
 class BackwardOptions:
-    """How the backward treats filtered rows (docs/design.md, "Modes").
+    """How the backward treats filtered rows (docs/design.md, "Quality knobs").
 
     mode:          ``amplified`` (Centrifuge) or ``exact`` (masked loss, dense backward).
     extra:         p in [0, 1]. Each filtered row that precedes a kept row of its
