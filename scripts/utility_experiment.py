@@ -93,6 +93,7 @@ class Scale:
     base_steps: int = 0  # pretraining steps of the base model (inits holding "base")
     base_lr: float = 3e-3
     base_corpus_docs: int = 0  # built-in corpus documents mixed into the base's general text
+    scratch_lr: float | None = None  # lr of the scratch runs when the continued ones use a lower one
 
 
 SCALES = {
@@ -107,17 +108,17 @@ SCALES = {
                   eval_rows=256, eval_problems=300, side_seeds=[0, 1, 2]),
     # Continued training from a pretrained base, tiny model on the CPU: checks the mode.
     "continued-smoke": Scale(model="tiny", device="cpu", dtype="fp32", seq_len=128, batch_size=8,
-                             steps=120, lr=1e-3, warmup=10, ref_steps=120, train_docs=1500,
-                             clean_docs=1500, evals=2, eval_rows=48, eval_problems=100,
-                             inits=["base", "scratch"], base_steps=300, base_corpus_docs=500,
-                             knobs=["extra=0.3", "exact_layers=1"], threads=1),
+                             steps=240, lr=2e-3, warmup=20, ref_steps=120, train_docs=1500,
+                             clean_docs=1500, evals=3, eval_rows=48, eval_problems=100,
+                             inits=["base", "scratch"], base_steps=600, base_corpus_docs=500,
+                             knobs=["extra=0.5,extra_weight=1.5", "exact_layers=1"], threads=1),
     # The paper's setting at a size that means something: a 12-layer, 114M-parameter
     # base (GPT-2-small class, byte vocabulary), one GPU.
     "continued-full": Scale(model="byte-110m", device="cuda", dtype="bf16", seq_len=1024,
                             batch_size=16, steps=300, lr=3e-4, warmup=30, ref_steps=300,
                             train_docs=6000, clean_docs=6000, evals=3, eval_rows=256,
                             eval_problems=300, inits=["base", "scratch"], base_steps=1500,
-                            base_lr=1e-3, base_corpus_docs=2000,
+                            base_lr=6e-4, scratch_lr=6e-4, base_corpus_docs=2000,
                             knobs=["extra=0.1", "extra=0.3", "exact_layers=2", "exact_layers=4"]),
 }  # fmt: skip
 INITS = {"base": "continued training from the pretrained base", "scratch": "from scratch"}
@@ -234,6 +235,8 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
         extra.update(knob_options(spec.knob))
     if spec.init == "base":
         extra["model"] = str(base)
+    elif s.scratch_lr is not None:
+        extra["lr"] = s.scratch_lr
     cfg = base_config(s, data, run_dir, cache, **extra)
     summary = train(cfg, progress=False)
     times = step_times(Path(summary["metrics"]))
