@@ -282,3 +282,18 @@ def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
     md = (out / "results.md").read_text()
     assert "**Continued training from the pretrained base**" in md and "**From scratch**" in md
     assert "rho1-exact-r0.5-s0" in second["meta"]["skipped"]
+
+
+def test_general_prose_is_the_stdlib_documentation():
+    """The base model's general text: docstrings parsed from the interpreter's
+    own sources and the pydoc topics, in a fixed order, nothing imported."""
+    import sys
+
+    from centrifuge.data import prose
+
+    docs = prose.stdlib_documents()
+    assert len(docs) > 300 and sum(map(len, docs)) > 1_000_000
+    assert any(d.startswith("JSON (JavaScript Object Notation)") for d in docs)  # json/__init__.py
+    assert "antigravity" not in sys.modules  # parsed, never imported
+    assert docs == prose.stdlib_documents.__wrapped__()  # deterministic
+    assert prose.fingerprint().endswith("stdlib docs")
