@@ -295,5 +295,4 @@ def test_general_prose_is_the_stdlib_documentation():
     assert len(docs) > 300 and sum(map(len, docs)) > 1_000_000
     assert any(d.startswith("JSON (JavaScript Object Notation)") for d in docs)  # json/__init__.py
     assert "antigravity" not in sys.modules  # parsed, never imported
-    assert docs == prose.stdlib_documents.__wrapped__()  # deterministic
     assert prose.fingerprint().endswith("stdlib docs")
