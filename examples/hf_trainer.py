@@ -3,6 +3,7 @@
     python examples/hf_trainer.py                      # tiny random Qwen2, a toy task, CPU
     python examples/hf_trainer.py --select rho1        # Rho-1 with a reference model
     python examples/hf_trainer.py --model DIR          # a local HF Llama/Qwen2/Qwen3/Mistral dir
+    torchrun --nproc-per-node 2 examples/hf_trainer.py [--fsdp]   # DDP, or FSDP2 (CPU or GPUs)
 
 ``CentrifugeTrainer`` is ``transformers.Trainer`` with three extra arguments
 (``select``, ``ratio``, ``reference_model``): it patches the model, selects the
@@ -62,6 +63,8 @@ def main():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--out", default=None, help="output dir (default: a temporary one)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: FSDP2 (one unit per decoder layer) instead of DDP")
     args = p.parse_args()
 
     vocab, seq_len = 32, 32
@@ -87,6 +90,11 @@ def main():
         output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=args.grad_accum,
         max_steps=args.steps, learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=5,
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+        # FSDP2 through the Trainer (accelerate): each decoder layer one unit, its
+        # weights kept from forward to backward (see README, Several GPUs).
+        **(dict(fsdp=True, fsdp_config=dict(
+            fsdp_version=2, reshard_after_forward=False,
+            transformer_layer_cls_to_wrap=[type(model.model.layers[0]).__name__])) if args.fsdp else {}),
     )  # fmt: skip
     trainer = CentrifugeTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -95,9 +103,10 @@ def main():
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    print(f"eval loss on clean rows: {before:.3f} -> {after:.3f}")
     trainer.save_model(out)  # an ordinary HF checkpoint: from_pretrained(out) loads it
-    print(f"saved to {out}")
+    if trainer.is_world_process_zero():
+        print(f"eval loss on clean rows: {before:.3f} -> {after:.3f}")
+        print(f"saved to {out}")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
     skip = max(1, len(times) // 10)  # the first steps include warm-up (allocation, compilation)
     curve = []
     for step, ck in checkpoints(run_dir):
-        curve.append(dict(step=step, tokens=step * cfg.tokens_per_step, train_s=sum(times[:step]),
+        curve.append(dict(step=step, tokens=step * cfg.tokens_per_step(), train_s=sum(times[:step]),
                           **evaluate_checkpoint(ck, eval_ds, s)))  # fmt: skip
         if prune:
             shutil.rmtree(ck)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig
 
@@ -69,7 +70,14 @@ def add_arguments(p) -> None:
     opt_g("--steps", "optimizer steps", type=int)
     opt_g("--max-tokens", "token budget (rows x seq_len); caps --steps", type=int)
     opt_g("--dtype", "fp32, or bf16 autocast with fp32 master weights", choices=DTYPES)
-    opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N; under torchrun "
+          "each process takes cuda:LOCAL_RANK")
+    opt_g("--parallel", "under torchrun: ddp, fsdp (FSDP2, sharded weights, gradients and "
+          "optimizer state) or auto (ddp while the training state fits in half a GPU, else "
+          "fsdp)", choices=PARALLEL_MODES)
+    opt_g("--fsdp-reshard", "FSDP: off keeps each layer's gathered weights from forward to "
+          "backward (faster), on gathers them again (less memory), auto: off while they take "
+          "at most a quarter of a GPU", choices=RESHARD_MODES)
     opt_g("--seed", "seed of initialization, data order, selection and the built-in corpus",
           type=int)
     g = p.add_argument_group("evaluation, checkpoints, output")
@@ -103,7 +111,8 @@ def config_from_args(args) -> TrainConfig:
 
 def format_summary(s: dict) -> str:
     lines = [
-        f"done: {s['steps']} steps in {s['wall_s']:.1f} s",
+        f"done: {s['steps']} steps in {s['wall_s']:.1f} s"
+        + (f" ({s['processes']} processes, {s['parallel']})" if s.get("processes", 1) > 1 else ""),
         f"  tokens seen      {s['tokens_seen']:,}  (kept {s['tokens_kept']:,}, "
         f"{100 * s['kept_fraction']:.1f}% of labelled tokens)",
         f"  throughput       {s['tokens_per_s']:,.0f} tokens/s (training steps only)",
@@ -125,6 +134,9 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
+    import torch.distributed as dist
+
+    from centrifuge.distributed import shutdown_distributed
     from centrifuge.training.checkpoint import CheckpointError
     from centrifuge.training.loop import train
 
@@ -132,10 +144,16 @@ def run(args) -> int:
         cfg = config_from_args(args)
         summary = train(cfg, progress=not getattr(args, "quiet", False))
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"centrifuge train: error: {e}", file=sys.stderr)
+        rank = f" (rank {dist.get_rank()})" if dist.is_initialized() else ""
+        print(f"centrifuge train: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("centrifuge train: interrupted", file=sys.stderr)
         return 130
+    if dist.is_initialized():  # torchrun: one summary, from rank 0
+        main = dist.get_rank() == 0
+        shutdown_distributed()
+        if not main:
+            return 0
     print(format_summary(summary))
     return 0
