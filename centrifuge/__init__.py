@@ -2,13 +2,13 @@
 
 from centrifuge.integrations import filtered_loss, patch, selective_loss, unpatch
 from centrifuge.models import LlamaForCausalLM, ModelConfig, build_model, get_preset
-from centrifuge.plan import Layout, Plan
+from centrifuge.plan import BackwardOptions, Layout, Plan
 from centrifuge.selection import Selector, keep_from_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LlamaForCausalLM", "ModelConfig", "build_model", "get_preset",
-    "Layout", "Plan", "Selector", "keep_from_mask",
+    "BackwardOptions", "Layout", "Plan", "Selector", "keep_from_mask",
 ]  # fmt: skip
 __all__ += ["patch", "unpatch", "filtered_loss", "selective_loss"]  # HF integration

@@ -11,11 +11,106 @@ row is kept or filtered as a whole (its loss and its K/V go together).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 BACKWARD_MODES = ("amplified", "exact")
+
+
+class BackwardOptions:
+    """How the backward treats filtered rows (docs/design.md, "Quality knobs").
+
+    mode:          ``amplified`` (Centrifuge) or ``exact`` (masked loss, dense backward).
+    extra:         p in [0, 1]. Each filtered row that precedes a kept row of its
+                   document joins the backward set with probability p (drawn per
+                   forward from this object's seeded generator); it carries no loss,
+                   and the K/V gradient it receives from *other* rows' queries is
+                   multiplied by ``extra_weight``.
+    extra_weight:  that weight; None means 1/p, which makes the gradient an
+                   unbiased estimate of the exact masked-loss gradient. A value in
+                   [1, 1/p] damps it (biased, lower variance).
+    exact_layers:  the bottom k decoder layers run the exact (dense) backward; the
+                   layers above stay compact.
+    seed:          seeds the sampling generator (CPU; ``generator`` holds its state).
+    """
+
+    def __init__(self, mode: str = "amplified", extra: float = 0.0,
+                 extra_weight: float | None = None, exact_layers: int = 0, seed: int = 0):  # fmt: skip
+        if mode not in BACKWARD_MODES:
+            raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
+        extra = float(extra)
+        if not 0.0 <= extra <= 1.0:
+            raise ValueError(f"backward extra (sampling probability p) must lie in [0, 1], got {extra}")
+        if extra_weight is not None:
+            extra_weight = float(extra_weight)
+            if extra == 0.0:
+                raise ValueError("backward extra_weight needs extra > 0 (no filtered row is sampled)")
+            if not 1.0 <= extra_weight <= 1.0 / extra * (1 + 1e-9):
+                raise ValueError(
+                    f"backward extra_weight must lie in [1, 1/p] = [1, {1 / extra:g}], got {extra_weight}"
+                )
+        if int(exact_layers) != exact_layers or exact_layers < 0:
+            raise ValueError(f"exact_layers must be a non-negative integer, got {exact_layers!r}")
+        if mode == "exact" and (extra > 0 or exact_layers > 0):
+            raise ValueError(
+                "backward extra / exact_layers modify the amplified backward; mode 'exact' is "
+                "already the dense backward"
+            )
+        self.mode, self.extra, self.exact_layers, self.seed = mode, extra, int(exact_layers), seed
+        self.weight = (1.0 / extra if extra > 0 else 1.0) if extra_weight is None else extra_weight
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.exact_layers > num_layers:
+            raise ValueError(f"exact_layers={self.exact_layers} exceeds the model's {num_layers} layers")
+
+    @classmethod
+    def parse(cls, spec: str, seed: int = 0) -> "BackwardOptions":
+        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2"``
+        (any subset; ``""`` = plain amplified), as the bench's ``--knob`` takes them."""
+        kw = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("extra", "extra_weight", "exact_layers"):
+                raise ValueError(
+                    f"bad backward option {item!r} in {spec!r}: expected extra=P, "
+                    "extra_weight=W or exact_layers=K, separated by commas"
+                )
+            kw[key] = int(value) if key == "exact_layers" else float(value)
+        return cls("amplified", seed=seed, **kw)
+
+    @classmethod
+    def of(cls, backward: "str | BackwardOptions") -> "BackwardOptions":
+        return backward if isinstance(backward, BackwardOptions) else cls(backward)
+
+    def __repr__(self) -> str:
+        return (f"BackwardOptions({self.mode!r}, extra={self.extra:g}, weight={self.weight:g}, "
+                f"exact_layers={self.exact_layers})")  # fmt: skip
+
+    def describe(self) -> str:
+        """Short label: ``amplified``, ``amplified+extra0.3``, ``amplified+exact2``, ..."""
+        s = self.mode
+        if self.extra > 0:
+            s += f"+extra{self.extra:g}"
+            if not math.isclose(self.weight, 1.0 / self.extra):
+                s += f"(w{self.weight:g})"
+        if self.exact_layers:
+            s += f"+exact{self.exact_layers}"
+        return s
+
+
+@dataclass
+class ExtraRows:
+    """Sampled filtered rows inside a layer's backward set.
+
+    pos:    [m] int64 positions in the backward rows (``Plan.rows_idx``).
+    weight: multiplies their K/V gradient from other rows' queries.
+    """
+
+    pos: torch.Tensor
+    weight: float
 
 
 @dataclass
@@ -94,16 +189,21 @@ class Plan:
 
     ``keep_idx`` holds the sorted flat indices (into ``B * L``) of kept rows once
     :meth:`set_keep` ran in ``amplified`` mode; it stays ``None`` (dense backward)
-    in ``exact`` mode, where only the loss is masked.
+    in ``exact`` mode, where only the loss is masked. The LM head and final norm
+    differentiate ``keep_idx``; decoder layers ask :meth:`rows_for`, which adds
+    the sampled filtered rows (``BackwardOptions.extra``) and returns no rows
+    (dense) for the bottom ``exact_layers``.
     """
 
-    def __init__(self, layout: Layout, mode: str = "amplified"):
-        if mode not in BACKWARD_MODES:
-            raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
+    def __init__(self, layout: Layout, mode: "str | BackwardOptions" = "amplified"):
+        self.options = BackwardOptions.of(mode)
         self.layout = layout
-        self.mode = mode
+        self.mode = self.options.mode
         self.keep_idx: torch.Tensor | None = None
         self.n_keep: int | None = None
+        self.sampled: torch.Tensor | None = None  # [B, L] bool, filtered rows drawn into the backward
+        self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept + sampled rows
+        self.extra: ExtraRows | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,20 +224,54 @@ class Plan:
         self.n_keep = int(idx.numel())
         if self.n_keep == 0:
             raise ValueError("the keep mask keeps no token: the filtered loss would be undefined")
-        if self.mode == "amplified" and self._filtered_rows_matter(keep):
-            self.keep_idx = idx
+        if self.mode != "amplified":
+            return
+        matter = self._filtered_rows_that_matter(keep)
+        if not bool(matter.any()):
+            return
+        self.keep_idx = self.rows_idx = idx
+        opts = self.options
+        if opts.extra > 0:
+            # Drawn over all B*L rows on the CPU generator: the stream advances by
+            # the same amount every step whatever the selection, and any device
+            # gets the same sample.
+            u = torch.rand(self.shape, generator=opts.generator).to(keep.device)
+            self.sampled = matter & (u < opts.extra)
+            rows = keep | self.sampled
+            self.rows_idx = torch.nonzero(rows.reshape(-1)).squeeze(1)
+            pos = torch.nonzero(self.sampled.reshape(-1)[self.rows_idx]).squeeze(1)
+            self.extra = ExtraRows(pos, opts.weight)
 
-    def _filtered_rows_matter(self, keep: torch.Tensor) -> bool:
-        """A filtered row gets a gradient in dense training only through a later
-        kept row of its own document. With none (ρ = 1: only document ends and
-        padding are filtered) the dense backward computes the same gradients
-        without gathering, so the plan stays dense."""
+    def _filtered_rows_that_matter(self, keep: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: filtered rows that precede a kept row of their document.
+
+        Only those get a gradient in dense training (through the later kept
+        row). With none (ρ = 1: only document ends and padding are filtered)
+        the dense backward computes the same gradients without gathering, so
+        the plan stays dense."""
         B, L = self.shape
         pos = torch.arange(L, device=keep.device).expand(B, L)
         doc = self.layout.segment_ids + torch.arange(B, device=keep.device)[:, None] * L
         last_kept = torch.full((B * L,), -1, device=keep.device, dtype=torch.long)
         last_kept.scatter_reduce_(0, doc[keep], pos[keep], "amax")
-        return bool((~keep & (pos < last_kept[doc])).any())
+        return ~keep & (pos < last_kept[doc])
+
+    def rows_for(self, layer_index: int) -> tuple[torch.Tensor | None, ExtraRows | None]:
+        """(rows, extra) the backward of decoder layer ``layer_index`` runs on:
+        rows [n] sorted flat indices (None: every row, dense), extra the sampled
+        filtered rows among them (None: none)."""
+        if self.rows_idx is None or layer_index < self.options.exact_layers:
+            return None, None
+        return self.rows_idx, self.extra
+
+    def kv_weight(self, keep: torch.Tensor) -> torch.Tensor:
+        """[B, L] float64 per-row K/V gradient weights of the compact layers, the
+        reference semantics' input: 1 kept, ``weight`` sampled, 0 elsewhere.
+        keep: the [B, L] bool mask this plan was filled with."""
+        w = keep.to(torch.float64)
+        if self.sampled is not None:
+            w = w.masked_fill(self.sampled, self.options.weight)
+        return w
 
     def loss(self, token_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Mean of the kept rows' losses, and the plan filled for the backward.

@@ -1,7 +1,9 @@
 """Utility experiment: does Centrifuge's amplified backward keep Rho-1's gains?
 
-    python scripts/utility_experiment.py --scale smoke     # CPU, a few minutes
-    python scripts/utility_experiment.py --scale full      # one GPU, a few minutes
+    python scripts/utility_experiment.py --scale smoke             # CPU, a few minutes
+    python scripts/utility_experiment.py --scale full              # one GPU, a few minutes
+    python scripts/utility_experiment.py --scale continued-smoke   # CPU: the continued-training mode
+    python scripts/utility_experiment.py --scale continued-full    # one GPU: byte-110m, the paper's setting
 
 On the built-in corpus (math word problems with noise spans) it
 
@@ -15,6 +17,19 @@ On the built-in corpus (math word problems with noise spans) it
    perplexity, answer accuracy), and writes results.json, results.md and
    curves.png to the output directory.
 
+Quality knobs (``--knobs``: ``BackwardOptions.parse`` specs such as
+``extra=0.3`` or ``exact_layers=2``) add Rho-1 Centrifuge runs with that knob at
+the headline ρ and seeds; the report gives every Centrifuge variant's share of
+Rho-1 exact's gain over standard training and its step time over Rho-1 exact's.
+
+Continued training (scales whose ``inits`` hold ``base``, the setting of Rho-1
+and of the Centrifuge paper): first a *base* model is pretrained on general
+text (the docstrings and reference topics of Python's standard library,
+``centrifuge.data.prose``, mixed with built-in corpus documents that no run
+trains on), then the reference model is trained from the base on clean
+problems, and the ``cont-`` runs start from the base; runs of ``scratch``
+init start from random weights with the same reference scores.
+
 All runs train on the same token stream (the corpus' noisy ``train`` documents
 of corpus seed 0, written to a JSONL file): a run's seed sets its model
 initialisation and data order, not the corpus, so seeds are paired across
@@ -26,7 +41,9 @@ and listed as such.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import random
 import math
 import os
 import shutil
@@ -44,7 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from centrifuge.cli import main as centrifuge_cli  # noqa: E402
 from centrifuge.data import corpus, load_dataset, load_tokenizer  # noqa: E402
 from centrifuge.evaluation import evaluate  # noqa: E402
+from centrifuge.data import prose  # noqa: E402
 from centrifuge.models import LlamaForCausalLM  # noqa: E402
+from centrifuge.plan import BackwardOptions  # noqa: E402
 from centrifuge.training import TrainConfig, train  # noqa: E402
 
 
@@ -69,6 +88,12 @@ class Scale:
     ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     headline_ratio: float = 0.5
     threads: int | None = None  # CPU intra-op threads
+    knobs: list[str] = field(default_factory=list)  # quality knobs at the headline ρ and seeds
+    inits: list[str] = field(default_factory=lambda: ["scratch"])  # and/or "base": continued training
+    base_steps: int = 0  # pretraining steps of the base model (inits holding "base")
+    base_lr: float = 3e-3
+    base_corpus_docs: int = 0  # built-in corpus documents mixed into the base's general text
+    scratch_lr: float | None = None  # lr of the scratch runs when the continued ones use a lower one
 
 
 SCALES = {
@@ -81,35 +106,66 @@ SCALES = {
     "full": Scale(model="small", device="cuda", dtype="bf16", seq_len=512, batch_size=16, steps=400,
                   lr=3e-3, warmup=40, ref_steps=400, train_docs=6000, clean_docs=6000, evals=5,
                   eval_rows=256, eval_problems=300, side_seeds=[0, 1, 2]),
+    # Continued training from a pretrained base, tiny model on the CPU: checks the mode.
+    "continued-smoke": Scale(model="tiny", device="cpu", dtype="fp32", seq_len=128, batch_size=8,
+                             steps=240, lr=2e-3, warmup=20, ref_steps=120, train_docs=1500,
+                             clean_docs=1500, evals=3, eval_rows=48, eval_problems=100,
+                             inits=["base", "scratch"], base_steps=600, base_corpus_docs=500,
+                             knobs=["extra=0.5,extra_weight=1.5", "exact_layers=1"], threads=1),
+    # The paper's setting at a size that means something: a 12-layer, 114M-parameter
+    # base (GPT-2-small class, byte vocabulary), one GPU.
+    "continued-full": Scale(model="byte-110m", device="cuda", dtype="bf16", seq_len=1024,
+                            batch_size=16, steps=300, lr=3e-4, warmup=30, ref_steps=300,
+                            train_docs=6000, clean_docs=6000, evals=3, eval_rows=256,
+                            eval_problems=300, inits=["base", "scratch"], base_steps=1500,
+                            base_lr=6e-4, scratch_lr=6e-4, base_corpus_docs=2000,
+                            knobs=["extra=0.1", "extra=0.3", "exact_layers=2", "exact_layers=4"]),
 }  # fmt: skip
+INITS = {"base": "continued training from the pretrained base", "scratch": "from scratch"}
 
 
 @dataclass
 class RunSpec:
     name: str
-    method: str  # standard | rho1-exact | rho1-centrifuge
+    method: str  # standard | rho1-exact | rho1-centrifuge | rho1-centrifuge+<knob>
     select: str
     backward: str
     ratio: float
     seed: int
+    knob: str = ""  # BackwardOptions.parse spec of a quality knob ("": none)
+    init: str = "scratch"  # scratch | base (continued training from the pretrained base)
+
+
+def knob_method(knob: str) -> str:
+    """``extra=0.5,extra_weight=1.5`` -> ``rho1-centrifuge+extra0.5w1.5``."""
+    desc = BackwardOptions.parse(knob).describe().removeprefix("amplified")
+    return "rho1-centrifuge" + desc.replace("(", "").replace(")", "")
 
 
 def plan_runs(s: Scale) -> list[RunSpec]:
-    """Headline comparison first (so a time budget cuts the side ratios first)."""
+    """Headline comparison first, then the knobs (first init only), then the
+    side ratios (so a time budget cuts the side ratios first)."""
     runs = []
 
-    def add(seed, ratio):
-        for method, select, backward in (("rho1-exact", "rho1", "exact"),
-                                         ("rho1-centrifuge", "rho1", "amplified")):  # fmt: skip
-            runs.append(RunSpec(f"{method}-r{ratio:g}-s{seed}", method, select, backward, ratio, seed))
+    def add(init, seed, ratio, methods=(("rho1-exact", "exact", ""), ("rho1-centrifuge", "amplified", ""))):
+        pre = "" if init == "scratch" else "cont-"
+        for method, backward, knob in methods:
+            runs.append(RunSpec(f"{pre}{method}-r{ratio:g}-s{seed}", method, "rho1", backward, ratio,
+                                seed, knob, init))  # fmt: skip
 
+    for init in s.inits:
+        pre = "" if init == "scratch" else "cont-"
+        for seed in s.seeds:
+            runs.append(RunSpec(f"{pre}standard-s{seed}", "standard", "none", "exact", 1.0, seed,
+                                init=init))  # fmt: skip
+            add(init, seed, s.headline_ratio)
     for seed in s.seeds:
-        runs.append(RunSpec(f"standard-s{seed}", "standard", "none", "exact", 1.0, seed))
-        add(seed, s.headline_ratio)
-    for seed in s.side_seeds:
-        for r in s.ratios:
-            if r != s.headline_ratio:
-                add(seed, r)
+        add(s.inits[0], seed, s.headline_ratio, [(knob_method(k), "amplified", k) for k in s.knobs])
+    for init in s.inits:
+        for seed in s.side_seeds:
+            for r in s.ratios:
+                if r != s.headline_ratio:
+                    add(init, seed, r)
     return runs
 
 
@@ -127,8 +183,8 @@ def base_config(s: Scale, data: Path, out_dir: Path, cache: Path, **kw) -> Train
     steps = kw.pop("steps", s.steps)
     save = max(1, steps // s.evals)
     return TrainConfig(
-        model=s.model, data=[str(data)], tokenizer="byte", seq_len=s.seq_len,
-        batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup, steps=steps, dtype=s.dtype,
+        model=kw.pop("model", s.model), data=[str(data)], tokenizer="byte", seq_len=s.seq_len,
+        batch_size=s.batch_size, lr=kw.pop("lr", s.lr), warmup_steps=s.warmup, steps=steps, dtype=s.dtype,
         device=s.device, eval_interval=0, save_interval=save, eval_rows=8, out_dir=str(out_dir),
         cache_dir=str(cache), **kw,
     )  # fmt: skip
@@ -154,38 +210,90 @@ def evaluate_checkpoint(path: Path, eval_ds, s: Scale) -> dict:
     return dict(loss=r["loss"], perplexity=r["perplexity"], accuracy=r["accuracy"])
 
 
-def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path,
-            eval_ds) -> dict:  # fmt: skip
-    run_dir = out / "runs" / spec.name
-    done = run_dir / "result.json"
+def knob_options(knob: str) -> dict:
+    """TrainConfig fields of a knob spec."""
+    o = BackwardOptions.parse(knob)
+    weight = None if o.extra == 0 or math.isclose(o.weight, 1 / o.extra) else o.weight
+    return dict(backward_extra=o.extra, backward_extra_weight=weight, exact_layers=o.exact_layers)
+
+
+def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path, eval_ds,
+            base: Path | None = None, work: Path | None = None, prune: bool = False) -> dict:  # fmt: skip
+    """Train and evaluate one run; its result (and metrics) go to ``out/runs/NAME``,
+    its checkpoints to ``work`` (default ``out``; deleted after evaluation with
+    ``prune``). A run whose result exists is not trained again."""
+    done = out / "runs" / spec.name / "result.json"
     if done.exists():
         return json.loads(done.read_text())
+    run_dir = (work or out) / "runs" / spec.name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run: start it again
     extra = dict(select=spec.select, ratio=spec.ratio, backward=spec.backward, seed=spec.seed)
     if spec.select == "rho1":
         extra["reference_scores"] = str(scores)
+    if spec.knob:
+        extra.update(knob_options(spec.knob))
+    if spec.init == "base":
+        extra["model"] = str(base)
+    elif s.scratch_lr is not None:
+        extra["lr"] = s.scratch_lr
     cfg = base_config(s, data, run_dir, cache, **extra)
     summary = train(cfg, progress=False)
     times = step_times(Path(summary["metrics"]))
     skip = max(1, len(times) // 10)  # the first steps include warm-up (allocation, compilation)
     curve = []
     for step, ck in checkpoints(run_dir):
-        curve.append(dict(step=step, tokens=step * cfg.tokens_per_step(), **evaluate_checkpoint(ck, eval_ds, s)))
+        curve.append(dict(step=step, tokens=step * cfg.tokens_per_step(), train_s=sum(times[:step]),
+                          **evaluate_checkpoint(ck, eval_ds, s)))  # fmt: skip
+        if prune:
+            shutil.rmtree(ck)
     res = dict(asdict(spec), steps=summary["steps"], tokens_seen=summary["tokens_seen"],
                tokens_kept=summary["tokens_kept"], kept_fraction=summary["kept_fraction"],
                ms_per_step=1e3 * statistics.median(times[skip:]),
                train_s=sum(times), wall_s=summary["wall_s"],
                final_train_loss=summary["final_train_loss"], curve=curve,
                eval_loss=curve[-1]["loss"], eval_accuracy=curve[-1]["accuracy"])  # fmt: skip
+    done.parent.mkdir(parents=True, exist_ok=True)
+    if done.parent != run_dir:
+        shutil.copy(summary["metrics"], done.parent / "metrics.jsonl")
     done.write_text(json.dumps(res, indent=1))
     return res
 
 
+def base_documents(s: Scale) -> list[str]:
+    """General text (the standard library's documentation) mixed with built-in
+    corpus training documents that no run trains on (those after the first
+    ``train_docs``), in a fixed shuffled order."""
+    math_docs = corpus.documents("train", seed=0, n=s.train_docs + s.base_corpus_docs)[s.train_docs :]
+    docs = [*prose.stdlib_documents(), *math_docs]
+    random.Random(0).shuffle(docs)
+    return docs
+
+
+def pretrain_base(s: Scale, work: Path, cache: Path, eval_ds, say) -> tuple[Path, dict]:
+    """Train (or reuse) the base model; returns its checkpoint and a description.
+    Deterministic, so a later call on a fresh machine rebuilds the same base."""
+    base_dir = work / "base"
+    docs = base_documents(s)
+    data = write_jsonl(work / "base.jsonl", docs)
+    if not (base_dir / "latest").is_file():
+        say(f"pretraining the base model on {len(docs)} documents ({s.base_steps} steps)")
+        cfg = base_config(s, data, base_dir, cache, select="none", steps=s.base_steps,
+                          lr=s.base_lr, seed=2000)  # fmt: skip
+        train(cfg, progress=False)
+    ckpt = checkpoints(base_dir)[-1][1]
+    r = evaluate_checkpoint(ckpt, eval_ds, s)
+    say(f"base: clean eval loss {r['loss']:.4f}, accuracy {r['accuracy']:.3f}")
+    info = dict(steps=s.base_steps, tokens=s.base_steps * s.batch_size * s.seq_len,
+                text=f"{prose.fingerprint()} + {s.base_corpus_docs} built-in corpus documents",
+                documents=len(docs), eval=r)  # fmt: skip
+    return ckpt, info
+
+
 def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dict:
     """Before timing anything on this device: one Rho-1 step of the experiment's
-    model, both backward modes, against the reference semantics in plain
-    autograd (float32). Returns the relative gradient errors."""
+    model, both backward modes and every knob, against the reference semantics
+    in plain autograd (float32). Returns the relative gradient errors."""
     from centrifuge import Selector, build_model, get_preset
     from centrifuge.models.reference import reference_filtered_loss
     from centrifuge.scoring import load_reference_scores
@@ -196,17 +304,20 @@ def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dic
     ref = torch.from_numpy(load_reference_scores(scores, ds)[rows]).to(s.device)
     model = build_model(get_preset(s.model), device=s.device, seed=0)
     out = {}
-    for mode in ("amplified", "exact"):
+    modes = {"amplified": "amplified", "exact": "exact", **{k: BackwardOptions.parse(k) for k in s.knobs}}
+    for name, mode in modes.items():
         model.zero_grad(set_to_none=True)
         o = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], backward=mode)
         keep = Selector("rho1", s.headline_ratio)(o.token_loss, o.valid, ref)
         o.plan.loss(o.token_loss, keep).backward()
         got = [p.grad.detach().clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
-        # exact = ordinary autograd of the masked loss; amplified = K/V of filtered rows detached
-        if mode == "amplified":
+        # exact = ordinary autograd of the masked loss; amplified = K/V of filtered rows
+        # detached; a knob: K/V weights of the sampled rows, exact bottom layers
+        if mode != "exact":
+            knob = dict(kv_weight=o.plan.kv_weight(keep), exact_layers=o.plan.options.exact_layers)
             loss = reference_filtered_loss(model, b["input_ids"], b["labels"], keep,
-                                           position_ids=b["position_ids"])  # fmt: skip
+                                           position_ids=b["position_ids"], **knob)  # fmt: skip
         else:
             from centrifuge.models.reference import reference_token_loss
 
@@ -217,7 +328,7 @@ def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dic
         want = [p.grad.detach() for p in model.parameters()]
         num = sum(float((g - w).double().pow(2).sum()) for g, w in zip(got, want))
         den = sum(float(w.double().pow(2).sum()) for w in want)
-        out[mode] = math.sqrt(num / den)
+        out[name] = math.sqrt(num / den)
     model.zero_grad(set_to_none=True)
     return out
 
@@ -243,14 +354,37 @@ def groups(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
     return g
 
 
+def init_of(r: dict) -> str:
+    return r.get("init", "scratch")
+
+
+def inits_in(results: list[dict]) -> list[str]:
+    return [i for i in INITS if any(init_of(r) == i for r in results)]
+
+
 def to_markdown(results: list[dict], s: Scale, meta: dict) -> str:
-    g = groups(results)
-    order = sorted(g, key=lambda k: (k[1] != 1.0, k[1], k[0]))
     lines = [
         f"Model `{s.model}`, {s.steps} steps × {s.batch_size} rows × {s.seq_len} tokens "
         f"= {s.steps * s.batch_size * s.seq_len:,} training tokens per run, {s.dtype}, "
         f"device {meta['device']}. Clean held-out eval: {s.eval_rows} rows, "
         f"{s.eval_problems} problems. Mean ± std over seeds.",
+    ]
+    inits = inits_in(results)
+    for init in inits:
+        if len(inits) > 1:
+            lines += ["", f"**{INITS[init].capitalize()}**"]
+        lines += init_tables([r for r in results if init_of(r) == init])
+    if meta.get("skipped"):
+        lines += ["", f"Not run (time budget or --runs): {', '.join(meta['skipped'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def init_tables(results: list[dict]) -> list[str]:
+    """The tables of one init: every (method, ρ), the paired comparison of
+    Rho-1 exact and Centrifuge, and every Centrifuge variant's share of the gain."""
+    g = groups(results)
+    order = sorted(g, key=lambda k: (k[1] != 1.0, k[1], k[0]))
+    lines = [
         "",
         "| method | ρ | seeds | clean eval loss | perplexity | answer accuracy (%) | ms / step | kept |",
         "|---|---|---|---|---|---|---|---|",
@@ -290,9 +424,33 @@ def to_markdown(results: list[dict], s: Scale, meta: dict) -> str:
             "|---|---|---|---|---|",
             *rows,
         ]
-    if meta.get("skipped"):
-        lines += ["", f"Not run (time budget): {', '.join(meta['skipped'])}."]
-    return "\n".join(lines) + "\n"
+    rows = []
+    for method, ratio in sorted(k for k in g if k[0].startswith("rho1-centrifuge")):
+        seeds = sorted(sd for (m, rr, sd) in by if m == method and rr == ratio
+                       and ("rho1-exact", ratio, sd) in by and ("standard", 1.0, sd) in by)  # fmt: skip
+        if not seeds:
+            continue
+        mine = [by[method, ratio, sd] for sd in seeds]
+        exact = [by["rho1-exact", ratio, sd] for sd in seeds]
+        std = [by["standard", 1.0, sd]["eval_loss"] for sd in seeds]
+        share = [(b - m["eval_loss"]) / (b - e["eval_loss"]) for m, e, b in zip(mine, exact, std)
+                 if b != e["eval_loss"]]  # fmt: skip
+        delta = [m["eval_loss"] - e["eval_loss"] for m, e in zip(mine, exact)]
+        time_ratio = [m["ms_per_step"] / e["ms_per_step"] for m, e in zip(mine, exact)]
+        rows.append(f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {fmt(share, 0, 100)}% | "
+                    f"{fmt(time_ratio, 2)} |")  # fmt: skip
+    if rows:
+        lines += [
+            "",
+            "Every Centrifuge variant, paired by seed: Δ loss against Rho-1 exact, its share of "
+            "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact)), "
+            "and its step time over Rho-1 exact's on this device.",
+            "",
+            "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    return lines
 
 
 def plot(results: list[dict], s: Scale, path: Path) -> Path | None:
@@ -358,10 +516,23 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="override the scale's device")
     p.add_argument("--steps", type=int, default=None, help="override the scale's steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the headline seeds")
-    p.add_argument("--side-seeds", type=int, nargs="+", default=None,
+    p.add_argument("--side-seeds", type=int, nargs="*", default=None,
                    help="override the seeds of the other ratios")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; runs that would start after it are skipped (and listed)")
+    p.add_argument("--knobs", nargs="*", default=None, metavar="SPEC",
+                   help="override the scale's quality knobs (BackwardOptions.parse specs, e.g. "
+                        "extra=0.3 exact_layers=2; none: no knob runs)")
+    p.add_argument("--inits", nargs="+", choices=sorted(INITS), default=None,
+                   help="override the scale's inits: scratch and/or base (continued training)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="GLOB",
+                   help="train only the runs whose names match (e.g. 'cont-*-s0'); the others "
+                        "are listed as not run, earlier results in --out are reported")
+    p.add_argument("--work", type=Path, default=None,
+                   help="directory for checkpoints, the base, the reference and the token cache "
+                        "(none: --out); results and metrics always go to --out")
+    p.add_argument("--prune", action="store_true",
+                   help="delete each run's checkpoints once evaluated (large models)")
     p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite results.md and curves.png from --out's results.json")
@@ -378,8 +549,16 @@ def main(argv=None) -> int:
         s.steps = args.steps
     if args.seeds:
         s.seeds = args.seeds
-    if args.side_seeds:
+    if args.side_seeds is not None:
         s.side_seeds = args.side_seeds
+    if args.knobs is not None:
+        s.knobs = args.knobs
+    if args.inits:
+        s.inits = args.inits
+    if "base" in s.inits and s.base_steps < 1:
+        raise SystemExit(f"scale {args.scale!r} has no base model (base_steps = 0): use --inits scratch")
+    for knob in s.knobs:
+        knob_options(knob)  # a bad spec fails here, before any training
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"scale {args.scale!r} wants {s.device}, but CUDA is not available "
                          "(use --scale smoke, or --device cpu)")  # fmt: skip
@@ -391,35 +570,46 @@ def main(argv=None) -> int:
         s = Scale(**saved["meta"]["config"])
         m = saved["meta"]
         write_report(out, s, saved["runs"], m["skipped"], m["reference_eval"], args,
-                     device=m["device"], check=m.get("gradient_check"), failed=m.get("failed", ()))
+                     device=m["device"], check=m.get("gradient_check"), failed=m.get("failed", ()),
+                     base=m.get("base"))  # fmt: skip
         print((out / "results.md").read_text())
         return 0
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "cache"
+    work = args.work or out
+    cache = work / "cache"
 
     def say(msg):
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     # 1. Data: the noisy training documents and the clean reference documents.
-    train_data = write_jsonl(out / "train.jsonl", corpus.documents("train", seed=0, n=s.train_docs))
-    clean_data = write_jsonl(out / "clean.jsonl", corpus.documents("clean", seed=0, n=s.clean_docs))
+    work.mkdir(parents=True, exist_ok=True)
+    train_data = write_jsonl(work / "train.jsonl", corpus.documents("train", seed=0, n=s.train_docs))
+    clean_data = write_jsonl(work / "clean.jsonl", corpus.documents("clean", seed=0, n=s.clean_docs))
     tok = load_tokenizer("byte")
     eval_ds = load_dataset(None, tok, s.seq_len, split="eval", cache_dir=cache, seed=0)
 
-    # 2. The reference model, trained on clean data only (Rho-1's recipe).
-    ref_dir = out / "reference"
+    # 1b. Continued training: a base model pretrained on general text first.
+    base, base_info = None, None
+    if "base" in s.inits:
+        base, base_info = pretrain_base(s, work, cache, eval_ds, say)
+
+    # 2. The reference model, trained on clean data only (Rho-1's recipe), from
+    # the base when there is one (as Rho-1 initialises its reference).
+    ref_dir = work / "reference"
     if not (ref_dir / "latest").is_file():
         say(f"training the reference model on {s.clean_docs} clean documents ({s.ref_steps} steps)")
-        cfg = base_config(s, clean_data, ref_dir, cache, select="none", steps=s.ref_steps, seed=1000)
+        init = {} if base is None else dict(model=str(base), lr=s.lr)
+        cfg = base_config(s, clean_data, ref_dir, cache, select="none", steps=s.ref_steps, seed=1000,
+                          **init)  # fmt: skip
         train(cfg, progress=False)
     ref_ckpt = checkpoints(ref_dir)[-1][1]
     ref_eval = evaluate_checkpoint(ref_ckpt, eval_ds, s)
     say(f"reference: clean eval loss {ref_eval['loss']:.4f}, accuracy {ref_eval['accuracy']:.3f}")
 
     # 3. Reference scores of the training corpus, with the user-facing command.
-    scores = out / "scores"
+    scores = work / "scores"
     say("scoring the training corpus: centrifuge score")
     rc = centrifuge_cli(["score", "--model", str(ref_dir), "--data", str(train_data), "--tokenizer",
                          "byte", "--seq-len", str(s.seq_len), "--cache-dir", str(cache), "--out",
@@ -438,6 +628,12 @@ def main(argv=None) -> int:
     results, skipped, durations, failed = [], [], [], []
     runs = plan_runs(s)
     for i, spec in enumerate(runs):
+        if args.runs and not any(fnmatch.fnmatch(spec.name, pat) for pat in args.runs):
+            if (out / "runs" / spec.name / "result.json").exists():  # an earlier call's result
+                results.append(json.loads((out / "runs" / spec.name / "result.json").read_text()))
+            else:
+                skipped.append(spec.name)
+            continue
         elapsed = time.perf_counter() - t0
         if args.time_budget is not None and durations and not (out / "runs" / spec.name / "result.json").exists():
             if elapsed + 1.2 * max(durations) > args.time_budget:
@@ -445,7 +641,7 @@ def main(argv=None) -> int:
                 continue
         t_run = time.perf_counter()
         try:
-            r = run_one(spec, s, train_data, scores, out, cache, eval_ds)
+            r = run_one(spec, s, train_data, scores, out, cache, eval_ds, base, work, args.prune)
         except Exception as e:  # keep the other runs' results; report this one as failed
             failed.append(f"{spec.name} ({type(e).__name__}: {e})")
             say(f"run {i + 1}/{len(runs)} {spec.name} FAILED: {type(e).__name__}: {e}")
@@ -454,15 +650,16 @@ def main(argv=None) -> int:
         results.append(r)
         say(f"run {i + 1}/{len(runs)} {spec.name}: clean eval loss {r['eval_loss']:.4f}, "
             f"accuracy {r['eval_accuracy']:.3f}, {r['ms_per_step']:.1f} ms/step")
-        write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed)
-    write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed)
+        write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed,
+                     base=base_info)  # fmt: skip
+    write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed, base=base_info)
     print((out / "results.md").read_text())
     say(f"done: {out / 'results.md'}, {out / 'curves.png'}")
     return 0
 
 
 def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None, check=None,
-                 failed=()) -> None:  # fmt: skip
+                 failed=(), base=None) -> None:  # fmt: skip
     dev = device or s.device
     if device is None and dev.startswith("cuda") and torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
@@ -470,9 +667,13 @@ def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=N
         dev = f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     meta = dict(scale=args.scale, device=dev, skipped=skipped, failed=list(failed),
                 reference_eval=ref_eval, gradient_check=check, torch=torch.__version__,
-                config=asdict(s))  # fmt: skip
+                config=asdict(s), base=base)  # fmt: skip
     (out / "results.json").write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
     md = to_markdown(results, s, meta)
+    if base:
+        md += (f"\nBase model ({base['steps']} steps on {base['text']}, {base['tokens']:,} tokens): "
+               f"clean eval loss {base['eval']['loss']:.4f}, answer accuracy "
+               f"{100 * base['eval']['accuracy']:.1f}%.")  # fmt: skip
     md += (f"\nReference model (clean data only): clean eval loss {ref_eval['loss']:.4f}, "
            f"answer accuracy {100 * ref_eval['accuracy']:.1f}%.\n")  # fmt: skip
     if check:
@@ -481,7 +682,9 @@ def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=N
     if failed:
         md += "Failed runs: " + "; ".join(failed) + ".\n"
     (out / "results.md").write_text(md)
-    plot(results, s, out / "curves.png")
+    for i, init in enumerate(inits_in(results)):
+        plot([r for r in results if init_of(r) == init], s,
+             out / ("curves.png" if i == 0 else f"curves-{init}.png"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -227,3 +227,19 @@ def test_checkpointed_on_kernel_path(name, ratio, fused_qkv, fused_gate_up, monk
     reference_filtered_loss(model, ids, ids, keep).backward()
     for k, p in model.named_parameters():
         assert rel(ours[k], p.grad) < 1e-4, k
+
+
+@pytest.mark.parametrize("spec", [dict(extra=0.5), dict(extra=0.4, extra_weight=1.5, exact_layers=1)])
+def test_checkpointed_quality_knobs_equal_uncheckpointed(spec):
+    """The recompute runs on the knob's rows (kept + sampled; every row in exact
+    bottom layers): the same gradients as without checkpointing."""
+    from centrifuge.plan import BackwardOptions
+
+    model = checkpointed("tiny-gqa", seed=6)
+    ids, labels, kw = make_batch(seed=11, packed=True, padded=False)
+    sel = Selector("loss", 0.4)
+    keep_fn = lambda o: sel(o.token_loss, o.valid)  # noqa: E731
+    _, keep, ours = compact_grads(model, ids, labels, keep_fn, backward=BackwardOptions(**spec, seed=2), **kw)
+    model.activation_checkpointing_disable()
+    _, _, plain = compact_grads(model, ids, labels, lambda o: keep, backward=BackwardOptions(**spec, seed=2), **kw)
+    assert_close(ours, plain, tol=1e-12)

@@ -86,6 +86,7 @@ class Crash(RuntimeError):
 @pytest.mark.parametrize("variant", [
     dict(select="random", backward="amplified", grad_accum=2, granularity="sequence"),
     dict(select="loss", backward="exact", grad_clip=0.0),
+    dict(select="loss", backward_extra=0.5, exact_layers=1),  # the sampling generator resumes too
 ])  # fmt: skip
 def test_resume_is_exact(tmp_path, data_file, cache, variant):
     straight = train(tiny(tmp_path / "a", data_file, cache, steps=6, **variant), progress=False)
@@ -198,7 +199,9 @@ def test_empty_data_and_bad_options(tmp_path, cache):
                       (dict(select="best"), "select"), (dict(backward="fast"), "backward"),
                       (dict(steps=0), "steps"), (dict(dtype="fp16"), "dtype"),
                       (dict(granularity="doc"), "granularity"), (dict(lr=-1.0), "lr"),
-                      (dict(reference="a", reference_scores="b"), "either")]:  # fmt: skip
+                      (dict(reference="a", reference_scores="b"), "either"),
+                      (dict(backward_extra=1.5), "extra"), (dict(exact_layers=-1), "exact_layers"),
+                      (dict(backward="exact", exact_layers=1), "mode 'exact'")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kw)
 

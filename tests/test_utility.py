@@ -210,8 +210,7 @@ def test_training_with_stored_scores_equals_training_with_the_reference_model(
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
-def test_experiment_plan_and_paired_report(monkeypatch):
-    """The experiment's run list (headline first) and its paired statistics."""
+def _experiment_module(monkeypatch):
     import importlib.util
     import sys
     from pathlib import Path
@@ -221,6 +220,12 @@ def test_experiment_plan_and_paired_report(monkeypatch):
     ue = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "utility_experiment", ue)  # dataclasses look it up
     spec.loader.exec_module(ue)
+    return ue
+
+
+def test_experiment_plan_and_paired_report(monkeypatch):
+    """The experiment's run list (headline first) and its paired statistics."""
+    ue = _experiment_module(monkeypatch)
     s = ue.SCALES["smoke"]
     runs = ue.plan_runs(s)
     names = [r.name for r in runs]
@@ -235,3 +240,59 @@ def test_experiment_plan_and_paired_report(monkeypatch):
     # Δ exact − standard: −0.3, −0.4; Δ Centrifuge − exact: +0.05, +0.1; speed-up 1.5×.
     assert "| 0.5 | 2 | -0.3500 ± 0.0707 | 0.0750 ± 0.0354 | 1.50 ± 0.00× |" in md
     assert "| standard | 1 | 2 | 1.1000 ± 0.1414 |" in md
+    # A knob variant: its share of Rho-1 exact's gain, paired by seed.
+    results += [dict(method="rho1-centrifuge+extra0.3", ratio=0.5, seed=sd, eval_loss=v,
+                     eval_accuracy=0.1, ms_per_step=24.0, kept_fraction=0.5)
+                for sd, v in ((0, 0.7), (1, 0.85))]  # fmt: skip
+    md = ue.to_markdown(results, s, dict(device="cpu"))
+    # shares: (1.0 − 0.7) / (1.0 − 0.7) = 100%, (1.2 − 0.85) / (1.2 − 0.8) = 87.5%
+    assert "| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 |" in md
+
+
+def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
+    """The continued-training pipeline at miniature size: base on general text,
+    reference from the base, runs from the base (with knobs) and from scratch,
+    checkpoints pruned, results in --out; a second call with --runs reuses the
+    base and reports the first call's runs."""
+    ue = _experiment_module(monkeypatch)
+    s = ue.SCALES["continued-smoke"]
+    tiny = dict(steps=3, ref_steps=2, base_steps=3, train_docs=30, clean_docs=30, base_corpus_docs=10,
+                eval_rows=2, eval_problems=3, seq_len=64, batch_size=2, warmup=1, evals=1)  # fmt: skip
+    for k, v in tiny.items():
+        monkeypatch.setattr(s, k, v)
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["--scale", "continued-smoke", "--out", str(out), "--work", str(work), "--seeds", "0",
+              "--side-seeds", "--prune", "--knobs", "extra=0.3"]  # fmt: skip
+    assert ue.main(common + ["--runs", "cont-*"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    names = {r["name"] for r in first["runs"]}
+    assert names == {"cont-standard-s0", "cont-rho1-exact-r0.5-s0", "cont-rho1-centrifuge-r0.5-s0",
+                     "cont-rho1-centrifuge+extra0.3-r0.5-s0"}  # fmt: skip
+    assert all(r["init"] == "base" for r in first["runs"])
+    assert "stdlib docs" in first["meta"]["base"]["text"]
+    assert set(first["meta"]["gradient_check"]) == {"amplified", "exact", "extra=0.3"}
+    assert max(first["meta"]["gradient_check"].values()) < 1e-5
+    assert not list(work.glob("runs/*/checkpoint-*"))  # pruned
+    assert (out / "runs" / "cont-standard-s0" / "metrics.jsonl").is_file()
+    stamp = (work / "base" / "latest").stat().st_mtime_ns
+    assert ue.main(common + ["--runs", "standard-s0"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert {r["name"] for r in second["runs"]} == names | {"standard-s0"}
+    assert (work / "base" / "latest").stat().st_mtime_ns == stamp
+    md = (out / "results.md").read_text()
+    assert "**Continued training from the pretrained base**" in md and "**From scratch**" in md
+    assert "rho1-exact-r0.5-s0" in second["meta"]["skipped"]
+
+
+def test_general_prose_is_the_stdlib_documentation():
+    """The base model's general text: docstrings parsed from the interpreter's
+    own sources and the pydoc topics, in a fixed order, nothing imported."""
+    import sys
+
+    from centrifuge.data import prose
+
+    docs = prose.stdlib_documents()
+    assert len(docs) > 300 and sum(map(len, docs)) > 1_000_000
+    assert any(d.startswith("JSON (JavaScript Object Notation)") for d in docs)  # json/__init__.py
+    assert "antigravity" not in sys.modules  # parsed, never imported
+    assert prose.fingerprint().endswith("stdlib docs")

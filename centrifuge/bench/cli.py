@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
                         f"({', '.join(MODES)}) next to one GPU")  # fmt: skip
     p.add_argument("--no-single", dest="single", action="store_false",
                    help="with --parallel: skip the one-GPU timing (models too large for one GPU)")
+    p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="SPEC",
+                   help="also time Centrifuge with a quality knob, e.g. extra=0.3, "
+                        "extra=0.5,extra_weight=1.5 or exact_layers=2 (repeatable)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
 
 
@@ -51,7 +54,7 @@ def run(args) -> int:
         preset=args.preset, seq_len=args.seq_len, batch=args.batch, ratios=args.ratios,
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
         repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
-        activation_checkpointing=args.activation_checkpointing, lora=args.lora,
+        activation_checkpointing=args.activation_checkpointing, lora=args.lora, knobs=args.knobs,
     )  # fmt: skip
     layers = f"-{cfg.layers}l" if cfg.layers else ""
     if args.parallel:

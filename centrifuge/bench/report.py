@@ -44,6 +44,12 @@ def to_markdown(result: dict) -> str:
             get = lambda k, f: _fmt(s.get(k, {}).get(f), ".3f")  # noqa: E731
             lines.append(f"| {s['ratio']:.2f} | {get('cc/ac', 'step')} | {get('cc/ac', 'backward')} | "
                          f"{get('cc/bc', 'step')} | {get('cc/c', 'step')} | {get('cc/c', 'peak')} |")  # fmt: skip
+    knobs = [(s["ratio"], k, v) for s in result["ratios"] for k, v in s.get("knobs", {}).items()]
+    if knobs:
+        lines += ["", "Quality knobs: time over dense (the Pareto table's speed axis):", "",
+                  "| variant | ρ | step / dense | backward / dense |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {ratio:.2f} | {v['step']:.3f} | {v['backward']:.3f} |"
+                  for ratio, k, v in knobs]  # fmt: skip
     if "breakdown" in result:
         cats = sorted({c for b in result["breakdown"].values() for c in b})
         lines += ["", f"Backward by component at ρ = {result['breakdown_ratio']} (ms):", "",

@@ -19,6 +19,7 @@ from centrifuge.bench.variants import (
     with_lora,
 )
 from centrifuge.models import build_model, get_preset
+from centrifuge.plan import BackwardOptions
 from centrifuge.selection import check_ratio
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,11 +46,15 @@ class BenchConfig:
     activation_checkpointing: bool = False
     lora: int | None = None  # LoRA rank: every model gets peft adapters on its projections
     seed: int = 0
+    # Quality knobs timed as extra Centrifuge variants (BackwardOptions.parse specs).
+    knobs: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.ratios = [check_ratio(r) for r in self.ratios]
         if self.lora is not None and self.lora < 1:
             raise ValueError(f"lora rank must be a positive integer, got {self.lora}")
+        for spec in self.knobs:
+            BackwardOptions.parse(spec)  # raises on a bad spec before anything runs
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -168,7 +173,7 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     ckpt = cfg.activation_checkpointing
     if cfg.lora:
         model = with_lora(model, cfg.lora)
-    variants = native_variants(model, ckpt)
+    variants = native_variants(model, ckpt, tuple(cfg.knobs))
 
     def hf():
         m = hf_model(config, dtype, device, checkpointing=ckpt)
@@ -233,7 +238,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
 
 def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
-    """Centrifuge's times over the others' (c/a dense, c/b masked, c/d HF)."""
+    """Centrifuge's times over the others' (c/a dense, c/b masked, c/d HF), and
+    each knob variant's over dense (``knobs``)."""
     by = {(r["variant"], r["ratio"]): r for r in rows}
     out = []
     for ratio in ratios:
@@ -256,5 +262,12 @@ def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
                                   backward=mine["backward_ms"] / o["backward_ms"])  # fmt: skip
                 if mine["peak_gib"] is not None and o["peak_gib"] is not None:
                     entry[key]["peak"] = mine["peak_gib"] / o["peak_gib"]
+        dense = by.get(("dense", None))
+        knobs = {name: dict(step=r["step_ms"] / dense["step_ms"],
+                            backward=r["backward_ms"] / dense["backward_ms"])
+                 for (name, r_ratio), r in by.items()
+                 if name.startswith("centrifuge+") and r_ratio == ratio and dense}  # fmt: skip
+        if knobs:
+            entry["knobs"] = knobs
         out.append(entry)
     return out

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from centrifuge.models import LlamaForCausalLM
 from centrifuge.models.config import ModelConfig
+from centrifuge.plan import BackwardOptions
 from centrifuge.selection import Selector
 
 
@@ -24,10 +25,13 @@ class Variant:
     module: torch.nn.Module | None = None
 
 
-def native_variants(model: LlamaForCausalLM, checkpointing: bool = False) -> list[Variant]:
-    """dense, masked, centrifuge on the native model; with ``checkpointing`` also
-    each of them with activation checkpointing (``-ckpt``: the dense and masked
-    steps recompute whole layers, Centrifuge's recompute runs on kept rows)."""
+def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
+                    knobs: tuple[str, ...] = ()) -> list[Variant]:  # fmt: skip
+    """dense, masked, centrifuge on the native model, and one Centrifuge variant
+    per knob spec (``BackwardOptions.parse``: e.g. ``extra=0.3`` or
+    ``exact_layers=2``); with ``checkpointing`` also each of them with activation
+    checkpointing (``-ckpt``: the dense and masked steps recompute whole layers,
+    Centrifuge's recompute runs on kept rows)."""
 
     def dense(ids, ratio):
         out = model(ids, labels=ids, backward="exact")
@@ -46,6 +50,11 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False) -> lis
         Variant("masked", "masked-loss filtering", filtered("exact"), module=model),
         Variant("centrifuge", "Centrifuge", filtered("amplified"), module=model),
     ]
+    for spec in knobs:
+        opts = BackwardOptions.parse(spec)
+        opts.check_layers(model.config.num_layers)
+        name = "centrifuge" + opts.describe().removeprefix("amplified")
+        variants.append(Variant(name, f"Centrifuge, {spec}", filtered(opts), module=model))
     if not checkpointing:
         return variants
 

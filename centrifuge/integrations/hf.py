@@ -48,7 +48,7 @@ from centrifuge.models.layer import (
     projection_weights,
 )
 from centrifuge.ops.rmsnorm import rms_norm
-from centrifuge.plan import Layout, Plan
+from centrifuge.plan import BackwardOptions, Layout, Plan
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -60,8 +60,9 @@ class HFPlan(Plan):
     keep: [B, L] bool once a loss filled the plan (None before).
     """
 
-    def __init__(self, layout: Layout, attention_mask: torch.Tensor | None):
-        super().__init__(layout, "amplified")
+    def __init__(self, layout: Layout, attention_mask: torch.Tensor | None,
+                 backward: BackwardOptions | None = None):  # fmt: skip
+        super().__init__(layout, backward or "amplified")
         self.attention_mask = attention_mask
         self.keep: torch.Tensor | None = None
 
@@ -160,11 +161,11 @@ def _check_layer(layer, config, index: int) -> None:
         raise ValueError(f"{where}: the layer's RMSNorms use different eps {sorted(eps)}")
 
 
-def _layer_shape(layer, config) -> LayerShape:
+def _layer_shape(layer, config, index: int) -> LayerShape:
     a = layer.self_attn
     return LayerShape(
         config.num_attention_heads, config.num_key_value_heads, a.head_dim,
-        layer.input_layernorm.variance_epsilon,
+        layer.input_layernorm.variance_epsilon, index,
     )  # fmt: skip
 
 
@@ -181,12 +182,14 @@ def _layer_window(layer, config) -> int | None:
 
 class _PatchState:
     """Shared by the patched modules of one model: the plan of the forward that
-    is running (None outside a compact forward)."""
+    is running (None outside a compact forward), and the backward options
+    every plan gets."""
 
-    def __init__(self, check_rows: bool):
+    def __init__(self, check_rows: bool, backward: BackwardOptions | None):
         self.plan: HFPlan | None = None
         self.check_rows = check_rows
         self.recompute: frozenset[int] = frozenset()  # ids of the layers that recompute
+        self.backward = backward
 
 
 class _PatchedForward:
@@ -312,7 +315,7 @@ def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
     mask = a.get("attention_mask")
     layout = layout_for(B, L, ref.device, mask, a.get("position_ids"))
     _check_compact_call(model, a, B, L, layout)
-    plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool())
+    plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool(), state.backward)
     # A training forward needs no cache; without one transformers also
     # isolates packed documents, as the layout above does.
     a["use_cache"] = False
@@ -405,7 +408,7 @@ def is_patched(model) -> bool:
     return isinstance(_causal_lm(model).__dict__.get("forward"), _PatchedForward)
 
 
-def patch(model, check_rows: bool = True):
+def patch(model, check_rows: bool = True, backward: BackwardOptions | None = None):
     """Give a transformers Llama/Qwen2/Qwen3/Mistral causal LM the compact backward.
 
     Patches the instance in place and returns it. Weights, parameter names,
@@ -414,6 +417,9 @@ def patch(model, check_rows: bool = True):
     activations, backward on the kept rows once a filtered loss fills the plan).
     check_rows: the LM head's backward verifies that no filtered row receives
     gradient (one pass over the logits' gradient) and raises if one does.
+    backward: :class:`~centrifuge.plan.BackwardOptions` (mode ``amplified``) to let
+    some gradient reach filtered rows: sampled filtered rows (``extra``) or the
+    exact backward in the bottom ``exact_layers``; None = plain amplified.
     Patching a patched model is a no-op. A peft ``PeftModel`` is patched through
     its base model (LoRA adapters on the projections get compact rank-r
     gradients, frozen weights none); peft may also wrap a patched model.
@@ -431,9 +437,16 @@ def patch(model, check_rows: bool = True):
         _check_layer(layer, config, i)
     if model.lm_head.bias is not None:
         raise ValueError("an LM head with a bias is not supported")
-    state = _PatchState(check_rows)
+    if backward is not None:
+        if backward.mode != "amplified":
+            raise ValueError(
+                "patch(backward=...) takes amplified options; for the exact masked-loss "
+                "backward use the unpatched model"
+            )
+        backward.check_layers(len(model.model.layers))
+    state = _PatchState(check_rows, backward)
     for i, layer in enumerate(model.model.layers):
-        layer._centrifuge_shape = _layer_shape(layer, config)
+        layer._centrifuge_shape = _layer_shape(layer, config, i)
     for module, kind in _patched_modules(model):
         module.forward = _PatchedForward(module, kind, state)
     return outer

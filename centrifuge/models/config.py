@@ -171,6 +171,9 @@ PRESETS: dict[str, ModelConfig] = {
                               max_position_embeddings=1024, family="qwen3"),
     "small": ModelConfig(4096, 256, 688, 4, 8, 4, max_position_embeddings=2048),
     "mini": ModelConfig(258, 128, 352, 4, 4, 4, max_position_embeddings=1024),  # centrifuge train's default (byte vocabulary)
+    # GPT-2-small class (12 layers, d = 768, 114M parameters) on the byte vocabulary: the
+    # utility experiment's continued-training setting (docs/utility.md).
+    "byte-110m": ModelConfig(258, 768, 3072, 12, 12, 12, max_position_embeddings=2048),
 }  # fmt: skip
 
 

@@ -56,6 +56,7 @@ class LayerShape:
     num_kv_heads: int
     head_dim: int
     eps: float
+    layer_index: int = 0  # position in the stack: Plan.rows_for(layer_index) picks the rows
 
 
 def _linear(x, w, b=None):
@@ -202,9 +203,11 @@ def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
     return t.new_empty(N, *t.shape[1:]).index_copy_(0, idx, t)
 
 
-def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layout, idx, local, need):
+def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layout, idx, local,
+              need, extra=None):  # fmt: skip
     """The compact backward of one layer. dy: [N, d] (the layer output's gradient);
-    idx: kept rows [n] (None: every row); local: the index through which the
+    idx: the backward's rows [n] (None: every row); extra: the sampled filtered
+    rows among them and their K/V-gradient weight (Plan.rows_for); local: the index through which the
     row-local activations of ``a`` (q, o, x2, rstd2, g, u, q_lin, rstd_q) are
     read: idx when they were saved full size, None when they are compact.
     need: weight name -> whether it wants a gradient (frozen weights, e.g. under
@@ -250,7 +253,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         q, o = _scatter(q, idx, N), _scatter(o, idx, N)
     dq, dk, dv = attention_backward(
         q.view(B, L, H, D), a.k.view(B, L, Hkv, D), a.v.view(B, L, Hkv, D),
-        o.view(B, L, H, D), a.lse, do, layout, idx,
+        o.view(B, L, H, D), a.lse, do, layout, idx, extra=extra,
     )  # fmt: skip
     # dq, dk (after the RoPE transpose) and dv side by side: one weight GEMM.
     n = dq.shape[0]
@@ -320,7 +323,7 @@ class DecoderLayerFunction(torch.autograd.Function):
     def backward(ctx, dy):
         xf, cos, sin, *rest = ctx.saved_tensors
         plan, shape = ctx.plan, ctx.shape
-        idx = plan.keep_idx  # None: dense backward over every row
+        idx, extra = plan.rows_for(shape.layer_index)  # idx None: dense backward, every row
         if ctx.recompute:
             weights = rest[1:]
             W = dict(zip(WEIGHT_NAMES, weights))
@@ -332,7 +335,7 @@ class DecoderLayerFunction(torch.autograd.Function):
             a, local = Activations(*rest[:_N_ACTS]), idx
         need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[6:]))
         dx, dW = _backward(
-            dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local, need
+            dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local, need, extra
         )
         grads = [
             dW[name].to(w.dtype) if w is not None and need[name] else None

@@ -24,7 +24,7 @@ from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
 from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.ops.rope import inv_frequencies, rope_cos_sin
-from centrifuge.plan import Layout, Plan
+from centrifuge.plan import BackwardOptions, Layout, Plan
 
 
 def shift_targets(labels: torch.Tensor, layout: Layout, ignore_index: int = IGNORE_INDEX):
@@ -75,13 +75,13 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, index: int):
         super().__init__()
         self.self_attn = Attention(c)
         self.mlp = MLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.shape = LayerShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+        self.shape = LayerShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, index)
         # Activation checkpointing: save the input (and the attention lse) only,
         # recompute the rest in the backward, on the kept rows.
         self.recompute = False
@@ -97,7 +97,7 @@ class Backbone(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
@@ -156,6 +156,8 @@ class LlamaForCausalLM(nn.Module):
                 f"sequence length {L} exceeds the model's sliding window ({window}); "
                 "sliding-window attention is not supported"
             )
+        backward = BackwardOptions.of(backward)
+        backward.check_layers(self.config.num_layers)
         layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
         return Plan(layout, backward)
 
@@ -182,13 +184,16 @@ class LlamaForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        backward: str = "amplified",
+        backward: str | BackwardOptions = "amplified",
         ignore_index: int = IGNORE_INDEX,
     ) -> CausalLMOutput:
         """input_ids, labels: [B, L] int64, labels unshifted (HF convention:
         ``labels = input_ids`` with ``ignore_index`` where no loss is wanted).
         position_ids restarting at 0 mark packed documents.
-        backward: ``amplified`` (Centrifuge) or ``exact`` (masked-loss baseline)."""
+        backward: ``amplified`` (Centrifuge), ``exact`` (masked-loss baseline), or
+        a :class:`~centrifuge.plan.BackwardOptions` that lets some gradient reach
+        filtered rows (sampled rows, exact bottom layers). Pass the same options
+        object every step: it holds the sampling generator."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         plan = self.make_plan(input_ids, position_ids, attention_mask, backward)

@@ -3,6 +3,9 @@
 Every attention layer uses ``k = where(keep, k, k.detach())`` (same for v) and
 the loss is averaged over kept rows. ``keep=None`` gives ordinary autograd of
 the same model: the masked-loss baseline that ``exact`` mode must reproduce.
+The knobs of :class:`centrifuge.plan.BackwardOptions`: ``kv_weight`` (per-row
+K/V gradient weights, ``Plan.kv_weight``: sampled filtered rows) replaces the
+0/1 mask in the attention layers, and the bottom ``exact_layers`` detach nothing.
 Tests hold the compact backward to these gradients; nothing fast lives here.
 """
 
@@ -26,8 +29,15 @@ def reference_token_loss(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    kv_weight: torch.Tensor | None = None,
+    exact_layers: int = 0,
 ):
-    """Returns (token_loss [B, L], valid [B, L]) computed with plain autograd."""
+    """Returns (token_loss [B, L], valid [B, L]) computed with plain autograd.
+
+    keep: [B, L] bool, K/V of filtered rows detached (None: nothing detached);
+    kv_weight: [B, L] float, used instead of ``keep`` in the attention layers
+    (see ``attention_reference``); exact_layers: layers below it detach nothing."""
+    attn_keep = keep if kv_weight is None else kv_weight
     c = model.config
     B, L = input_ids.shape
     layout = model.make_plan(input_ids, position_ids, attention_mask).layout
@@ -35,7 +45,7 @@ def reference_token_loss(
     cos, sin = rope_cos_sin(layout.position_ids, model.inv_freq, x.dtype)
     cos, sin = cos.reshape(B * L, -1), sin.reshape(B * L, -1)
     hd = c.head_dim
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         a = layer.self_attn
         h = rms_norm_reference(x, layer.input_layernorm.weight, c.rms_norm_eps)
         q = a.q_proj(h).view(B * L, c.num_heads, hd)
@@ -46,7 +56,7 @@ def reference_token_loss(
             k = rms_norm_reference(k, a.k_norm.weight, c.rms_norm_eps)
         q = rope_reference(q, cos, sin).view(B, L, c.num_heads, hd)
         k = rope_reference(k, cos, sin).view(B, L, c.num_kv_heads, hd)
-        o = attention_reference(q, k, v, layout.segment_ids, keep)
+        o = attention_reference(q, k, v, layout.segment_ids, None if i < exact_layers else attn_keep)
         x = x + a.o_proj(o.reshape(B, L, -1))
         h = rms_norm_reference(x, layer.post_attention_layernorm.weight, c.rms_norm_eps)
         m = layer.mlp
@@ -62,6 +72,7 @@ def reference_token_loss(
 
 
 def reference_filtered_loss(model, input_ids, labels, keep, **kw) -> torch.Tensor:
-    """Mean over kept rows, K/V of filtered rows detached in every layer."""
+    """Mean over kept rows, K/V of filtered rows detached (or weighted: ``kv_weight``,
+    ``exact_layers``) in the attention layers."""
     token_loss, _ = reference_token_loss(model, input_ids, labels, keep, **kw)
     return (token_loss * keep).sum() / keep.sum()

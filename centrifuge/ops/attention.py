@@ -46,23 +46,43 @@ def attention_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Differentiable reference. With ``keep`` ([B, L] bool) the K/V of filtered
-    rows are detached: ``k = where(keep, k, k.detach())`` (DESIGN.md semantics)."""
+    rows are detached: ``k = where(keep, k, k.detach())`` (DESIGN.md semantics).
+
+    ``keep`` may instead hold per-row K/V gradient weights w ([B, L] float): the
+    gradient that K/V of row j receive from *other* rows' queries is multiplied
+    by w_j, the one from row j's own query (the diagonal) is not, and rows with
+    w_j = 0 are constants altogether. 0/1 weights are the bool mask. The forward
+    value never changes.
+    """
     B, L, H, D = q.shape
     groups = H // k.shape[2]
     scale = D**-0.5 if scale is None else scale
+    own_k = own_v = None
     if keep is not None:
-        kk = keep[:, :, None, None]
-        k = torch.where(kk, k, k.detach())
-        v = torch.where(kk, v, v.detach())
+        w = keep.to(k.dtype)[:, :, None, None]
+        live = keep[:, :, None, None] != 0
+        k_own, v_own = torch.where(live, k, k.detach()), torch.where(live, v, v.detach())
+        # Value k, gradient w * dk: K/V as seen by other rows' queries.
+        k = k.detach() + w * (k - k.detach())
+        v = v.detach() + w * (v - v.detach())
+        # Zero-valued differences that route the diagonal's gradient at weight 1.
+        own_k, own_v = k_own - k, v_own - v
     qh = q.transpose(1, 2)
     kh = _repeat_kv(k, groups, 2).transpose(1, 2)
     vh = _repeat_kv(v, groups, 2).transpose(1, 2)
     pos = torch.arange(L, device=q.device)
     mask = torch.stack([_mask(segment_ids[b], pos, segment_ids[b]) for b in range(B)])
     s = (qh @ kh.transpose(-1, -2)).to(_acc_dtype(q.dtype)) * scale
+    if own_k is not None:
+        diag = (qh * _repeat_kv(own_k, groups, 2).transpose(1, 2)).sum(-1) * scale  # [B, H, L]
+        s = s + torch.diag_embed(diag.to(s.dtype))
     s = s.masked_fill(~mask[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1).to(q.dtype)
-    return (p @ vh).transpose(1, 2)
+    o = p @ vh
+    if own_v is not None:
+        p_own = torch.diagonal(p, dim1=-2, dim2=-1)[..., None]  # [B, H, L, 1]
+        o = o + p_own * _repeat_kv(own_v, groups, 2).transpose(1, 2)
+    return o.transpose(1, 2)
 
 
 def attention_forward_reference(q, k, v, layout: Layout, scale: float | None = None):
@@ -176,15 +196,69 @@ def attention_forward(q, k, v, layout: Layout, scale: float | None = None):
     return attention_forward_reference(q, k, v, layout, scale)
 
 
-def attention_backward(q, k, v, o, lse, do, layout: Layout, keep_idx, scale: float | None = None):
+def own_key_grads(q, k, v, o, lse, do, rows: torch.Tensor, scale: float | None = None):
+    """The K/V gradient that each of ``rows`` receives from its own query alone
+    (the attention matrix's diagonal), row-wise.
+
+    q, o: [B, L, H, D]; k, v: [B, L, Hkv, D]; lse: [B, H, L]; do: [m, H, D] the
+    output gradient of ``rows`` ([m] flat indices into B*L).
+    Returns dk, dv [m, Hkv, D] in the accumulation dtype (float32, or float64):
+    p = exp(q.k * scale - lse), dv = p do, dk = scale * p (do.v - rowsum(do * o)) q,
+    summed over the query heads of each KV head.
+    """
+    B, L, H, D = q.shape
+    Hkv = k.shape[2]
+    groups = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+
+    def at_rows(t):
+        return t.reshape(B * L, *t.shape[2:])[rows].to(acc)
+
+    qr, orow, dor = at_rows(q), at_rows(o), do.to(acc)
+    kr, vr = _repeat_kv(at_rows(k), groups, 1), _repeat_kv(at_rows(v), groups, 1)  # [m, H, D]
+    lse_r = lse.transpose(1, 2).reshape(B * L, H)[rows].to(acc)
+    p = torch.exp((qr * kr).sum(-1) * scale - lse_r)  # [m, H]
+    ds = p * ((dor * vr).sum(-1) - (dor * orow).sum(-1))
+    m = rows.numel()
+    dv = (p[..., None] * dor).view(m, Hkv, groups, D).sum(2)
+    dk = (ds[..., None] * qr).view(m, Hkv, groups, D).sum(2) * scale
+    return dk, dv
+
+
+def _reweight_extra_rows(q, k, v, o, lse, do, keep_idx, dk, dv, extra, scale):
+    """dK_j = w dK_j + (1 - w) dK_j(own query), same for dV, on the sampled rows
+    (``extra.pos`` in keep_idx): other rows' contributions scaled by w, the
+    diagonal not (docs/design.md, "Modes")."""
+    pos = extra.pos
+    if pos.numel() == 0:
+        return dk, dv
+    dk_own, dv_own = own_key_grads(q, k, v, o, lse, do[pos], keep_idx[pos], scale)
+    w = extra.weight
+    dk = dk.index_copy(0, pos, (w * dk[pos].to(dk_own.dtype) + (1 - w) * dk_own).to(dk.dtype))
+    dv = dv.index_copy(0, pos, (w * dv[pos].to(dv_own.dtype) + (1 - w) * dv_own).to(dv.dtype))
+    return dk, dv
+
+
+def attention_backward(
+    q, k, v, o, lse, do, layout: Layout, keep_idx, scale: float | None = None, extra=None
+):
     """Dispatch: on CUDA the Triton filtered backward (kept rows; every row when
     keep_idx is None, unless DENSE_BACKWARD selects flash's own dense backward);
-    the reference on CPU."""
+    the reference on CPU. ``extra`` (a :class:`centrifuge.plan.ExtraRows`) marks
+    sampled filtered rows among keep_idx whose K/V gradient from other rows'
+    queries is reweighted, after the kernel, with a row-wise correction."""
     if _gpu_kernels_available(q):
         from centrifuge.ops import attention_triton as at
 
         use_flash = keep_idx is None and DENSE_BACKWARD == "flash" and at.flash_supported(q)
         if use_flash and at.flash_dense_backward_possible(lse, layout):
             return at.attention_backward_flash_dense(q, k, v, o, lse, do, layout, scale)
-        return at.attention_backward_triton(q, k, v, o, lse, do, layout, keep_idx, scale)
-    return attention_backward_reference(q, k, v, o, lse, do, layout, keep_idx, scale)
+        dq, dk, dv = at.attention_backward_triton(q, k, v, o, lse, do, layout, keep_idx, scale)
+    else:
+        dq, dk, dv = attention_backward_reference(q, k, v, o, lse, do, layout, keep_idx, scale)
+    if extra is not None:
+        if keep_idx is None:
+            raise ValueError("extra (sampled) rows need a compact backward (keep_idx)")
+        dk, dv = _reweight_extra_rows(q, k, v, o, lse, do, keep_idx, dk, dv, extra, scale)
+    return dq, dk, dv

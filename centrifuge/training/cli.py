@@ -50,6 +50,14 @@ def add_arguments(p) -> None:
     opt_g("--backward", "amplified: Centrifuge, the backward runs on kept tokens only; exact: "
           "masked loss with a dense backward (the usual token filtering)",
           choices=("amplified", "exact"))
+    opt_g("--backward-extra", "amplified only: each filtered token before a kept one also joins "
+          "the backward with probability P, its K/V gradient reweighted (1/P: an unbiased "
+          "estimate of the exact backward's gradient); costs rho + (1 - rho) P of the rows",
+          type=float, metavar="P")
+    opt_g("--backward-extra-weight", "the K/V gradient weight of those tokens, in [1, 1/P] "
+          "(default 1/P; smaller damps the noise, with some bias)", type=float, metavar="W")
+    opt_g("--exact-layers", "amplified only: the bottom K decoder layers run the exact (dense) "
+          "backward", type=int, metavar="K")
     g = p.add_argument_group("optimization")
     opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
     opt_g("--batch-size", "rows per micro-batch", type=int)

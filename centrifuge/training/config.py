@@ -10,8 +10,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
-from centrifuge.plan import BACKWARD_MODES
+from centrifuge.plan import BACKWARD_MODES, BackwardOptions
 from centrifuge.selection import GRANULARITIES, METHODS
 
 DTYPES = ("fp32", "bf16")
@@ -33,6 +35,12 @@ class TrainConfig:
                       trained on its clean split (``reference_steps``), as Rho-1 does.
     backward:         ``amplified`` (Centrifuge: backward on kept rows) or ``exact``
                       (masked loss, dense backward: the usual token filtering).
+    backward_extra, backward_extra_weight, exact_layers: quality knobs of ``amplified``
+                      (centrifuge.plan.BackwardOptions ``extra``, ``extra_weight``,
+                      ``exact_layers``): each filtered row that precedes a kept one joins
+                      the backward with probability backward_extra, its K/V gradient
+                      from other rows weighted 1/p (unbiased) or backward_extra_weight;
+                      the bottom exact_layers layers run the exact backward.
     seq_len, batch_size, grad_accum: rows of seq_len tokens; batch_size rows per
                       micro-batch, grad_accum micro-batches per optimizer step.
     lr, warmup_steps, min_lr_ratio: linear warm-up to lr, cosine decay to lr * min_lr_ratio.
@@ -64,6 +72,9 @@ class TrainConfig:
     reference: str | None = None
     reference_scores: str | None = None
     backward: str = "amplified"
+    backward_extra: float = 0.0
+    backward_extra_weight: float | None = None
+    exact_layers: int = 0
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
@@ -110,6 +121,7 @@ class TrainConfig:
              f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         need(self.backward in BACKWARD_MODES,
              f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        self.backward_options()  # raises on bad knobs
         need(not (self.reference and self.reference_scores),
              "give either reference or reference_scores, not both")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows"):
@@ -134,6 +146,13 @@ class TrainConfig:
              f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         need(self.fsdp_reshard in RESHARD_MODES,
              f"fsdp_reshard must be one of {RESHARD_MODES}, got {self.fsdp_reshard!r}")
+
+    def backward_options(self, stream: int = 0, step: int = 0) -> BackwardOptions:
+        """A fresh :class:`BackwardOptions` whose sampling generator is seeded by
+        ``seed``, the process (``stream``) and the step it starts at."""
+        seed = int(np.random.SeedSequence([self.seed, stream, step]).generate_state(1)[0])
+        return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
+                               self.exact_layers, seed=seed)  # fmt: skip
 
     def tokens_per_step(self, processes: int = 1) -> int:
         """Tokens of one optimizer step over ``processes`` (torchrun) processes."""

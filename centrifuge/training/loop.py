@@ -179,6 +179,9 @@ class Trainer:
             self.opt, WarmupCosine(cfg.warmup_steps, self.total, cfg.min_lr_ratio))
         self.counters = dict(step=0, tokens_seen=0, tokens_kept=0, valid_seen=0, train_time=0.0,
                              recent=[])  # fmt: skip
+        # One options object for the run: it holds the sampling generator (its own
+        # stream on every process, so processes sample independently).
+        self.backward = cfg.backward_options(stream=self.ctx.rank)
         self.autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                          if uses_autocast(run.parallel, cfg.dtype) else contextlib.nullcontext())  # fmt: skip
         if run.resume_state is not None:
@@ -200,7 +203,8 @@ class Trainer:
             scheduler=self.sched.state_dict(), data=self.order.position(step),
             config=self.cfg.to_dict(), model_config=self.run.model_config_dict,
             data_fingerprint=self.run.train_ds.fingerprint, world_size=self.ctx.world_size,
-            rng=self._gather(dict(_rng_state(), selector=self.run.selector.state_dict())),
+            rng=self._gather(dict(_rng_state(), selector=self.run.selector.state_dict(),
+                                  backward=self.backward.generator.get_state())),
             **dict(self.counters, step=step),
         )  # fmt: skip
         sharded = None
@@ -238,8 +242,11 @@ class Trainer:
         if len(rngs) == self.ctx.world_size:
             _set_rng_state(rngs[self.ctx.rank])
             self.run.selector.load_state_dict(rngs[self.ctx.rank]["selector"])
+            if "backward" in rngs[self.ctx.rank]:
+                self.backward.generator.set_state(rngs[self.ctx.rank]["backward"])
         else:  # another number of processes: fresh streams, derived from the step
             torch.manual_seed(self.cfg.seed + rs["step"])
+            self.backward = self.cfg.backward_options(stream=self.ctx.rank, step=rs["step"])
             self._say(f"note: {path.name} was written by {len(rngs)} processes, this run has "
                       f"{self.ctx.world_size}: random streams restart (the data order does not)")  # fmt: skip
 
@@ -268,7 +275,7 @@ class Trainer:
             with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
                 with self.autocast:
                     out = self.model(b["input_ids"], labels=b["labels"],
-                                     position_ids=b["position_ids"], backward=cfg.backward)  # fmt: skip
+                                     position_ids=b["position_ids"], backward=self.backward)  # fmt: skip
                 ref = run.reference(rows, b) if run.selector.needs_reference else None
                 keep = run.selector(out.token_loss, out.valid, ref)
                 out.plan.set_keep(keep)

@@ -22,7 +22,8 @@ from centrifuge.training.config import TrainConfig
 # (anything that changes the data order, the updates or the model). grad_accum
 # is compared as grad_accum x processes: the global batch of a step.
 RESUME_KEYS = ("seq_len", "batch_size", "select", "ratio", "granularity",
-               "backward", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+               "backward", "backward_extra", "backward_extra_weight", "exact_layers",
+               "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "dtype", "seed", "reference", "reference_scores", "reference_steps")  # fmt: skip
 
 
@@ -181,11 +182,11 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
                    f"data: {len(train_ds)} rows x {cfg.seq_len} tokens "
                    f"({'built-in corpus, ' + split + ' split' if cfg.data is None else ', '.join(cfg.data)})"
                    + (f"; selection {cfg.select} ρ={cfg.ratio:g} ({cfg.granularity}), "
-                      f"backward {cfg.backward}" if cfg.select != "none" else "; no selection")
+                      f"backward {cfg.backward_options().describe()}" if cfg.select != "none" else "; no selection")
                    + (f"; reference: {desc}" if desc else "")
                    + (f"; resuming from {resume_path}" if resume_path else ""))  # fmt: skip
     title = f"{cfg.model} · {cfg.select}" + (
-        f" ρ={cfg.ratio:g} · {cfg.backward}" if cfg.select != "none" else "")  # fmt: skip
+        f" ρ={cfg.ratio:g} · {cfg.backward_options().describe()}" if cfg.select != "none" else "")  # fmt: skip
     return Run(wrapped, model, ctx, parallel, train_ds, eval_ds, selector, reference, desc,
                resume_state, resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
 

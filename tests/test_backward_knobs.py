@@ -1,0 +1,249 @@
+"""The quality knobs of the amplified backward (``BackwardOptions``): sampled
+filtered rows with reweighted K/V gradients (``extra``, ``extra_weight``) and the
+exact backward in the bottom layers (``exact_layers``). Fast path against the
+reference semantics in float64; the unbiased estimator against the exact
+masked-loss gradient by averaging many samples."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import centrifuge.ops.attention as attn
+from centrifuge.models import ModelConfig, build_model, get_preset
+from centrifuge.models.reference import reference_filtered_loss, reference_token_loss
+from centrifuge.ops.attention import (
+    attention_backward,
+    attention_forward_reference,
+    attention_reference,
+)
+from centrifuge.plan import BackwardOptions, ExtraRows, Layout
+from centrifuge.selection import Selector
+from test_model_grads import assert_close, grads, make_batch
+from test_ops import _layout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+
+KNOBS = {
+    "extra0.3": dict(extra=0.3),
+    "extra0.5-damped": dict(extra=0.5, extra_weight=1.4),
+    "exact1": dict(exact_layers=1),
+    "extra0.4+exact1": dict(extra=0.4, exact_layers=1),
+}
+
+
+def knob_grads(model, ids, labels, opts, ratio=0.4, **kw):
+    """Fast-path gradients with ``opts`` and the reference semantics' gradients
+    for the same keep mask and the same sampled rows."""
+    out = model(ids, labels=labels, backward=opts, **kw)
+    keep = Selector("loss", ratio)(out.token_loss, out.valid)
+    out.plan.loss(out.token_loss, keep).backward()
+    ours = grads(model)
+    reference_filtered_loss(model, ids, labels, keep, kv_weight=out.plan.kv_weight(keep),
+                            exact_layers=opts.exact_layers, **kw).backward()  # fmt: skip
+    return out.plan, keep, ours, grads(model)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_knobs_match_reference(name, knob):
+    model = build_model(get_preset(name), dtype=F64, seed=1)
+    ids, labels, kw = make_batch(seed=len(name) + len(knob), packed=True, padded=True)
+    opts = BackwardOptions(seed=7, **KNOBS[knob])
+    plan, keep, ours, ref = knob_grads(model, ids, labels, opts, **kw)
+    assert plan.compact
+    if opts.extra:
+        assert plan.sampled.any() and not (plan.sampled & keep).any()
+    assert_close(ours, ref)
+
+
+def test_knobs_change_the_gradient_and_extremes_are_exact():
+    """The knobs are not amplified in disguise; p = 1 (every filtered row, weight
+    1) and exact_layers = all layers give the exact masked-loss gradient."""
+    model = build_model(get_preset("tiny-gqa"), dtype=F64, seed=2)
+    ids, labels, kw = make_batch(seed=5, packed=True)
+    sel = Selector("random", 0.4, seed=1)
+    keep = sel(*reference_token_loss(model, ids, labels, **kw))
+    token_loss, _ = reference_token_loss(model, ids, labels, None, **kw)
+    ((token_loss * keep).sum() / keep.sum()).backward()
+    exact = grads(model)
+    reference_filtered_loss(model, ids, labels, keep, **kw).backward()
+    amplified = grads(model)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    for opts, same in [(dict(extra=1.0), True), (dict(exact_layers=2), True),
+                       (dict(extra=0.5), False), (dict(exact_layers=1), False)]:  # fmt: skip
+        out = model(ids, labels=labels, backward=BackwardOptions(**opts), **kw)
+        out.plan.loss(out.token_loss, keep).backward()
+        ours = grads(model)
+        if same:
+            assert_close(ours, exact)
+        else:
+            for other in (exact, amplified):
+                assert (ours[name] - other[name]).abs().max() > 1e-3 * other[name].abs().max()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2)])
+def test_attention_backward_extra_rows(seed, H, Hkv):
+    """Op level: kept + sampled rows with weight w against autograd of the
+    weighted reference (other queries' K/V gradient x w, the diagonal x 1)."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, D = 2, 17, 8
+    layout = _layout(B, L, True, g)
+    q = torch.randn(B, L, H, D, generator=g, dtype=F64, requires_grad=True)
+    k = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
+    v = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
+    u = torch.rand(B, L, generator=g)
+    keep, sampled = u < 0.3, (u >= 0.3) & (u < 0.6)
+    w = 2.5
+    weight = keep.to(F64).masked_fill(sampled, w)
+    o_ref = attention_reference(q, k, v, layout.segment_ids, weight)
+    o, lse = attention_forward_reference(q.detach(), k.detach(), v.detach(), layout)
+    assert (o - o_ref).abs().max() < 1e-13  # the weights change no value
+    idx = torch.nonzero((keep | sampled).reshape(-1)).squeeze(1)
+    do = torch.randn(idx.numel(), H, D, generator=g, dtype=F64)
+    o_ref.backward(torch.zeros(B * L, H, D, dtype=F64).index_copy_(0, idx, do).view(B, L, H, D))
+    pos = torch.nonzero(sampled.reshape(-1)[idx]).squeeze(1)
+    args = (q.detach(), k.detach(), v.detach(), o, lse, do, layout, idx)
+    dq, dk, dv = attention_backward(*args, extra=ExtraRows(pos, w))
+    for ours, ref in ((dq, q), (dk, k), (dv, v)):
+        torch.testing.assert_close(ours, ref.grad.reshape(B * L, -1, D)[idx], rtol=1e-12, atol=1e-12)
+    _, dk_plain, _ = attention_backward(*args)
+    assert (dk - dk_plain)[pos].abs().max() > 1e-3  # the sampled rows were reweighted
+
+
+def test_extra_rows_estimator_is_unbiased_and_the_diagonal_matters(monkeypatch):
+    """Average the estimator (p = 0.5, weight 1/p) over many samples on a 3-layer
+    float64 model: it converges to the exact masked-loss gradient, its error
+    falling like 1/sqrt(samples). Scaling the diagonal by 1/p too (own-query
+    terms dropped from the correction) stays biased. Each batch row is one
+    independent sample of the same sequence, so a batch of n copies averages n
+    samples in one backward (every copy keeps the same rows)."""
+    cfg = ModelConfig(64, 16, 32, 3, 2, 1, max_position_embeddings=64)
+    model = build_model(cfg, dtype=F64, seed=0)
+    with torch.no_grad():  # larger weights than the init: attention far from uniform
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    L, n, groups = 12, 100, 16
+    ids = torch.randint(0, 64, (1, L), generator=torch.Generator().manual_seed(1))
+    keep = torch.zeros(1, L, dtype=torch.bool)
+    keep[0, [3, 6, 9, 10]] = True
+
+    def flat(m):
+        return torch.cat([g.reshape(-1) for g in grads(m).values()])
+
+    token_loss, _ = reference_token_loss(model, ids, ids, None)
+    ((token_loss * keep).sum() / keep.sum()).backward()
+    exact = flat(model)
+    reference_filtered_loss(model, ids, ids, keep).backward()
+    amplified_err = (flat(model) - exact).norm()
+
+    def errors(opts):
+        """(RMS error of one group of n samples, error of the mean of all groups)."""
+        means = []
+        for _ in range(groups):
+            out = model(ids.expand(n, L), labels=ids.expand(n, L), backward=opts)
+            out.plan.loss(out.token_loss, keep.expand(n, L)).backward()
+            means.append(flat(model))
+        means = torch.stack(means)
+        single = (means - exact).norm(dim=1).pow(2).mean().sqrt()
+        return single / exact.norm(), (means.mean(0) - exact).norm() / exact.norm()
+
+    single, pooled = errors(BackwardOptions(extra=0.5, seed=3))
+    # 16x the samples: expected ratio 1/4; the bias, if any, would not shrink.
+    assert pooled < 0.45 * single, (single, pooled)
+    assert pooled < 0.05 * amplified_err / exact.norm()
+
+    def diagonal_not_corrected(q, k, v, o, lse, do, rows, scale=None):
+        zero = torch.zeros(rows.numel(), k.shape[2], k.shape[3], dtype=F64)
+        return zero, zero
+
+    monkeypatch.setattr(attn, "own_key_grads", diagonal_not_corrected)
+    b_single, b_pooled = errors(BackwardOptions(extra=0.5, seed=3))
+    assert b_pooled > 0.8 * b_single and b_pooled > 5 * pooled, (b_single, b_pooled)
+
+
+def test_sampling_is_seeded_and_only_draws_rows_that_matter():
+    model = build_model(get_preset("tiny"), dtype=F64, seed=0)
+    ids, labels, kw = make_batch(seed=3, B=4, L=40, packed=True, padded=True)
+    keep = None
+    draws = []
+    for seed in (5, 5):
+        opts = BackwardOptions(extra=0.5, seed=seed)
+        for _ in range(2):
+            out = model(ids, labels=labels, backward=opts, **kw)
+            if keep is None:
+                keep = Selector("random", 0.3, seed=0)(out.token_loss, out.valid)
+            out.plan.set_keep(keep)
+            draws.append(out.plan.sampled)
+    assert torch.equal(draws[0], draws[2]) and torch.equal(draws[1], draws[3])
+    assert not torch.equal(draws[0], draws[1])  # the generator advances
+    matter = out.plan._filtered_rows_that_matter(keep)
+    for s in draws:
+        assert not (s & ~matter).any()
+    rate = sum(int(s.sum()) for s in draws) / (len(draws) * int(matter.sum()))
+    assert 0.35 < rate < 0.65
+    # Rows of the backward set: kept + sampled; the LM head still sees the kept rows.
+    plan = out.plan
+    assert torch.equal(plan.rows_idx, torch.nonzero((keep | plan.sampled).reshape(-1)).squeeze(1))
+    assert plan.n_keep == int(keep.sum()) and plan.keep_idx.numel() == plan.n_keep
+    rows, extra = plan.rows_for(0)
+    assert torch.equal(plan.rows_idx[extra.pos], torch.nonzero(plan.sampled.reshape(-1)).squeeze(1))
+
+
+def test_bad_options_fail_clearly():
+    with pytest.raises(ValueError, match="extra"):
+        BackwardOptions(extra=1.5)
+    with pytest.raises(ValueError, match=r"\[1, 1/p\]"):
+        BackwardOptions(extra=0.5, extra_weight=3.0)
+    with pytest.raises(ValueError, match="needs extra > 0"):
+        BackwardOptions(extra_weight=2.0)
+    with pytest.raises(ValueError, match="exact_layers"):
+        BackwardOptions(exact_layers=-1)
+    with pytest.raises(ValueError, match="mode 'exact'"):
+        BackwardOptions("exact", extra=0.2)
+    model = build_model(get_preset("tiny"), dtype=F64)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
+        model(ids, labels=ids, backward=BackwardOptions(exact_layers=3))
+
+
+def test_hf_patched_knobs_match_native_reference(tmp_path):
+    """A patched transformers Llama with sampled rows and an exact bottom layer
+    draws the same rows as the native model and matches the reference semantics."""
+    transformers = pytest.importorskip("transformers")
+    from centrifuge import filtered_loss, patch
+    from centrifuge.models import LlamaForCausalLM
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).to(F64)
+    hf.save_pretrained(tmp_path)
+    native = LlamaForCausalLM.from_pretrained(tmp_path, dtype=F64)
+    ids, labels, kw = make_batch(seed=2, B=2, L=15, vocab=61, packed=True)
+    layout = Layout.build(2, 15, position_ids=kw["position_ids"])
+    keep = torch.rand(2, 15, generator=torch.Generator().manual_seed(4)) < 0.4
+    keep &= ~layout.last_rows()
+    keep[0, 6] = True
+    opts = dict(extra=0.4, exact_layers=1, seed=3)
+
+    patch(hf, backward=BackwardOptions(**opts))
+    logits = hf(ids, **kw).logits
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    filtered_loss(token_loss, keep[:, :-1]).backward()
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+
+    out = native(ids, labels=labels, backward=BackwardOptions(**opts), **kw)
+    out.plan.loss(out.token_loss, keep).backward()
+    native_grads = grads(native)
+    assert out.plan.sampled.any()
+    reference_filtered_loss(native, ids, labels, keep, kv_weight=out.plan.kv_weight(keep),
+                            exact_layers=1, **kw).backward()  # fmt: skip
+    ref = grads(native)
+    assert_close(native_grads, ref)
+    assert_close(hf_grads, ref, tol=1e-9)  # same seed and shape: the same sampled rows
