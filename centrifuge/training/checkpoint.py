@@ -4,6 +4,9 @@
 
     model.safetensors, config.json   the weights in Hugging Face layout
                                      (``LlamaForCausalLM.from_pretrained`` / transformers load it)
+    tokenizer.json, tokenizer_config.json
+                                     the run's tokenizer (``AutoTokenizer`` loads it; the
+                                     built-in byte tokenizer too)
     trainer_state.pt                 optimizer, scheduler, step, RNG states, data position,
                                      counters and the run's configuration
     manifest.json                    size and sha256 of every file above (written last)
@@ -46,17 +49,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict) -> Path:
+def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict,
+                    tokenizer=None) -> Path:  # fmt: skip
     """Write ``checkpoint-<step>`` atomically and point ``latest`` at it.
 
     trainer_state: picklable by ``torch.save`` with ``weights_only`` loading
-    (tensors, numbers, strings, lists, dicts)."""
+    (tensors, numbers, strings, lists, dicts).
+    tokenizer: saved beside the weights (``tokenizer.save_pretrained``), its eos
+    and pad ids written into config.json so that ``generate`` stops at eos."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            config = json.loads((tmp / "config.json").read_text())
+            config.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         torch.save(dict(trainer_state, format_version=FORMAT_VERSION), tmp / STATE_FILE)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: dict(size=p.stat().st_size, sha256=_sha256(p)) for p in files}

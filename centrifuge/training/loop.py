@@ -187,6 +187,10 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
             data_fingerprint=run.train_ds.fingerprint, **dict(state, step=step),
         )  # fmt: skip
 
+    def save(step: int) -> Path:
+        return ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step),
+                                       tokenizer=run.train_ds.tokenizer)  # fmt: skip
+
     last_eval = do_eval(start) if start == 0 or start >= total else None
     saved_step = start if run.resume_state is not None else -1
     ckpt_path = run.resume_path
@@ -242,16 +246,16 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total:
                 last_eval = do_eval(step)
             if (cfg.save_interval and step % cfg.save_interval == 0) or step == total:
-                ckpt_path = ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step))
+                ckpt_path = save(step)
                 saved_step = step
             if callback is not None:
                 callback(step, record)
     except StopTraining:  # a graceful stop: keep the steps done
         if step > saved_step and step > 0:
-            ckpt_path = ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step))
+            ckpt_path = save(step)
     except KeyboardInterrupt:
         if step > saved_step and step > 0:  # keep the work done so far
-            ckpt_path = ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step))
+            ckpt_path = save(step)
             _log(progress, f"interrupted: saved {ckpt_path}; continue with --resume")
         raise
     finally:
