@@ -1,10 +1,15 @@
 """The ``centrifuge`` command. Each subcommand lives in its own module, which
-provides ``add_arguments(parser)`` and ``run(args) -> int``."""
+provides ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Every error a command raises ends it with one line on stderr naming the
+problem (exit status 2 for bad input, 1 for an internal error, 130 for an
+interruption); ``--debug`` or ``CENTRIFUGE_DEBUG=1`` shows the traceback instead."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -13,12 +18,18 @@ COMMANDS = {
     "score": ("centrifuge.scoring.cli", "store reference-model losses beside a dataset"),
     "eval": ("centrifuge.evaluation.cli", "held-out loss and task accuracy of a checkpoint"),
 }
+DEBUG_ENV = "CENTRIFUGE_DEBUG"
+# Bad input: missing or unreadable files, malformed data, options that do not fit.
+USER_ERRORS = (ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="centrifuge", description="Fast token-filtered LLM training."
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help=f"on an error, show the full traceback (or set {DEBUG_ENV}=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (module, help_text) in COMMANDS.items():
@@ -28,14 +39,28 @@ def main(argv: list[str] | None = None) -> int:
             if not (module + ".").startswith(e.name + "."):
                 raise  # a real missing dependency inside the module
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
         modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(modules[args.command].run(args) or 0)
+    if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return int(modules[args.command].run(args) or 0)
+    prefix = f"centrifuge {args.command}"
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, and the way to see more
+        print(f"{prefix}: internal error: {type(e).__name__}: {e} (rerun with --debug "
+              f"or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

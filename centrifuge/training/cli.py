@@ -7,7 +7,6 @@ first trains on the corpus' clean split, and prints a summary."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig
@@ -87,7 +86,7 @@ def _opt(group, d, flag, help, **kw):
 
 
 def config_from_args(args) -> TrainConfig:
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "debug")}
     if getattr(args, "config", None):
         return TrainConfig.from_file(args.config, **given)
     return TrainConfig(**given)
@@ -117,17 +116,8 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
-    from centrifuge.training.checkpoint import CheckpointError
     from centrifuge.training.loop import train
 
-    try:
-        cfg = config_from_args(args)
-        summary = train(cfg, progress=not getattr(args, "quiet", False))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"centrifuge train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("centrifuge train: interrupted", file=sys.stderr)
-        return 130
+    summary = train(config_from_args(args), progress=not getattr(args, "quiet", False))
     print(format_summary(summary))
     return 0

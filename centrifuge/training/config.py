@@ -148,14 +148,23 @@ def read_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     suffix = p.suffix.lower()
     if suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ValueError("reading a YAML config needs PyYAML (pip install pyyaml)") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ValueError(f"config file {p} is not valid YAML: {problem}{line}") from None
     elif suffix == ".toml":
         try:
             import tomllib
@@ -164,9 +173,15 @@ def read_config_file(path: str | Path) -> dict:
                 import tomli as tomllib
             except ImportError:
                 raise ValueError("reading a TOML config on Python 3.10 needs tomli") from None
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
     elif suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p} is not valid JSON: {e}") from None
     else:
         raise ValueError(f"config file {p} must be .yaml, .yml, .toml or .json")
     if data is None:

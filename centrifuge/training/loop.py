@@ -35,18 +35,6 @@ class StopTraining(Exception):
     """Raised by a callback to end training early (after the current step)."""
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return d
-
-
 class DataOrder:
     """Which dataset rows micro-batch ``m`` of step ``s`` reads: one seeded
     permutation of all rows per epoch, consumed in order. A pure function of

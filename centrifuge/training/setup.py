@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from centrifuge.device import resolve_device
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
@@ -103,7 +104,6 @@ def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, pr
 def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
             label: str = "train") -> Run:  # fmt: skip
     from centrifuge.data import load_dataset
-    from centrifuge.training.loop import resolve_device
 
     cfg.validate()
     device = resolve_device(cfg.device)
