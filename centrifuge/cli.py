@@ -2,15 +2,19 @@
 provides ``add_arguments(parser)`` and ``run(args) -> int``.
 
 Every error a command raises ends it with one line on stderr naming the
-problem (exit status 2 for bad input, 1 for an internal error, 130 for an
-interruption); ``--debug`` or ``CENTRIFUGE_DEBUG=1`` shows the traceback instead."""
+problem (exit status 2 for bad input, 1 for an internal error);
+``--debug`` or ``CENTRIFUGE_DEBUG=1`` shows the traceback instead. Ctrl-C and
+SIGTERM interrupt every command alike (exit status 128 + the signal number)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import signal
 import sys
+
+from centrifuge.interrupt import Interrupted, interrupts_raise
 
 COMMANDS = {
     "train": ("centrifuge.training.cli", "train a model with token filtering"),
@@ -46,14 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    with interrupts_raise():
+        return _run(modules[args.command], args)
+
+
+def _run(module, args) -> int:
     if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-        return int(modules[args.command].run(args) or 0)
+        return int(module.run(args) or 0)
     prefix = f"centrifuge {args.command}"
     try:
-        return int(modules[args.command].run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"{prefix}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except USER_ERRORS as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2

@@ -7,9 +7,11 @@ first trains on the corpus' clean split, and prints a summary."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from centrifuge.selection import GRANULARITIES, METHODS
-from centrifuge.training.config import DTYPES, TrainConfig
+from centrifuge.training.config import DTYPES, TrainConfig, read_config_file
+from centrifuge.training.rundir import resume_config
 
 S = argparse.SUPPRESS  # only options given on the command line override a --config file
 
@@ -71,10 +73,16 @@ def add_arguments(p) -> None:
           type=int)
     opt_g("--save-interval", "checkpoint every N steps (0 = at the end only)", type=int)
     opt_g("--out-dir", "output directory: checkpoint-<step>/, latest, metrics.jsonl, "
-          "loss_curves.png", metavar="DIR")
+          "loss_curves.png, options.json; one run per directory (a directory that holds a run "
+          "needs --resume or --overwrite)", metavar="DIR")
     g.add_argument("--resume", nargs="?", const=True, default=S, metavar="CHECKPOINT",
-                   help="continue exactly where a run stopped: from OUT_DIR/latest, or from the "
-                        "given checkpoint directory")  # fmt: skip
+                   help="continue exactly where the run in OUT_DIR stopped (finished, "
+                        "interrupted or killed), or from the given checkpoint directory, with "
+                        "the run's own options: give only those that may change (--steps, "
+                        "--max-tokens, intervals, --eval-rows, --device, --out-dir)")  # fmt: skip
+    g.add_argument("--overwrite", action="store_true", default=S,
+                   help="start over in an OUT_DIR that holds a run, deleting that run (without "
+                        "it, a new run there is refused)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", default=S, help="no progress bar or log lines")
 
 
@@ -86,10 +94,14 @@ def _opt(group, d, flag, help, **kw):
 
 
 def config_from_args(args) -> TrainConfig:
+    """Options from --config and the command line (which wins); with --resume,
+    the run's own options complete them (see :func:`rundir.resume_config`)."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "debug")}
     if getattr(args, "config", None):
-        return TrainConfig.from_file(args.config, **given)
-    return TrainConfig(**given)
+        given = {**read_config_file(args.config), **given}
+    if given.get("resume"):
+        return resume_config(given)
+    return TrainConfig.from_dict(given)
 
 
 def format_summary(s: dict) -> str:
@@ -118,6 +130,12 @@ def format_summary(s: dict) -> str:
 def run(args) -> int:
     from centrifuge.training.loop import train
 
-    summary = train(config_from_args(args), progress=not getattr(args, "quiet", False))
+    cfg = config_from_args(args)
+    try:
+        summary = train(cfg, progress=not getattr(args, "quiet", False))
+    except KeyboardInterrupt:
+        print(f"continue with: centrifuge train --resume --out-dir {cfg.out_dir}",
+              file=sys.stderr)  # fmt: skip
+        raise
     print(format_summary(summary))
     return 0

@@ -40,8 +40,11 @@ class TrainConfig:
     dtype:            fp32, or bf16 autocast (fp32 master weights).
     device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     eval_interval, save_interval: in steps (0 = only at the end).
-    out_dir, resume:  output directory; resume = True continues from ``out_dir/latest``,
-                      a path continues from that checkpoint.
+    out_dir, resume:  output directory; resume = True continues the run in ``out_dir``
+                      (from ``latest``, or from the start if it was interrupted before
+                      its first checkpoint), a path continues from that checkpoint.
+    overwrite:        start over in an ``out_dir`` that holds a run, deleting it (without
+                      it, a new run there is refused: a finished run is never lost).
     """
 
     model: str = DEFAULT_MODEL
@@ -70,6 +73,7 @@ class TrainConfig:
     save_interval: int = 200
     out_dir: str = "runs/train"
     resume: bool | str = False
+    overwrite: bool = False
     # Beyond the shared contract: options of this trainer.
     reference_steps: int = 150  # steps of the built-in reference model (built-in corpus, rho1)
     eval_rows: int = 256  # held-out rows per evaluation
@@ -96,6 +100,7 @@ class TrainConfig:
              f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         need(self.backward in BACKWARD_MODES,
              f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        need(not (self.resume and self.overwrite), "give either resume or overwrite, not both")
         need(not (self.reference and self.reference_scores),
              "give either reference or reference_scores, not both")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows"):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from centrifuge.interrupt import DeferredStop
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
@@ -186,6 +187,7 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
                desc=run.label)  # fmt: skip
     model.train()
     step = start
+    stop = DeferredStop()  # Ctrl-C / SIGTERM end the run at the next step boundary
     try:
         while step < total:
             t0 = time.perf_counter()
@@ -238,15 +240,18 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
                 saved_step = step
             if callback is not None:
                 callback(step, record)
+            stop.check()
     except StopTraining:  # a graceful stop: keep the steps done
         if step > saved_step and step > 0:
             ckpt_path = save(step)
     except KeyboardInterrupt:
-        if step > saved_step and step > 0:  # keep the work done so far
+        if step > saved_step and step > 0 and not stop.forced:  # keep the work done so far
             ckpt_path = save(step)
-            _log(progress, f"interrupted: saved {ckpt_path}; continue with --resume")
+        _log(progress, f"[{run.label}] interrupted at step {step}; latest checkpoint: "
+                       f"{ckpt_path or 'none yet'}")  # fmt: skip
         raise
     finally:
+        stop.close()
         bar.close()
         log.close()
     plot = plot_losses(log.path, out_dir / "loss_curves.png", title=run.title)

@@ -15,6 +15,7 @@ from centrifuge.device import resolve_device
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
+from centrifuge.training import rundir
 from centrifuge.training.config import TrainConfig
 
 
@@ -81,17 +82,21 @@ def check_model_fits(mc: ModelConfig, cfg: TrainConfig, tokenizer, what: str = "
         )
 
 
-def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, progress: bool) -> None:
+def _check_options(old: dict, cfg: TrainConfig, source: Path) -> None:
     from centrifuge.training.loop import RESUME_KEYS
 
-    old = state.get("config", {})
     diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
             if old.get(k) != getattr(cfg, k)]  # fmt: skip
     if diff:
         raise ckpt_io.CheckpointError(
-            f"cannot resume from {ckpt}: the run's options differ from the checkpoint's "
+            f"cannot resume from {source}: the run's options differ from the checkpoint's "
             f"({'; '.join(diff)})"
         )
+
+
+def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, progress: bool) -> None:
+    old = state.get("config", {})
+    _check_options(old, cfg, ckpt)
     if state.get("model_config") != mc.to_hf_dict():
         raise ckpt_io.CheckpointError(
             f"cannot resume from {ckpt}: it holds a different model than {cfg.model!r}"
@@ -111,14 +116,19 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a directory")
 
+    rundir.check_fresh_start(cfg)
+
     # Resume: read and verify the checkpoint first, so a bad one fails fast.
     resume_state = resume_path = None
-    if cfg.resume:
-        where = out_dir if cfg.resume is True else Path(cfg.resume)
-        if cfg.resume is True and not (out_dir / ckpt_io.LATEST).is_file():
-            raise ckpt_io.CheckpointError(f"nothing to resume: {out_dir} holds no checkpoint "
+    if cfg.resume is True and not (out_dir / ckpt_io.LATEST).is_file():
+        options = rundir.read_options(out_dir)  # interrupted before its first checkpoint
+        if options is None:
+            raise ckpt_io.CheckpointError(f"nothing to resume: {out_dir} holds no run "
                                           f"('{ckpt_io.LATEST}' is missing)")  # fmt: skip
-        resume_path = ckpt_io.resolve(where)
+        _check_options(options, cfg, out_dir / rundir.OPTIONS)
+        _say(progress, f"note: {out_dir} has no checkpoint yet: the run starts again from step 0")
+    elif cfg.resume:
+        resume_path = ckpt_io.resolve(out_dir if cfg.resume is True else Path(cfg.resume))
         resume_state = ckpt_io.load_trainer_state(resume_path)
 
     mc, model_dir = model_config(cfg.model)
@@ -144,6 +154,10 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
     selector = Selector(cfg.select, cfg.ratio, cfg.granularity, seed=cfg.seed)
     if cfg.select == "random":  # created here so its state can be checkpointed from step 0
         selector._generator = torch.Generator().manual_seed(cfg.seed)
+    # Every check passed: only now may an old run go (--overwrite) and this one begin.
+    if cfg.overwrite:
+        rundir.clear_run(out_dir)
+    rundir.write_options(cfg)
     reference, desc = _reference(cfg, train_ds, tokenizer, device, progress)
 
     if resume_state is not None:
@@ -221,26 +235,21 @@ def _on_the_fly(ref_model, cfg: TrainConfig, device):
 def train_builtin_reference(cfg: TrainConfig, progress: bool) -> Path:
     """Rho-1's recipe on the built-in corpus: train the same model on clean
     text (the corpus' ``clean`` split) for ``reference_steps`` steps, once per
-    output directory (reused on resume)."""
+    output directory (continued where it stopped, and reused, on resume)."""
     from centrifuge.training.loop import train
 
     out = Path(cfg.out_dir) / "reference"
-    finished = False  # reuse only a reference that completed its steps
-    if (out / ckpt_io.LATEST).is_file():
-        try:
-            finished = ckpt_io.load_trainer_state(ckpt_io.resolve(out))["step"] == cfg.reference_steps
-        except ckpt_io.CheckpointError:
-            finished = False
+    started = (out / ckpt_io.LATEST).is_file()  # finished, or interrupted: continue it
     sub = dataclasses.replace(
         cfg, select="none", ratio=1.0, reference=None, reference_scores=None, grad_accum=1,
         steps=cfg.reference_steps, max_tokens=None, eval_interval=0, save_interval=0,
-        out_dir=str(out), resume=finished,
+        out_dir=str(out), resume=started, overwrite=not started,
         warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),
     )  # fmt: skip
     try:
         summary = train(sub, progress=progress, split="clean", label="reference")
     except ckpt_io.CheckpointError:
         # A reference left by a run with other options or data: train a fresh one.
-        sub.resume = False
+        sub = dataclasses.replace(sub, resume=False, overwrite=True)
         summary = train(sub, progress=progress, split="clean", label="reference")
     return Path(summary["checkpoint"])
