@@ -180,7 +180,12 @@ def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> di
         return ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step),
                                        tokenizer=run.train_ds.tokenizer)  # fmt: skip
 
-    last_eval = do_eval(start) if start == 0 or start >= total else None
+    last_eval = None
+    if start >= total and start > 0:  # a finished run resumed: its last evaluation is logged
+        last_eval = next((r for r in read_metrics(log.path)
+                          if r.get("kind") == "eval" and r["step"] == start), None)  # fmt: skip
+    if start == 0 or (start >= total and last_eval is None):
+        last_eval = do_eval(start)
     saved_step = start if run.resume_state is not None else -1
     ckpt_path = run.resume_path
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
