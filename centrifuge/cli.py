@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(module, args) -> int:
     if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         return int(module.run(args) or 0)
-    prefix = f"centrifuge {args.command}"
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
+    prefix = f"centrifuge {args.command}" + (f" (rank {rank})" if rank is not None else "")
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt as e:

@@ -87,6 +87,25 @@ class Selector:
     def needs_reference(self) -> bool:
         return self.method == "rho1"
 
+    def count(self, valid: torch.Tensor) -> int:
+        """How many rows :meth:`__call__` keeps given the valid mask ([B, L] bool),
+        known before any loss exists: a training step normalizes its loss by the
+        kept rows of all its micro-batches (and processes) before running them."""
+        if self.method == "none" or self.ratio == 1.0:
+            return int(valid.sum())
+        if self.granularity == "batch":
+            return num_keep(int(valid.sum()), self.ratio)
+        return sum(num_keep(int(n), self.ratio) for n in valid.sum(1).tolist())
+
+    def state_dict(self) -> dict:
+        """The random generator's state (``random`` selection), for exact resume."""
+        return {} if self._generator is None else {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])
+
     def scores(
         self, token_loss: torch.Tensor, ref_loss: torch.Tensor | None = None
     ) -> torch.Tensor:

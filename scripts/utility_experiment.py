@@ -171,7 +171,7 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
     skip = max(1, len(times) // 10)  # the first steps include warm-up (allocation, compilation)
     curve = []
     for step, ck in checkpoints(run_dir):
-        curve.append(dict(step=step, tokens=step * cfg.tokens_per_step, **evaluate_checkpoint(ck, eval_ds, s)))
+        curve.append(dict(step=step, tokens=step * cfg.tokens_per_step(), **evaluate_checkpoint(ck, eval_ds, s)))
     res = dict(asdict(spec), steps=summary["steps"], tokens_seen=summary["tokens_seen"],
                tokens_kept=summary["tokens_kept"], kept_fraction=summary["kept_fraction"],
                ms_per_step=1e3 * statistics.median(times[skip:]),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tqdm import tqdm
 
+from centrifuge.bench.multi import MODES, run_multi_bench
+from centrifuge.bench.multi import to_markdown as multi_markdown
 from centrifuge.bench.report import to_markdown, write
 from centrifuge.bench.runner import DTYPES, BenchConfig, run_bench
 
@@ -28,6 +31,11 @@ def add_arguments(p) -> None:
                    help="use HF + Liger-Kernel as the peer instead of plain HF (needs liger-kernel)")
     p.add_argument("--breakdown-ratio", type=float, default=d.breakdown_ratio,
                    help="ρ at which the backward is profiled by component (CUDA only)")
+    p.add_argument("--parallel", nargs="+", choices=MODES, default=None, metavar="MODE",
+                   help="under torchrun: time the native steps with these data-parallel modes "
+                        f"({', '.join(MODES)}) next to one GPU")  # fmt: skip
+    p.add_argument("--no-single", dest="single", action="store_false",
+                   help="with --parallel: skip the one-GPU timing (models too large for one GPU)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
 
 
@@ -37,8 +45,20 @@ def run(args) -> int:
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
         repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
     )  # fmt: skip
-    result = run_bench(cfg, progress=tqdm)
     layers = f"-{cfg.layers}l" if cfg.layers else ""
+    if args.parallel:
+        result = run_multi_bench(cfg, args.parallel, single=args.single, progress=tqdm)
+        if result is None:  # not rank 0
+            return 0
+        stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}-{result['environment']['gpus']}gpu"
+        md = multi_markdown(result)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{stem}.md").write_text(md + "\n")
+        print(md)
+        print(f"wrote {args.out / stem}.json, .md")
+        return 0
+    result = run_bench(cfg, progress=tqdm)
     peer = "-liger" if cfg.liger else ""
     stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}"
     paths = write(result, args.out, stem)

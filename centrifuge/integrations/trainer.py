@@ -36,21 +36,16 @@ from transformers import Trainer
 from centrifuge.integrations.hf import is_patched, patch
 from centrifuge.integrations.loss import selective_loss, shift_labels, token_losses, valid_rows
 from centrifuge.ops.linear_ce import IGNORE_INDEX
-from centrifuge.selection import Selector, num_keep
+from centrifuge.selection import Selector
 
 REFERENCE_COLUMN = "reference_loss"
 
 
 def kept_count(selector: Selector, batch: dict, ignore_index: int = IGNORE_INDEX) -> int:
     """How many rows ``selector`` keeps in ``batch`` (labels, attention_mask, position_ids)."""
-    valid = valid_rows(
+    return selector.count(valid_rows(
         batch["labels"], batch.get("attention_mask"), batch.get("position_ids"), ignore_index
-    )
-    if selector.method == "none" or selector.ratio == 1.0:
-        return int(valid.sum())
-    if selector.granularity == "batch":
-        return num_keep(int(valid.sum()), selector.ratio)
-    return sum(num_keep(int(n), selector.ratio) for n in valid.sum(1).tolist())
+    ))  # fmt: skip
 
 
 class CentrifugeTrainer(Trainer):

@@ -233,18 +233,20 @@ class LlamaForCausalLM(nn.Module):
         model.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         return model
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """config.json + model.safetensors, loadable by transformers."""
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """config.json + model.safetensors, loadable by transformers. state_dict:
+        the weights to write instead of the model's own (e.g. gathered from FSDP shards)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
         cfg = self.config.to_hf_dict()
-        cfg["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 

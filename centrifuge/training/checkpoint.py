@@ -7,14 +7,20 @@
     tokenizer.json, tokenizer_config.json
                                      the run's tokenizer (``AutoTokenizer`` loads it; the
                                      built-in byte tokenizer too)
-    trainer_state.pt                 optimizer, scheduler, step, RNG states, data position,
-                                     counters and the run's configuration
+    trainer_state.pt                 optimizer, scheduler, step, RNG states (one per process),
+                                     data position, counters and the run's configuration
+    dcp/                             FSDP runs only: the optimizer state, sharded, written by
+                                     every process with torch.distributed.checkpoint (it
+                                     loads on any number of processes)
     manifest.json                    size and sha256 of every file above (written last)
 
 and ``<out_dir>/latest`` is a one-line file naming the newest complete one.
 Every checkpoint is written into a temporary directory and renamed into place
 only when complete, and ``latest`` is replaced with an atomic rename after
 that, so a crash at any moment leaves ``latest`` naming a complete checkpoint.
+Under torchrun every process writes its shards into the same temporary
+directory, and rank 0 renames it and moves ``latest`` only after all of them
+finished (the directory must be on a file system every process sees).
 Loading verifies the manifest, so a damaged checkpoint gives a clear error.
 """
 
@@ -29,12 +35,14 @@ from pathlib import Path
 
 import torch
 
+from centrifuge.distributed import DistContext
 from centrifuge.io import fsync_path, write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 LATEST = "latest"
-FORMAT_VERSION = 1
+SHARDED_DIR = "dcp"
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name; per-process RNG states
 
 
 class CheckpointError(ValueError):
@@ -49,44 +57,69 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict,
-                    tokenizer=None) -> Path:  # fmt: skip
-    """Write ``checkpoint-<step>`` atomically and point ``latest`` at it.
+def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict, *,
+                    ctx: DistContext | None = None, weights: dict | None = None,
+                    sharded: dict | None = None, tokenizer=None) -> Path:  # fmt: skip
+    """Write ``checkpoint-<step>`` atomically and point ``latest`` at it. Every
+    process calls it.
 
-    trainer_state: picklable by ``torch.save`` with ``weights_only`` loading
-    (tensors, numbers, strings, lists, dicts).
+    model: the native model (its ``save_pretrained`` writes rank 0's copy);
+    weights: the full state dict to save (None: the model's own);
+    trainer_state: rank 0's, picklable by ``torch.save`` with ``weights_only``
+    loading (tensors, numbers, strings, lists, dicts);
+    sharded: a torch.distributed.checkpoint state dict every process writes
+    into ``dcp/``;
     tokenizer: saved beside the weights (``tokenizer.save_pretrained``), its eos
     and pad ids written into config.json so that ``generate`` stops at eos."""
+    ctx = ctx or DistContext()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
+    tmp = None
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    tmp = ctx.broadcast(tmp)
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            config = json.loads((tmp / "config.json").read_text())
-            config.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        torch.save(dict(trainer_state, format_version=FORMAT_VERSION), tmp / STATE_FILE)
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: dict(size=p.stat().st_size, sha256=_sha256(p)) for p in files}
-        (tmp / MANIFEST).write_text(json.dumps(dict(step=step, files=manifest), indent=1))
-        for p in tmp.iterdir():
-            fsync_path(p)
-        fsync_path(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume)
-            old = out_dir / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_path(out_dir)
-        _write_latest(out_dir, final.name)
+        if sharded is not None:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))
+        ctx.barrier()  # every process's shards are on disk
+        if ctx.is_main:
+            _finish(out_dir, tmp, final, step, model, weights, trainer_state, tokenizer)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    ctx.barrier()  # no process moves on before ``latest`` names the new checkpoint
     return final
+
+
+def _finish(out_dir: Path, tmp: Path, final: Path, step: int, model, weights, trainer_state,
+            tokenizer) -> None:  # fmt: skip
+    model.save_pretrained(tmp, state_dict=weights)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save(dict(trainer_state, format_version=FORMAT_VERSION), tmp / STATE_FILE)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {p.relative_to(tmp).as_posix(): dict(size=p.stat().st_size, sha256=_sha256(p))
+                for p in files}  # fmt: skip
+    (tmp / MANIFEST).write_text(json.dumps(dict(step=step, files=manifest), indent=1))
+    for p in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
+        fsync_path(p)
+    fsync_path(tmp)
+    if final.exists():  # the same step saved again (e.g. after a resume)
+        old = out_dir / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_path(out_dir)
+    _write_latest(out_dir, final.name)
 
 
 def _write_latest(out_dir: Path, name: str) -> None:
@@ -155,5 +188,6 @@ def load_trainer_state(ckpt: Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"cannot read {ckpt / STATE_FILE}: {e}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt / STATE_FILE} is not a Centrifuge trainer state (version {FORMAT_VERSION})")
+        raise CheckpointError(f"{ckpt / STATE_FILE} is not a Centrifuge trainer state of format "
+                              f"{FORMAT_VERSION} (written by an older version?)")  # fmt: skip
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from centrifuge.distributed import PARALLEL_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig, read_config_file
 from centrifuge.training.rundir import resume_config
@@ -62,7 +63,11 @@ def add_arguments(p) -> None:
     opt_g("--steps", "optimizer steps", type=int)
     opt_g("--max-tokens", "token budget (rows x seq_len); caps --steps", type=int)
     opt_g("--dtype", "fp32, or bf16 autocast with fp32 master weights", choices=DTYPES)
-    opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N; under torchrun "
+          "each process takes cuda:LOCAL_RANK")
+    opt_g("--parallel", "under torchrun: ddp, fsdp (FSDP2, sharded weights, gradients and "
+          "optimizer state) or auto (ddp while the training state fits in half a GPU, else "
+          "fsdp)", choices=PARALLEL_MODES)
     opt_g("--seed", "seed of initialization, data order, selection and the built-in corpus",
           type=int)
     g = p.add_argument_group("evaluation, checkpoints, output")
@@ -128,6 +133,8 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
+    import torch.distributed as dist
+
     from centrifuge.training.loop import train
 
     cfg = config_from_args(args)
@@ -137,5 +144,10 @@ def run(args) -> int:
         print(f"continue with: centrifuge train --resume --out-dir {cfg.out_dir}",
               file=sys.stderr)  # fmt: skip
         raise
+    if dist.is_initialized():  # torchrun: one summary, from rank 0
+        main = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not main:
+            return 0
     print(format_summary(summary))
     return 0

@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from centrifuge.distributed import PARALLEL_MODES
 from centrifuge.plan import BACKWARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 
@@ -38,7 +39,12 @@ class TrainConfig:
     weight_decay, grad_clip: AdamW weight decay (matrices only); max gradient norm (0 = off).
     steps, max_tokens: optimizer steps; a token budget (rows * seq_len) caps them if set.
     dtype:            fp32, or bf16 autocast (fp32 master weights).
-    device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...; under
+                      torchrun every process takes cuda:LOCAL_RANK (or the CPU).
+    parallel:         several processes (torchrun): "ddp", "fsdp" (FSDP2, one unit per
+                      decoder layer + the root), or "auto" (DDP while the replicated
+                      weights, gradients and optimizer state fit in half a GPU, else FSDP);
+                      one process: "auto" or "none".
     eval_interval, save_interval: in steps (0 = only at the end).
     out_dir, resume:  output directory; resume = True continues the run in ``out_dir``
                       (from ``latest``, or from the start if it was interrupted before
@@ -68,6 +74,7 @@ class TrainConfig:
     max_tokens: int | None = None
     dtype: str = "fp32"
     device: str = "auto"
+    parallel: str = "auto"
     seed: int = 0
     eval_interval: int = 100
     save_interval: int = 200
@@ -119,17 +126,18 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.parallel in PARALLEL_MODES,
+             f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
+    def tokens_per_step(self, processes: int = 1) -> int:
+        """Tokens of one optimizer step over ``processes`` (torchrun) processes."""
+        return self.batch_size * self.grad_accum * self.seq_len * processes
 
-    @property
-    def total_steps(self) -> int:
+    def total_steps(self, processes: int = 1) -> int:
         """``steps``, capped by the token budget when ``max_tokens`` is set."""
         if self.max_tokens is None:
             return self.steps
-        return max(1, min(self.steps, self.max_tokens // self.tokens_per_step))
+        return max(1, min(self.steps, self.max_tokens // self.tokens_per_step(processes)))
 
     def to_dict(self) -> dict:
         return asdict(self)

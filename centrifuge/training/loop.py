@@ -1,16 +1,27 @@
 """The training loop behind ``centrifuge train`` and :func:`train`.
 
-One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` packed
-rows. For each: a dense forward (every row's loss), the selection picks the
-kept rows, ``plan.loss`` averages them and the backward runs on kept rows only
-(``amplified``) or densely with a masked loss (``exact``). Data order, RNG
-states, optimizer and scheduler are all restored on resume, so a resumed run
-reproduces the uninterrupted one exactly (CPU, fp32).
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` packed rows
+in each of the run's processes (one, or N under torchrun). For each: a dense
+forward (every row's loss), the selection picks the kept rows, and the
+backward runs on kept rows only (``amplified``) or densely with a masked loss
+(``exact``). The step's loss is the sum of the kept rows' losses over all
+micro-batches and processes divided by their total count; that count follows
+from the labels before any forward runs (selection keeps ``ceil(ρ·n_valid)``),
+so it is all-reduced once per step and no micro-batch waits for another.
+
+Data order: step ``s`` reads micro-batches ``s·M … s·M + M − 1`` of one seeded
+permutation per epoch (M = grad_accum × processes); process ``r`` takes
+micro-batches ``m·N + r``. N processes with ``grad_accum`` a therefore train
+exactly what one process with ``grad_accum`` a·N trains, and a run resumes on
+another number of processes when ``grad_accum`` × processes stays the same.
+Optimizer, scheduler, RNG states and counters are restored on resume, so a
+resumed run reproduces the uninterrupted one exactly (CPU, fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -18,31 +29,74 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+)  # fmt: skip
 
+from centrifuge.distributed import init_distributed, unsharded, uses_autocast
 from centrifuge.interrupt import DeferredStop
+from centrifuge.models.llama import shift_targets
+from centrifuge.ops.linear_ce import IGNORE_INDEX
+from centrifuge.plan import Layout
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
 from centrifuge.training.schedule import WarmupCosine
-
-# Options that must match between a checkpoint and the run resuming from it
-# (anything that changes the data order, the updates or the model).
-RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "select", "ratio", "granularity",
-               "backward", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-               "dtype", "seed", "reference", "reference_scores", "reference_steps")  # fmt: skip
+from centrifuge.training.setup import Run, prepare
 
 
 class StopTraining(Exception):
     """Raised by a callback to end training early (after the current step)."""
 
 
+def train(cfg: TrainConfig, progress: bool = True, callback=None, *, split: str = "train",
+          label: str = "train") -> dict:
+    """Run (or resume) training; return the summary.
+
+    callback(step, record) is called after every optimizer step with that
+    step's metrics (in every process); raising :class:`StopTraining` ends the
+    run there (with a checkpoint, so ``resume`` continues it).
+    Summary keys: steps, tokens_seen, tokens_kept, tokens_per_s, wall_s,
+    final_train_loss, eval_loss, eval_accuracy, checkpoint, metrics, plot, ...
+    """
+    t_start = time.perf_counter()
+    ctx = init_distributed(cfg.device)
+    shown = progress and ctx.is_main
+    run = prepare(cfg, ctx, progress=shown, split=split, label=label,
+                  train_reference=lambda c: train_builtin_reference(c, progress))  # fmt: skip
+    return Trainer(cfg, run, shown, callback).fit(t_start)
+
+
+def train_builtin_reference(cfg: TrainConfig, progress: bool) -> Path:
+    """Rho-1's recipe on the built-in corpus: train the same model on clean
+    text (the corpus' ``clean`` split) for ``reference_steps`` steps, once per
+    output directory (continued where it stopped, and reused, on resume)."""
+    out = Path(cfg.out_dir) / "reference"
+    started = (out / ckpt_io.LATEST).is_file()  # finished, or interrupted: continue it
+    sub = dataclasses.replace(
+        cfg, select="none", ratio=1.0, reference=None, reference_scores=None, grad_accum=1,
+        steps=cfg.reference_steps, max_tokens=None, eval_interval=0, save_interval=0,
+        out_dir=str(out), resume=started, overwrite=not started,
+        warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),
+    )  # fmt: skip
+    try:
+        summary = train(sub, progress=progress, split="clean", label="reference")
+    except ckpt_io.CheckpointError:
+        # A reference left by a run with other options or data: train a fresh one.
+        sub = dataclasses.replace(sub, resume=False, overwrite=True)
+        summary = train(sub, progress=progress, split="clean", label="reference")
+    return Path(summary["checkpoint"])
+
+
 class DataOrder:
     """Which dataset rows micro-batch ``m`` of step ``s`` reads: one seeded
     permutation of all rows per epoch, consumed in order. A pure function of
-    (seed, step), so resuming needs only the step."""
+    (seed, step), so resuming needs only the step.
 
-    def __init__(self, n_rows: int, batch_size: int, grad_accum: int, seed: int):
-        self.n, self.b, self.a, self.seed = n_rows, batch_size, grad_accum, seed
+    micro_per_step: micro-batches of the whole step (grad_accum × processes)."""
+
+    def __init__(self, n_rows: int, batch_size: int, micro_per_step: int, seed: int):
+        self.n, self.b, self.a, self.seed = n_rows, batch_size, micro_per_step, seed
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -63,13 +117,10 @@ class DataOrder:
         return dict(rows_consumed=rows, epoch=rows // self.n, row_in_epoch=rows % self.n)
 
 
-def _rng_state(selector) -> dict:
+def _rng_state() -> dict:
     st = dict(torch=torch.get_rng_state(), numpy=_np_state(), python=_py_state())
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
-    gen = selector._generator
-    if gen is not None:
-        st["selector"] = gen.get_state()
     return st
 
 
@@ -83,7 +134,7 @@ def _py_state() -> list:
     return [version, list(internal), gauss]
 
 
-def _set_rng_state(st: dict, selector) -> None:
+def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     name, keys, pos, has_gauss, cached = st["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -91,9 +142,6 @@ def _set_rng_state(st: dict, selector) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-    if "selector" in st:
-        selector._generator = torch.Generator().manual_seed(0)
-        selector._generator.set_state(st["selector"])
 
 
 def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -105,183 +153,281 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def train(cfg: TrainConfig, progress: bool = True, callback=None, *, split: str = "train",
-          label: str = "train") -> dict:
-    """Run (or resume) training; return the summary.
-
-    callback(step, record) is called after every optimizer step with that
-    step's metrics; raising :class:`StopTraining` ends the run there (with a
-    checkpoint, so ``resume`` continues it).
-    Summary keys: steps, tokens_seen, tokens_kept, tokens_per_s, wall_s,
-    final_train_loss, eval_loss, eval_accuracy, checkpoint, metrics, plot, ...
-    """
-    from centrifuge.training.setup import prepare
-
-    t_start = time.perf_counter()
-    run = prepare(cfg, progress=progress, split=split, label=label)
-    return _loop(cfg, run, progress, callback, t_start)
+def _valid_rows(batch: dict) -> torch.Tensor:
+    """[B, L] bool: the rows of a (CPU) batch that carry a loss, as the model's
+    forward will find them (known before the forward runs)."""
+    B, L = batch["labels"].shape
+    layout = Layout.build(B, L, "cpu", batch["position_ids"])
+    return shift_targets(batch["labels"], layout) != IGNORE_INDEX
 
 
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        from tqdm import tqdm
+class Trainer:
+    """One run's optimizer, schedule, counters and steps (``fit`` runs them all)."""
 
-        tqdm.write(msg)
+    def __init__(self, cfg: TrainConfig, run: Run, progress: bool, callback=None):
+        self.cfg, self.run, self.progress, self.callback = cfg, run, progress, callback
+        self.ctx, self.model = run.ctx, run.model
+        self.total = cfg.total_steps(self.ctx.world_size)
+        self.order = DataOrder(len(run.train_ds), cfg.batch_size,
+                               cfg.grad_accum * self.ctx.world_size, cfg.seed)  # fmt: skip
+        self.opt = _optimizer(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, WarmupCosine(cfg.warmup_steps, self.total, cfg.min_lr_ratio))
+        self.counters = dict(step=0, tokens_seen=0, tokens_kept=0, valid_seen=0, train_time=0.0,
+                             recent=[])  # fmt: skip
+        self.autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
+                         if uses_autocast(run.parallel, cfg.dtype) else contextlib.nullcontext())  # fmt: skip
+        if run.resume_state is not None:
+            self.load_state(run.resume_state, run.resume_path)
+        else:
+            torch.manual_seed(cfg.seed)
 
+    # --- state ---------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """The optimizer state lives in shards (FSDP): saved with DCP."""
+        return self.run.parallel == "fsdp"
 
-def _loop(cfg: TrainConfig, run, progress: bool, callback, t_start: float) -> dict:
-    from tqdm import tqdm
+    def save(self, step: int) -> Path:
+        """A checkpoint of the state after ``step`` steps (every process calls it)."""
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=full) if self.sharded else None
+        state = dict(
+            scheduler=self.sched.state_dict(), data=self.order.position(step),
+            config=self.cfg.to_dict(), model_config=self.run.model_config_dict,
+            data_fingerprint=self.run.train_ds.fingerprint, world_size=self.ctx.world_size,
+            rng=self._gather(dict(_rng_state(), selector=self.run.selector.state_dict())),
+            **dict(self.counters, step=step),
+        )  # fmt: skip
+        sharded = None
+        if self.sharded:
+            sharded = dict(optimizer=get_optimizer_state_dict(self.model, self.opt))
+        else:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.opt, options=full)
+        return ckpt_io.save_checkpoint(self.cfg.out_dir, step, self.run.module, state,
+                                       ctx=self.ctx, weights=weights, sharded=sharded,
+                                       tokenizer=self.run.train_ds.tokenizer)  # fmt: skip
 
-    from centrifuge.evaluation import evaluate
+    def _gather(self, obj) -> list | None:
+        """Every process's ``obj``, in rank order, on rank 0."""
+        if not self.ctx.distributed:
+            return [obj]
+        out = [None] * self.ctx.world_size if self.ctx.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
 
-    model, device, out_dir = run.model, run.device, Path(cfg.out_dir)
-    total = cfg.total_steps
-    order = DataOrder(len(run.train_ds), cfg.batch_size, cfg.grad_accum, cfg.seed)
-    opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
-    selector = run.selector
-    state = dict(step=0, tokens_seen=0, tokens_kept=0, valid_seen=0, train_time=0.0, recent=[])
-    if run.resume_state is not None:
-        rs = run.resume_state
-        opt.load_state_dict(rs["optimizer"])
-        sched.load_state_dict(rs["scheduler"])
-        sched.lr_lambdas[0] = WarmupCosine(cfg.warmup_steps, total, cfg.min_lr_ratio)
-        _set_rng_state(rs["rng"], selector)
-        state.update({k: rs[k] for k in state})
-    else:
-        torch.manual_seed(cfg.seed)
-    start = state["step"]
-    ckpt_io.clean_partial(out_dir)  # temporary directories of a save cut short by a crash
-    log = MetricsLog(out_dir, resume_step=start if run.resume_state is not None else None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
-                else contextlib.nullcontext())  # fmt: skip
+    def load_state(self, rs: dict, path: Path) -> None:
+        if "optimizer" in rs:
+            set_optimizer_state_dict(self.model, self.opt, rs["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        else:
+            import torch.distributed.checkpoint as dcp
 
-    def do_eval(step: int) -> dict | None:
+            sharded = dict(optimizer=get_optimizer_state_dict(self.model, self.opt))
+            dcp.load(sharded, checkpoint_id=str(path / ckpt_io.SHARDED_DIR),
+                     no_dist=not self.ctx.distributed)  # fmt: skip
+            set_optimizer_state_dict(self.model, self.opt, sharded["optimizer"])
+        self.sched.load_state_dict(rs["scheduler"])
+        self.sched.lr_lambdas[0] = WarmupCosine(self.cfg.warmup_steps, self.total,
+                                                self.cfg.min_lr_ratio)  # fmt: skip
+        self.counters.update({k: rs[k] for k in self.counters})
+        rngs = rs["rng"]
+        if len(rngs) == self.ctx.world_size:
+            _set_rng_state(rngs[self.ctx.rank])
+            self.run.selector.load_state_dict(rngs[self.ctx.rank]["selector"])
+        else:  # another number of processes: fresh streams, derived from the step
+            torch.manual_seed(self.cfg.seed + rs["step"])
+            self._say(f"note: {path.name} was written by {len(rngs)} processes, this run has "
+                      f"{self.ctx.world_size}: random streams restart (the data order does not)")  # fmt: skip
+
+    # --- steps ---------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def _grad_sync(self, last: bool):
+        """Gradients are reduced across processes in a step's last micro-batch only."""
+        if self.run.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        elif self.run.parallel == "ddp" and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, step: int) -> dict:
+        """Forward and backward of every micro-batch of ``step``, then the update.
+        Returns the step's metrics (summed over processes)."""
+        cfg, ctx, run = self.cfg, self.ctx, self.run
+        t0 = time.perf_counter()
+        micro = [self.order.rows(step, m * ctx.world_size + ctx.rank) for m in range(cfg.grad_accum)]
+        batches = [run.train_ds.batch(rows) for rows in micro]
+        counts = [run.selector.count(_valid_rows(b)) for b in batches]
+        # Σ kept over micro-batches and processes; DDP/FSDP average gradients over
+        # processes, so each process scales its kept-loss sums by N / Σ.
+        total = torch.tensor(sum(counts), dtype=torch.float64, device=run.device)
+        scale = (ctx.world_size / ctx.all_reduce_sum(total)).float()
+        sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # kept loss, all loss, seen, valid, kept
+        for m, (rows, b, count) in enumerate(zip(micro, batches, counts)):
+            b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
+            with self._grad_sync(last=m == cfg.grad_accum - 1):
+                with self.autocast:
+                    out = self.model(b["input_ids"], labels=b["labels"],
+                                     position_ids=b["position_ids"], backward=cfg.backward)  # fmt: skip
+                ref = run.reference(rows, b) if run.selector.needs_reference else None
+                keep = run.selector(out.token_loss, out.valid, ref)
+                out.plan.set_keep(keep)
+                if out.plan.n_keep != count:
+                    raise RuntimeError(f"selection kept {out.plan.n_keep} rows where {count} were "
+                                       "expected from the labels")  # fmt: skip
+                kept_loss = (out.token_loss * keep).sum()
+                (kept_loss * scale).backward()
+            tl = out.token_loss.detach().double()
+            sums += torch.stack([kept_loss.detach().double(), tl[out.valid].sum(),
+                                 (b["labels"] != IGNORE_INDEX).sum().double(),
+                                 out.valid.sum().double(), keep.sum().double()])  # fmt: skip
+        gnorm = self._clip_grad()
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum, all_sum, seen, valid, kept = ctx.all_reduce_sum(sums).tolist()
+        dt = time.perf_counter() - t0
+        loss = loss_sum / kept
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {step + 1}; "
+                                     "lower the learning rate or use fp32")  # fmt: skip
+        c = self.counters
+        c["train_time"] += dt
+        c["tokens_seen"] += int(seen)
+        c["tokens_kept"] += int(kept)
+        c["valid_seen"] += int(valid)
+        c["recent"] = (c["recent"] + [loss])[-10:]
+        return dict(kind="train", step=step + 1, loss=loss, loss_all=all_sum / max(valid, 1),
+                    kept_fraction=kept / max(valid, 1), lr=lr, grad_norm=gnorm,
+                    tokens_seen=c["tokens_seen"], tokens_kept=c["tokens_kept"],
+                    tokens_per_s=seen / dt, step_s=dt)  # fmt: skip
+
+    def _clip_grad(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def evaluate(self, step: int, log: MetricsLog | None) -> dict | None:
+        """Held-out loss (and answer accuracy) of the model. Every process runs
+        the same evaluation (FSDP needs them all for each forward); rank 0 logs."""
+        from centrifuge.evaluation import evaluate
+
+        run, cfg = self.run, self.cfg
         if run.eval_ds is None:
             return None
-        with autocast:
-            problems = getattr(run.eval_ds, "problems", None)
-            r = evaluate(model, run.eval_ds, cfg.batch_size, device, max_rows=cfg.eval_rows,
-                         problems=(problems or [])[: cfg.eval_problems] or [])
-        log.log(dict(kind="eval", step=step, loss=r["loss"], perplexity=r["perplexity"],
-                     accuracy=r["accuracy"]))  # fmt: skip
+        problems = getattr(run.eval_ds, "problems", None)
+        with self.autocast, unsharded(self.model):
+            r = evaluate(run.module, run.eval_ds, cfg.batch_size, run.device,
+                         max_rows=cfg.eval_rows, problems=(problems or [])[: cfg.eval_problems] or [])  # fmt: skip
+        if log is not None:
+            log.log(dict(kind="eval", step=step, loss=r["loss"], perplexity=r["perplexity"],
+                         accuracy=r["accuracy"]))  # fmt: skip
         acc = "" if r["accuracy"] is None else f", answer accuracy {100 * r['accuracy']:.1f}%"
-        _log(progress, f"[{run.label}] step {step}: eval loss {r['loss']:.4f}{acc}")
+        self._say(f"[{run.label}] step {step}: eval loss {r['loss']:.4f}{acc}")
         return r
 
-    def trainer_state(step: int) -> dict:
+    # --- the run -------------------------------------------------------------
+    def fit(self, t_start: float) -> dict:
+        from tqdm import tqdm
+
+        cfg, run, ctx = self.cfg, self.run, self.ctx
+        out_dir, total = Path(cfg.out_dir), self.total
+        start = self.counters["step"]
+        resumed = run.resume_state is not None
+        log = None
+        if ctx.is_main:
+            ckpt_io.clean_partial(out_dir)  # temporary directories of a save cut short by a crash
+            log = MetricsLog(out_dir, resume_step=start if resumed else None)
+        last_eval = None
+        if resumed and start >= total:  # a finished run resumed: its last evaluation is logged
+            last_eval = ctx.broadcast(None if log is None else next(
+                (r for r in read_metrics(log.path) if r.get("kind") == "eval" and r["step"] == start),
+                None))  # fmt: skip
+        if start == 0 or (start >= total and last_eval is None):
+            last_eval = self.evaluate(start, log)
+        saved_step = start if resumed else -1
+        ckpt_path = run.resume_path
+        bar = tqdm(total=total, initial=start, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc=run.label)  # fmt: skip
+        self.model.train()
+        step = start
+        # Ctrl-C / SIGTERM end the run at the next step boundary. One process only:
+        # under torchrun the processes would see the signal at different steps.
+        stop = DeferredStop() if not ctx.distributed else None
+        try:
+            while step < total:
+                record = self.train_step(step)
+                step += 1
+                if log is not None:
+                    log.log(record)
+                c = self.counters
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", kept=f"{record['kept_fraction']:.2f}",
+                                tok_s=f"{c['tokens_seen'] / max(c['train_time'], 1e-9):.0f}")  # fmt: skip
+                if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total:
+                    last_eval = self.evaluate(step, log)
+                if (cfg.save_interval and step % cfg.save_interval == 0) or step == total:
+                    ckpt_path, saved_step = self.save(step), step
+                if self.callback is not None:
+                    self.callback(step, record)
+                if stop is not None:
+                    stop.check()
+        except StopTraining:  # a graceful stop: keep the steps done
+            if step > saved_step and step > 0:
+                ckpt_path = self.save(step)
+        except KeyboardInterrupt:
+            # Keep the work done so far. One process only: under torchrun the
+            # processes stop at different points and cannot save together; they
+            # continue from the last --save-interval checkpoint.
+            # A second signal stops in the middle of a step, whose state is not saved.
+            if step > saved_step and step > 0 and not ctx.distributed and not stop.forced:
+                ckpt_path = self.save(step)
+            self._say(f"[{run.label}] interrupted at step {step}; latest checkpoint: "
+                      f"{ckpt_path or 'none yet'}")  # fmt: skip
+            raise
+        finally:
+            if stop is not None:
+                stop.close()
+            bar.close()
+            if log is not None:
+                log.close()
+        return self._summary(step, last_eval, ckpt_path, log, t_start)
+
+    def _summary(self, step: int, last_eval, ckpt_path, log, t_start: float) -> dict:
+        c, out_dir = self.counters, Path(self.cfg.out_dir)
+        plot = evals = None
+        if log is not None:
+            plot = plot_losses(log.path, out_dir / "loss_curves.png", title=self.run.title)
+            evals = [r for r in read_metrics(log.path) if r.get("kind") == "eval"]
+        recent = c["recent"]
         return dict(
-            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=_rng_state(selector),
-            data=order.position(step), config=cfg.to_dict(), model_config=run.model_config_dict,
-            data_fingerprint=run.train_ds.fingerprint, **dict(state, step=step),
-        )  # fmt: skip
-
-    def save(step: int) -> Path:
-        return ckpt_io.save_checkpoint(out_dir, step, model, trainer_state(step),
-                                       tokenizer=run.train_ds.tokenizer)  # fmt: skip
-
-    last_eval = None
-    if start >= total and start > 0:  # a finished run resumed: its last evaluation is logged
-        last_eval = next((r for r in read_metrics(log.path)
-                          if r.get("kind") == "eval" and r["step"] == start), None)  # fmt: skip
-    if start == 0 or (start >= total and last_eval is None):
-        last_eval = do_eval(start)
-    saved_step = start if run.resume_state is not None else -1
-    ckpt_path = run.resume_path
-    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=run.label)  # fmt: skip
-    model.train()
-    step = start
-    stop = DeferredStop()  # Ctrl-C / SIGTERM end the run at the next step boundary
-    try:
-        while step < total:
-            t0 = time.perf_counter()
-            loss_sum = all_sum = 0.0
-            seen = valid = kept = 0
-            for micro in range(cfg.grad_accum):
-                rows = order.rows(step, micro)
-                b = {k: v.to(device) for k, v in run.train_ds.batch(rows).items()}
-                with autocast:
-                    out = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
-                                backward=cfg.backward)  # fmt: skip
-                ref = run.reference(rows, b) if selector.needs_reference else None
-                keep = selector(out.token_loss, out.valid, ref)
-                loss = out.plan.loss(out.token_loss, keep)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
-                all_sum += float(out.token_loss.detach()[out.valid].mean())
-                seen += int((b["labels"] != -100).sum())
-                valid += int(out.valid.sum())
-                kept += int(keep.sum())
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                     if cfg.grad_clip > 0 else _grad_norm(model))  # fmt: skip
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            state["train_time"] += dt
-            state["tokens_seen"] += seen
-            state["tokens_kept"] += kept
-            state["valid_seen"] += valid
-            train_loss = loss_sum / cfg.grad_accum
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
-                                         "lower the learning rate or use fp32")  # fmt: skip
-            state["recent"] = (state["recent"] + [train_loss])[-10:]
-            record = dict(kind="train", step=step, loss=train_loss, loss_all=all_sum / cfg.grad_accum,
-                          kept_fraction=kept / max(valid, 1), lr=lr, grad_norm=float(gnorm),
-                          tokens_seen=state["tokens_seen"], tokens_kept=state["tokens_kept"],
-                          tokens_per_s=seen / dt, step_s=dt)  # fmt: skip
-            log.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", kept=f"{kept / max(valid, 1):.2f}",
-                            tok_s=f"{state['tokens_seen'] / max(state['train_time'], 1e-9):.0f}")  # fmt: skip
-            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total:
-                last_eval = do_eval(step)
-            if (cfg.save_interval and step % cfg.save_interval == 0) or step == total:
-                ckpt_path = save(step)
-                saved_step = step
-            if callback is not None:
-                callback(step, record)
-            stop.check()
-    except StopTraining:  # a graceful stop: keep the steps done
-        if step > saved_step and step > 0:
-            ckpt_path = save(step)
-    except KeyboardInterrupt:
-        if step > saved_step and step > 0 and not stop.forced:  # keep the work done so far
-            ckpt_path = save(step)
-        _log(progress, f"[{run.label}] interrupted at step {step}; latest checkpoint: "
-                       f"{ckpt_path or 'none yet'}")  # fmt: skip
-        raise
-    finally:
-        stop.close()
-        bar.close()
-        log.close()
-    plot = plot_losses(log.path, out_dir / "loss_curves.png", title=run.title)
-    evals = [r for r in read_metrics(log.path) if r.get("kind") == "eval"]
-    recent = state["recent"]
-    return dict(
-        steps=step,
-        tokens_seen=state["tokens_seen"],
-        tokens_kept=state["tokens_kept"],
-        kept_fraction=state["tokens_kept"] / max(state["valid_seen"], 1),
-        tokens_per_s=state["tokens_seen"] / state["train_time"] if state["train_time"] else 0.0,
-        wall_s=time.perf_counter() - t_start,
-        final_train_loss=sum(recent) / len(recent) if recent else None,
-        eval_loss=None if last_eval is None else last_eval["loss"],
-        eval_accuracy=None if last_eval is None else last_eval["accuracy"],
-        checkpoint=None if ckpt_path is None else str(ckpt_path),
-        metrics=str(log.path),
-        plot=None if plot is None else str(plot),
-        tensorboard=str(out_dir / "tensorboard") if log.tensorboard else None,
-        out_dir=str(out_dir),
-        reference=run.reference_desc,
-        initial_eval_loss=evals[0]["loss"] if evals and evals[0]["step"] == 0 else None,
-    )
-
-
-def _grad_norm(model) -> torch.Tensor:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+            steps=step,
+            tokens_seen=c["tokens_seen"],
+            tokens_kept=c["tokens_kept"],
+            kept_fraction=c["tokens_kept"] / max(c["valid_seen"], 1),
+            tokens_per_s=c["tokens_seen"] / c["train_time"] if c["train_time"] else 0.0,
+            wall_s=time.perf_counter() - t_start,
+            final_train_loss=sum(recent) / len(recent) if recent else None,
+            eval_loss=None if last_eval is None else last_eval["loss"],
+            eval_accuracy=None if last_eval is None else last_eval["accuracy"],
+            checkpoint=None if ckpt_path is None else str(ckpt_path),
+            metrics=str(out_dir / "metrics.jsonl"),
+            plot=None if plot is None else str(plot),
+            tensorboard=str(out_dir / "tensorboard") if log is not None and log.tensorboard else None,
+            out_dir=str(out_dir),
+            reference=self.run.reference_desc,
+            initial_eval_loss=evals[0]["loss"] if evals and evals[0]["step"] == 0 else None,
+            processes=self.ctx.world_size,
+            parallel=self.run.parallel,
+        )

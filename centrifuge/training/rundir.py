@@ -24,9 +24,11 @@ OPTIONS = "options.json"
 # temporary directories of an interrupted save); --overwrite deletes exactly these.
 RUN_FILES = (ckpt_io.LATEST, OPTIONS, "metrics.jsonl", "loss_curves.png", "tensorboard", "reference")
 _CHECKPOINT = re.compile(r"checkpoint-\d+|\.tmp-checkpoint-.*|\.old-checkpoint-.*")
-# Options a resumed run may change: budgets and bookkeeping, not what a step computes.
+# Options a resumed run may change: budgets and bookkeeping, not what a step computes
+# (grad_accum only with the number of processes, the product fixed: checked on resume).
 MAY_CHANGE = ("steps", "max_tokens", "eval_interval", "eval_rows", "eval_problems",
-              "save_interval", "device", "cache_dir", "out_dir", "resume", "overwrite")  # fmt: skip
+              "save_interval", "device", "parallel", "grad_accum", "cache_dir", "out_dir",
+              "resume", "overwrite")  # fmt: skip
 
 
 def run_contents(out_dir: Path) -> list[Path]:

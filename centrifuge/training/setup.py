@@ -1,28 +1,41 @@
-"""Everything a run needs before its first step, checked up front: device,
-checkpoint to resume, tokenizer, model, data, reference. Bad input fails
-here with a clear message, before any training starts."""
+"""Everything a run needs before its first step, checked up front: processes
+and device, checkpoint to resume, tokenizer, model (wrapped for DDP/FSDP),
+data, reference. Bad input fails here with a clear message, before any
+training starts."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from centrifuge.device import resolve_device
+from centrifuge.distributed import DistContext, choose_parallel, parallelize
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training import rundir
 from centrifuge.training.config import TrainConfig
 
+# Options that must match between a checkpoint and the run resuming from it
+# (anything that changes the data order, the updates or the model). grad_accum
+# is compared as grad_accum x processes: the global batch of a step.
+RESUME_KEYS = ("seq_len", "batch_size", "select", "ratio", "granularity",
+               "backward", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+               "dtype", "seed", "reference", "reference_scores", "reference_steps")  # fmt: skip
+
 
 @dataclass
 class Run:
+    """model: the module the step calls (DDP wrapper, FSDP-sharded or plain);
+    module: the native model inside it (config, saving, evaluation)."""
+
     model: torch.nn.Module
-    device: torch.device
+    module: LlamaForCausalLM
+    ctx: DistContext
+    parallel: str
     train_ds: object
     eval_ds: object | None
     selector: Selector
@@ -33,6 +46,10 @@ class Run:
     model_config_dict: dict
     label: str
     title: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -82,21 +99,24 @@ def check_model_fits(mc: ModelConfig, cfg: TrainConfig, tokenizer, what: str = "
         )
 
 
-def _check_options(old: dict, cfg: TrainConfig, source: Path) -> None:
-    from centrifuge.training.loop import RESUME_KEYS
-
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+def _option_diff(old: dict, cfg: TrainConfig) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
             if old.get(k) != getattr(cfg, k)]  # fmt: skip
+
+
+def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, world: int,
+                  progress: bool) -> None:  # fmt: skip
+    old = state.get("config", {})
+    diff = _option_diff(old, cfg)
+    old_world = state.get("world_size", 1)
+    if old.get("grad_accum", 1) * old_world != cfg.grad_accum * world:
+        diff.append(f"grad_accum x processes: {old.get('grad_accum')} x {old_world} -> "
+                    f"{cfg.grad_accum} x {world} (keep the product, the micro-batches of a step)")  # fmt: skip
     if diff:
         raise ckpt_io.CheckpointError(
-            f"cannot resume from {source}: the run's options differ from the checkpoint's "
+            f"cannot resume from {ckpt}: the run's options differ from the checkpoint's "
             f"({'; '.join(diff)})"
         )
-
-
-def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, progress: bool) -> None:
-    old = state.get("config", {})
-    _check_options(old, cfg, ckpt)
     if state.get("model_config") != mc.to_hf_dict():
         raise ckpt_io.CheckpointError(
             f"cannot resume from {ckpt}: it holds a different model than {cfg.model!r}"
@@ -106,12 +126,12 @@ def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, pr
                        "schedule follows the new budget")  # fmt: skip
 
 
-def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
-            label: str = "train") -> Run:  # fmt: skip
-    from centrifuge.data import load_dataset
-
+def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str = "train",
+            label: str = "train", train_reference: Callable[[TrainConfig], Path] | None = None) -> Run:  # fmt: skip
+    """Check and build everything of a run. ``train_reference(cfg)`` trains the
+    built-in reference model (``rho1`` on the built-in corpus without one) and
+    returns its checkpoint. ``progress``: print notes (pass False off rank 0)."""
     cfg.validate()
-    device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a directory")
@@ -125,7 +145,10 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
         if options is None:
             raise ckpt_io.CheckpointError(f"nothing to resume: {out_dir} holds no run "
                                           f"('{ckpt_io.LATEST}' is missing)")  # fmt: skip
-        _check_options(options, cfg, out_dir / rundir.OPTIONS)
+        diff = _option_diff(options, cfg)
+        if diff:
+            raise ckpt_io.CheckpointError(f"cannot resume {out_dir}: the options differ from "
+                                          f"{rundir.OPTIONS}'s ({'; '.join(diff)})")  # fmt: skip
         _say(progress, f"note: {out_dir} has no checkpoint yet: the run starts again from step 0")
     elif cfg.resume:
         resume_path = ckpt_io.resolve(out_dir if cfg.resume is True else Path(cfg.resume))
@@ -135,39 +158,42 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
     tokenizer = pick_tokenizer(cfg, model_dir, progress)
     check_model_fits(mc, cfg, tokenizer)
     if resume_state is not None:
-        _check_resume(resume_state, cfg, mc, resume_path, progress)
+        _check_resume(resume_state, cfg, mc, resume_path, ctx.world_size, progress)
 
-    train_ds = load_dataset(cfg.data, tokenizer, cfg.seq_len, split=split, cache_dir=cfg.cache_dir,
-                            seed=cfg.seed, text_field=cfg.text_field)  # fmt: skip
+    # Rank 0 tokenizes into the shared cache first; the others then read it.
+    train_ds = eval_ds = None
+    for turn in ("main", "rest"):
+        if (turn == "main") == ctx.is_main:
+            train_ds, eval_ds = _datasets(cfg, tokenizer, split, progress)
+        ctx.barrier()
     if resume_state is not None and resume_state.get("data_fingerprint") != train_ds.fingerprint:
         raise ckpt_io.CheckpointError(
             f"cannot resume from {resume_path}: it was trained on different data (dataset "
             f"fingerprint {resume_state.get('data_fingerprint')} != {train_ds.fingerprint})"
         )
-    try:
-        eval_ds = load_dataset(cfg.data, tokenizer, cfg.seq_len, split="eval",
-                               cache_dir=cfg.cache_dir, seed=cfg.seed, text_field=cfg.text_field)  # fmt: skip
-    except ValueError as e:
-        eval_ds = None
-        _say(progress, f"note: no evaluation ({e})")
 
-    selector = Selector(cfg.select, cfg.ratio, cfg.granularity, seed=cfg.seed)
-    if cfg.select == "random":  # created here so its state can be checkpointed from step 0
-        selector._generator = torch.Generator().manual_seed(cfg.seed)
+    # Ranks draw different random selections (``random``) from one seed.
+    selector = Selector(cfg.select, cfg.ratio, cfg.granularity, seed=cfg.seed + ctx.rank)
     # Every check passed: only now may an old run go (--overwrite) and this one begin.
-    if cfg.overwrite:
-        rundir.clear_run(out_dir)
-    rundir.write_options(cfg)
-    reference, desc = _reference(cfg, train_ds, tokenizer, device, progress)
+    if ctx.is_main:
+        if cfg.overwrite:
+            rundir.clear_run(out_dir)
+        rundir.write_options(cfg)
+    ctx.barrier()
+    reference, desc = _reference(cfg, train_ds, tokenizer, ctx.device, progress, train_reference)
 
     if resume_state is not None:
-        model = LlamaForCausalLM.from_pretrained(resume_path).to(device)
+        model = LlamaForCausalLM.from_pretrained(resume_path).to(ctx.device)
     elif model_dir is not None:
-        model = LlamaForCausalLM.from_pretrained(model_dir).to(device)
+        model = LlamaForCausalLM.from_pretrained(model_dir).to(ctx.device)
     else:
-        model = build_model(mc, device=device, seed=cfg.seed)
+        model = build_model(mc, device=ctx.device, seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {device}; "
+    parallel = choose_parallel(cfg.parallel, ctx, n_params)
+    wrapped = parallelize(model, ctx, parallel, cfg.dtype)
+    where = (f"{ctx.world_size} processes ({parallel}, {ctx.device.type})" if ctx.distributed
+             else str(ctx.device))  # fmt: skip
+    _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {where}; "
                    f"data: {len(train_ds)} rows x {cfg.seq_len} tokens "
                    f"({'built-in corpus, ' + split + ' split' if cfg.data is None else ', '.join(cfg.data)})"
                    + (f"; selection {cfg.select} ρ={cfg.ratio:g} ({cfg.granularity}), "
@@ -176,11 +202,25 @@ def prepare(cfg: TrainConfig, progress: bool = True, split: str = "train",
                    + (f"; resuming from {resume_path}" if resume_path else ""))  # fmt: skip
     title = f"{cfg.model} · {cfg.select}" + (
         f" ρ={cfg.ratio:g} · {cfg.backward}" if cfg.select != "none" else "")  # fmt: skip
-    return Run(model, device, train_ds, eval_ds, selector, reference, desc, resume_state,
-               resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
+    return Run(wrapped, model, ctx, parallel, train_ds, eval_ds, selector, reference, desc,
+               resume_state, resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
 
 
-def _reference(cfg: TrainConfig, train_ds, tokenizer, device, progress: bool):
+def _datasets(cfg: TrainConfig, tokenizer, split: str, progress: bool):
+    from centrifuge.data import load_dataset
+
+    train_ds = load_dataset(cfg.data, tokenizer, cfg.seq_len, split=split, cache_dir=cfg.cache_dir,
+                            seed=cfg.seed, text_field=cfg.text_field)  # fmt: skip
+    try:
+        eval_ds = load_dataset(cfg.data, tokenizer, cfg.seq_len, split="eval",
+                               cache_dir=cfg.cache_dir, seed=cfg.seed, text_field=cfg.text_field)  # fmt: skip
+    except ValueError as e:
+        eval_ds = None
+        _say(progress, f"note: no evaluation ({e})")
+    return train_ds, eval_ds
+
+
+def _reference(cfg: TrainConfig, train_ds, tokenizer, device, progress: bool, train_reference):
     """(callable rows, batch -> reference losses, description) for rho1, else (None, None)."""
     if cfg.select != "rho1":
         if cfg.reference or cfg.reference_scores:
@@ -207,7 +247,9 @@ def _reference(cfg: TrainConfig, train_ds, tokenizer, device, progress: bool):
             "or --reference-scores PATH (from `centrifuge score`), or choose --select "
             "loss/random/none"
         )
-    ref_dir = train_builtin_reference(cfg, progress)
+    if train_reference is None:
+        raise ValueError("selection 'rho1' on the built-in corpus needs a reference model")
+    ref_dir = train_reference(cfg)
     ref_model = LlamaForCausalLM.from_pretrained(ref_dir).to(device).eval()
     return _on_the_fly(ref_model, cfg, device), f"built-in, trained on the clean split ({ref_dir})"
 
@@ -230,26 +272,3 @@ def _on_the_fly(ref_model, cfg: TrainConfig, device):
         return reference_losses(ref_model, batch, device, precision=cfg.dtype).to(device)
 
     return losses
-
-
-def train_builtin_reference(cfg: TrainConfig, progress: bool) -> Path:
-    """Rho-1's recipe on the built-in corpus: train the same model on clean
-    text (the corpus' ``clean`` split) for ``reference_steps`` steps, once per
-    output directory (continued where it stopped, and reused, on resume)."""
-    from centrifuge.training.loop import train
-
-    out = Path(cfg.out_dir) / "reference"
-    started = (out / ckpt_io.LATEST).is_file()  # finished, or interrupted: continue it
-    sub = dataclasses.replace(
-        cfg, select="none", ratio=1.0, reference=None, reference_scores=None, grad_accum=1,
-        steps=cfg.reference_steps, max_tokens=None, eval_interval=0, save_interval=0,
-        out_dir=str(out), resume=started, overwrite=not started,
-        warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),
-    )  # fmt: skip
-    try:
-        summary = train(sub, progress=progress, split="clean", label="reference")
-    except ckpt_io.CheckpointError:
-        # A reference left by a run with other options or data: train a fresh one.
-        sub = dataclasses.replace(sub, resume=False, overwrite=True)
-        summary = train(sub, progress=progress, split="clean", label="reference")
-    return Path(summary["checkpoint"])

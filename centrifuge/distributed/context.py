@@ -1,0 +1,82 @@
+"""The process group of a run started by ``torchrun`` (or a single process).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is one
+process and every collective below is a no-op, so the training code has one
+path for both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from centrifuge.device import resolve_device
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """rank, world_size: this process and the number of processes;
+    device: the device this process computes on (``cuda:LOCAL_RANK`` on GPUs)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over all processes (in place; returns ``t``)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process (a picklable object)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun set up (once per process) and pick this
+    process's device: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` when CUDA is
+    there (NCCL), else the CPU (gloo). A plain ``python`` start gives a
+    one-process context on ``device``."""
+    if not _launched_by_torchrun():
+        return DistContext(device=resolve_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    kind = resolve_device(device).type
+    if kind == "cuda":
+        if device not in ("auto", "cuda"):
+            raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; use --device "
+                             f"cuda or auto, not {device!r}")  # fmt: skip
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are "
+                             "visible: start at most one process per GPU")  # fmt: skip
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=dev if kind == "cuda" else None)
+    return DistContext(rank, world, dev)

@@ -1,0 +1,116 @@
+"""Data parallelism for a native model: DDP, or FSDP2 (``fully_shard``) per
+decoder layer plus the root.
+
+Why these units: a decoder layer is one autograd Function (the compact
+backward lives inside it), so it is also the natural unit to gather and
+shard; the root unit holds the embedding, the final norm and the LM head, so a
+tied embedding and the fused norm + LM head + cross-entropy each live in one
+unit. With bf16 the FSDP2 mixed-precision policy gathers bf16 weights and
+reduces gradients in fp32 against fp32 master shards (no autocast: the layers
+then see bf16 weights and make no per-call casts that would keep unsharded
+copies alive for the backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+
+import torch
+from torch import nn
+
+from centrifuge.distributed.context import DistContext
+
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+
+# auto picks FSDP once parameters, gradients and AdamW's two moments (16 bytes
+# per fp32 parameter) would take more than this share of one GPU's memory.
+_DDP_MEMORY_SHARE = 0.5
+
+
+def choose_parallel(mode: str, ctx: DistContext, n_params: int) -> str:
+    """The mode a run uses: ``none`` for one process; with several, the given
+    one, or for ``auto`` DDP while the replicated training state fits
+    comfortably (it keeps Centrifuge's step ratio: no per-layer gathers that
+    the shorter compact backward cannot hide), else FSDP."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    if not ctx.distributed:
+        if mode in ("ddp", "fsdp"):
+            raise ValueError(f"parallel {mode!r} needs several processes: start the run with "
+                             "torchrun --nproc-per-node N (N >= 2)")  # fmt: skip
+        return "none"
+    if mode == "none":
+        raise ValueError(f"parallel 'none' with {ctx.world_size} processes would train "
+                         f"{ctx.world_size} independent models: use ddp, fsdp or auto")  # fmt: skip
+    if mode != "auto":
+        return mode
+    if ctx.device.type == "cuda":
+        total = torch.cuda.get_device_properties(ctx.device).total_memory
+        if 16 * n_params > _DDP_MEMORY_SHARE * total:
+            return "fsdp"
+    return "ddp"
+
+
+def parallelize(model: nn.Module, ctx: DistContext, mode: str, dtype: str,
+                reshard_after_forward: bool = True) -> nn.Module:  # fmt: skip
+    """Wrap ``model`` (a native LlamaForCausalLM on ``ctx.device``) for ``mode``.
+    reshard_after_forward (FSDP): free each layer's gathered weights after its
+    forward and gather them again for its backward (less memory), or keep them
+    (no all-gather in the backward: more of the shorter compact backward left
+    for the reduce-scatters to hide behind).
+
+    Returns the module to call in the training step: a DDP wrapper, or the
+    model itself, sharded in place, for FSDP. Build the optimizer afterwards,
+    from the returned module's parameters."""
+    if mode == "none":
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # inv_freq is the only buffer: identical on every rank, nothing to sync per forward.
+        no_sync = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})  # fmt: skip
+        return DDP(model, device_ids=ids, **no_sync)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if dtype == "bf16" else MixedPrecisionPolicy())  # fmt: skip
+        # A decoder layer returns its Function's output as a [B, L, d] view; nothing
+        # modifies it in place, which is what FSDP2's warning about views is for.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        layers = list(model.model.layers)
+        for i, layer in enumerate(layers):
+            # The last layer's weights are the first the backward needs: keep them.
+            fully_shard(layer, mp_policy=mp,
+                        reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        return model
+    raise ValueError(f"unknown parallel mode {mode!r}")
+
+
+def uses_autocast(mode: str, dtype: str) -> bool:
+    """bf16 runs autocast over fp32 weights, except under FSDP, whose policy casts."""
+    return dtype == "bf16" and mode != "fsdp"
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Inside, the FSDP root's own weights (embedding, final norm, LM head) are
+    whole, so code outside ``forward`` (evaluation, greedy decoding reading
+    ``lm_head.weight``) can use them; every rank must enter it together.
+    A no-op for other models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

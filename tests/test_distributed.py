@@ -1,0 +1,155 @@
+"""Several processes (torchrun, gloo, CPU): N processes with grad_accum a train
+exactly what one process with grad_accum a·N trains, under DDP and FSDP2, in
+amplified and exact mode with packed rows; sharded checkpoints resume exactly,
+also on another number of processes; one rank's failure ends the launch with
+its message."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from centrifuge.data import corpus
+from centrifuge.training import TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
+
+WORKER = Path(__file__).parent / "distributed" / "worker.py"
+N = 2
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Packed rows: many short documents per row."""
+    d = tmp_path_factory.mktemp("data")
+    f = d / "train.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 150)))
+    return f
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, data_file):
+    cache = tmp_path_factory.mktemp("cache")
+    return dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=48,
+                batch_size=2, steps=3, warmup_steps=1, lr=1e-2, eval_interval=0, eval_rows=4,
+                save_interval=0, cache_dir=str(cache), device="cpu")  # fmt: skip
+
+
+def failed(proc: subprocess.CompletedProcess) -> str:
+    """The ranks' tracebacks come first in torchrun's stderr, its summary last."""
+    return proc.stderr[:3000] + "\n...\n" + proc.stderr[-1500:]
+
+
+def torchrun(configs: list[dict], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={N}", str(WORKER), json.dumps(configs)]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run_dir) -> dict:
+    name = (Path(run_dir) / "latest").read_text().strip()
+    return load_file(str(Path(run_dir) / name / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, base):
+    """One torchrun launch training every multi-process configuration."""
+    root = tmp_path_factory.mktemp("dist")
+    runs = {
+        "ddp": dict(base, parallel="ddp", grad_accum=2),
+        "fsdp": dict(base, parallel="fsdp", grad_accum=2),
+        "fsdp_exact": dict(base, parallel="fsdp", grad_accum=2, backward="exact"),
+        # 4 steps, saved at 2 and 4; then a copy of checkpoint-2 resumes to 4.
+        "fsdp_long": dict(base, parallel="fsdp", steps=4, save_interval=2),
+    }
+    for name, cfg in runs.items():
+        cfg["out_dir"] = str(root / name)
+    proc = torchrun(list(runs.values()))
+    assert proc.returncode == 0, failed(proc)
+    return root, runs
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact"])
+def test_n_processes_equal_one_process_with_n_times_the_accumulation(launched, tmp_path, name):
+    root, runs = launched
+    single = dict(runs[name], parallel="auto", grad_accum=runs[name]["grad_accum"] * N,
+                  out_dir=str(tmp_path / "single"))  # fmt: skip
+    summary = train(TrainConfig(**single), progress=False)
+    assert_same_weights(weights(root / name), weights(tmp_path / "single"))
+    dist_metrics = [json.loads(l) for l in (root / name / "metrics.jsonl").read_text().splitlines()]
+    one_metrics = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [a["kind"] for a in dist_metrics] == [b["kind"] for b in one_metrics]
+    for a, b in zip(dist_metrics, one_metrics):
+        if a["kind"] == "train":
+            # The step's loss is normalized over every kept row, and so is the
+            # gradient (its norm: AdamW alone would hide a wrong scale).
+            assert a["tokens_kept"] == b["tokens_kept"]
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert summary["tokens_kept"] == one_metrics[-2]["tokens_kept"] == dist_metrics[-2]["tokens_kept"]
+
+
+def test_sharded_checkpoint_resumes_exactly(launched, tmp_path):
+    root, runs = launched
+    long_dir = root / "fsdp_long"
+    assert (long_dir / "checkpoint-2" / "dcp").is_dir()  # the optimizer state, sharded
+    # Same number of processes: resuming from checkpoint-2 reproduces checkpoint-4 exactly.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    subprocess.run(["cp", "-r", str(long_dir / "checkpoint-2"), str(resumed)], check=True)
+    (resumed / "latest").write_text("checkpoint-2\n")
+    proc = torchrun([dict(runs["fsdp_long"], out_dir=str(resumed), resume=True)])
+    assert proc.returncode == 0, failed(proc)
+    assert_same_weights(weights(long_dir), weights(resumed), atol=0)
+    # One process with N times the accumulation continues the same run.
+    single = tmp_path / "single"
+    single.mkdir()
+    subprocess.run(["cp", "-r", str(long_dir / "checkpoint-2"), str(single)], check=True)
+    (single / "latest").write_text("checkpoint-2\n")
+    train(TrainConfig(**dict(runs["fsdp_long"], out_dir=str(single), resume=True, parallel="auto",
+                             grad_accum=N)), progress=False)  # fmt: skip
+    assert_same_weights(weights(long_dir), weights(single))
+
+
+def test_checkpoint_loads_in_transformers(launched):
+    transformers = pytest.importorskip("transformers")
+    root, _ = launched
+    ckpt = root / "fsdp" / (root / "fsdp" / "latest").read_text().strip()
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    assert_same_weights({k: v for k, v in model.state_dict().items() if k in weights(root / "fsdp")},
+                        weights(root / "fsdp"), atol=0)
+
+
+def test_resume_with_another_global_batch_is_refused(launched, tmp_path):
+    root, runs = launched
+    from centrifuge.training import CheckpointError
+
+    cfg = TrainConfig(**dict(runs["fsdp_long"], out_dir=str(root / "fsdp_long"), resume=True,
+                             parallel="auto", steps=6))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"grad_accum x processes: 1 x 2 -> 1 x 1"):
+        train(cfg, progress=False)
+
+
+def test_one_failing_rank_stops_the_launch(base, tmp_path):
+    proc = torchrun([dict(base, parallel="ddp", out_dir=str(tmp_path / "fail"), fail_on_rank=1)],
+                    timeout=120)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 1" in proc.stderr
+
+
+def test_parallel_modes_need_processes(base, tmp_path):
+    with pytest.raises(ValueError, match="needs several processes"):
+        train(TrainConfig(**dict(base, parallel="fsdp", out_dir=str(tmp_path / "x"))), progress=False)
