@@ -106,13 +106,15 @@ def resume_config(given: dict) -> TrainConfig:
     out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
     stored = stored_options(given["resume"], out_dir)
     defaults = TrainConfig().to_dict()  # options a checkpoint of an older version lacks
-    known = {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
-    conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (the run's: {known[k]!r})"
-                 for k in sorted(given) if k not in MAY_CHANGE and given[k] != known[k]]  # fmt: skip
+    known = {**defaults, **{k: v for k, v in stored.items() if k in defaults},
+             "resume": False, "overwrite": False}  # fmt: skip
+    cfg = TrainConfig.from_dict({**known, **given})  # values normalized (a path -> [path])
+    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (the run's: {known[k]!r})"
+                 for k in sorted(given) if k not in MAY_CHANGE and getattr(cfg, k) != known[k]]  # fmt: skip
     if conflicts:
         raise ckpt_io.CheckpointError(
             f"cannot resume the run in {out_dir} with other options: {'; '.join(conflicts)}. "
             "Leave them out to continue with the run's own, or start a new run "
             "(another --out-dir, or --overwrite)"
         )
-    return TrainConfig.from_dict({**known, **given, "overwrite": False})
+    return cfg
