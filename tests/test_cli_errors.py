@@ -26,6 +26,12 @@ def files(tmp_path_factory):
     (d / "garbage.jsonl").write_bytes(b'{"text": "fine"}\n\x00\xff\xfe garbage\n')
     (d / "nofield.jsonl").write_text(json.dumps({"body": "no text here"}) + "\n")
     (d / "text.parquet").write_text("plain text, not parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a document"] * 3}), d / "docs.parquet")
+    (d / "dsdict").mkdir()
+    (d / "dsdict" / "dataset_dict.json").write_text('{"splits": [')
     (d / "bad.yaml").write_text("steps: [1, 2\n  ratio: : :\n")
     (d / "bad.json").write_text('{"steps": 1,')
     return d
@@ -47,6 +53,9 @@ CUDA = [] if torch.cuda.is_available() else [
     (["eval", "{d}/model", "--data", "{d}/nofield.jsonl"], "{d}/nofield.jsonl:1: no 'text' field"),
     (["eval", "{d}/model", "--data", "{d}/text.parquet"], "{d}/text.parquet: not a readable parquet file"),
     (["eval", "{d}/model", "--json", "{d}/empty_dir"], "--json {d}/empty_dir is a directory"),
+    (["eval", "{d}/model", "--data", "{d}/docs.parquet", "--text-field", "body"],
+     "{d}/docs.parquet: no 'body' column (columns: ['text'])"),
+    (["eval", "{d}/model", "--data", "{d}/dsdict"], "{d}/dsdict/dataset_dict.json: not valid JSON"),
     (["score", "--model", "{d}/truncated", "--out", "{d}/out"], "{d}/truncated/model.safetensors"),
     (["score", "--model", "{d}/model", "--data", "{d}/garbage.jsonl", "--out", "{d}/out"],
      "{d}/garbage.jsonl:2: not UTF-8 text"),

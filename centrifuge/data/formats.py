@@ -47,14 +47,24 @@ def resolve_files(paths: list[str | Path]) -> list[Path]:
 
 def _dir_files(d: Path) -> list[Path]:
     if (d / "dataset_dict.json").is_file():  # DatasetDict: take the train split
-        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _json_object(d / "dataset_dict.json").get("splits", [])
         if "train" not in splits:
             raise ValueError(f"{d} is a DatasetDict without a 'train' split (splits: {splits})")
         return _dir_files(d / "train")
     if (d / "state.json").is_file():  # a datasets.save_to_disk Dataset
-        state = json.loads((d / "state.json").read_text())
+        state = _json_object(d / "state.json")
         return [d / f["filename"] for f in state.get("_data_files", [])]
     return sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: a JSON object was expected")
+    return obj
 
 
 def iter_documents(file: Path, text_field: str = "text") -> Iterator[str]:

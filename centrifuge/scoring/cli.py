@@ -45,6 +45,8 @@ def add_dataset_arguments(p, split_default: str = "train") -> None:
     """Options that pick the dataset; scoring and training must agree on them."""
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text/JSONL/Parquet/Arrow files or directories (none: the built-in corpus)")
+    p.add_argument("--text-field", default="text",
+                   help="JSONL/Parquet/Arrow field holding the text (the trainer's --text-field)")
     p.add_argument("--tokenizer", default=None,
                    help="local Hugging Face tokenizer directory or 'byte' (none: the model directory's "
                         "tokenizer.json if any, else the built-in byte tokenizer)")
@@ -68,7 +70,7 @@ def load_dataset_from_args(args, model_dir: Path | None = None):
     tok = load_tokenizer(name)
     seq_len = default_seq_len() if args.seq_len is None else args.seq_len
     ds = load_dataset(args.data, tok, seq_len, split=args.split, cache_dir=args.cache_dir,
-                      seed=args.data_seed)  # fmt: skip
+                      seed=args.data_seed, text_field=args.text_field)  # fmt: skip
     return ds, tok
 
 
