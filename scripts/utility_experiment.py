@@ -412,7 +412,8 @@ def main(argv=None) -> int:
     ref_dir = out / "reference"
     if not (ref_dir / "latest").is_file():
         say(f"training the reference model on {s.clean_docs} clean documents ({s.ref_steps} steps)")
-        cfg = base_config(s, clean_data, ref_dir, cache, select="none", steps=s.ref_steps, seed=1000)
+        cfg = base_config(s, clean_data, ref_dir, cache, select="none", steps=s.ref_steps, seed=1000,
+                          overwrite=True)  # an unfinished reference starts over
         train(cfg, progress=False)
     ref_ckpt = checkpoints(ref_dir)[-1][1]
     ref_eval = evaluate_checkpoint(ref_ckpt, eval_ds, s)
