@@ -75,6 +75,13 @@ def test_a_finished_run_is_never_overwritten(tmp_path, data_file, cache):
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
     with pytest.raises(ValueError, match="either resume or overwrite"):
         user_data(out, data_file, cache, resume=True, overwrite=True)
+    # a checkpoint of another run continues into an empty directory, not into this run
+    other = train(user_data(tmp_path / "other", data_file, cache, steps=1), progress=False)
+    with pytest.raises(ValueError, match="already holds another run"):
+        train(user_data(out, data_file, cache, steps=2, resume=other["checkpoint"]), progress=False)
+    s = train(user_data(tmp_path / "new", data_file, cache, steps=2, resume=other["checkpoint"]),
+              progress=False)  # fmt: skip
+    assert s["steps"] == 2 and (out / "latest").read_text().strip() == "checkpoint-2"
 
 
 def _signal_at(monkeypatch, where: str, kind: str, step: int, signum: int) -> None:

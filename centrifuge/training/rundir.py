@@ -47,10 +47,20 @@ def _describe(out_dir: Path) -> str:
 
 
 def check_fresh_start(cfg: TrainConfig) -> None:
-    """Refuse to start a new run in a directory that holds one, unless ``cfg.overwrite``."""
+    """Refuse to start a new run in a directory that holds one, unless
+    ``cfg.overwrite``; a checkpoint of another directory may be continued only
+    into an empty one (or its own)."""
     out_dir = Path(cfg.out_dir)
-    if cfg.resume or cfg.overwrite or not run_contents(out_dir):
+    if cfg.resume is True or cfg.overwrite or not run_contents(out_dir):
         return
+    if cfg.resume:
+        source = Path(cfg.resume).resolve()
+        if out_dir.resolve() in (source, source.parent):
+            return
+        raise ValueError(
+            f"{out_dir} already holds another run ({_describe(out_dir)}); continuing "
+            f"{cfg.resume} there would replace it: choose an empty --out-dir"
+        )
     raise ValueError(
         f"{out_dir} already holds a run ({_describe(out_dir)}); continue it with --resume, "
         "start it over with --overwrite (deletes it), or choose another --out-dir"
