@@ -16,6 +16,7 @@ summary = train(TrainConfig(
     eval_interval=30,
     eval_problems=50,
     out_dir="runs/quickstart",
+    overwrite=True,          # a second run replaces the first (without it, it is refused)
 ))
 print(f"eval loss {summary['eval_loss']:.3f} after {summary['steps']} steps; "
       f"kept {summary['tokens_kept']:,} of {summary['tokens_seen']:,} tokens; "

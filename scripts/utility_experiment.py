@@ -602,7 +602,7 @@ def main(argv=None) -> int:
         say(f"training the reference model on {s.clean_docs} clean documents ({s.ref_steps} steps)")
         init = {} if base is None else dict(model=str(base), lr=s.lr)
         cfg = base_config(s, clean_data, ref_dir, cache, select="none", steps=s.ref_steps, seed=1000,
-                          **init)  # fmt: skip
+                          overwrite=True, **init)  # an unfinished reference starts over
         train(cfg, progress=False)
     ref_ckpt = checkpoints(ref_dir)[-1][1]
     ref_eval = evaluate_checkpoint(ref_ckpt, eval_ds, s)

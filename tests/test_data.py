@@ -87,6 +87,34 @@ def test_byte_tokenizer_roundtrip():
     assert tok.decode([72, 105, tok.eos_id]) == "Hi"
 
 
+def test_saved_byte_tokenizer_is_the_byte_tokenizer(tmp_path):
+    """The tokenizer.json a checkpoint carries encodes and decodes as the
+    built-in tokenizer (random text and random bytes, invalid UTF-8 too), and
+    reads back as it."""
+    from tokenizers import Tokenizer
+
+    ours = load_tokenizer(None)
+    ours.save_pretrained(tmp_path)
+    theirs = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng()
+    alphabet = list(" \n\tabcXYZ019+=.,<>|") + ["é", "Ü", "✓", "中", "😀", "\x00", "\x7f"]
+    for _ in range(20):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 40))))
+        assert theirs.encode(text).ids == ours.encode(text)
+        ids = rng.integers(0, 256, size=int(rng.integers(0, 30))).tolist()
+        assert theirs.decode(ids) == ours.decode(ids)
+    assert [theirs.token_to_id(t) for t in ("<|endoftext|>", "<pad>")] == [ours.eos_id, ours.pad_id]
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+
+
+def test_saved_hf_tokenizer_keeps_its_identity(tmp_path):
+    tok = load_tokenizer(_hf_tokenizer_dir(tmp_path))
+    (tmp_path / "ckpt").mkdir()
+    tok.save_pretrained(tmp_path / "ckpt")
+    again = load_tokenizer(tmp_path / "ckpt")
+    assert (again.identity, again.eos_id, again.pad_id) == (tok.identity, tok.eos_id, tok.pad_id)
+
+
 def _hf_tokenizer_dir(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

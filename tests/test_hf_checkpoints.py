@@ -88,3 +88,52 @@ def test_presets_have_published_sizes():
         assert abs(get_preset(name).num_parameters() / n - 1) < 0.01, name
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("gpt-5")
+
+
+@pytest.mark.parametrize("own_tokenizer", [False, True])
+def test_training_checkpoint_is_self_contained(tmp_path, own_tokenizer):
+    """AutoTokenizer + AutoModelForCausalLM load a training checkpoint as it is,
+    and greedy ``generate`` writes what the native model decodes greedily."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from centrifuge.data import corpus, load_tokenizer
+    from centrifuge.training import TrainConfig, train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 60)))
+    tok_arg = None
+    if own_tokenizer:  # a word-level tokenizer whose only special token is its eos
+        vocab = sorted({w for t in corpus.documents("train", 0, 60) for w in t.split()})[:500]
+        words = {w: i for i, w in enumerate(vocab)}
+        words |= {"<unk>": len(words), "</s>": len(words) + 1}
+        tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok_arg = str(tmp_path / "tok.json")
+        tk.save(tok_arg)
+    # transformers replaces any tokenizer of a qwen2 model by its Qwen2Tokenizer: byte one only
+    model_name = "tiny-qwen2" if not own_tokenizer else "tiny"
+    s = train(TrainConfig(model=model_name, data=[str(data)], tokenizer=tok_arg, select="loss",
+                          seq_len=32, batch_size=2, steps=3, lr=1e-2, eval_interval=0,
+                          eval_rows=2, out_dir=str(tmp_path / "run"), device="cpu",
+                          cache_dir=str(tmp_path / "cache")), progress=False)  # fmt: skip
+    ckpt = s["checkpoint"]
+    ours_tok = load_tokenizer(tok_arg)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    assert hf_tok.eos_token_id == ours_tok.eos_id == hf.config.eos_token_id
+    model = LlamaForCausalLM.from_pretrained(ckpt)
+    prompt = "Tom has 3 apples and buys 4 more. How many?" if own_tokenizer else "Tom hés 3 "
+    ids = ours_tok.encode(prompt)
+    assert hf_tok(prompt, add_special_tokens=False)["input_ids"] == ids
+    n_new = 12
+    greedy = list(ids)
+    with torch.no_grad():
+        for _ in range(n_new):
+            greedy.append(int(model.logits(torch.tensor([greedy]))[0, -1].argmax()))
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
+                          eos_token_id=None)  # fmt: skip
+    assert out[0].tolist() == greedy
+    assert hf_tok.decode(out[0][len(ids):]) == ours_tok.decode(greedy[len(ids):])
+    # the checkpoint's byte tokenizer reads back as the built-in one (same token cache)
+    assert type(load_tokenizer(ckpt)) is type(ours_tok)

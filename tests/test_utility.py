@@ -180,8 +180,8 @@ def test_eval_cli_on_a_known_checkpoint(tmp_path, eval_split, capsys):
     assert res["checkpoint"] == str(run / "checkpoint-5") and res["rows"] == 4
     assert res["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
     assert res["accuracy"] == 0.0 and f"{math.log(vocab):.4f}" in printed
-    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
-        main(["eval", str(tmp_path), "--cache-dir", str(cache)])
+    assert main(["eval", str(tmp_path), "--cache-dir", str(cache)]) == 2
+    assert "is not a checkpoint" in capsys.readouterr().err
 
 
 def test_training_with_stored_scores_equals_training_with_the_reference_model(

@@ -47,43 +47,70 @@ def resolve_files(paths: list[str | Path]) -> list[Path]:
 
 def _dir_files(d: Path) -> list[Path]:
     if (d / "dataset_dict.json").is_file():  # DatasetDict: take the train split
-        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _json_object(d / "dataset_dict.json").get("splits", [])
         if "train" not in splits:
             raise ValueError(f"{d} is a DatasetDict without a 'train' split (splits: {splits})")
         return _dir_files(d / "train")
     if (d / "state.json").is_file():  # a datasets.save_to_disk Dataset
-        state = json.loads((d / "state.json").read_text())
+        state = _json_object(d / "state.json")
         return [d / f["filename"] for f in state.get("_data_files", [])]
     return sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
 
 
+def _json_object(file: Path) -> dict:
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: a JSON object was expected")
+    return obj
+
+
 def iter_documents(file: Path, text_field: str = "text") -> Iterator[str]:
-    """The documents of one data file, in order (empty ones included)."""
+    """The documents of one data file, in order (empty ones included).
+    A file its suffix's reader cannot read raises ValueError naming the file."""
     suffix = file.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
+    if suffix in (".parquet", ".arrow"):
+        import pyarrow as pa
+
+        try:
+            yield from (_parquet if suffix == ".parquet" else _arrow)(file, text_field)
+        except pa.ArrowException as e:
+            raise ValueError(f"{file}: not a readable {suffix[1:]} file ({e})") from None
+    elif suffix in TEXT_SUFFIXES:
         yield file.read_text(encoding="utf-8", errors="replace")
     elif suffix == ".json" and _starts_with(file, "["):
         yield from _json_array(file, text_field)
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl(file, text_field)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(file)
-        _check_column(pf.schema_arrow.names, text_field, file)
-        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            yield from _strings(batch.column(0).to_pylist(), file)
-    elif suffix == ".arrow":
-        for batch in _arrow_batches(file):
-            _check_column(batch.schema.names, text_field, file)
-            yield from _strings(batch.column(text_field).to_pylist(), file)
     else:
         raise ValueError(f"unsupported data file {file}")
 
 
+def _parquet(file: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(file)
+    _check_column(pf.schema_arrow.names, text_field, file)
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        yield from _strings(batch.column(0).to_pylist(), file)
+
+
+def _arrow(file: Path, text_field: str) -> Iterator[str]:
+    for batch in _arrow_batches(file):
+        _check_column(batch.schema.names, text_field, file)
+        yield from _strings(batch.column(text_field).to_pylist(), file)
+
+
 def _jsonl(file: Path, text_field: str) -> Iterator[str]:
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(file, "rb") as f:  # bytes, so that a decoding error names its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file}:{n}: not UTF-8 text ({e.reason} at byte {e.start} "
+                                 "of the line)") from None  # fmt: skip
             if not line.strip():
                 continue
             try:
@@ -107,8 +134,12 @@ def _starts_with(file: Path, char: str) -> bool:
 def _json_array(file: Path, text_field: str) -> Iterator[str]:
     try:
         items = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{file}: a JSON array of objects was expected")
     for n, obj in enumerate(items):
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
             raise ValueError(f"{file}: item {n} has no string {text_field!r} field")

@@ -9,7 +9,11 @@ dataset fingerprint).
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class ByteTokenizer:
@@ -20,6 +24,8 @@ class ByteTokenizer:
     vocab_size = 258
     eos_id = 256
     pad_id = 257
+    eos_token = "<|endoftext|>"
+    pad_token = "<pad>"
     identity = "centrifuge-byte-v1"
     name = "byte"
 
@@ -32,8 +38,40 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` that
+        ``transformers.AutoTokenizer`` loads with the same ids (byte-level BPE
+        without merges: byte b is token b) and that :func:`load_tokenizer`
+        reads back as this tokenizer."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        chars = _bytes_to_unicode()
+        tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        # No regex split and no prefix space: the text's bytes, nothing added.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(self.eos_token, special=True),
+                                AddedToken(self.pad_token, special=True)])  # fmt: skip
+        path = Path(path)
+        tok.save(str(path / "tokenizer.json"))
+        config = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=self.eos_token,
+                      pad_token=self.pad_token, centrifuge_tokenizer=self.identity)  # fmt: skip
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The table of the ByteLevel pre-tokenizer and decoder (GPT-2's): byte ->
+    a printable character; printable bytes stand for themselves, the others
+    take code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    others = [b for b in range(256) if b not in printable]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
 
 
 class HFTokenizer:
@@ -53,6 +91,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(file))
+        self._file = file
         self.name = str(path)
         eos, pad = _special_tokens(file.parent, self._tok)
         if eos is None:
@@ -76,6 +115,21 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """Copy the tokenizer's files into ``path`` (a checkpoint directory); a
+        bare tokenizer.json gets a tokenizer_config.json naming its eos and pad
+        tokens, so that ``AutoTokenizer`` finds them."""
+        path = Path(path)
+        shutil.copyfile(self._file, path / "tokenizer.json")
+        for name in TOKENIZER_FILES[1:]:
+            if (self._file.parent / name).is_file():
+                shutil.copyfile(self._file.parent / name, path / name)
+        if not (path / "tokenizer_config.json").is_file():
+            config = dict(tokenizer_class="PreTrainedTokenizerFast",
+                          eos_token=self._tok.id_to_token(self.eos_id),
+                          pad_token=self._tok.id_to_token(self.pad_id))  # fmt: skip
+            (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r})"
 
@@ -85,8 +139,6 @@ _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_en
 
 def _special_tokens(folder: Path, tok) -> tuple[int | None, int | None]:
     """(eos_id, pad_id) from tokenizer_config.json, else well-known eos names."""
-    import json
-
     def token_id(entry):
         if isinstance(entry, dict):
             entry = entry.get("content")
@@ -105,7 +157,9 @@ def _special_tokens(folder: Path, tok) -> tuple[int | None, int | None]:
 
 def load_tokenizer(name_or_dir: str | Path | None = None):
     """``None`` or ``"byte"``: the built-in byte tokenizer; otherwise a local
-    Hugging Face tokenizer directory (or tokenizer.json file)."""
+    Hugging Face tokenizer directory (or tokenizer.json file). A directory
+    holding the byte tokenizer's own files (a checkpoint's) is the byte
+    tokenizer again, so its token cache and dataset fingerprints stay the same."""
     if name_or_dir is None or str(name_or_dir) == "byte":
         return ByteTokenizer()
     path = Path(name_or_dir)
@@ -114,4 +168,12 @@ def load_tokenizer(name_or_dir: str | Path | None = None):
             f"tokenizer {str(name_or_dir)!r} not found: give 'byte' (built-in) or a local "
             "Hugging Face tokenizer directory"
         )
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            marker = json.loads(config.read_text()).get("centrifuge_tokenizer")
+        except (ValueError, AttributeError):
+            raise ValueError(f"{config} is not a JSON object") from None
+        if marker == ByteTokenizer.identity:
+            return ByteTokenizer()
     return HFTokenizer(path)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from centrifuge.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -61,10 +63,10 @@ def init_distributed(device: str = "auto") -> DistContext:
     there (NCCL), else the CPU (gloo). A plain ``python`` start gives a
     one-process context on ``device``."""
     if not _launched_by_torchrun():
-        return DistContext(device=_single_device(device))
+        return DistContext(device=resolve_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
-    kind = _single_device(device).type
+    kind = resolve_device(device).type
     if kind == "cuda":
         if device not in ("auto", "cuda"):
             raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; use --device "
@@ -97,14 +99,3 @@ def shutdown_distributed() -> None:
         time.sleep(0.005)
     dist.destroy_process_group()
 
-
-def _single_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return d

@@ -7,17 +7,19 @@ import json
 import math
 from pathlib import Path
 
-from centrifuge.scoring.checkpoint import default_device, load_checkpoint
-from centrifuge.scoring.cli import add_dataset_arguments, load_dataset_from_args
+from centrifuge.device import resolve_device
+from centrifuge.io import write_text_atomic
+from centrifuge.scoring.checkpoint import load_checkpoint
+from centrifuge.scoring.cli import add_dataset_arguments, int_at_least, load_dataset_from_args
 
 
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (native or Hugging Face "
                    "Llama-family), or a training run directory (its latest checkpoint)")
     add_dataset_arguments(p, split_default="eval")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--device", default=None, help="none: cuda if available, else cpu")
-    p.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
+    p.add_argument("--max-rows", type=int_at_least(1), default=None, help="evaluate at most this many rows")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -36,7 +38,9 @@ def format_results(res: dict) -> str:
 def run(args) -> int:
     from centrifuge.evaluation import evaluate
 
-    device = args.device or default_device()
+    if args.json is not None and args.json.is_dir():
+        raise ValueError(f"--json {args.json} is a directory; give a file name")
+    device = resolve_device(args.device)
     model, ckpt = load_checkpoint(args.checkpoint, device)
     ds, _ = load_dataset_from_args(args, ckpt)
     metrics = evaluate(model, ds, args.batch_size, device, max_rows=args.max_rows)
@@ -49,5 +53,5 @@ def run(args) -> int:
     print(format_results(res))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+        write_text_atomic(args.json, json.dumps(res, indent=2))
     return 0

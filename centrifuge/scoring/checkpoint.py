@@ -38,7 +38,3 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[torch.nn.Module, Pa
 
     d = resolve_checkpoint(path)
     return LlamaForCausalLM.from_pretrained(d).to(device), d
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

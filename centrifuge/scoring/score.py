@@ -58,6 +58,17 @@ def reference_losses(model, batch: dict, device="cpu", precision: str = "fp32") 
     return out.token_loss.float().masked_fill(~out.valid, 0.0).cpu()
 
 
+def _check_fits(model, dataset) -> None:
+    cfg = model.config
+    if dataset.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"rows of {dataset.seq_len} tokens are longer than the reference model "
+                         f"supports (max_position_embeddings = {cfg.max_position_embeddings})")  # fmt: skip
+    tokenizer = getattr(dataset, "tokenizer", None)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the reference "
+                         f"model's vocabulary has only {cfg.vocab_size}: they do not match")  # fmt: skip
+
+
 def default_chunk_rows(batch_size: int, target: int = 1024) -> int:
     """A commit interval: a whole number of batches, about ``target`` rows."""
     return max(batch_size, target // batch_size * batch_size)
@@ -86,6 +97,7 @@ def score_dataset(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_fits(model, dataset)  # before the store is created: a misfit writes nothing
     chunk_rows = chunk_rows or default_chunk_rows(batch_size)
     model = model.to(device).eval()
     ident = model_identity(model, model_source)

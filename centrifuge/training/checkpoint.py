@@ -4,6 +4,9 @@
 
     model.safetensors, config.json   the weights in Hugging Face layout
                                      (``LlamaForCausalLM.from_pretrained`` / transformers load it)
+    tokenizer.json, tokenizer_config.json
+                                     the run's tokenizer (``AutoTokenizer`` loads it; the
+                                     built-in byte tokenizer too)
     trainer_state.pt                 optimizer, scheduler, step, RNG states (one per process),
                                      data position, counters and the run's configuration
     dcp/                             FSDP runs only: the optimizer state, sharded, written by
@@ -56,7 +59,7 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict, *,
                     ctx: DistContext | None = None, weights: dict | None = None,
-                    sharded: dict | None = None) -> Path:  # fmt: skip
+                    sharded: dict | None = None, tokenizer=None) -> Path:  # fmt: skip
     """Write ``checkpoint-<step>`` atomically and point ``latest`` at it. Every
     process calls it.
 
@@ -65,7 +68,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict, 
     trainer_state: rank 0's, picklable by ``torch.save`` with ``weights_only``
     loading (tensors, numbers, strings, lists, dicts);
     sharded: a torch.distributed.checkpoint state dict every process writes
-    into ``dcp/``."""
+    into ``dcp/``;
+    tokenizer: saved beside the weights (``tokenizer.save_pretrained``), its eos
+    and pad ids written into config.json so that ``generate`` stops at eos."""
     ctx = ctx or DistContext()
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
@@ -82,7 +87,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict, 
             dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))
         ctx.barrier()  # every process's shards are on disk
         if ctx.is_main:
-            _finish(out_dir, tmp, final, step, model, weights, trainer_state)
+            _finish(out_dir, tmp, final, step, model, weights, trainer_state, tokenizer)
     finally:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -90,8 +95,14 @@ def save_checkpoint(out_dir: str | Path, step: int, model, trainer_state: dict, 
     return final
 
 
-def _finish(out_dir: Path, tmp: Path, final: Path, step: int, model, weights, trainer_state) -> None:
+def _finish(out_dir: Path, tmp: Path, final: Path, step: int, model, weights, trainer_state,
+            tokenizer) -> None:  # fmt: skip
     model.save_pretrained(tmp, state_dict=weights)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     torch.save(dict(trainer_state, format_version=FORMAT_VERSION), tmp / STATE_FILE)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {p.relative_to(tmp).as_posix(): dict(size=p.stat().st_size, sha256=_sha256(p))

@@ -11,7 +11,8 @@ import sys
 
 from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
-from centrifuge.training.config import DTYPES, TrainConfig
+from centrifuge.training.config import DTYPES, TrainConfig, read_config_file
+from centrifuge.training.rundir import resume_config
 
 S = argparse.SUPPRESS  # only options given on the command line override a --config file
 
@@ -90,10 +91,16 @@ def add_arguments(p) -> None:
           type=int)
     opt_g("--save-interval", "checkpoint every N steps (0 = at the end only)", type=int)
     opt_g("--out-dir", "output directory: checkpoint-<step>/, latest, metrics.jsonl, "
-          "loss_curves.png", metavar="DIR")
+          "loss_curves.png, options.json; one run per directory (a directory that holds a run "
+          "needs --resume or --overwrite)", metavar="DIR")
     g.add_argument("--resume", nargs="?", const=True, default=S, metavar="CHECKPOINT",
-                   help="continue exactly where a run stopped: from OUT_DIR/latest, or from the "
-                        "given checkpoint directory")  # fmt: skip
+                   help="continue exactly where the run in OUT_DIR stopped (finished, "
+                        "interrupted or killed), or from the given checkpoint directory, with "
+                        "the run's own options: give only those that may change (--steps, "
+                        "--max-tokens, intervals, --eval-rows, --device, --out-dir)")  # fmt: skip
+    g.add_argument("--overwrite", action="store_true", default=S,
+                   help="start over in an OUT_DIR that holds a run, deleting that run (without "
+                        "it, a new run there is refused)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", default=S, help="no progress bar or log lines")
 
 
@@ -105,10 +112,14 @@ def _opt(group, d, flag, help, **kw):
 
 
 def config_from_args(args) -> TrainConfig:
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    """Options from --config and the command line (which wins); with --resume,
+    the run's own options complete them (see :func:`rundir.resume_config`)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "debug")}
     if getattr(args, "config", None):
-        return TrainConfig.from_file(args.config, **given)
-    return TrainConfig(**given)
+        given = {**read_config_file(args.config), **given}
+    if given.get("resume"):
+        return resume_config(given)
+    return TrainConfig.from_dict(given)
 
 
 def format_summary(s: dict) -> str:
@@ -139,19 +150,15 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from centrifuge.distributed import shutdown_distributed
-    from centrifuge.training.checkpoint import CheckpointError
     from centrifuge.training.loop import train
 
+    cfg = config_from_args(args)
     try:
-        cfg = config_from_args(args)
         summary = train(cfg, progress=not getattr(args, "quiet", False))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        rank = f" (rank {dist.get_rank()})" if dist.is_initialized() else ""
-        print(f"centrifuge train: error{rank}: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("centrifuge train: interrupted", file=sys.stderr)
-        return 130
+        print(f"continue with: centrifuge train --resume --out-dir {cfg.out_dir}",
+              file=sys.stderr)  # fmt: skip
+        raise
     if dist.is_initialized():  # torchrun: one summary, from rank 0
         main = dist.get_rank() == 0
         shutdown_distributed()

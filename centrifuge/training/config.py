@@ -59,8 +59,11 @@ class TrainConfig:
                       backward (faster), "on" gathers them again (less memory), "auto"
                       off while they take at most a quarter of a GPU.
     eval_interval, save_interval: in steps (0 = only at the end).
-    out_dir, resume:  output directory; resume = True continues from ``out_dir/latest``,
-                      a path continues from that checkpoint.
+    out_dir, resume:  output directory; resume = True continues the run in ``out_dir``
+                      (from ``latest``, or from the start if it was interrupted before
+                      its first checkpoint), a path continues from that checkpoint.
+    overwrite:        start over in an ``out_dir`` that holds a run, deleting it (without
+                      it, a new run there is refused: a finished run is never lost).
     """
 
     model: str = DEFAULT_MODEL
@@ -95,6 +98,7 @@ class TrainConfig:
     save_interval: int = 200
     out_dir: str = "runs/train"
     resume: bool | str = False
+    overwrite: bool = False
     # Beyond the shared contract: options of this trainer.
     reference_steps: int = 150  # steps of the built-in reference model (built-in corpus, rho1)
     eval_rows: int = 256  # held-out rows per evaluation
@@ -122,6 +126,7 @@ class TrainConfig:
         need(self.backward in BACKWARD_MODES,
              f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         self.backward_options()  # raises on bad knobs
+        need(not (self.resume and self.overwrite), "give either resume or overwrite, not both")
         need(not (self.reference and self.reference_scores),
              "give either reference or reference_scores, not both")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows"):
@@ -186,14 +191,23 @@ def read_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     suffix = p.suffix.lower()
     if suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ValueError("reading a YAML config needs PyYAML (pip install pyyaml)") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ValueError(f"config file {p} is not valid YAML: {problem}{line}") from None
     elif suffix == ".toml":
         try:
             import tomllib
@@ -202,9 +216,15 @@ def read_config_file(path: str | Path) -> dict:
                 import tomli as tomllib
             except ImportError:
                 raise ValueError("reading a TOML config on Python 3.10 needs tomli") from None
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
     elif suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p} is not valid JSON: {e}") from None
     else:
         raise ValueError(f"config file {p} must be .yaml, .yml, .toml or .json")
     if data is None:

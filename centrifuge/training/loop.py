@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )  # fmt: skip
 
 from centrifuge.distributed import gradient_sync, init_distributed, unsharded, uses_autocast
+from centrifuge.interrupt import DeferredStop
 from centrifuge.models.llama import shift_targets
 from centrifuge.ops.linear_ce import IGNORE_INDEX
 from centrifuge.plan import Layout
@@ -69,25 +70,20 @@ def train(cfg: TrainConfig, progress: bool = True, callback=None, *, split: str 
 def train_builtin_reference(cfg: TrainConfig, progress: bool) -> Path:
     """Rho-1's recipe on the built-in corpus: train the same model on clean
     text (the corpus' ``clean`` split) for ``reference_steps`` steps, once per
-    output directory (reused on resume)."""
+    output directory (continued where it stopped, and reused, on resume)."""
     out = Path(cfg.out_dir) / "reference"
-    finished = False  # reuse only a reference that completed its steps
-    if (out / ckpt_io.LATEST).is_file():
-        try:
-            finished = ckpt_io.load_trainer_state(ckpt_io.resolve(out))["step"] == cfg.reference_steps
-        except ckpt_io.CheckpointError:
-            finished = False
+    started = (out / ckpt_io.LATEST).is_file()  # finished, or interrupted: continue it
     sub = dataclasses.replace(
         cfg, select="none", ratio=1.0, reference=None, reference_scores=None, grad_accum=1,
         steps=cfg.reference_steps, max_tokens=None, eval_interval=0, save_interval=0,
-        out_dir=str(out), resume=finished,
+        out_dir=str(out), resume=started, overwrite=not started,
         warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),
     )  # fmt: skip
     try:
         summary = train(sub, progress=progress, split="clean", label="reference")
     except ckpt_io.CheckpointError:
         # A reference left by a run with other options or data: train a fresh one.
-        sub.resume = False
+        sub = dataclasses.replace(sub, resume=False, overwrite=True)
         summary = train(sub, progress=progress, split="clean", label="reference")
     return Path(summary["checkpoint"])
 
@@ -213,7 +209,8 @@ class Trainer:
         else:
             state["optimizer"] = get_optimizer_state_dict(self.model, self.opt, options=full)
         return ckpt_io.save_checkpoint(self.cfg.out_dir, step, self.run.module, state,
-                                       ctx=self.ctx, weights=weights, sharded=sharded)  # fmt: skip
+                                       ctx=self.ctx, weights=weights, sharded=sharded,
+                                       tokenizer=self.run.train_ds.tokenizer)  # fmt: skip
 
     def _gather(self, obj) -> list | None:
         """Every process's ``obj``, in rank order, on rank 0."""
@@ -351,13 +348,22 @@ class Trainer:
         if ctx.is_main:
             ckpt_io.clean_partial(out_dir)  # temporary directories of a save cut short by a crash
             log = MetricsLog(out_dir, resume_step=start if resumed else None)
-        last_eval = self.evaluate(start, log) if start == 0 or start >= total else None
+        last_eval = None
+        if resumed and start >= total:  # a finished run resumed: its last evaluation is logged
+            last_eval = ctx.broadcast(None if log is None else next(
+                (r for r in read_metrics(log.path) if r.get("kind") == "eval" and r["step"] == start),
+                None))  # fmt: skip
+        if start == 0 or (start >= total and last_eval is None):
+            last_eval = self.evaluate(start, log)
         saved_step = start if resumed else -1
         ckpt_path = run.resume_path
         bar = tqdm(total=total, initial=start, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=run.label)  # fmt: skip
         self.model.train()
         step = start
+        # Ctrl-C / SIGTERM end the run at the next step boundary. One process only:
+        # under torchrun the processes would see the signal at different steps.
+        stop = DeferredStop() if not ctx.distributed else None
         try:
             while step < total:
                 record = self.train_step(step)
@@ -374,6 +380,8 @@ class Trainer:
                     ckpt_path, saved_step = self.save(step), step
                 if self.callback is not None:
                     self.callback(step, record)
+                if stop is not None:
+                    stop.check()
         except StopTraining:  # a graceful stop: keep the steps done
             if step > saved_step and step > 0:
                 ckpt_path = self.save(step)
@@ -381,11 +389,15 @@ class Trainer:
             # Keep the work done so far. One process only: under torchrun the
             # processes stop at different points and cannot save together; they
             # continue from the last --save-interval checkpoint.
-            if step > saved_step and step > 0 and not ctx.distributed:
+            # A second signal stops in the middle of a step, whose state is not saved.
+            if step > saved_step and step > 0 and not ctx.distributed and not stop.forced:
                 ckpt_path = self.save(step)
-                self._say(f"interrupted: saved {ckpt_path}; continue with --resume")
+            self._say(f"[{run.label}] interrupted at step {step}; latest checkpoint: "
+                      f"{ckpt_path or 'none yet'}")  # fmt: skip
             raise
         finally:
+            if stop is not None:
+                stop.close()
             bar.close()
             if log is not None:
                 log.close()

@@ -16,6 +16,7 @@ from centrifuge.distributed import DistContext, choose_parallel, choose_reshard,
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
+from centrifuge.training import rundir
 from centrifuge.training.config import TrainConfig
 
 # Options that must match between a checkpoint and the run resuming from it
@@ -99,11 +100,15 @@ def check_model_fits(mc: ModelConfig, cfg: TrainConfig, tokenizer, what: str = "
         )
 
 
+def _option_diff(old: dict, cfg: TrainConfig) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+            if old.get(k) != getattr(cfg, k)]  # fmt: skip
+
+
 def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, world: int,
                   progress: bool) -> None:  # fmt: skip
     old = state.get("config", {})
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-            if old.get(k) != getattr(cfg, k)]  # fmt: skip
+    diff = _option_diff(old, cfg)
     old_world = state.get("world_size", 1)
     if old.get("grad_accum", 1) * old_world != cfg.grad_accum * world:
         diff.append(f"grad_accum x processes: {old.get('grad_accum')} x {old_world} -> "
@@ -132,14 +137,22 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a directory")
 
+    rundir.check_fresh_start(cfg)
+
     # Resume: read and verify the checkpoint first, so a bad one fails fast.
     resume_state = resume_path = None
-    if cfg.resume:
-        where = out_dir if cfg.resume is True else Path(cfg.resume)
-        if cfg.resume is True and not (out_dir / ckpt_io.LATEST).is_file():
-            raise ckpt_io.CheckpointError(f"nothing to resume: {out_dir} holds no checkpoint "
+    if cfg.resume is True and not (out_dir / ckpt_io.LATEST).is_file():
+        options = rundir.read_options(out_dir)  # interrupted before its first checkpoint
+        if options is None:
+            raise ckpt_io.CheckpointError(f"nothing to resume: {out_dir} holds no run "
                                           f"('{ckpt_io.LATEST}' is missing)")  # fmt: skip
-        resume_path = ckpt_io.resolve(where)
+        diff = _option_diff(options, cfg)
+        if diff:
+            raise ckpt_io.CheckpointError(f"cannot resume {out_dir}: the options differ from "
+                                          f"{rundir.OPTIONS}'s ({'; '.join(diff)})")  # fmt: skip
+        _say(progress, f"note: {out_dir} has no checkpoint yet: the run starts again from step 0")
+    elif cfg.resume:
+        resume_path = ckpt_io.resolve(out_dir if cfg.resume is True else Path(cfg.resume))
         resume_state = ckpt_io.load_trainer_state(resume_path)
 
     mc, model_dir = model_config(cfg.model)
@@ -162,6 +175,12 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
 
     # Ranks draw different random selections (``random``) from one seed.
     selector = Selector(cfg.select, cfg.ratio, cfg.granularity, seed=cfg.seed + ctx.rank)
+    # Every check passed: only now may an old run go (--overwrite) and this one begin.
+    if ctx.is_main:
+        if cfg.overwrite:
+            rundir.clear_run(out_dir)
+        rundir.write_options(cfg)
+    ctx.barrier()
     reference, desc = _reference(cfg, train_ds, tokenizer, ctx.device, progress, train_reference)
 
     if resume_state is not None:

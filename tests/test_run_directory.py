@@ -1,0 +1,200 @@
+"""A run's directory as a new user meets it: a finished run is never lost,
+every interruption (Ctrl-C or SIGTERM, in the reference phase, a training
+step or an evaluation) is continued exactly by ``--resume``, and ``--resume``
+needs none of the run's options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from centrifuge.cli import main
+from centrifuge.data import corpus
+from centrifuge.interrupt import Interrupted
+from centrifuge.training import CheckpointError, TrainConfig, train
+from centrifuge.training.metrics import MetricsLog, read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("data") / "train.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 120)))
+    return f
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def user_data(out, data_file, cache, **kw):
+    base = dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=32,
+                batch_size=2, steps=5, warmup_steps=2, lr=1e-2, eval_interval=0, eval_rows=4,
+                save_interval=0, out_dir=str(out), cache_dir=cache, device="cpu")  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def builtin(out, cache, **kw):
+    """The default pipeline, small: a built-in reference, then rho1."""
+    base = dict(model="tiny", seq_len=32, batch_size=2, steps=4, reference_steps=4, warmup_steps=1,
+                eval_interval=2, eval_rows=4, eval_problems=0, save_interval=0, out_dir=str(out),
+                cache_dir=cache, device="cpu")  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(ckpt):
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def history(out):
+    """The metrics without timings: what an exact continuation must reproduce."""
+    keep = ("kind", "step", "loss", "loss_all", "kept_fraction", "lr", "grad_norm", "perplexity")
+    return [{k: r[k] for k in keep if k in r} for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path, data_file, cache):
+    out = tmp_path / "run"
+    train(user_data(out, data_file, cache, steps=3), progress=False)
+    (out / "notes.txt").write_text("mine")
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run .*checkpoint-3.*--resume.*--overwrite"):
+        train(user_data(out, data_file, cache, steps=2), progress=False)
+    assert (out / "metrics.jsonl").read_text() == before
+    assert (out / "latest").read_text().strip() == "checkpoint-3"
+    s = train(user_data(out, data_file, cache, steps=2, overwrite=True), progress=False)
+    assert s["steps"] == 2 and not (out / "checkpoint-3").exists()
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
+    with pytest.raises(ValueError, match="either resume or overwrite"):
+        user_data(out, data_file, cache, resume=True, overwrite=True)
+    # a checkpoint of another run continues into an empty directory, not into this run
+    other = train(user_data(tmp_path / "other", data_file, cache, steps=1), progress=False)
+    with pytest.raises(ValueError, match="already holds another run"):
+        train(user_data(out, data_file, cache, steps=2, resume=other["checkpoint"]), progress=False)
+    s = train(user_data(tmp_path / "new", data_file, cache, steps=2, resume=other["checkpoint"]),
+              progress=False)  # fmt: skip
+    assert s["steps"] == 2 and (out / "latest").read_text().strip() == "checkpoint-2"
+
+
+def _signal_at(monkeypatch, where: str, kind: str, step: int, signum: int) -> None:
+    """Send ``signum`` to this process right after the run in ``where`` logs
+    its ``kind`` record of ``step``: as a user's Ctrl-C or a scheduler's SIGTERM."""
+    original = MetricsLog.log
+
+    def log(self, record):
+        original(self, record)
+        if self.path.parent.name == where and record["kind"] == kind and record["step"] == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(MetricsLog, "log", log)
+
+
+def test_every_interruption_is_continued_exactly(tmp_path, cache, monkeypatch):
+    straight = train(builtin(tmp_path / "a", cache), progress=False)
+    out = tmp_path / "b"
+    # SIGTERM in the reference phase: the reference stops after its step 2, with a checkpoint
+    _signal_at(monkeypatch, "reference", "train", 2, signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        train(builtin(out, cache), progress=False)
+    assert (out / "reference" / "latest").read_text().strip() == "checkpoint-2"
+    assert not (out / "latest").exists()
+    with pytest.raises(ValueError, match="already holds a run .*interrupted before its first"):
+        train(builtin(out, cache), progress=False)
+    # Ctrl-C during the evaluation at step 2: the step's evaluation completes, then a checkpoint
+    _signal_at(monkeypatch, "b", "eval", 2, signal.SIGINT)
+    with pytest.raises(Interrupted):
+        train(builtin(out, cache, resume=True), progress=False)
+    assert (out / "latest").read_text().strip() == "checkpoint-2"
+    assert (out / "reference" / "latest").read_text().strip() == "checkpoint-4"
+    # SIGTERM after a training step
+    _signal_at(monkeypatch, "b", "train", 3, signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        train(builtin(out, cache, resume=True), progress=False)
+    monkeypatch.undo()
+    s = train(builtin(out, cache, resume=True), progress=False)
+    assert s["steps"] == 4
+    for phase in ("reference/checkpoint-4", "checkpoint-4"):
+        a, b = weights(tmp_path / "a" / phase), weights(out / phase)
+        assert all(torch.equal(a[k], b[k]) for k in a), phase
+    assert history(out) == history(tmp_path / "a")
+    assert history(out / "reference") == history(tmp_path / "a" / "reference")
+    assert s["eval_loss"] == straight["eval_loss"]
+
+
+def test_resume_restores_the_runs_options(tmp_path, data_file, cache, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--data", str(data_file), "--select", "random",
+            "--ratio", "0.4", "--seq-len", "32", "--batch-size", "2", "--warmup-steps", "1", "--lr", "1e-2",
+            "--eval-interval", "0", "--eval-rows", "4", "--cache-dir", cache, "--device", "cpu",
+            "--quiet", "--out-dir", str(out)]  # fmt: skip
+    assert main(argv + ["--steps", "2"]) == 0
+    assert main(["train", "--resume", "--out-dir", str(out), "--steps", "4", "--quiet"]) == 0
+    assert "done: 4 steps" in capsys.readouterr().out
+    # the same two commands through the API, every option given both times
+    api = dict(select="random", ratio=0.4, warmup_steps=1, eval_interval=0)
+    train(user_data(tmp_path / "api", data_file, cache, steps=2, **api), progress=False)
+    again = train(user_data(tmp_path / "api", data_file, cache, steps=4, resume=True, **api),
+                  progress=False)  # fmt: skip
+    a, b = weights(out / "checkpoint-4"), load_file(again["checkpoint"] + "/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rc = main(["train", "--resume", "--out-dir", str(out), "--seed", "3", "--batch-size", "4",
+               "--ratio", "0.4", "--steps", "5"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "--batch-size 4 (the run's: 2); --seed 3 (the run's: 0)" in err and "ratio" not in err
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(user_data(tmp_path / "empty", data_file, cache, resume=True), progress=False)
+
+
+def test_sigterm_to_the_command_saves_and_bare_resume_continues(tmp_path, data_file, cache):
+    """The command as a scheduler meets it: SIGTERM in a training step, exit
+    status 143 with the command that continues, and that command finishes the
+    run as if nothing had happened."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "centrifuge.cli", "train", "--model", "tiny", "--data",
+           str(data_file), "--select", "loss", "--ratio", "0.5", "--seq-len", "32",
+           "--batch-size", "2", "--steps", "150", "--warmup-steps", "2", "--lr", "1e-2",
+           "--eval-interval", "0", "--eval-rows", "4", "--save-interval", "0",
+           "--cache-dir", cache, "--device", "cpu", "--out-dir", str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < deadline:  # in the middle of training
+        if metrics.is_file() and '"kind": "train"' in metrics.read_text():
+            p.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert f"continue with: centrifuge train --resume --out-dir {out}" in err
+    stopped = int((out / "latest").read_text().strip().removeprefix("checkpoint-"))
+    assert 1 <= stopped < 150
+    assert main(["train", "--resume", "--out-dir", str(out), "--quiet"]) == 0
+    straight = train(user_data(tmp_path / "straight", data_file, cache, steps=150), progress=False)
+    a, b = weights(out / "checkpoint-150"), load_file(straight["checkpoint"] + "/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_signal_stops_at_once_without_saving_a_half_step():
+    from centrifuge.interrupt import DeferredStop
+
+    stop = DeferredStop()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded, not raised
+        assert stop.signum == signal.SIGTERM and not stop.forced
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.forced
+        with pytest.raises(Interrupted):
+            stop.check()
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
