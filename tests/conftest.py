@@ -49,3 +49,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """A small JSONL corpus: the built-in corpus' noisy training documents."""
+    import json
+
+    from centrifuge.data import corpus
+
+    f = tmp_path_factory.mktemp("data") / "train.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 120)))
+    return f
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A token cache shared by the tests that train on ``data_file``."""
+    return str(tmp_path_factory.mktemp("cache"))

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from centrifuge.data import corpus
 from centrifuge.training import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
@@ -26,20 +25,11 @@ N = 2
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    """Packed rows: many short documents per row."""
-    d = tmp_path_factory.mktemp("data")
-    f = d / "train.jsonl"
-    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 150)))
-    return f
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, data_file):
-    cache = tmp_path_factory.mktemp("cache")
+def base(data_file, cache):
+    """Packed rows (many short documents per row)."""
     return dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=48,
                 batch_size=2, steps=3, warmup_steps=1, lr=1e-2, eval_interval=0, eval_rows=4,
-                save_interval=0, cache_dir=str(cache), device="cpu")  # fmt: skip
+                save_interval=0, cache_dir=cache, device="cpu")  # fmt: skip
 
 
 def failed(proc: subprocess.CompletedProcess) -> str:

@@ -3,7 +3,6 @@ every interruption (Ctrl-C or SIGTERM, in the reference phase, a training
 step or an evaluation) is continued exactly by ``--resume``, and ``--resume``
 needs none of the run's options."""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,24 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from centrifuge.cli import main
-from centrifuge.data import corpus
 from centrifuge.interrupt import Interrupted
 from centrifuge.training import CheckpointError, TrainConfig, train
 from centrifuge.training.metrics import MetricsLog, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("data") / "train.jsonl"
-    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 120)))
-    return f
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
 
 
 def user_data(out, data_file, cache, **kw):

@@ -14,20 +14,6 @@ from centrifuge.training import CheckpointError, TrainConfig, train
 from centrifuge.training.metrics import read_metrics
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    """A small JSONL corpus: the built-in corpus' noisy training documents."""
-    d = tmp_path_factory.mktemp("data")
-    f = d / "train.jsonl"
-    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.documents("train", 0, 120)))
-    return f
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def tiny(tmp_path, data_file, cache, **kw):
     base = dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=32,
                 batch_size=2, steps=5, warmup_steps=2, lr=1e-2, eval_interval=0, eval_rows=4,

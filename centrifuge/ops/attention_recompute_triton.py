@@ -23,6 +23,7 @@ from centrifuge.ops.attention_triton import (
     _rows_view,
     block_order,
     default_config,
+    probs_tile,
 )
 from centrifuge.plan import Layout
 
@@ -34,19 +35,8 @@ def _o_tile(
     acc, q, lse2, qf, ds_, start, hi, K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok,
     qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    kf = start + tl.arange(0, BLOCK_N)
-    if MASK:
-        kmask = (kf < hi)[:, None] & d_ok[None, :]
-    else:
-        kmask = d_ok[None, :]
-    kptr = kf.to(tl.int64)[:, None]
-    k = tl.load(K + kptr * stride_kn + k_off + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + kptr * stride_vn + v_off + offs_d[None, :], mask=kmask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    p = tl.math.exp2(s * qk_scale - lse2[:, None])
-    if MASK:
-        visible = (kf[None, :] <= qf[:, None]) & (kf[None, :] >= ds_[:, None])
-        p = tl.where(visible, p, 0.0)
+    p, k, v = probs_tile(q, lse2, qf, ds_, start, hi, K, V, stride_kn, stride_vn, k_off, v_off,
+                         offs_d, d_ok, qk_scale, BLOCK_N, MASK, PREC)  # fmt: skip
     return tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
 
 

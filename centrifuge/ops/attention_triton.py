@@ -51,12 +51,13 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _dq_tile(
-    acc, q, do, lse2, delta, qf, ds_, start, hi,
-    K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok,
-    qk_scale,
-    BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+def probs_tile(
+    q, lse2, qf, ds_, start, hi, K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok,
+    qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    """The softmax probabilities of a block of kept queries against keys
+    [start, start + BLOCK_N) (from the forward's lse), and those keys and values.
+    Shared by the dQ kernel and the kept-query forward (attention_recompute_triton)."""
     kf = start + tl.arange(0, BLOCK_N)
     if MASK:
         kmask = (kf < hi)[:, None] & d_ok[None, :]
@@ -70,6 +71,18 @@ def _dq_tile(
     if MASK:
         visible = (kf[None, :] <= qf[:, None]) & (kf[None, :] >= ds_[:, None])
         p = tl.where(visible, p, 0.0)
+    return p, k, v
+
+
+@triton.jit
+def _dq_tile(
+    acc, q, do, lse2, delta, qf, ds_, start, hi,
+    K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok,
+    qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    p, k, v = probs_tile(q, lse2, qf, ds_, start, hi, K, V, stride_kn, stride_vn, k_off, v_off,
+                         offs_d, d_ok, qk_scale, BLOCK_N, MASK, PREC)  # fmt: skip
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, acc, input_precision=PREC)
