@@ -121,6 +121,20 @@ def test_sharded_checkpoint_resumes_exactly(launched, tmp_path):
     assert_same_weights(weights(long_dir), weights(single))
 
 
+def test_sigterm_on_one_process_stops_every_process_after_the_same_step(launched, tmp_path):
+    """The stop request travels with the step's all-reduce: all processes save
+    checkpoint-3 together, and --resume continues to the uninterrupted weights."""
+    root, runs = launched
+    run = tmp_path / "stopped"
+    proc = torchrun([dict(runs["fsdp_long"], out_dir=str(run), save_interval=0,
+                          sigterm_on_rank=1, sigterm_at_step=2)])  # fmt: skip
+    assert proc.returncode != 0  # the launch ends as interrupted
+    assert (run / "latest").read_text().strip() == "checkpoint-3"
+    proc = torchrun([dict(runs["fsdp_long"], out_dir=str(run), resume=True)])
+    assert proc.returncode == 0, failed(proc)
+    assert_same_weights(weights(root / "fsdp_long"), weights(run), atol=0)
+
+
 def test_checkpoint_loads_in_transformers(launched):
     transformers = pytest.importorskip("transformers")
     root, _ = launched

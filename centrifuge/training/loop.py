@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )  # fmt: skip
 
 from centrifuge.distributed import gradient_sync, init_distributed, unsharded, uses_autocast
-from centrifuge.interrupt import DeferredStop
+from centrifuge.interrupt import DeferredStop, Interrupted
 from centrifuge.models.llama import shift_targets
 from centrifuge.ops.linear_ce import IGNORE_INDEX
 from centrifuge.plan import Layout
@@ -166,6 +167,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run: Run, progress: bool, callback=None):
         self.cfg, self.run, self.progress, self.callback = cfg, run, progress, callback
+        self.stop: DeferredStop | None = None  # while fit runs
+        self.stop_requested = False  # a process saw a signal during the last step
         self.ctx, self.model = run.ctx, run.model
         self.total = cfg.total_steps(self.ctx.world_size)
         self.order = DataOrder(len(run.train_ds), cfg.batch_size,
@@ -266,7 +269,9 @@ class Trainer:
         # processes, so each process scales its kept-loss sums by N / Σ.
         total = torch.tensor(sum(counts), dtype=torch.float64, device=run.device)
         scale = (ctx.world_size / ctx.all_reduce_sum(total)).float()
-        sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # kept loss, all loss, seen, valid, kept
+        # kept loss, all loss, seen, valid, kept; and stop requests (a signal seen by
+        # any process stops every one after this step: one all-reduce carries both).
+        sums = torch.zeros(6, dtype=torch.float64, device=run.device)
         for m, (rows, b, count) in enumerate(zip(micro, batches, counts)):
             b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
             with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
@@ -282,15 +287,17 @@ class Trainer:
                 kept_loss = (out.token_loss * keep).sum()
                 (kept_loss * scale).backward()
             tl = out.token_loss.detach().double()
-            sums += torch.stack([kept_loss.detach().double(), tl[out.valid].sum(),
-                                 (b["labels"] != IGNORE_INDEX).sum().double(),
-                                 out.valid.sum().double(), keep.sum().double()])  # fmt: skip
+            sums[:5] += torch.stack([kept_loss.detach().double(), tl[out.valid].sum(),
+                                     (b["labels"] != IGNORE_INDEX).sum().double(),
+                                     out.valid.sum().double(), keep.sum().double()])  # fmt: skip
         gnorm = self._clip_grad()
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        loss_sum, all_sum, seen, valid, kept = ctx.all_reduce_sum(sums).tolist()
+        sums[5] = self.stop is not None and self.stop.signum is not None
+        loss_sum, all_sum, seen, valid, kept, stops = ctx.all_reduce_sum(sums).tolist()
+        self.stop_requested = stops > 0
         dt = time.perf_counter() - t0
         loss = loss_sum / kept
         if not math.isfinite(loss):
@@ -361,9 +368,10 @@ class Trainer:
                    dynamic_ncols=True, desc=run.label)  # fmt: skip
         self.model.train()
         step = start
-        # Ctrl-C / SIGTERM end the run at the next step boundary. One process only:
-        # under torchrun the processes would see the signal at different steps.
-        stop = DeferredStop() if not ctx.distributed else None
+        # Ctrl-C / SIGTERM end the run at a step boundary, with a checkpoint. Under
+        # torchrun the processes see a signal at different moments: the request
+        # travels with the step's all-reduce, so all of them stop after the same step.
+        stop = self.stop = DeferredStop()
         try:
             while step < total:
                 record = self.train_step(step)
@@ -380,24 +388,23 @@ class Trainer:
                     ckpt_path, saved_step = self.save(step), step
                 if self.callback is not None:
                     self.callback(step, record)
-                if stop is not None:
-                    stop.check()
+                if self.stop_requested or (stop.signum is not None and not ctx.distributed):
+                    raise Interrupted(stop.signum or signal.SIGTERM)
         except StopTraining:  # a graceful stop: keep the steps done
             if step > saved_step and step > 0:
                 ckpt_path = self.save(step)
         except KeyboardInterrupt:
-            # Keep the work done so far. One process only: under torchrun the
-            # processes stop at different points and cannot save together; they
-            # continue from the last --save-interval checkpoint.
-            # A second signal stops in the middle of a step, whose state is not saved.
-            if step > saved_step and step > 0 and not ctx.distributed and not stop.forced:
+            # Keep the work done so far. A second signal stops in the middle of a
+            # step, whose state is not saved (under torchrun the other processes
+            # are then ended by torchrun; the run continues from its last checkpoint).
+            if step > saved_step and step > 0 and not stop.forced:
                 ckpt_path = self.save(step)
             self._say(f"[{run.label}] interrupted at step {step}; latest checkpoint: "
                       f"{ckpt_path or 'none yet'}")  # fmt: skip
             raise
         finally:
-            if stop is not None:
-                stop.close()
+            stop.close()
+            self.stop = None
             bar.close()
             if log is not None:
                 log.close()
