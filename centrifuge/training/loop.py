@@ -242,8 +242,7 @@ class Trainer:
         if len(rngs) == self.ctx.world_size:
             _set_rng_state(rngs[self.ctx.rank])
             self.run.selector.load_state_dict(rngs[self.ctx.rank]["selector"])
-            if "backward" in rngs[self.ctx.rank]:
-                self.backward.generator.set_state(rngs[self.ctx.rank]["backward"])
+            self.backward.generator.set_state(rngs[self.ctx.rank]["backward"])
         else:  # another number of processes: fresh streams, derived from the step
             torch.manual_seed(self.cfg.seed + rs["step"])
             self.backward = self.cfg.backward_options(stream=self.ctx.rank, step=rs["step"])
