@@ -34,13 +34,11 @@ untouched.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from centrifuge.models.layer import (
     PROJECTIONS,
@@ -116,24 +114,6 @@ class CheckedRowsFunction(torch.autograd.Function):
         if ctx.plan.keep is not None:
             _check_rows(dloss.reshape(-1) != 0, ctx.plan)
         return dloss, None
-
-
-@dataclass
-class CausalLMTokenLossOutput(CausalLMOutputWithPast):
-    """The output of a patched training forward given ``labels=`` (fused path).
-
-    loss: scalar, the mean of ``token_loss`` over the valid rows (or its sum /
-        ``num_items_in_batch`` when transformers passes that), as HF's own loss.
-    logits: None: the final norm, the LM head and the cross-entropy run fused,
-        and no [B, L, vocab] logits exist.
-    token_loss: [B, L] float32 (float64 for a float64 model), row t's loss for
-        predicting token t+1; 0 where ``valid`` is False. Give it to
-        ``filtered_loss`` with a keep mask.
-    valid: [B, L] bool, the rows with a target (:func:`valid_rows`).
-    """
-
-    token_loss: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
 
 
 class CompactLinearFunction(torch.autograd.Function):
@@ -431,6 +411,8 @@ def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
     token_loss = out.logits  # the fused LM head returned the per-token losses
     n = kw.get("num_items_in_batch")
     loss = token_loss.sum() / (valid.sum() if n is None else n)
+    from centrifuge.integrations.outputs import CausalLMTokenLossOutput  # needs transformers
+
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     return CausalLMTokenLossOutput(loss=loss, logits=None, token_loss=token_loss, valid=valid, **fields)
 
