@@ -171,3 +171,22 @@ def test_selective_loss_on_a_fused_output_equals_the_logits_path():
     want = grads(other)
     for name, g in grads(model).items():
         torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_peft_lora_model_takes_the_fused_path():
+    peft = pytest.importorskip("peft")
+    from test_lora import lora, trainable_grads
+
+    base = make_model("llama", 2)
+    models = [patch(lora(copy.deepcopy(base))) for _ in range(2)]
+    ids, labels, kw, keep = labelled("packing", seed=5)
+    out = models[0](ids, labels=labels, **kw)
+    assert isinstance(models[0], peft.PeftModel) and out.logits is None
+    filtered_loss(out.token_loss, keep).backward()
+    lg = models[1](ids, **kw).logits
+    tl = F.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    filtered_loss(tl, keep[:, :-1]).backward()
+    got, want = trainable_grads(models[0]), trainable_grads(models[1])
+    assert got and got.keys() == want.keys()
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
