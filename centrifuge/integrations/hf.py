@@ -20,6 +20,12 @@ and nothing outlives the graph. The user's loss call
 the graph back from the per-token losses and fills it. A forward whose plan is
 never filled differentiates like ordinary dense training.
 
+Given ``labels=`` (a training forward), the final norm, the LM head and the
+cross-entropy run fused (:func:`centrifuge.ops.linear_ce.norm_linear_cross_entropy`):
+no [B, L, vocab] logits; the output (``CausalLMTokenLossOutput``) carries
+``token_loss`` [B, L] and ``valid`` [B, L], ``loss`` over the valid rows and
+``logits = None``.
+
 With transformers' activation checkpointing on (``gradient_checkpointing_enable()``
 or ``activation_checkpointing_enable()``, per layer), a checkpointed layer runs
 as ``decoder_layer(..., recompute=True)``: it saves its input and the attention
@@ -526,8 +532,9 @@ def patch(model, check_rows: bool = True, backward: BackwardOptions | None = Non
     saving, generation and every no-grad or cached call stay as before; a
     training forward's layers run as Centrifuge decoder layers (identical
     activations, backward on the kept rows once a filtered loss fills the plan).
-    check_rows: the LM head's backward verifies that no filtered row receives
-    gradient (one pass over the logits' gradient) and raises if one does.
+    check_rows: the backward verifies that no filtered row receives gradient (one
+    pass over the logits' gradient, or over the per-token losses' on the fused
+    path) and raises if one does.
     backward: :class:`~centrifuge.plan.BackwardOptions` (mode ``amplified``) to let
     some gradient reach filtered rows: sampled filtered rows (``extra``) or the
     exact backward in the bottom ``exact_layers``; None = plain amplified.
