@@ -333,7 +333,6 @@ def valid_rows(
     return valid
 
 
-
 def _dense_reason(model, a: dict) -> str | None:
     """Why this call runs the original forward (None: the compact path applies)."""
     if not torch.is_grad_enabled():
