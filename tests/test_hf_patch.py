@@ -176,9 +176,15 @@ def test_unfilled_plan_is_dense_training_and_accumulation_keeps_plans_apart():
     plain = exact_copy(model)
     patch(model)
     ids, kw, keep = batch("packing", B=2, L=9, seed=1)
-    # HF's own labels loss on a patched model: no filtering, ordinary gradients.
-    model(ids, labels=ids, **kw).loss.backward()
-    plain(ids, labels=ids, use_cache=False, **kw).loss.backward()
+    # `.loss` of a patched model given labels (the fused path): no filtering,
+    # ordinary gradients. Labels as DataCollatorWithFlattening writes them
+    # (-100 on each document's first token), so HF's loss skips the rows that
+    # cross documents, as Centrifuge's valid rows do. HF's loss rounds float64
+    # logits to float32, so the plain loss is HF's formula in float64.
+    labels = ids.masked_fill(kw["position_ids"] == 0, -100)
+    model(ids, labels=labels, **kw).loss.backward()
+    lg = plain(ids, use_cache=False, **kw).logits
+    F.cross_entropy(lg[:, :-1].transpose(1, 2), labels[:, 1:]).backward()
     for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=n)
     # Two forwards, two keep masks, one backward: each forward uses its own plan.

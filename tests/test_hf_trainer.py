@@ -136,3 +136,26 @@ def test_kept_count_is_what_selection_keeps(method, granularity):
             logits, b["labels"], sel, attention_mask=b["attention_mask"], return_keep=True
         )
     assert kept_count(sel, b) == int(keep.sum()) > 0
+
+
+def test_fused_labels_path_trains_like_the_logits_path(tmp_path):
+    """The Trainer passes the labels into the model (fused norm + LM head +
+    cross-entropy, no logits); with hidden states asked for in the config the
+    model runs the logits path instead. Both reach the same weights (float64:
+    Adam magnifies float32 rounding in near-zero gradients)."""
+    ds = CountingTask(16, seed=4, pad_every=3)
+    ref = tiny_model(2).double()
+    weights = []
+    for hidden in (False, True):
+        model = tiny_model(1).double()
+        model.config.output_hidden_states = hidden
+        trainer = trainer_for(model, tmp_path, select="rho1", ratio=0.5, reference_model=ref,
+                              train_dataset=ds, max_steps=3, lr=1e-2)  # fmt: skip
+        b = transformers.default_data_collator([ds[i] for i in range(2)])
+        model.train()
+        fused = getattr(model(**b), "token_loss", None) is not None
+        assert fused is not hidden
+        trainer.train()
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n, w in weights[0].items():
+        torch.testing.assert_close(w, weights[1][n], rtol=1e-9, atol=1e-10, msg=n)

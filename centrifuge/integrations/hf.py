@@ -20,6 +20,12 @@ and nothing outlives the graph. The user's loss call
 the graph back from the per-token losses and fills it. A forward whose plan is
 never filled differentiates like ordinary dense training.
 
+Given ``labels=`` (a training forward), the final norm, the LM head and the
+cross-entropy run fused (:func:`centrifuge.ops.linear_ce.norm_linear_cross_entropy`):
+no [B, L, vocab] logits; the output (``CausalLMTokenLossOutput``) carries
+``token_loss`` [B, L] and ``valid`` [B, L], ``loss`` over the valid rows and
+``logits = None``.
+
 With transformers' activation checkpointing on (``gradient_checkpointing_enable()``
 or ``activation_checkpointing_enable()``, per layer), a checkpointed layer runs
 as ``decoder_layer(..., recompute=True)``: it saves its input and the attention
@@ -47,6 +53,7 @@ from centrifuge.models.layer import (
     layer_weights,
     projection_weights,
 )
+from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.plan import BackwardOptions, Layout, Plan
 
@@ -86,6 +93,35 @@ class HFPlan(Plan):
         self.keep = keep
 
 
+def _check_rows(has_grad: torch.Tensor, plan: HFPlan) -> None:
+    """Raise if a filtered row receives gradient (has_grad: [B * L] bool): the
+    loss then depends on rows the compact backward drops, and would be wrong."""
+    if bool((has_grad & ~plan.keep.reshape(-1)).any()):
+        raise RuntimeError(
+            "the loss sends gradient to filtered rows: with Centrifuge only the kept rows may "
+            "carry loss. Are the per-token losses given to filtered_loss aligned with the "
+            "logits (logits[:, :-1] or all rows), and is nothing else (e.g. out.loss) added "
+            "to the loss?"
+        )
+
+
+class CheckedRowsFunction(torch.autograd.Function):
+    """Identity on per-token losses [B, L] whose backward checks, once a loss filled
+    the plan, that no filtered row receives gradient (the fused LM head +
+    cross-entropy reads only the kept rows' gradient and would ignore the rest)."""
+
+    @staticmethod
+    def forward(ctx, token_loss, plan: HFPlan):
+        ctx.plan = plan
+        return token_loss.clone()  # [B, L]: a copy costs nothing next to the head
+
+    @staticmethod
+    def backward(ctx, dloss):
+        if ctx.plan.keep is not None:
+            _check_rows(dloss.reshape(-1) != 0, ctx.plan)
+        return dloss, None
+
+
 class CompactLinearFunction(torch.autograd.Function):
     """``y = x @ w.T`` (the LM head) whose backward reads only the plan's kept rows.
 
@@ -108,14 +144,7 @@ class CompactLinearFunction(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, d), dy.reshape(-1, V)
         if ctx.check and plan.keep is not None:
             lo, hi = torch.aminmax(dy2, dim=1)  # one pass, no [N, V] temporary
-            stray = ((lo != 0) | (hi != 0)) & ~plan.keep.reshape(-1)
-            if bool(stray.any()):
-                raise RuntimeError(
-                    "the loss sends gradient to logits of filtered rows: with Centrifuge only the "
-                    "kept rows may carry loss. Are the per-token losses given to filtered_loss "
-                    "aligned with the logits (logits[:, :-1] or all rows), and is nothing else "
-                    "added to the loss?"
-                )
+            _check_rows((lo != 0) | (hi != 0), plan)
         idx = plan.keep_idx
         dyk, xk = (dy2, x2) if idx is None else (dy2[idx], x2[idx])
         dxk = dyk @ w
@@ -190,6 +219,18 @@ class _PatchState:
         self.check_rows = check_rows
         self.recompute: frozenset[int] = frozenset()  # ids of the layers that recompute
         self.backward = backward
+        # Set while a forward with labels runs fused: the final norm passes its
+        # input through and the LM head computes the per-token losses instead.
+        self.head: _FusedHead | None = None
+
+
+class _FusedHead:
+    """What the patched LM head needs to run norm + head + cross-entropy fused:
+    the final norm module, targets [B, L] int64 (already shifted, ignore_index
+    on every row that is not valid) and the ignore value."""
+
+    def __init__(self, norm: nn.Module, targets: torch.Tensor, ignore_index: int):
+        self.norm, self.targets, self.ignore_index = norm, targets, ignore_index
 
 
 class _PatchedForward:
@@ -266,6 +307,32 @@ def layout_for(
     return Layout.build(batch, seqlen, device, position_ids.expand(batch, seqlen))
 
 
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """[B, L] unshifted labels -> [B, L] targets: row t predicts labels[t + 1]."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def valid_rows(
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    layout=None,
+) -> torch.Tensor:
+    """[B, L] bool: rows that have a target. Not valid: ``ignore_index`` targets,
+    padding, and the last row of every document (it would predict the next
+    document's first token). labels: [B, L] unshifted (HF convention)."""
+    B, L = labels.shape
+    if layout is None:
+        layout = layout_for(B, L, labels.device, attention_mask, position_ids)
+    valid = (shift_labels(labels, ignore_index) != ignore_index) & ~layout.last_rows()
+    if attention_mask is not None:
+        valid &= attention_mask.to(labels.device).bool()
+    return valid
+
+
 def _dense_reason(model, a: dict) -> str | None:
     """Why this call runs the original forward (None: the compact path applies)."""
     if not torch.is_grad_enabled():
@@ -319,20 +386,53 @@ def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
     # A training forward needs no cache; without one transformers also
     # isolates packed documents, as the layout above does.
     a["use_cache"] = False
+    labels, kw = a.get("labels"), a.get("kwargs") or {}
+    ignore_index = kw.get("ignore_index", IGNORE_INDEX)
+    head = None
+    if labels is not None and _fusable(model, a):
+        if tuple(labels.shape) != (B, L):
+            raise ValueError(f"labels must be [batch, seq] = {(B, L)}, got {tuple(labels.shape)}")
+        labels = labels.to(ref.device)
+        valid = valid_rows(labels, mask, None, ignore_index, layout)
+        targets = shift_labels(labels, ignore_index).masked_fill(~valid, ignore_index)
+        head = _FusedHead(model.model.norm, targets, ignore_index)
+        a["labels"] = None  # transformers' loss would need the logits
     # Centrifuge's recompute replaces transformers' checkpointing: some
     # transformers versions wrap the layer call itself in torch's checkpoint
     # (GradientCheckpointingLayer.__call__), which must not run around a patched
     # layer, so the switch is off for the duration of this forward.
     ckpt = [layer for layer in model.model.layers if _recompute(layer)]
-    state.plan, state.recompute = plan, frozenset(map(id, ckpt))
+    state.plan, state.recompute, state.head = plan, frozenset(map(id, ckpt)), head
     for layer in ckpt:
         layer.gradient_checkpointing = False
     try:
-        return original(*bound.args, **bound.kwargs)  # bound.args starts with the model
+        out = original(*bound.args, **bound.kwargs)  # bound.args starts with the model
     finally:
-        state.plan, state.recompute = None, frozenset()
+        state.plan, state.recompute, state.head = None, frozenset(), None
         for layer in ckpt:
             layer.gradient_checkpointing = True
+    if head is None:
+        return out
+    token_loss = out.logits  # the fused LM head returned the per-token losses
+    n = kw.get("num_items_in_batch")
+    loss = token_loss.sum() / (valid.sum() if n is None else n)
+    from centrifuge.integrations.outputs import CausalLMTokenLossOutput  # needs transformers
+
+    fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+    return CausalLMTokenLossOutput(loss=loss, logits=None, token_loss=token_loss, valid=valid, **fields)
+
+
+def _fusable(model, a: dict) -> bool:
+    """A forward with labels runs norm + LM head + cross-entropy fused unless it
+    asks for what the fusion does not produce: logits of some rows only
+    (``logits_to_keep``) or the hidden states (whose last entry is the norm's
+    output). Those run transformers' own loss on the logits."""
+    kw = a.get("kwargs") or {}
+    hidden = kw.get("output_hidden_states")
+    if hidden is None:
+        hidden = getattr(model.config, "output_hidden_states", False)
+    keep = a.get("logits_to_keep", 0)
+    return not hidden and isinstance(keep, int) and keep == 0
 
 
 def _recompute(layer) -> bool:
@@ -368,6 +468,8 @@ def _norm_forward(norm, state: _PatchState, hidden_states):
     plan = state.plan
     if plan is None or tuple(hidden_states.shape[:2]) != plan.shape:
         return type(norm).forward(norm, hidden_states)
+    if state.head is not None:
+        return hidden_states  # the LM head applies the norm, fused with the cross-entropy
     dtype = _compute_dtype(hidden_states)
     with torch.autocast(hidden_states.device.type, enabled=False):
         return rms_norm(hidden_states.to(dtype), norm.weight.to(dtype), norm.variance_epsilon, plan)
@@ -376,10 +478,24 @@ def _norm_forward(norm, state: _PatchState, hidden_states):
 def _lm_head_forward(head, state: _PatchState, x):
     plan = state.plan
     if plan is None or x.dim() != 3 or tuple(x.shape[:2]) != plan.shape or head.bias is not None:
+        if state.head is not None:  # never logits of the un-normed rows in place of losses
+            raise RuntimeError(f"LM head input {tuple(x.shape)} does not match the fused forward's rows")
         return type(head).forward(head, x)  # e.g. logits_to_keep sliced the rows
     dtype = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return CompactLinearFunction.apply(x.to(dtype), head.weight.to(dtype), plan, state.check_rows)
+        if state.head is None:
+            return CompactLinearFunction.apply(x.to(dtype), head.weight.to(dtype), plan, state.check_rows)
+        return _fused_head_loss(x.to(dtype), head.weight.to(dtype), state.head, plan, state.check_rows)
+
+
+def _fused_head_loss(x, w, fused: _FusedHead, plan: HFPlan, check: bool) -> torch.Tensor:
+    """x: [B, L, d] before the final norm, w: [V, d] -> per-token losses [B, L]
+    (float32; float64 for float64 x). The norm's output and the logits are never saved."""
+    norm = fused.norm
+    token_loss, _ = norm_linear_cross_entropy(
+        x, norm.weight.to(x.dtype), w, fused.targets, plan, norm.variance_epsilon, fused.ignore_index
+    )
+    return CheckedRowsFunction.apply(token_loss, plan) if check else token_loss
 
 
 _FORWARDS = {
@@ -415,8 +531,9 @@ def patch(model, check_rows: bool = True, backward: BackwardOptions | None = Non
     saving, generation and every no-grad or cached call stay as before; a
     training forward's layers run as Centrifuge decoder layers (identical
     activations, backward on the kept rows once a filtered loss fills the plan).
-    check_rows: the LM head's backward verifies that no filtered row receives
-    gradient (one pass over the logits' gradient) and raises if one does.
+    check_rows: the backward verifies that no filtered row receives gradient (one
+    pass over the logits' gradient, or over the per-token losses' on the fused
+    path) and raises if one does.
     backward: :class:`~centrifuge.plan.BackwardOptions` (mode ``amplified``) to let
     some gradient reach filtered rows: sampled filtered rows (``extra``) or the
     exact backward in the bottom ``exact_layers``; None = plain amplified.

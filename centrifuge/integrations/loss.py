@@ -11,7 +11,8 @@ it calls::
 with the same inputs and gets the same value; on a patched model
 (:func:`centrifuge.patch`) the backward then runs on the kept rows only.
 :func:`selective_loss` does the selection too (``rho1`` with reference logits or
-losses, ``loss``, ``random``), from logits and HF-style unshifted labels.
+losses, ``loss``, ``random``), from logits and HF-style unshifted labels, or from
+the per-token losses of a patched model called with ``labels=`` (no logits).
 
 Rows: row ``t`` of a forward predicts token ``t + 1``. Per-token losses are
 accepted as ``[B, L]`` (one per row), ``[B, L - 1]`` (from ``logits[:, :-1]``,
@@ -25,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from centrifuge.integrations.hf import HFPlan, find_plan, layout_for
+from centrifuge.integrations.hf import HFPlan, find_plan, shift_labels, valid_rows
 from centrifuge.ops.linear_ce import IGNORE_INDEX
 from centrifuge.plan import Plan
 from centrifuge.selection import Selector
@@ -105,32 +106,6 @@ def filtered_loss(
     return loss
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """[B, L] unshifted labels -> [B, L] targets: row t predicts labels[t + 1]."""
-    targets = torch.full_like(labels, ignore_index)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
-
-
-def valid_rows(
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    layout=None,
-) -> torch.Tensor:
-    """[B, L] bool: rows that have a target. Not valid: ``ignore_index`` targets,
-    padding, and the last row of every document (it would predict the next
-    document's first token). labels: [B, L] unshifted (HF convention)."""
-    B, L = labels.shape
-    if layout is None:
-        layout = layout_for(B, L, labels.device, attention_mask, position_ids)
-    valid = (shift_labels(labels, ignore_index) != ignore_index) & ~layout.last_rows()
-    if attention_mask is not None:
-        valid &= attention_mask.to(labels.device).bool()
-    return valid
-
-
 @torch.no_grad()
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX):
     """Per-row cross-entropy without grad, in float32 chunks (no [N, V] float32 copy).
@@ -149,7 +124,7 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
 
 
 def selective_loss(
-    logits: torch.Tensor,
+    logits,
     labels: torch.Tensor,
     selector: Selector | str = "loss",
     ratio: float = 0.5,
@@ -163,44 +138,58 @@ def selective_loss(
     plan: Plan | None = None,
     return_keep: bool = False,
 ):
-    """Token-filtered LM loss from logits: select, then average over the kept rows.
+    """Token-filtered LM loss: select, then average over the kept rows.
 
-    logits: [B, L, V] (a patched model's output), labels: [B, L] unshifted,
-    ``ignore_index`` where no loss is wanted (HF convention).
+    logits: [B, L, V] (a patched model's output), or the whole output of a patched
+        model called with ``labels=`` (:class:`CausalLMTokenLossOutput`, no logits:
+        its ``token_loss`` and ``valid`` are used).
+    labels: [B, L] unshifted, ``ignore_index`` where no loss is wanted (HF convention).
     selector: a :class:`Selector`, or a method name (``rho1``, ``loss``,
         ``random``, ``none``) used with ``ratio`` (batch granularity).
     reference_logits ([B, L, V]) or reference_loss ([B, L] / [B, L-1] per-token
         reference losses): what ``rho1`` subtracts.
     attention_mask / position_ids: as given to the model (padding rows and the
-        last row of every packed document are never kept).
+        last row of every packed document are never kept); a fused output brings
+        its own ``valid`` rows instead.
     num_items: the denominator when it is not the kept count (accumulation windows).
     Returns the loss (and the [B, L] keep mask with ``return_keep``). Only the kept
     rows' cross-entropy is differentiated.
     """
     if isinstance(selector, str):
         selector = Selector(selector, ratio)
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+    fused = getattr(logits, "token_loss", None)
+    shape = tuple(fused.shape) if fused is not None else tuple(logits.shape[:2])
+    if (fused is None and logits.dim() != 3) or tuple(labels.shape) != shape:
         raise ValueError(
-            f"expected logits [B, L, V] and labels [B, L], got {tuple(logits.shape)} and "
-            f"{tuple(labels.shape)}"
+            f"expected logits [B, L, V] (or a fused output's token_loss [B, L]) and labels "
+            f"[B, L], got {shape if fused is not None else tuple(logits.shape)} and {tuple(labels.shape)}"
         )
-    B, L, V = logits.shape
-    plan = _plan_of(logits, plan)
-    layout = plan.layout if plan is not None else None
-    targets = shift_labels(labels.to(logits.device), ignore_index)
-    valid = valid_rows(labels.to(logits.device), attention_mask, position_ids, ignore_index, layout)
-    scores = token_losses(logits, targets, ignore_index)
+    B, L = shape
+    device = (fused if fused is not None else logits).device
+    labels = labels.to(device)
+    targets = shift_labels(labels, ignore_index)
+    if fused is not None:
+        valid, scores = logits.valid, fused.detach()
+    else:
+        plan = _plan_of(logits, plan)
+        layout = plan.layout if plan is not None else None
+        valid = valid_rows(labels, attention_mask, position_ids, ignore_index, layout)
+        scores = token_losses(logits, targets, ignore_index)
     ref = None
     if reference_logits is not None:
-        if reference_logits.shape[:2] != logits.shape[:2]:
+        if tuple(reference_logits.shape[:2]) != shape:
             raise ValueError(
-                f"reference logits have shape {tuple(reference_logits.shape)}, logits {tuple(logits.shape)}"
+                f"reference logits have shape {tuple(reference_logits.shape)}, expected [{B}, {L}, V]"
             )
         ref = token_losses(reference_logits.detach(), targets, ignore_index)
     elif reference_loss is not None:
-        ref = _rows(reference_loss.detach().float().to(logits.device), (B, L), "reference_loss")
+        ref = _rows(reference_loss.detach().float().to(device), (B, L), "reference_loss")
     keep = selector(scores, valid, ref)
+    if fused is not None:
+        loss = filtered_loss(fused, keep, num_items, plan)
+        return (loss, keep) if return_keep else loss
     idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    V = logits.shape[-1]
     acc = torch.promote_types(logits.dtype, torch.float32)  # float32 as HF does; float64 stays
     kept = F.cross_entropy(
         logits.reshape(-1, V)[idx].to(acc), targets.reshape(-1)[idx], reduction="sum"

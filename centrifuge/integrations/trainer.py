@@ -7,8 +7,10 @@
     trainer.train()
 
 The model is patched (:func:`centrifuge.patch`). Every training micro-batch:
-dense forward, selection (``rho1`` / ``loss`` / ``random`` / ``none``) over the
-valid rows, loss = sum of the kept rows' losses / K, backward on kept rows.
+dense forward with the labels (the final norm, LM head and cross-entropy fused:
+per-token losses, no [B, L, vocab] logits), selection (``rho1`` / ``loss`` /
+``random`` / ``none``) over the valid rows, loss = sum of the kept rows' losses
+/ K, backward on kept rows.
 
 Gradient accumulation: K is the number of rows kept over the *whole*
 accumulation window (summed over processes when the Trainer averages tokens
@@ -107,10 +109,18 @@ class CentrifugeTrainer(Trainer):
             raise ValueError("CentrifugeTrainer needs a 'labels' column (unshifted, -100 where no loss)")
         labels = inputs.pop("labels")
         ref_loss = inputs.pop(REFERENCE_COLUMN, None)
-        outputs = model(**inputs, use_cache=False)
-        logits = outputs.logits
         mask, pos = inputs.get("attention_mask"), inputs.get("position_ids")
-        if not (model.training and torch.is_grad_enabled()):
+        training = model.training and torch.is_grad_enabled()
+        if training:
+            # The patched model takes the labels (HF's ignore value) and returns
+            # per-token losses from the fused norm + LM head + cross-entropy:
+            # no [B, L, vocab] logits.
+            hf_labels = labels.masked_fill(labels == self.ignore_index, IGNORE_INDEX)
+            outputs = model(**inputs, labels=hf_labels, use_cache=False)
+        else:
+            outputs = model(**inputs, use_cache=False)
+        logits = outputs.logits
+        if not training:
             # Evaluation: the plain mean loss over every valid row.
             valid = valid_rows(labels, mask, pos, self.ignore_index)
             tl = token_losses(logits, shift_labels(labels, self.ignore_index), self.ignore_index)
@@ -124,9 +134,12 @@ class CentrifugeTrainer(Trainer):
                 )
             with torch.no_grad():
                 ref_logits = self.reference_model(**inputs, use_cache=False).logits
+        # A fused output carries its per-token losses; otherwise (the model asked
+        # for hidden states in its config) transformers' logits path ran.
+        fused = getattr(outputs, "token_loss", None) is not None
         loss = selective_loss(
-            logits, labels, self.selector, reference_logits=ref_logits, reference_loss=ref_loss,
-            attention_mask=mask, position_ids=pos, ignore_index=self.ignore_index,
+            outputs if fused else logits, hf_labels, attention_mask=mask, position_ids=pos,
+            selector=self.selector, reference_logits=ref_logits, reference_loss=ref_loss,
             num_items=num_items_in_batch,
         )  # fmt: skip
         if num_items_in_batch is None:
