@@ -1,7 +1,7 @@
 """centrifuge.patch on real transformers classes (tiny configs, random weights).
 
 Gradients of a patched model + the one-line loss are held to the reference
-semantics (DESIGN.md) computed with plain autograd on an unpatched copy of the
+semantics (docs/design.md) computed with plain autograd on an unpatched copy of the
 same HF model: K and V of filtered rows detached in every attention layer
 (forward hooks), the loss averaged over kept rows. In float64, with the copy's
 RMSNorms computing in float64 too (HF's own RMSNorm rounds to float32 even for

@@ -1,5 +1,5 @@
 """Whole-model gradients of the compact backward against the reference semantics
-(DESIGN.md), in float64 on CPU."""
+(docs/design.md), in float64 on CPU."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""The reference semantics, in plain differentiable PyTorch (DESIGN.md).
+"""The reference semantics, in plain differentiable PyTorch (docs/design.md).
 
 Every attention layer uses ``k = where(keep, k, k.detach())`` (same for v) and
 the loss is averaged over kept rows. ``keep=None`` gives ordinary autograd of

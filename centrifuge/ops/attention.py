@@ -5,7 +5,7 @@ q: [B, L, H, D], k, v: [B, L, Hkv, D] (GQA: H = Hkv * G), o: [B, L, H, D],
 lse: [B, H, L] float32 (the forward's softmax log-normalizer).
 A query attends to keys of its own segment (document) at positions <= its own.
 
-The filtered backward (DESIGN.md): with K/V of filtered rows detached,
+The filtered backward (docs/design.md): with K/V of filtered rows detached,
 * dQ is needed for kept queries only, over all keys;
 * dK, dV for kept keys only, from kept queries only.
 Softmax statistics (lse, and Delta = rowsum(dO * O)) come from the dense forward.
@@ -46,7 +46,7 @@ def attention_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Differentiable reference. With ``keep`` ([B, L] bool) the K/V of filtered
-    rows are detached: ``k = where(keep, k, k.detach())`` (DESIGN.md semantics).
+    rows are detached: ``k = where(keep, k, k.detach())`` (the reference semantics, docs/design.md).
 
     ``keep`` may instead hold per-row K/V gradient weights w ([B, L] float): the
     gradient that K/V of row j receive from *other* rows' queries is multiplied

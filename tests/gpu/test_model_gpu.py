@@ -1,5 +1,5 @@
 """Whole-model gradients on the GPU kernel path (flash/cuDNN forward, Triton
-filtered backward, row-wise kernels) against the reference semantics (DESIGN.md)
+filtered backward, row-wise kernels) against the reference semantics (docs/design.md)
 computed with plain autograd in float64 on the same weights and kept rows.
 
 bf16 has no fixed tolerance at model scale, so the yardstick is the reference
