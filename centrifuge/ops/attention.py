@@ -31,6 +31,17 @@ def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+def rows_by_batch(idx: torch.Tensor, B: int, L: int):
+    """Walk sorted flat row indices ([n] into B*L) one batch row at a time:
+    yields (b, lo, hi, t) for every row b holding some, where idx[lo:hi] are
+    those rows and t their positions in row b."""
+    bounds = torch.searchsorted(idx // L, torch.arange(B + 1, device=idx.device)).tolist()
+    for b in range(B):
+        lo, hi = bounds[b], bounds[b + 1]
+        if lo < hi:
+            yield b, lo, hi, idx[lo:hi] - b * L
+
+
 def _mask(seg_q: torch.Tensor, pos_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
     """[nq, L] bool: key j visible to query i. pos_q are the queries' row positions."""
     keys = torch.arange(seg_k.numel(), device=seg_k.device)
@@ -128,13 +139,7 @@ def attention_backward_reference(
     dq = torch.empty(n, H, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(n, Hkv, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(n, Hkv, D, device=q.device, dtype=v.dtype)
-    batch_of = keep_idx // L
-    bounds = torch.searchsorted(batch_of, torch.arange(B + 1, device=q.device)).tolist()
-    for b in range(B):
-        lo, hi = bounds[b], bounds[b + 1]
-        if lo == hi:
-            continue
-        t = keep_idx[lo:hi] - b * L  # kept positions in this row
+    for b, lo, hi, t in rows_by_batch(keep_idx, B, L):
         seg = layout.segment_ids[b]
         qk = q[b, t].transpose(0, 1).to(acc)  # [H, nb, D]
         kh = _repeat_kv(k[b], groups, 1).transpose(0, 1).to(acc)  # [H, L, D]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from centrifuge.ops.attention import _acc_dtype, _gpu_kernels_available, _mask, _repeat_kv
+from centrifuge.ops.attention import _acc_dtype, _gpu_kernels_available, _mask, _repeat_kv, rows_by_batch
 from centrifuge.plan import Layout
 
 
@@ -34,13 +34,7 @@ def attention_forward_rows_reference(q, k, v, lse, layout: Layout, idx: torch.Te
     scale = D**-0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype)
     o = torch.empty_like(q)
-    batch_of = idx // L
-    bounds = torch.searchsorted(batch_of, torch.arange(B + 1, device=q.device)).tolist()
-    for b in range(B):
-        lo, hi = bounds[b], bounds[b + 1]
-        if lo == hi:
-            continue
-        t = idx[lo:hi] - b * L
+    for b, lo, hi, t in rows_by_batch(idx, B, L):
         seg = layout.segment_ids[b]
         kh = _repeat_kv(k[b], groups, 1).transpose(0, 1).to(acc)  # [H, L, D]
         vh = _repeat_kv(v[b], groups, 1).transpose(0, 1).to(acc)
