@@ -44,6 +44,14 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def gather(self, obj) -> list | None:
+        """Every process's ``obj`` (picklable), in rank order, on rank 0; None elsewhere."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every process (a picklable object)."""
         if not self.distributed:

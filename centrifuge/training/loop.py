@@ -202,7 +202,7 @@ class Trainer:
             scheduler=self.sched.state_dict(), data=self.order.position(step),
             config=self.cfg.to_dict(), model_config=self.run.model_config_dict,
             data_fingerprint=self.run.train_ds.fingerprint, world_size=self.ctx.world_size,
-            rng=self._gather(dict(_rng_state(), selector=self.run.selector.state_dict(),
+            rng=self.ctx.gather(dict(_rng_state(), selector=self.run.selector.state_dict(),
                                   backward=self.backward.generator.get_state())),
             **dict(self.counters, step=step),
         )  # fmt: skip
@@ -214,14 +214,6 @@ class Trainer:
         return ckpt_io.save_checkpoint(self.cfg.out_dir, step, self.run.module, state,
                                        ctx=self.ctx, weights=weights, sharded=sharded,
                                        tokenizer=self.run.train_ds.tokenizer)  # fmt: skip
-
-    def _gather(self, obj) -> list | None:
-        """Every process's ``obj``, in rank order, on rank 0."""
-        if not self.ctx.distributed:
-            return [obj]
-        out = [None] * self.ctx.world_size if self.ctx.is_main else None
-        torch.distributed.gather_object(obj, out, dst=0)
-        return out
 
     def load_state(self, rs: dict, path: Path) -> None:
         if "optimizer" in rs:
