@@ -21,6 +21,7 @@ import tempfile
 import torch
 import transformers
 
+from centrifuge.distributed import shutdown_distributed
 from centrifuge.integrations.trainer import CentrifugeTrainer
 
 
@@ -107,6 +108,7 @@ def main():
     if trainer.is_world_process_zero():
         print(f"eval loss on clean rows: {before:.3f} -> {after:.3f}")
         print(f"saved to {out}")
+    shutdown_distributed()  # under torchrun: leave the process group together
 
 
 if __name__ == "__main__":
