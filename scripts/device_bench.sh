@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
-# matrix of docs/benchmarks.md. Usage: scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full]
-# (tests, part1 and part2 each fit one 10-minute device call; full = part1 + part2).
+# matrix of docs/benchmarks.md. Usage:
+#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|small]
+# (each mode but full fits one 10-minute device call; full = part1 + part2;
+# hf: the patched transformers model against native, plain and with Liger;
+# small: models where launches and host syncs dominate the step).
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -21,6 +24,15 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5 ;;
   tests)
     gpu_tests ;;
+  hf)
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_hf_gpu.py tests/gpu/test_rowwise_gpu.py \
+      tests/gpu/test_step_gpu.py 2>&1 | tail -15 | tee "$out/gpu-tests-hf.log"
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --liger --ratios 0.5 --repeats 5
+    bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5 ;;
+  small)
+    bench --preset byte-110m --seq-len 512 --batch 16 --ratios 0.5 1.0 --no-hf
+    bench --preset small --seq-len 512 --batch 16 --ratios 0.5 1.0 --no-hf ;;
   part1|full)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 ;;&
   part2|full)

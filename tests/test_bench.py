@@ -15,7 +15,8 @@ def test_bench_runs_every_variant_on_cpu():
     names = {(r["variant"], r["ratio"]) for r in result["rows"]}
     assert names == {("dense", None), ("masked", 0.5), ("centrifuge", 0.5), ("hf-masked", 0.5),
                      ("masked", 1.0), ("centrifuge", 1.0), ("hf-masked", 1.0),
-                     ("hf-patched", 0.5), ("hf-patched", 1.0)}  # fmt: skip
+                     ("hf-patched", 0.5), ("hf-patched", 1.0),
+                     ("hf-patched-labels", 0.5), ("hf-patched-labels", 1.0)}  # fmt: skip
     for r in result["rows"]:
         assert r["step_ms"] > 0 and r["forward_ms"] > 0 and r["backward_ms"] > 0
     by = {(r["variant"], r["ratio"]): r for r in result["rows"]}
@@ -23,6 +24,9 @@ def test_bench_runs_every_variant_on_cpu():
     assert s["ratio"] == 0.5
     assert s["c/a"]["step"] == pytest.approx(
         by[("centrifuge", 0.5)]["step_ms"] / by[("dense", None)]["step_ms"]
+    )
+    assert s["hfp/c"]["step"] == pytest.approx(
+        by[("hf-patched-labels", 0.5)]["step_ms"] / by[("centrifuge", 0.5)]["step_ms"]
     )
     assert "| Centrifuge | 0.50 |" in to_markdown(result)
 

@@ -35,6 +35,21 @@ def to_markdown(result: dict) -> str:
         get = lambda k, f: _fmt(s.get(k, {}).get(f), ".3f")  # noqa: E731
         lines.append(f"| {s['ratio']:.2f} | {get('c/a', 'step')} | {get('c/a', 'backward')} | "
                      f"{get('c/b', 'step')} | {get(peer, 'step')} |")  # fmt: skip
+    hf = [(s["ratio"], k, s[k]) for s in result["ratios"] for k in ("hfp/c", "hflp/c") if k in s]
+    if hf:
+        lines += ["", "The patched HF model (labels= form) over native Centrifuge "
+                  "(hfp: HF + patch, hflp: HF + Liger + patch):", "",
+                  "| ρ | model | step | backward | peak |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {ratio:.2f} | {k.split('/')[0]} | {_fmt(v['step'], '.3f')} | "
+                  f"{_fmt(v['backward'], '.3f')} | {_fmt(v.get('peak'), '.3f')} |" for ratio, k, v in hf]
+    if "step_profile" in result:
+        lines += ["", f"One step at ρ = {result['breakdown_ratio']} on the device: kernels launched, "
+                  "host syncs, device idle time (span minus busy):", "",
+                  "| variant | kernels | syncs | span ms | busy ms | idle ms |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, sp in result["step_profile"].items():
+            lines.append(f"| {name} | {sp['kernels']} | {sp['syncs']} | {_fmt(sp['span_ms'])} | "
+                         f"{_fmt(sp['busy_ms'])} | {_fmt(sp['idle_ms'])} |")
     if any("cc/ac" in s for s in result["ratios"]):
         lines += ["", "With activation checkpointing: Centrifuge + checkpointing over dense + "
                   "checkpointing (cc/ac) and over Centrifuge without it (cc/c):", "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from centrifuge.bench.variants import (
     hf_liger_variant,
     hf_masked_variant,
     hf_model,
+    hf_patched_labels_variant,
     hf_patched_variant,
     native_variants,
     with_lora,
@@ -140,6 +142,39 @@ def backward_breakdown(variant: Variant, ids, ratio: float) -> tuple[dict[str, f
     return out, sorted(kernels, reverse=True)[:10]
 
 
+PROFILED_STEPS = ("dense", "masked", "centrifuge", "hf-masked", "hf-patched",
+                  "hf-patched-labels", "hf-liger-masked", "hf-liger-patched")  # fmt: skip
+# Host ops that wait for the device: .item()/bool()/int() on a CUDA tensor, and
+# nonzero / boolean indexing (their output size lives on the device).
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
+
+
+def step_profile(variant: Variant, ids, ratio: float) -> dict:
+    """Where one step's wall time goes on the device (CUDA only): kernel launches,
+    host syncs, and idle time (the step's span minus the union of kernel
+    intervals: launch-bound stretches and the waits after each sync)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        variant.loss(ids, ratio).backward()
+        torch.cuda.synchronize()
+    variant.module.zero_grad(set_to_none=True)
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)  # fmt: skip
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of kernel intervals (streams may overlap)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    span = spans[-1][1] - spans[0][0] if spans else 0.0
+    syncs = {op: sum(e.name == op for e in events) for op in SYNC_OPS}
+    return dict(kernels=len(spans), span_ms=span / 1e3, busy_ms=busy / 1e3,
+                idle_ms=(span - busy) / 1e3, syncs=sum(syncs.values()), sync_ops=syncs)  # fmt: skip
+
+
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda":
@@ -182,12 +217,20 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     if cfg.liger:
         torch.manual_seed(cfg.seed)
         variants.append(hf_liger_variant(hf()))
+        torch.manual_seed(cfg.seed)  # Liger's users add centrifuge.patch (its ops replace Liger's)
+        liger_patched = hf_liger_variant(hf()).module
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the patch says that it replaces Liger's ops
+            variants.append(hf_patched_labels_variant(
+                liger_patched, "hf-liger-patched", "HF + Liger-Kernel + centrifuge.patch, labels="))
     elif cfg.hf:
         torch.manual_seed(cfg.seed)
         label = "HF transformers" + (" + gradient checkpointing" if ckpt else "") + ", masked loss"
         variants.append(hf_masked_variant(hf(), label=label))
         torch.manual_seed(cfg.seed)  # the same weights, patched: the one-line change
         variants.append(hf_patched_variant(hf()))
+        torch.manual_seed(cfg.seed)  # and the second form: labels= (fused loss, no logits)
+        variants.append(hf_patched_labels_variant(hf()))
     return variants, config
 
 
@@ -234,6 +277,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         result["breakdown"] = {k: b for k, (b, _) in profiled.items()}
         result["top_kernels"] = {k: top for k, (_, top) in profiled.items()}
         result["breakdown_ratio"] = br
+        result["step_profile"] = {v.name: step_profile(v, ids, br) for v in variants
+                                  if v.name in PROFILED_STEPS}  # fmt: skip
     return result
 
 
@@ -251,6 +296,9 @@ def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
         for key, mine, other in (
             ("c/a", c, ("dense", None)), ("c/b", c, ("masked", ratio)),
             ("c/d", c, ("hf-masked", ratio)), ("c/liger", c, ("hf-liger-masked", ratio)),
+            # The patched HF model against native Centrifuge (target: step <= 1.05, peak <= 1.1).
+            ("hfp/c", by.get(("hf-patched-labels", ratio)), ("centrifuge", ratio)),
+            ("hflp/c", by.get(("hf-liger-patched", ratio)), ("centrifuge", ratio)),
             # With activation checkpointing: against dense and masked with it, and
             # against Centrifuge without it (the price of the memory saved).
             ("cc/ac", cc, ("dense-ckpt", None)), ("cc/bc", cc, ("masked-ckpt", ratio)),

@@ -131,6 +131,23 @@ def hf_patched_variant(model) -> Variant:
     return Variant("hf-patched", f"HF transformers{ckpt} + centrifuge.patch", step, module=model)
 
 
+def hf_patched_labels_variant(model, name="hf-patched-labels",
+                              label="HF transformers + centrifuge.patch, labels=") -> Variant:  # fmt: skip
+    """The full-speed form on a patched HF model: ``model(..., labels=)`` returns
+    per-token losses from the fused norm + LM head + cross-entropy (no logits),
+    the selection reads them, ``filtered_loss`` fills the plan."""
+    from centrifuge.integrations import filtered_loss, patch
+
+    patch(model)
+
+    def step(ids, ratio):
+        out = model(input_ids=ids, labels=ids)
+        keep = Selector("loss", ratio)(out.token_loss, out.valid)
+        return filtered_loss(out.token_loss, keep)
+
+    return Variant(name, label, step, module=model)
+
+
 def hf_liger_variant(model) -> Variant:
     """HF + Liger-Kernel (fused RMSNorm, SwiGLU, RoPE, fused linear-CE), masked
     loss through ``labels = -100`` on filtered rows — Liger's fastest form. Its

@@ -40,6 +40,7 @@ untouched.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +184,10 @@ def _check_layer(layer, config, index: int) -> None:
     head_dim = a.head_dim
     if abs(a.scaling - head_dim**-0.5) > 1e-12:
         raise ValueError(f"{where}: attention scaling {a.scaling} differs from head_dim**-0.5")
-    eps = {layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon}
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if any(getattr(n, "offset", 0.0) for n in norms):  # Liger's Gemma-style (1 + w) norm
+        raise ValueError(f"{where}: RMSNorm with a weight offset (Gemma-style) is not supported")
+    eps = {n.variance_epsilon for n in norms}
     if hasattr(a, "q_norm"):
         eps |= {a.q_norm.variance_epsilon, a.k_norm.variance_epsilon}
     if len(eps) != 1:
@@ -204,6 +208,22 @@ def _layer_window(layer, config) -> int | None:
     if hasattr(a, "sliding_window"):  # Qwen2/Qwen3: per layer type
         return a.sliding_window
     return getattr(config, "sliding_window", None)  # Mistral: every layer
+
+
+def _liger_ops(model) -> list[str]:
+    """The Liger-Kernel ops a model carries: modules of a Liger class, or with a
+    forward Liger bound to the instance (``apply_liger_kernel_to_*(model=...)``)."""
+    found = set()
+    for module in model.modules():
+        fwd = module.__dict__.get("forward")
+        for origin in (type(module), getattr(fwd, "__func__", None)):
+            name = getattr(origin, "__qualname__", "")
+            if getattr(origin, "__module__", "").startswith("liger_kernel"):
+                found.add(name.split(".")[0])
+    forward = getattr(type(model).forward, "__module__", "")
+    if forward.startswith("liger_kernel"):  # applied to the class before loading
+        found.add(type(model).forward.__name__)
+    return sorted(found)
 
 
 # --- the patch --------------------------------------------------------------------
@@ -236,21 +256,26 @@ class _FusedHead:
 class _PatchedForward:
     """An instance-level ``forward`` for one module. A plain object (not a
     closure), so patched models still deep-copy and pickle; it reports the
-    original forward's signature to ``inspect`` (Trainer and generate read it)."""
+    original forward's signature to ``inspect`` (Trainer and generate read it).
+
+    ``previous`` is the instance-level forward the module had before (Liger-Kernel
+    binds its RMSNorm and its fused-loss causal LM forward this way): every call
+    that does not take the compact path runs it, and ``unpatch`` restores it."""
 
     def __init__(self, module: nn.Module, kind: str, state: _PatchState):
         self.module, self.kind, self.state = module, kind, state
+        self.previous = module.__dict__.get("forward")
 
     @property
     def original(self):
-        return type(self.module).forward.__get__(self.module)
+        return self.previous or type(self.module).forward.__get__(self.module)
 
     @property
     def __signature__(self):
         return inspect.signature(self.original)
 
     def __call__(self, *args, **kwargs):
-        return _FORWARDS[self.kind](self.module, self.state, *args, **kwargs)
+        return _FORWARDS[self.kind](self.module, self.state, self.original, *args, **kwargs)
 
 
 _SIGNATURES: dict = {}
@@ -369,12 +394,11 @@ def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
             )
 
 
-def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
-    original = type(model).forward
+def _causal_lm_forward(model, state: _PatchState, original, *args, **kwargs):
     bound = _bind(model, args, kwargs)
     a = bound.arguments
     if state.plan is not None or _dense_reason(model, a) is not None:
-        return original(model, *args, **kwargs)
+        return original(*args, **kwargs)
     ref = a.get("input_ids")
     if ref is None:
         ref = a.get("inputs_embeds")
@@ -405,8 +429,8 @@ def _causal_lm_forward(model, state: _PatchState, *args, **kwargs):
     state.plan, state.recompute, state.head = plan, frozenset(map(id, ckpt)), head
     for layer in ckpt:
         layer.gradient_checkpointing = False
-    try:
-        out = original(*bound.args, **bound.kwargs)  # bound.args starts with the model
+    try:  # the class's forward: Centrifuge's ops replace what Liger bound to the instance
+        out = type(model).forward(*bound.args, **bound.kwargs)  # bound.args starts with the model
     finally:
         state.plan, state.recompute, state.head = None, frozenset(), None
         for layer in ckpt:
@@ -441,10 +465,10 @@ def _recompute(layer) -> bool:
     return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
 
 
-def _layer_forward(layer, state: _PatchState, *args, **kwargs):
+def _layer_forward(layer, state: _PatchState, original, *args, **kwargs):
     plan = state.plan
     if plan is None:
-        return type(layer).forward(layer, *args, **kwargs)
+        return original(*args, **kwargs)
     a = _bind(layer, args, kwargs).arguments
     x = a["hidden_states"]
     B, L, _ = x.shape
@@ -464,10 +488,10 @@ def _layer_forward(layer, state: _PatchState, *args, **kwargs):
     return y.to(x.dtype)
 
 
-def _norm_forward(norm, state: _PatchState, hidden_states):
+def _norm_forward(norm, state: _PatchState, original, hidden_states):
     plan = state.plan
     if plan is None or tuple(hidden_states.shape[:2]) != plan.shape:
-        return type(norm).forward(norm, hidden_states)
+        return original(hidden_states)
     if state.head is not None:
         return hidden_states  # the LM head applies the norm, fused with the cross-entropy
     dtype = _compute_dtype(hidden_states)
@@ -475,12 +499,12 @@ def _norm_forward(norm, state: _PatchState, hidden_states):
         return rms_norm(hidden_states.to(dtype), norm.weight.to(dtype), norm.variance_epsilon, plan)
 
 
-def _lm_head_forward(head, state: _PatchState, x):
+def _lm_head_forward(head, state: _PatchState, original, x):
     plan = state.plan
     if plan is None or x.dim() != 3 or tuple(x.shape[:2]) != plan.shape or head.bias is not None:
         if state.head is not None:  # never logits of the un-normed rows in place of losses
             raise RuntimeError(f"LM head input {tuple(x.shape)} does not match the fused forward's rows")
-        return type(head).forward(head, x)  # e.g. logits_to_keep sliced the rows
+        return original(x)  # e.g. logits_to_keep sliced the rows
     dtype = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         if state.head is None:
@@ -561,6 +585,15 @@ def patch(model, check_rows: bool = True, backward: BackwardOptions | None = Non
                 "backward use the unpatched model"
             )
         backward.check_layers(len(model.model.layers))
+    liger = _liger_ops(model)
+    if liger:
+        warnings.warn(
+            f"centrifuge.patch: this model carries Liger-Kernel ops ({', '.join(liger)}). In "
+            "training forwards Centrifuge's own fused ops replace them (the same math, with the "
+            "compact backward; call the model with labels= for the fused LM head and loss); "
+            "no-grad calls and generate keep Liger's",
+            stacklevel=2,
+        )
     state = _PatchState(check_rows, backward)
     for i, layer in enumerate(model.model.layers):
         layer._centrifuge_shape = _layer_shape(layer, config, i)
@@ -575,8 +608,12 @@ def unpatch(model):
         return model
     outer, model = model, _causal_lm(model)
     for module, _ in _patched_modules(model):
-        if isinstance(module.__dict__.get("forward"), _PatchedForward):
-            del module.forward
+        fwd = module.__dict__.get("forward")
+        if isinstance(fwd, _PatchedForward):
+            if fwd.previous is None:
+                del module.forward
+            else:
+                module.forward = fwd.previous
     for layer in model.model.layers:
         layer.__dict__.pop("_centrifuge_shape", None)
     return outer
