@@ -12,11 +12,19 @@ row is kept or filtered as a whole (its loss and its K/V go together).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 BACKWARD_MODES = ("amplified", "exact")
+BACKWARD_PATHS = ("auto", "compact", "dense")
+# ``auto`` runs the compact backward from this much GEMM work per layer on
+# (tokens of a forward x parameters of a decoder layer) and the dense path
+# below it, where launches and host syncs outweigh the FLOPs saved
+# (docs/benchmarks.md, "Small models", has the measurements behind it). The
+# environment variable overrides it for other hardware (0: always compact).
+COMPACT_MIN_WORK = float(os.environ.get("CENTRIFUGE_COMPACT_MIN_WORK", 2.0e11))
 
 
 class BackwardOptions:
@@ -34,12 +42,25 @@ class BackwardOptions:
     exact_layers:  the bottom k decoder layers run the exact (dense) backward; the
                    layers above stay compact.
     seed:          seeds the sampling generator (CPU; ``generator`` holds its state).
+    path:          how an amplified backward is computed, never what: ``compact``
+                   gathers the kept rows (dimension-reduced GEMMs); ``dense`` runs
+                   full-size GEMMs with the filtered rows' K/V gradients zeroed (the
+                   same gradients, no gathers and no index syncs: cheaper for small
+                   models); ``auto`` picks by the GEMM work per layer
+                   (:func:`choose_path`). Sampled rows (``extra``) need ``compact``.
     """
 
     def __init__(self, mode: str = "amplified", extra: float = 0.0,
-                 extra_weight: float | None = None, exact_layers: int = 0, seed: int = 0):  # fmt: skip
+                 extra_weight: float | None = None, exact_layers: int = 0, seed: int = 0,
+                 path: str = "auto"):  # fmt: skip
         if mode not in BACKWARD_MODES:
             raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
+        if path not in BACKWARD_PATHS:
+            raise ValueError(f"backward path must be one of {BACKWARD_PATHS}, got {path!r}")
+        if path != "auto" and mode != "amplified":
+            raise ValueError(f"backward path {path!r} applies to the amplified backward only")
+        if path == "dense" and extra > 0:
+            raise ValueError("backward extra (sampled rows) needs path 'compact' (or 'auto')")
         extra = float(extra)
         if not 0.0 <= extra <= 1.0:
             raise ValueError(f"backward extra (sampling probability p) must lie in [0, 1], got {extra}")
@@ -59,6 +80,7 @@ class BackwardOptions:
                 "already the dense backward"
             )
         self.mode, self.extra, self.exact_layers, self.seed = mode, extra, int(exact_layers), seed
+        self.path = path
         self.weight = (1.0 / extra if extra > 0 else 1.0) if extra_weight is None else extra_weight
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -66,19 +88,28 @@ class BackwardOptions:
         if self.exact_layers > num_layers:
             raise ValueError(f"exact_layers={self.exact_layers} exceeds the model's {num_layers} layers")
 
+    def choose_path(self, tokens: int, layer_params: int) -> str:
+        """``compact`` or ``dense`` for a forward of ``tokens`` rows through decoder
+        layers of ``layer_params`` parameters (``path`` unless it is ``auto``)."""
+        if self.path != "auto":
+            return self.path
+        if self.extra > 0 or tokens * layer_params >= COMPACT_MIN_WORK:
+            return "compact"
+        return "dense"
+
     @classmethod
     def parse(cls, spec: str, seed: int = 0) -> "BackwardOptions":
-        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2"``
+        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2,path=dense"``
         (any subset; ``""`` = plain amplified), as the bench's ``--knob`` takes them."""
         kw = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("extra", "extra_weight", "exact_layers"):
+            if not sep or key not in ("extra", "extra_weight", "exact_layers", "path"):
                 raise ValueError(
                     f"bad backward option {item!r} in {spec!r}: expected extra=P, "
-                    "extra_weight=W or exact_layers=K, separated by commas"
+                    "extra_weight=W, exact_layers=K or path=auto|compact|dense, separated by commas"
                 )
-            kw[key] = int(value) if key == "exact_layers" else float(value)
+            kw[key] = {"exact_layers": int, "path": str}.get(key, float)(value)
         return cls("amplified", seed=seed, **kw)
 
     @classmethod
@@ -87,7 +118,7 @@ class BackwardOptions:
 
     def __repr__(self) -> str:
         return (f"BackwardOptions({self.mode!r}, extra={self.extra:g}, weight={self.weight:g}, "
-                f"exact_layers={self.exact_layers})")  # fmt: skip
+                f"exact_layers={self.exact_layers}, path={self.path!r})")  # fmt: skip
 
     def describe(self) -> str:
         """Short label: ``amplified``, ``amplified+extra0.3``, ``amplified+exact2``, ..."""
@@ -98,6 +129,8 @@ class BackwardOptions:
                 s += f"(w{self.weight:g})"
         if self.exact_layers:
             s += f"+exact{self.exact_layers}"
+        if self.path != "auto":
+            s += f"+{self.path}"
         return s
 
 
@@ -195,10 +228,17 @@ class Plan:
     (dense) for the bottom ``exact_layers``.
     """
 
-    def __init__(self, layout: Layout, mode: "str | BackwardOptions" = "amplified"):
+    def __init__(self, layout: Layout, mode: "str | BackwardOptions" = "amplified",
+                 path: str = "compact"):  # fmt: skip
         self.options = BackwardOptions.of(mode)
         self.layout = layout
         self.mode = self.options.mode
+        if path not in ("compact", "dense"):
+            raise ValueError(f"a plan's path is 'compact' or 'dense' (choose_path), got {path!r}")
+        if path == "dense" and self.options.extra > 0:
+            raise ValueError("sampled rows (extra) need the compact path")
+        self.path = path
+        self.kv_mask: torch.Tensor | None = None  # [B * L] bool, the dense path's kept rows
         self.keep_idx: torch.Tensor | None = None
         self.n_keep: int | None = None
         self.sampled: torch.Tensor | None = None  # [B, L] bool, filtered rows drawn into the backward
@@ -220,16 +260,18 @@ class Plan:
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {self.shape}")
         if keep.dtype != torch.bool:
             raise TypeError(f"keep mask must be bool, got {keep.dtype}")
-        idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
-        self.n_keep = int(idx.numel())
+        self.n_keep = int(keep.sum())
         if self.n_keep == 0:
             raise ValueError("the keep mask keeps no token: the filtered loss would be undefined")
         if self.mode != "amplified":
             return
+        if self.path == "dense":  # no row gathered: the layers zero filtered K/V gradients
+            self.kv_mask = keep.reshape(-1)
+            return
         matter = self._filtered_rows_that_matter(keep)
         if not bool(matter.any()):
             return
-        self.keep_idx = self.rows_idx = idx
+        self.keep_idx = self.rows_idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
         opts = self.options
         if opts.extra > 0:
             # Drawn over all B*L rows on the CPU generator: the stream advances by
@@ -263,6 +305,15 @@ class Plan:
         if self.rows_idx is None or layer_index < self.options.exact_layers:
             return None, None
         return self.rows_idx, self.extra
+
+    def kv_mask_for(self, layer_index: int) -> torch.Tensor | None:
+        """[B * L] bool on the dense path: the rows whose K/V gradient decoder layer
+        ``layer_index`` keeps (every other row's is zeroed, which with the loss on
+        the kept rows gives exactly the compact backward's gradients). None: no
+        mask (the compact path, exact mode, or one of the bottom exact layers)."""
+        if self.kv_mask is None or layer_index < self.options.exact_layers:
+            return None
+        return self.kv_mask
 
     def kv_weight(self, keep: torch.Tensor) -> torch.Tensor:
         """[B, L] float64 per-row K/V gradient weights of the compact layers, the

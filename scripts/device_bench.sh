@@ -4,7 +4,8 @@
 #   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|small]
 # (each mode but full fits one 10-minute device call; full = part1 + part2;
 # hf: the patched transformers model against native, plain and with Liger;
-# small: models where launches and host syncs dominate the step).
+# hf-1b: the same on llama3.2-1b; small: the amplified backward's compact and
+# dense paths where launches and host syncs weigh on the step).
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -30,9 +31,16 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --liger --ratios 0.5 --repeats 5
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5 ;;
-  small)
-    bench --preset byte-110m --seq-len 512 --batch 16 --ratios 0.5 1.0 --no-hf
-    bench --preset small --seq-len 512 --batch 16 --ratios 0.5 1.0 --no-hf ;;
+  small)  # the compact and dense paths of the amplified backward across GEMM work per layer
+    paths="--ratios 0.5 --no-hf --repeats 5 --knob path=compact --knob path=dense"
+    bench --preset small --seq-len 512 --batch 16 $paths
+    bench --preset byte-110m --seq-len 512 --batch 16 $paths
+    bench --preset byte-110m --seq-len 1024 --batch 16 $paths
+    bench --preset tinyllama-1.1b --seq-len 512 --batch 8 $paths
+    bench --preset byte-110m --seq-len 2048 --batch 16 $paths
+    bench --preset tinyllama-1.1b --seq-len 1024 --batch 8 $paths ;;
+  hf-1b)
+    bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 ;;&
   part2|full)

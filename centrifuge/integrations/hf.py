@@ -69,8 +69,8 @@ class HFPlan(Plan):
     """
 
     def __init__(self, layout: Layout, attention_mask: torch.Tensor | None,
-                 backward: BackwardOptions | None = None):  # fmt: skip
-        super().__init__(layout, backward or "amplified")
+                 backward: BackwardOptions | None = None, path: str = "compact"):  # fmt: skip
+        super().__init__(layout, backward or "amplified", path)
         self.attention_mask = attention_mask
         self.keep: torch.Tensor | None = None
 
@@ -238,7 +238,7 @@ class _PatchState:
         self.plan: HFPlan | None = None
         self.check_rows = check_rows
         self.recompute: frozenset[int] = frozenset()  # ids of the layers that recompute
-        self.backward = backward
+        self.backward = backward or BackwardOptions()
         # Set while a forward with labels runs fused: the final norm passes its
         # input through and the LM head computes the per-token losses instead.
         self.head: _FusedHead | None = None
@@ -406,7 +406,8 @@ def _causal_lm_forward(model, state: _PatchState, original, *args, **kwargs):
     mask = a.get("attention_mask")
     layout = layout_for(B, L, ref.device, mask, a.get("position_ids"))
     _check_compact_call(model, a, B, L, layout)
-    plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool(), state.backward)
+    path = state.backward.choose_path(B * L, sum(p.numel() for p in model.model.layers[0].parameters()))
+    plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool(), state.backward, path)
     # A training forward needs no cache; without one transformers also
     # isolates packed documents, as the layout above does.
     a["use_cache"] = False

@@ -39,11 +39,15 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
 
-    def num_parameters(self) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer (projections and norms)."""
+        d, f = self.hidden_size, self.intermediate_size
         qkv = d * self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
-        layer = qkv + self.num_heads * self.head_dim * d + 3 * d * f + 2 * d
-        return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+        return qkv + self.num_heads * self.head_dim * d + 3 * d * f + 2 * d
+
+    def num_parameters(self) -> int:
+        d, v = self.hidden_size, self.vocab_size
+        return self.num_layers * self.layer_parameters() + v * d * (1 if self.tie_word_embeddings else 2) + d
 
     # --- Hugging Face config.json -------------------------------------------
     _HF_ARCH = {

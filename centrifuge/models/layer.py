@@ -204,12 +204,14 @@ def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layout, idx, local,
-              need, extra=None):  # fmt: skip
+              need, extra=None, kv_mask=None):  # fmt: skip
     """The compact backward of one layer. dy: [N, d] (the layer output's gradient);
     idx: the backward's rows [n] (None: every row); extra: the sampled filtered
     rows among them and their K/V-gradient weight (Plan.rows_for); local: the index through which the
     row-local activations of ``a`` (q, o, x2, rstd2, g, u, q_lin, rstd_q) are
     read: idx when they were saved full size, None when they are compact.
+    kv_mask: [N] bool, the dense path of the amplified backward (idx None): the
+    K/V gradients of rows outside it are zeroed (Plan.kv_mask_for).
     need: weight name -> whether it wants a gradient (frozen weights, e.g. under
     LoRA, get no weight-gradient GEMM). Returns dx [N, d] (zeros outside idx)
     and the weight gradients by name."""
@@ -255,6 +257,9 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         q.view(B, L, H, D), a.k.view(B, L, Hkv, D), a.v.view(B, L, Hkv, D),
         o.view(B, L, H, D), a.lse, do, layout, idx, extra=extra,
     )  # fmt: skip
+    if kv_mask is not None:  # filtered keys stay constants: no gradient reaches their rows
+        m = kv_mask.to(dk.dtype)[:, None, None]
+        dk, dv = dk * m, dv * m
     # dq, dk (after the RoPE transpose) and dv side by side: one weight GEMM.
     n = dq.shape[0]
     dqkv = dq.new_empty(n, (H + 2 * Hkv) * D)
@@ -335,7 +340,8 @@ class DecoderLayerFunction(torch.autograd.Function):
             a, local = Activations(*rest[:_N_ACTS]), idx
         need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[6:]))
         dx, dW = _backward(
-            dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local, need, extra
+            dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local, need, extra,
+            plan.kv_mask_for(shape.layer_index),
         )
         grads = [
             dW[name].to(w.dtype) if w is not None and need[name] else None

@@ -159,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
         backward = BackwardOptions.of(backward)
         backward.check_layers(self.config.num_layers)
         layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
-        return Plan(layout, backward)
+        return Plan(layout, backward, backward.choose_path(B * L, self.config.layer_parameters()))
 
     def hidden_states(
         self, input_ids: torch.Tensor, plan: Plan, final_norm: bool = True

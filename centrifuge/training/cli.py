@@ -59,6 +59,10 @@ def add_arguments(p) -> None:
           "(default 1/P; smaller damps the noise, with some bias)", type=float, metavar="W")
     opt_g("--exact-layers", "amplified only: the bottom K decoder layers run the exact (dense) "
           "backward", type=int, metavar="K")
+    opt_g("--backward-path", "amplified only: how its backward is computed, same gradients: "
+          "compact (gathered kept rows), dense (full-size GEMMs, filtered K/V gradients zeroed: "
+          "small models) or auto (by the GEMM work per layer)",
+          choices=("auto", "compact", "dense"))
     g = p.add_argument_group("optimization")
     opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
     opt_g("--batch-size", "rows per micro-batch", type=int)

@@ -41,6 +41,9 @@ class TrainConfig:
                       the backward with probability backward_extra, its K/V gradient
                       from other rows weighted 1/p (unbiased) or backward_extra_weight;
                       the bottom exact_layers layers run the exact backward.
+    backward_path:    how ``amplified`` is computed (the gradients are the same):
+                      ``compact`` (gathered kept rows), ``dense`` (full-size GEMMs,
+                      filtered K/V gradients zeroed; small models) or ``auto``.
     seq_len, batch_size, grad_accum: rows of seq_len tokens; batch_size rows per
                       micro-batch, grad_accum micro-batches per optimizer step.
     lr, warmup_steps, min_lr_ratio: linear warm-up to lr, cosine decay to lr * min_lr_ratio.
@@ -78,6 +81,7 @@ class TrainConfig:
     backward_extra: float = 0.0
     backward_extra_weight: float | None = None
     exact_layers: int = 0
+    backward_path: str = "auto"
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
@@ -157,7 +161,7 @@ class TrainConfig:
         ``seed``, the process (``stream``) and the step it starts at."""
         seed = int(np.random.SeedSequence([self.seed, stream, step]).generate_state(1)[0])
         return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
-                               self.exact_layers, seed=seed)  # fmt: skip
+                               self.exact_layers, seed=seed, path=self.backward_path)  # fmt: skip
 
     def tokens_per_step(self, processes: int = 1) -> int:
         """Tokens of one optimizer step over ``processes`` (torchrun) processes."""
