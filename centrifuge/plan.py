@@ -88,12 +88,14 @@ class BackwardOptions:
         if self.exact_layers > num_layers:
             raise ValueError(f"exact_layers={self.exact_layers} exceeds the model's {num_layers} layers")
 
-    def choose_path(self, tokens: int, layer_params: int) -> str:
+    def choose_path(self, tokens: int, layer_params: int, device_type: str = "cuda") -> str:
         """``compact`` or ``dense`` for a forward of ``tokens`` rows through decoder
-        layers of ``layer_params`` parameters (``path`` unless it is ``auto``)."""
+        layers of ``layer_params`` parameters on ``device_type`` (``path`` unless it
+        is ``auto``). Only a GPU step can be bound by kernel launches; on the CPU
+        the FLOPs saved always pay (compact)."""
         if self.path != "auto":
             return self.path
-        if self.extra > 0 or tokens * layer_params >= COMPACT_MIN_WORK:
+        if self.extra > 0 or device_type != "cuda" or tokens * layer_params >= COMPACT_MIN_WORK:
             return "compact"
         return "dense"
 
@@ -132,6 +134,17 @@ class BackwardOptions:
         if self.path != "auto":
             s += f"+{self.path}"
         return s
+
+
+def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted indices [count] of the True entries of a 1-D bool mask that holds
+    exactly ``count`` of them, without a host sync (``nonzero`` has to wait for
+    the device to learn its output size): each True entry is written to its
+    rank; False entries all go to a spare slot that is dropped."""
+    rank = torch.cumsum(mask, 0) - 1
+    slot = torch.where(mask, rank, count)
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    return out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))[:count]
 
 
 @dataclass
@@ -254,13 +267,22 @@ class Plan:
         """True when the backward runs on kept rows only."""
         return self.keep_idx is not None
 
-    def set_keep(self, keep: torch.Tensor) -> None:
-        """Record the kept rows. keep: [B, L] bool."""
+    def set_keep(self, keep: torch.Tensor, count: int | None = None) -> None:
+        """Record the kept rows. keep: [B, L] bool.
+
+        count: ``keep.sum()``, known on the host beforehand (a selection that
+        filters: :meth:`Selector.count`). With it nothing here waits for the
+        device (the count is checked by an asynchronous device assert), and the
+        plan is compact without first asking whether any filtered row matters
+        (with ratio < 1 one nearly always does; compact is exact either way).
+        Sampled rows (``extra``) still need two index syncs."""
         if keep.shape != self.shape:
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {self.shape}")
         if keep.dtype != torch.bool:
             raise TypeError(f"keep mask must be bool, got {keep.dtype}")
-        self.n_keep = int(keep.sum())
+        if count is not None:
+            torch._assert_async(keep.sum() == count, "keep mask and kept count disagree")
+        self.n_keep = int(keep.sum()) if count is None else count
         if self.n_keep == 0:
             raise ValueError("the keep mask keeps no token: the filtered loss would be undefined")
         if self.mode != "amplified":
@@ -268,17 +290,20 @@ class Plan:
         if self.path == "dense":  # no row gathered: the layers zero filtered K/V gradients
             self.kv_mask = keep.reshape(-1)
             return
-        matter = self._filtered_rows_that_matter(keep)
-        if not bool(matter.any()):
-            return
-        self.keep_idx = self.rows_idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        if count is None:
+            if not bool(self._filtered_rows_that_matter(keep).any()):
+                return
+            idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        else:
+            idx = _true_indices(keep.reshape(-1), count)
+        self.keep_idx = self.rows_idx = idx
         opts = self.options
         if opts.extra > 0:
             # Drawn over all B*L rows on the CPU generator: the stream advances by
             # the same amount every step whatever the selection, and any device
             # gets the same sample.
             u = torch.rand(self.shape, generator=opts.generator).to(keep.device)
-            self.sampled = matter & (u < opts.extra)
+            self.sampled = self._filtered_rows_that_matter(keep) & (u < opts.extra)
             rows = keep | self.sampled
             self.rows_idx = torch.nonzero(rows.reshape(-1)).squeeze(1)
             pos = torch.nonzero(self.sampled.reshape(-1)[self.rows_idx]).squeeze(1)
@@ -324,15 +349,16 @@ class Plan:
             w = w.masked_fill(self.sampled, self.options.weight)
         return w
 
-    def loss(self, token_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def loss(self, token_loss: torch.Tensor, keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """Mean of the kept rows' losses, and the plan filled for the backward.
 
-        token_loss: [B, L] float (with grad), keep: [B, L] bool.
+        token_loss: [B, L] float (with grad), keep: [B, L] bool; count: the kept
+        rows, if known on the host (:meth:`set_keep`: no host sync then).
         """
         if token_loss.shape != self.shape:
             raise ValueError(
                 f"token_loss has shape {tuple(token_loss.shape)}, expected {self.shape}"
             )
-        self.set_keep(keep)
+        self.set_keep(keep, count)
         # A masked sum, not an index: the gradient of a [B, L] vector costs nothing.
         return (token_loss * keep).sum() / self.n_keep

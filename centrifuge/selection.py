@@ -91,7 +91,7 @@ class Selector:
         """How many rows :meth:`__call__` keeps given the valid mask ([B, L] bool),
         known before any loss exists: a training step normalizes its loss by the
         kept rows of all its micro-batches (and processes) before running them."""
-        if self.method == "none" or self.ratio == 1.0:
+        if not self.filters:
             return int(valid.sum())
         if self.granularity == "batch":
             return num_keep(int(valid.sum()), self.ratio)
@@ -131,32 +131,45 @@ class Selector:
             return torch.rand(token_loss.shape, generator=self._generator).to(token_loss.device)
         return torch.zeros_like(token_loss)
 
+    @property
+    def filters(self) -> bool:
+        """False when every valid row is kept (``none``, or ratio 1)."""
+        return self.method != "none" and self.ratio < 1.0
+
     def __call__(
         self,
         token_loss: torch.Tensor,
         valid: torch.Tensor,
         ref_loss: torch.Tensor | None = None,
+        count: int | None = None,
     ) -> torch.Tensor:
         """token_loss: [B, L] float, valid: [B, L] bool, ref_loss: [B, L] (rho1).
-        Returns the keep mask, [B, L] bool."""
+        count: :meth:`count` of ``valid``, computed beforehand on the host (e.g. from
+        the CPU batch): with it a ``batch`` selection runs without a host sync, and
+        NaN scores are caught by an asynchronous device assert instead of an
+        exception. Returns the keep mask, [B, L] bool."""
         if valid.shape != token_loss.shape:
             raise ValueError(
                 f"valid mask has shape {tuple(valid.shape)}, token losses {tuple(token_loss.shape)}"
             )
-        if not bool(valid.any()):
+        no_sync = count is not None and self.granularity == "batch"
+        if not (count if no_sync else bool(valid.any())):
             raise ValueError(
                 "the batch has no valid token (all labels are ignore_index, padding or "
                 "document ends): nothing to train on"
             )
-        if self.method == "none" or self.ratio == 1.0:
+        if not self.filters:
             if self.method == "rho1":
                 self.scores(token_loss, ref_loss)  # still validate the reference
             return valid.clone()
         scores = self.scores(token_loss, ref_loss)
-        if torch.isnan(scores[valid]).any():
+        nan = (torch.isnan(scores) & valid).any()
+        if no_sync:
+            torch._assert_async(~nan, "selection scores contain NaN (a NaN loss or reference loss)")
+        elif nan:
             raise ValueError("selection scores contain NaN (a NaN loss or reference loss)")
         if self.granularity == "batch":
-            k = num_keep(int(valid.sum()), self.ratio)
+            k = count if no_sync else num_keep(int(valid.sum()), self.ratio)
             keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), torch.tensor([k], device=valid.device))
             return keep.view_as(valid)
         n_valid = valid.sum(1).tolist()

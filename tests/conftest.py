@@ -14,9 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The suite's models are tiny, where BackwardOptions' path "auto" would pick the
-# dense path; most tests hold the compact path to the reference, so auto means
-# compact here (and in the processes tests launch). tests/test_backward_path.py
-# covers the dense path and the choice itself.
+# dense path on a GPU; the GPU tests hold the compact kernels to the reference,
+# so auto means compact there too (and in the processes tests launch).
+# tests/test_backward_path.py covers the dense path and the choice itself.
 os.environ["CENTRIFUGE_COMPACT_MIN_WORK"] = "0"
 
 

@@ -59,20 +59,40 @@ def test_dense_path_on_a_patched_transformers_model(kind):
         torch.testing.assert_close(p.grad, want[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_auto_chooses_by_work_per_layer(monkeypatch):
+def test_auto_chooses_by_work_per_layer_on_gpus(monkeypatch):
     monkeypatch.setattr(plan_module, "COMPACT_MIN_WORK", 1e6)
     auto = BackwardOptions()
-    assert auto.choose_path(1000, 999) == "dense"
-    assert auto.choose_path(1000, 1000) == "compact"
-    assert BackwardOptions(extra=0.2).choose_path(10, 10) == "compact"  # sampled rows need it
-    assert BackwardOptions(path="dense").choose_path(10**9, 10**9) == "dense"
-    assert BackwardOptions(path="compact").choose_path(1, 1) == "compact"
+    assert auto.choose_path(1000, 999, "cuda") == "dense"
+    assert auto.choose_path(1000, 1000, "cuda") == "compact"
+    assert auto.choose_path(1000, 999, "cpu") == "compact"  # no launch-bound steps on the CPU
+    assert BackwardOptions(extra=0.2).choose_path(10, 10, "cuda") == "compact"  # sampled rows
+    assert BackwardOptions(path="dense").choose_path(10**9, 10**9, "cuda") == "dense"
+    assert BackwardOptions(path="compact").choose_path(1, 1, "cuda") == "compact"
+
+
+def test_models_ask_for_their_path_with_tokens_and_layer_size(monkeypatch):
+    asked = []
+
+    def choose(self, tokens, layer_params, device_type="cuda"):
+        asked.append((tokens, layer_params, device_type))
+        return "dense"
+
+    monkeypatch.setattr(BackwardOptions, "choose_path", choose)
     model = build_model(get_preset("tiny"), dtype=torch.float64, seed=0)
     ids, labels, _ = make_batch(seed=0)
-    work = ids.numel() * model.config.layer_parameters()
-    for threshold, path in ((work, "compact"), (work + 1, "dense")):
-        monkeypatch.setattr(plan_module, "COMPACT_MIN_WORK", threshold)
-        assert model(ids, labels=labels).plan.path == path
+    assert model(ids, labels=labels).plan.path == "dense"
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert asked == [(ids.numel(), layer, "cpu")] and layer == model.config.layer_parameters()
+    pytest.importorskip("transformers")
+    from test_hf_patch import make_model
+
+    from centrifuge import patch
+    from centrifuge.integrations import find_plan
+
+    hf = patch(make_model("llama", 2))
+    logits = hf(ids % 61).logits
+    assert find_plan(logits).path == "dense"
+    assert asked[-1] == (ids.numel(), sum(p.numel() for p in hf.model.layers[0].parameters()), "cpu")
 
 
 def test_path_errors_and_parsing():

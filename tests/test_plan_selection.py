@@ -154,3 +154,68 @@ def test_keep_from_mask():
         keep_from_mask(torch.tensor([[0, 0, 1]]), valid)
     with pytest.raises(ValueError, match="keep mask has shape"):
         keep_from_mask(torch.ones(1, 2), valid)
+
+
+# --- selection and plan without host syncs (kept count known beforehand) ------
+
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item"}
+
+
+def _syncs(fn):
+    """Host-sync ops ``fn`` runs, leaving out the asynchronous device asserts (on
+    CPU ``_assert_async`` reads its flag at once; on CUDA it does not wait)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def under_assert(e):
+        while e is not None:
+            if e.name == "aten::_assert_async":
+                return True
+            e = e.cpu_parent
+        return False
+
+    return [e.name for e in prof.events() if e.name in SYNC_OPS and not under_assert(e)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("method", ["loss", "rho1", "random"])
+def test_selection_and_plan_with_host_count_match_and_do_not_sync(seed, method):
+    g = torch.Generator().manual_seed(seed)
+    B, L = 3, 37
+    pos = torch.arange(L).repeat(B, 1)
+    pos[1, 11:] -= 11  # two documents in row 1
+    layout = Layout.build(B, L, position_ids=pos)
+    tl = torch.rand(B, L, generator=g)
+    ref = torch.rand(B, L, generator=g)
+    valid = (torch.rand(B, L, generator=g) < 0.8) & ~layout.last_rows()
+    ratio = [0.3, 0.5, 0.77][seed]
+    want = Selector(method, ratio, seed=5)(tl, valid, ref)
+    sel = Selector(method, ratio, seed=5)
+    count = sel.count(valid)
+    plan, want_plan = Plan(layout), Plan(layout)
+    want_plan.set_keep(want)
+
+    def run():
+        run.keep = sel(tl, valid, ref, count=count)
+        plan.set_keep(run.keep, count)
+
+    assert _syncs(run) == []
+    assert torch.equal(run.keep, want)
+    assert plan.n_keep == count == int(want.sum())
+    assert torch.equal(plan.keep_idx, want_plan.keep_idx)
+
+
+def test_host_count_errors_are_caught_on_the_device():
+    layout = Layout.build(2, 8)
+    tl, valid = torch.rand(2, 8), torch.ones(2, 8, dtype=torch.bool)
+    tl[0, 3] = float("nan")
+    sel = Selector("loss", 0.5)
+    with pytest.raises(RuntimeError, match="NaN"):
+        sel(tl, valid, count=sel.count(valid))
+    keep = Selector("loss", 0.5)(torch.rand(2, 8), valid)
+    with pytest.raises(RuntimeError, match="kept count disagree"):
+        Plan(layout).set_keep(keep, int(keep.sum()) + 1)
+    with pytest.raises(ValueError, match="no valid token"):
+        sel(tl, torch.zeros(2, 8, dtype=torch.bool), count=0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from centrifuge.models import LlamaForCausalLM
 from centrifuge.models.config import ModelConfig
 from centrifuge.plan import BackwardOptions
-from centrifuge.selection import Selector
+from centrifuge.selection import Selector, num_keep
 
 
 @dataclass
@@ -40,8 +40,12 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
     def filtered(mode):
         def step(ids, ratio):
             out = model(ids, labels=ids, backward=mode)
-            keep = Selector("loss", ratio)(out.token_loss, out.valid)
-            return out.plan.loss(out.token_loss, keep)
+            selector = Selector("loss", ratio)
+            # As centrifuge train does: the kept count known on the host (every row
+            # but the last has a target) lets selection and plan skip host syncs.
+            count = num_keep(ids.shape[0] * (ids.shape[1] - 1), ratio) if selector.filters else None
+            keep = selector(out.token_loss, out.valid, count=count)
+            return out.plan.loss(out.token_loss, keep, count)
 
         return step
 

@@ -406,7 +406,8 @@ def _causal_lm_forward(model, state: _PatchState, original, *args, **kwargs):
     mask = a.get("attention_mask")
     layout = layout_for(B, L, ref.device, mask, a.get("position_ids"))
     _check_compact_call(model, a, B, L, layout)
-    path = state.backward.choose_path(B * L, sum(p.numel() for p in model.model.layers[0].parameters()))
+    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+    path = state.backward.choose_path(B * L, layer_params, ref.device.type)
     plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool(), state.backward, path)
     # A training forward needs no cache; without one transformers also
     # isolates packed documents, as the layout above does.

@@ -159,7 +159,8 @@ class LlamaForCausalLM(nn.Module):
         backward = BackwardOptions.of(backward)
         backward.check_layers(self.config.num_layers)
         layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
-        return Plan(layout, backward, backward.choose_path(B * L, self.config.layer_parameters()))
+        path = backward.choose_path(B * L, self.config.layer_parameters(), input_ids.device.type)
+        return Plan(layout, backward, path)
 
     def hidden_states(
         self, input_ids: torch.Tensor, plan: Plan, final_norm: bool = True

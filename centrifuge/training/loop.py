@@ -270,15 +270,19 @@ class Trainer:
                     out = self.model(b["input_ids"], labels=b["labels"],
                                      position_ids=b["position_ids"], backward=self.backward)  # fmt: skip
                 ref = run.reference(rows, b) if run.selector.needs_reference else None
-                keep = run.selector(out.token_loss, out.valid, ref)
-                out.plan.set_keep(keep)
-                if out.plan.n_keep != count:
+                # The counts from the CPU labels let the selection and the plan run
+                # without waiting for the device: the backward is queued behind the
+                # forward (the device asserts that the keep mask holds `count` rows).
+                host_count = count if run.selector.filters else None
+                keep = run.selector(out.token_loss, out.valid, ref, count=host_count)
+                out.plan.set_keep(keep, host_count)
+                if host_count is None and out.plan.n_keep != count:
                     raise RuntimeError(f"selection kept {out.plan.n_keep} rows where {count} were "
                                        "expected from the labels")  # fmt: skip
                 kept_loss = (out.token_loss * keep).sum()
                 (kept_loss * scale).backward()
             tl = out.token_loss.detach().double()
-            sums[:5] += torch.stack([kept_loss.detach().double(), tl[out.valid].sum(),
+            sums[:5] += torch.stack([kept_loss.detach().double(), (tl * out.valid).sum(),
                                      (b["labels"] != IGNORE_INDEX).sum().double(),
                                      out.valid.sum().double(), keep.sum().double()])  # fmt: skip
         gnorm = self._clip_grad()
