@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
 # matrix of docs/benchmarks.md. Usage:
-#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|small]
+#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small]
 # (each mode but full fits one 10-minute device call; full = part1 + part2;
 # hf: the patched transformers model against native, plain and with Liger;
 # hf-1b: the same on llama3.2-1b; small: the amplified backward's compact and
@@ -29,8 +29,7 @@ case "$mode" in
     python3 -m pytest -q -p no:cacheprovider tests/gpu/test_hf_gpu.py tests/gpu/test_rowwise_gpu.py \
       tests/gpu/test_step_gpu.py 2>&1 | tail -15 | tee "$out/gpu-tests-hf.log"
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5
-    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --liger --ratios 0.5 --repeats 5
-    bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5 ;;
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --liger --ratios 0.5 --repeats 5 ;;
   small)  # the compact and dense paths of the amplified backward across GEMM work per layer
     paths="--ratios 0.5 --no-hf --repeats 5 --knob path=compact --knob path=dense"
     bench --preset small --seq-len 512 --batch 16 $paths
