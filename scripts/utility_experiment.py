@@ -50,7 +50,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,6 +94,9 @@ class Scale:
     base_lr: float = 3e-3
     base_corpus_docs: int = 0  # built-in corpus documents mixed into the base's general text
     scratch_lr: float | None = None  # lr of the scratch runs when the continued ones use a lower one
+    # Also Rho-1 Centrifuge at equal training time: steps x (Rho-1 exact's step
+    # time / Centrifuge's), measured on the same seed's two equal-token runs.
+    equal_time: bool = False
 
 
 SCALES = {
@@ -105,7 +108,7 @@ SCALES = {
     # The real run, for one GPU.
     "full": Scale(model="small", device="cuda", dtype="bf16", seq_len=512, batch_size=16, steps=400,
                   lr=3e-3, warmup=40, ref_steps=400, train_docs=6000, clean_docs=6000, evals=5,
-                  eval_rows=256, eval_problems=300, side_seeds=[0, 1, 2]),
+                  eval_rows=256, eval_problems=300, side_seeds=[0, 1, 2], equal_time=True),
     # Continued training from a pretrained base, tiny model on the CPU: checks the mode.
     "continued-smoke": Scale(model="tiny", device="cpu", dtype="fp32", seq_len=128, batch_size=8,
                              steps=240, lr=2e-3, warmup=20, ref_steps=120, train_docs=1500,
@@ -123,7 +126,8 @@ SCALES = {
                             train_docs=6000, clean_docs=6000, evals=3, eval_rows=256,
                             eval_problems=300, inits=["base", "scratch"], base_steps=750,
                             base_lr=6e-4, scratch_lr=6e-4, base_corpus_docs=200,
-                            knobs=["extra=0.1", "extra=0.3", "exact_layers=2", "exact_layers=4"]),
+                            knobs=["extra=0.1", "extra=0.3", "exact_layers=2", "exact_layers=4"],
+                            equal_time=True),
 }  # fmt: skip
 INITS = {"base": "continued training from the pretrained base", "scratch": "from scratch"}
 
@@ -138,6 +142,10 @@ class RunSpec:
     seed: int
     knob: str = ""  # BackwardOptions.parse spec of a quality knob ("": none)
     init: str = "scratch"  # scratch | base (continued training from the pretrained base)
+    steps: int | None = None  # the scale's steps unless set (equal-time runs)
+
+
+EQUAL_TIME = "rho1-centrifuge-eqtime"
 
 
 def knob_method(knob: str) -> str:
@@ -163,6 +171,8 @@ def plan_runs(s: Scale) -> list[RunSpec]:
             runs.append(RunSpec(f"{pre}standard-s{seed}", "standard", "none", "exact", 1.0, seed,
                                 init=init))  # fmt: skip
             add(init, seed, s.headline_ratio)
+            if s.equal_time:  # its steps are set once the two runs above have run
+                add(init, seed, s.headline_ratio, [(EQUAL_TIME, "amplified", "")])
     for seed in s.seeds:
         add(s.inits[0], seed, s.headline_ratio, [(knob_method(k), "amplified", k) for k in s.knobs])
     for init in s.inits:
@@ -237,6 +247,8 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
         extra["reference_scores"] = str(scores)
     if spec.knob:
         extra.update(knob_options(spec.knob))
+    if spec.steps is not None:
+        extra["steps"] = spec.steps
     if spec.init == "base":
         extra["model"] = str(base)
     elif s.scratch_lr is not None:
@@ -262,6 +274,19 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
         shutil.copy(summary["metrics"], done.parent / "metrics.jsonl")
     done.write_text(json.dumps(res, indent=1))
     return res
+
+
+def equal_time_steps(spec: RunSpec, s: Scale, results: list[dict]) -> int | None:
+    """Steps of an equal-time run: the scale's steps times Rho-1 exact's step time
+    over Centrifuge's, both from this seed's equal-token runs (None if missing)."""
+    def find(method):
+        return next((r for r in results if r["method"] == method and r["seed"] == spec.seed
+                     and r["ratio"] == spec.ratio and init_of(r) == spec.init), None)  # fmt: skip
+
+    exact, amplified = find("rho1-exact"), find("rho1-centrifuge")
+    if exact is None or amplified is None:
+        return None
+    return max(1, round(s.steps * exact["ms_per_step"] / amplified["ms_per_step"]))
 
 
 def base_documents(s: Scale) -> list[str]:
@@ -441,17 +466,19 @@ def init_tables(results: list[dict]) -> list[str]:
                  if b != e["eval_loss"]]  # fmt: skip
         delta = [m["eval_loss"] - e["eval_loss"] for m, e in zip(mine, exact)]
         time_ratio = [m["ms_per_step"] / e["ms_per_step"] for m, e in zip(mine, exact)]
+        train_ratio = [m["train_s"] / e["train_s"] for m, e in zip(mine, exact)]
         rows.append(f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {fmt(share, 0, 100)}% | "
-                    f"{fmt(time_ratio, 2)} |")  # fmt: skip
+                    f"{fmt(time_ratio, 2)} | {fmt(train_ratio, 2)} |")  # fmt: skip
     if rows:
         lines += [
             "",
             "Every Centrifuge variant, paired by seed: Δ loss against Rho-1 exact, its share of "
             "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact)), "
-            "and its step time over Rho-1 exact's on this device.",
+            "its step time and its whole training time over Rho-1 exact's on this device "
+            f"({EQUAL_TIME}: Centrifuge given Rho-1 exact's training time, so more steps).",
             "",
-            "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact |",
-            "|---|---|---|---|---|---|",
+            "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact | training time / exact |",
+            "|---|---|---|---|---|---|---|",
             *rows,
         ]
     return lines
@@ -509,6 +536,46 @@ def plot(results: list[dict], s: Scale, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_curves(results: list[dict], s: Scale, out: Path, suffix: str = "") -> list[Path]:
+    """Clean held-out loss and answer accuracy during training, against training
+    tokens (``curves-tokens.png``) and against training seconds
+    (``curves-time.png``): every method at the headline ρ, mean over seeds at each
+    evaluation (band: min-max)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    g = groups(results)
+    methods = [k for k in sorted(g) if k[1] == s.headline_ratio or k[0] == "standard"]
+    paths = []
+    for x_key, x_label, name in (("tokens", "training tokens", "tokens"),
+                                 ("train_s", "training seconds (wall time of the steps)", "time")):  # fmt: skip
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+        for ax, (y_key, y_label, scale) in zip(axes, (("loss", "clean held-out loss", 1.0),
+                                                      ("accuracy", "answer accuracy (%)", 100.0))):  # fmt: skip
+            for method, ratio in methods:
+                rs = g[(method, ratio)]
+                n = min(len(r["curve"]) for r in rs)
+                xs = [statistics.fmean(r["curve"][i][x_key] for r in rs) for i in range(n)]
+                ys = [[scale * r["curve"][i][y_key] for r in rs] for i in range(n)]
+                label = method if method == "standard" else f"{method} ρ={ratio:g}"
+                line, = ax.plot(xs, [statistics.fmean(y) for y in ys], "o-", label=f"{label} (n={len(rs)})")
+                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{s.model}: clean held-out metrics against {x_label}")
+        fig.tight_layout()
+        path = out / f"curves-{name}{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 # --- main ---------------------------------------------------------------------
@@ -645,6 +712,12 @@ def main(argv=None) -> int:
             if elapsed + 1.2 * max(durations) > args.time_budget:
                 skipped.append(spec.name)
                 continue
+        if spec.method == EQUAL_TIME:
+            steps = equal_time_steps(spec, s, results)
+            if steps is None:  # its equal-token pair did not run
+                skipped.append(spec.name)
+                continue
+            spec = replace(spec, steps=steps)
         t_run = time.perf_counter()
         try:
             r = run_one(spec, s, train_data, scores, out, cache, eval_ds, base, work, args.prune)
@@ -703,8 +776,9 @@ def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=N
         md += "Failed runs: " + "; ".join(failed) + ".\n"
     (out / "results.md").write_text(md)
     for i, init in enumerate(inits_in(results)):
-        plot([r for r in results if init_of(r) == init], s,
-             out / ("curves.png" if i == 0 else f"curves-{init}.png"))  # fmt: skip
+        mine = [r for r in results if init_of(r) == init]
+        plot(mine, s, out / ("curves.png" if i == 0 else f"curves-{init}.png"))
+        plot_curves(mine, s, out, "" if i == 0 else f"-{init}")
 
 
 if __name__ == "__main__":

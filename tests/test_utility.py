@@ -236,6 +236,7 @@ def test_experiment_plan_and_paired_report(monkeypatch):
             ("rho1-exact", 1): 0.8, ("rho1-centrifuge", 0): 0.75, ("rho1-centrifuge", 1): 0.9}
     results = [dict(method=m, ratio=1.0 if m == "standard" else 0.5, seed=sd, eval_loss=v,
                     eval_accuracy=0.1, ms_per_step=20.0 if m == "rho1-centrifuge" else 30.0,
+                    train_s=40.0 if m == "rho1-centrifuge" else 60.0,
                     kept_fraction=0.5) for (m, sd), v in loss.items()]  # fmt: skip
     md = ue.to_markdown(results, s, dict(device="cpu"))
     # Δ exact − standard: −0.3, −0.4; Δ Centrifuge − exact: +0.05, +0.1; speed-up 1.5×.
@@ -243,11 +244,13 @@ def test_experiment_plan_and_paired_report(monkeypatch):
     assert "| standard | 1 | 2 | 1.1000 ± 0.1414 |" in md
     # A knob variant: its share of Rho-1 exact's gain, paired by seed.
     results += [dict(method="rho1-centrifuge+extra0.3", ratio=0.5, seed=sd, eval_loss=v,
-                     eval_accuracy=0.1, ms_per_step=24.0, kept_fraction=0.5)
+                     eval_accuracy=0.1, ms_per_step=24.0, train_s=sd + 48.0, kept_fraction=0.5)
                 for sd, v in ((0, 0.7), (1, 0.85))]  # fmt: skip
     md = ue.to_markdown(results, s, dict(device="cpu"))
-    # shares: (1.0 − 0.7) / (1.0 − 0.7) = 100%, (1.2 − 0.85) / (1.2 − 0.8) = 87.5%
-    assert "| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 |" in md
+    # shares: (1.0 − 0.7) / (1.0 − 0.7) = 100%, (1.2 − 0.85) / (1.2 − 0.8) = 87.5%;
+    # training time 48/60 and 49/60.
+    assert ("| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 | "
+            "0.81 ± 0.01 |") in md
 
 
 def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
@@ -261,6 +264,7 @@ def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
                 eval_rows=2, eval_problems=3, seq_len=64, batch_size=2, warmup=1, evals=1)  # fmt: skip
     for k, v in tiny.items():
         monkeypatch.setattr(s, k, v)
+    monkeypatch.setattr(s, "equal_time", True)
     out, work = tmp_path / "out", tmp_path / "work"
     common = ["--scale", "continued-smoke", "--out", str(out), "--work", str(work), "--seeds", "0",
               "--side-seeds", "--prune", "--knobs", "extra=0.3"]  # fmt: skip
@@ -268,7 +272,13 @@ def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
     first = json.loads((out / "results.json").read_text())
     names = {r["name"] for r in first["runs"]}
     assert names == {"cont-standard-s0", "cont-rho1-exact-r0.5-s0", "cont-rho1-centrifuge-r0.5-s0",
-                     "cont-rho1-centrifuge+extra0.3-r0.5-s0"}  # fmt: skip
+                     "cont-rho1-centrifuge-eqtime-r0.5-s0", "cont-rho1-centrifuge+extra0.3-r0.5-s0"}  # fmt: skip
+    by = {r["name"]: r for r in first["runs"]}
+    # Equal time: the steps that Rho-1 exact's step time buys Centrifuge, from the same seed's runs.
+    exact, amp = by["cont-rho1-exact-r0.5-s0"], by["cont-rho1-centrifuge-r0.5-s0"]
+    assert by["cont-rho1-centrifuge-eqtime-r0.5-s0"]["steps"] == max(
+        1, round(s.steps * exact["ms_per_step"] / amp["ms_per_step"]))
+    assert (out / "curves-tokens.png").is_file() and (out / "curves-time.png").is_file()
     assert all(r["init"] == "base" for r in first["runs"])
     assert "stdlib docs" in first["meta"]["base"]["text"]
     assert set(first["meta"]["gradient_check"]) == {"amplified", "exact", "extra=0.3"}
