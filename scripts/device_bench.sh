@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
 # matrix of docs/benchmarks.md. Usage:
-#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small]
+#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|knobs]
 # (each mode but full fits one 10-minute device call; full = part1 + part2;
 # hf: the patched transformers model against native, plain and with Liger;
 # hf-1b: the same on llama3.2-1b; small: the amplified backward's compact and
-# dense paths where launches and host syncs weigh on the step).
+# dense paths where launches and host syncs weigh on the step; knobs: the price of
+# continued-full's quality knobs, for scripts/utility_experiment.py --prices).
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -38,6 +39,9 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 512 --batch 8 $paths
     bench --preset byte-110m --seq-len 2048 --batch 16 $paths
     bench --preset tinyllama-1.1b --seq-len 1024 --batch 8 $paths ;;
+  knobs)
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 \
+      --knob extra=0.1 --knob extra=0.3 --knob exact_layers=2 --knob exact_layers=4 ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)

@@ -276,6 +276,23 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
     return res
 
 
+def bench_prices(path: Path, ratio: float) -> dict:
+    """Step and backward time over dense of every Centrifuge variant in a
+    ``centrifuge bench`` JSON (its ``--knob`` variants at ``ratio``), keyed by the
+    methods here: the speed axis of the Pareto table."""
+    d = json.loads(Path(path).read_text())
+    entry = next((e for e in d["ratios"] if e["ratio"] == ratio and "c/a" in e), None)
+    if entry is None:
+        raise SystemExit(f"{path}: no Centrifuge timing at ρ = {ratio:g} (bench --ratios {ratio:g})")
+    plain = {k: entry["c/a"][k] for k in ("step", "backward")}
+    prices = {"rho1-centrifuge": plain, EQUAL_TIME: plain}
+    for name, v in entry.get("knobs", {}).items():  # centrifuge+extra0.5(w1.5) -> rho1-centrifuge+extra0.5w1.5
+        prices["rho1-" + name.replace("(", "").replace(")", "")] = v
+    m = d["model"]
+    return dict(source=Path(path).name, device=d["environment"]["device"],
+                setting=f"{m['preset']}, {m['tokens_per_step']} tokens per step", prices=prices)  # fmt: skip
+
+
 def equal_time_steps(spec: RunSpec, s: Scale, results: list[dict]) -> int | None:
     """Steps of an equal-time run: the scale's steps times Rho-1 exact's step time
     over Centrifuge's, both from this seed's equal-token runs (None if missing)."""
@@ -402,15 +419,17 @@ def to_markdown(results: list[dict], s: Scale, meta: dict) -> str:
     for init in inits:
         if len(inits) > 1:
             lines += ["", f"**{INITS[init].capitalize()}**"]
-        lines += init_tables([r for r in results if init_of(r) == init])
+        lines += init_tables([r for r in results if init_of(r) == init], meta.get("prices"))
     if meta.get("skipped"):
         lines += ["", f"Not run (time budget or --runs): {', '.join(meta['skipped'])}."]
     return "\n".join(lines) + "\n"
 
 
-def init_tables(results: list[dict]) -> list[str]:
+def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
     """The tables of one init: every (method, ρ), the paired comparison of
-    Rho-1 exact and Centrifuge, and every Centrifuge variant's share of the gain."""
+    Rho-1 exact and Centrifuge, and every Centrifuge variant's share of the gain
+    (with ``prices`` from :func:`bench_prices`: also its time over dense, which
+    makes it the Pareto table)."""
     g = groups(results)
     order = sorted(g, key=lambda k: (k[1] != 1.0, k[1], k[0]))
     lines = [
@@ -467,8 +486,12 @@ def init_tables(results: list[dict]) -> list[str]:
         delta = [m["eval_loss"] - e["eval_loss"] for m, e in zip(mine, exact)]
         time_ratio = [m["ms_per_step"] / e["ms_per_step"] for m, e in zip(mine, exact)]
         train_ratio = [m["train_s"] / e["train_s"] for m, e in zip(mine, exact)]
-        rows.append(f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {fmt(share, 0, 100)}% | "
-                    f"{fmt(time_ratio, 2)} | {fmt(train_ratio, 2)} |")  # fmt: skip
+        row = (f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {fmt(share, 0, 100)}% | "
+               f"{fmt(time_ratio, 2)} | {fmt(train_ratio, 2)} |")  # fmt: skip
+        if prices:
+            price = prices["prices"].get(method)
+            row += (" — | — |" if price is None else f" {price['backward']:.3f} | {price['step']:.3f} |")
+        rows.append(row)
     if rows:
         lines += [
             "",
@@ -477,10 +500,14 @@ def init_tables(results: list[dict]) -> list[str]:
             "its step time and its whole training time over Rho-1 exact's on this device "
             f"({EQUAL_TIME}: Centrifuge given Rho-1 exact's training time, so more steps).",
             "",
-            "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact | training time / exact |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact | training time / exact |"
+            + (" backward / dense ¹ | step / dense ¹ |" if prices else ""),
+            "|---|---|---|---|---|---|---|" + ("---|---|" if prices else ""),
             *rows,
         ]
+        if prices:
+            lines += ["", f"¹ `centrifuge bench` ({prices['setting']}, {prices['device']}, ρ = {ratio:g}; "
+                      f"{prices['source']}): the variant's time over dense training's."]
     return lines
 
 
@@ -607,6 +634,9 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite results.md and curves.png from --out's results.json")
+    p.add_argument("--prices", type=Path, default=None, metavar="BENCH_JSON",
+                   help="a `centrifuge bench` JSON with the same knobs (--knob): adds each "
+                        "variant's backward and step time over dense (the Pareto table)")
     return p.parse_args(argv)
 
 
@@ -630,21 +660,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"scale {args.scale!r} has no base model (base_steps = 0): use --inits scratch")
     for knob in s.knobs:
         knob_options(knob)  # a bad spec fails here, before any training
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"scale {args.scale!r} wants {s.device}, but CUDA is not available "
-                         "(use --scale smoke, or --device cpu)")  # fmt: skip
-    if s.threads:
-        torch.set_num_threads(s.threads)  # tiny models: more threads only add contention
     out = args.out or Path("runs") / f"utility-{args.scale}"
+    prices = bench_prices(args.prices, s.headline_ratio) if args.prices else None
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
         s = Scale(**saved["meta"]["config"])
         m = saved["meta"]
         write_report(out, s, saved["runs"], m["skipped"], m["reference_eval"], args,
                      device=m["device"], check=m.get("gradient_check"), failed=m.get("failed", ()),
-                     base=m.get("base"))  # fmt: skip
+                     base=m.get("base"), prices=prices or m.get("prices"))  # fmt: skip
         print((out / "results.md").read_text())
         return 0
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"scale {args.scale!r} wants {s.device}, but CUDA is not available "
+                         "(use --scale smoke, or --device cpu)")  # fmt: skip
+    if s.threads:
+        torch.set_num_threads(s.threads)  # tiny models: more threads only add contention
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -730,8 +761,9 @@ def main(argv=None) -> int:
         say(f"run {i + 1}/{len(runs)} {spec.name}: clean eval loss {r['eval_loss']:.4f}, "
             f"accuracy {r['eval_accuracy']:.3f}, {r['ms_per_step']:.1f} ms/step")
         write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed,
-                     base=base_info)  # fmt: skip
-    write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed, base=base_info)
+                     base=base_info, prices=prices)  # fmt: skip
+    write_report(out, s, results, skipped, ref_eval, args, check=check, failed=failed, base=base_info,
+                 prices=prices)  # fmt: skip
     print((out / "results.md").read_text())
     say(f"done: {out / 'results.md'}, {out / 'curves.png'}")
     return 0
@@ -752,14 +784,14 @@ def earlier_results(out: Path, s: Scale) -> dict[str, dict]:
 
 
 def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None, check=None,
-                 failed=(), base=None) -> None:  # fmt: skip
+                 failed=(), base=None, prices=None) -> None:  # fmt: skip
     dev = device or s.device
     if device is None and dev.startswith("cuda") and torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
     elif device is None and dev == "cpu":
         dev = f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     meta = dict(scale=args.scale, device=dev, skipped=skipped, failed=list(failed),
-                reference_eval=ref_eval, gradient_check=check, torch=torch.__version__,
+                reference_eval=ref_eval, gradient_check=check, torch=torch.__version__, prices=prices,
                 config=asdict(s), base=base)  # fmt: skip
     (out / "results.json").write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
     md = to_markdown(results, s, meta)

@@ -224,7 +224,7 @@ def _experiment_module(monkeypatch):
     return ue
 
 
-def test_experiment_plan_and_paired_report(monkeypatch):
+def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
     """The experiment's run list (headline first) and its paired statistics."""
     ue = _experiment_module(monkeypatch)
     s = ue.SCALES["smoke"]
@@ -251,6 +251,19 @@ def test_experiment_plan_and_paired_report(monkeypatch):
     # training time 48/60 and 49/60.
     assert ("| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 | "
             "0.81 ± 0.01 |") in md
+    # The Pareto table: each variant's backward and step time over dense from a bench JSON.
+    bench = dict(environment=dict(device="H200"), model=dict(preset="tinyllama-1.1b", tokens_per_step=16384),
+                 ratios=[dict(ratio=0.5, **{"c/a": dict(step=0.66, backward=0.51, peak=0.97)},
+                              knobs={"centrifuge+extra0.3": dict(step=0.8, backward=0.7),
+                                     "centrifuge+extra0.5(w1.5)": dict(step=0.87, backward=0.82)})])  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    prices = ue.bench_prices(tmp_path / "bench.json", 0.5)
+    assert prices["prices"]["rho1-centrifuge+extra0.5w1.5"] == dict(step=0.87, backward=0.82)
+    md = ue.to_markdown(results, s, dict(device="cpu", prices=prices))
+    assert "| 94 ± 9% | 0.80 ± 0.00 | 0.81 ± 0.01 | 0.700 | 0.800 |" in md
+    assert "| rho1-centrifuge | 0.5 | 2 | 0.0750 ± 0.0354 |" in md and "| 0.510 | 0.660 |" in md
+    with pytest.raises(SystemExit, match="no Centrifuge timing"):
+        ue.bench_prices(tmp_path / "bench.json", 0.3)
 
 
 def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
