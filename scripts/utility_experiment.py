@@ -621,6 +621,9 @@ def parse_args(argv=None):
     p.add_argument("--knobs", nargs="*", default=None, metavar="SPEC",
                    help="override the scale's quality knobs (BackwardOptions.parse specs, e.g. "
                         "extra=0.3 exact_layers=2; none: no knob runs)")
+    p.add_argument("--equal-time", action="store_true",
+                   help="also train Rho-1 Centrifuge for Rho-1 exact's training time at the headline "
+                        "ρ (on by default in the full scales)")
     p.add_argument("--inits", nargs="+", choices=sorted(INITS), default=None,
                    help="override the scale's inits: scratch and/or base (continued training)")
     p.add_argument("--runs", nargs="+", default=None, metavar="GLOB",
@@ -656,6 +659,8 @@ def main(argv=None) -> int:
         s.knobs = args.knobs
     if args.inits:
         s.inits = args.inits
+    if args.equal_time:
+        s.equal_time = True
     if "base" in s.inits and s.base_steps < 1:
         raise SystemExit(f"scale {args.scale!r} has no base model (base_steps = 0): use --inits scratch")
     for knob in s.knobs:
@@ -769,14 +774,23 @@ def main(argv=None) -> int:
     return 0
 
 
+# Scale fields that choose which runs exist, not how a run trains: an earlier
+# call that differs only in these still ran the same runs.
+RUN_LIST_FIELDS = ("seeds", "side_seeds", "ratios", "knobs", "inits", "equal_time", "threads")
+
+
 def earlier_results(out: Path, s: Scale) -> dict[str, dict]:
-    """Results of earlier calls into ``out`` with the same scale settings, by run
-    name: from results.json, and from per-run result.json files (which win)."""
+    """Results of earlier calls into ``out`` whose runs trained as ``s`` trains
+    them, by run name: from results.json, and from per-run result.json files
+    (which win)."""
+    def settings(scale: Scale) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(asdict(scale))).items() if k not in RUN_LIST_FIELDS}
+
     found = {}
     saved = out / "results.json"
     if saved.exists():
         data = json.loads(saved.read_text())
-        if data["meta"].get("config") == json.loads(json.dumps(asdict(s))):
+        if settings(Scale(**data["meta"]["config"])) == settings(s):
             found = {r["name"]: r for r in data["runs"]}
     for f in sorted(out.glob("runs/*/result.json")):
         found[f.parent.name] = json.loads(f.read_text())
