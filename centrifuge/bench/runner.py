@@ -142,6 +142,7 @@ def backward_breakdown(variant: Variant, ids, ratio: float) -> tuple[dict[str, f
     return out, sorted(kernels, reverse=True)[:10]
 
 
+# Profiled for kernels, syncs and idle time (and every knob variant, centrifuge+...).
 PROFILED_STEPS = ("dense", "masked", "centrifuge", "hf-masked", "hf-patched",
                   "hf-patched-labels", "hf-liger-masked", "hf-liger-patched")  # fmt: skip
 # Host ops that wait for the device: .item()/bool()/int() on a CUDA tensor, and
@@ -278,7 +279,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         result["top_kernels"] = {k: top for k, (_, top) in profiled.items()}
         result["breakdown_ratio"] = br
         result["step_profile"] = {v.name: step_profile(v, ids, br) for v in variants
-                                  if v.name in PROFILED_STEPS}  # fmt: skip
+                                  if v.name in PROFILED_STEPS or v.name.startswith("centrifuge+")}  # fmt: skip
     return result
 
 
