@@ -85,3 +85,11 @@ def test_bench_checkpointing_and_lora_refuse_parallel(capsys):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--parallel", "ddp",
                  "--activation-checkpointing"]) == 2  # fmt: skip
     assert "do not combine with --parallel" in capsys.readouterr().err
+
+
+def test_device_busy_time_counts_overlapping_kernels_once():
+    from centrifuge.bench.runner import union_length
+
+    assert union_length([]) == 0.0
+    assert union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == 4.0  # [0, 3] and [5, 6]
+    assert union_length([(0, 10), (2, 3), (4, 12)]) == 12.0

@@ -150,6 +150,17 @@ PROFILED_STEPS = ("dense", "masked", "centrifuge", "hf-masked", "hf-patched",
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
 
 
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by sorted (start, end) intervals, overlaps counted
+    once (kernels of several streams may overlap)."""
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
 def step_profile(variant: Variant, ids, ratio: float) -> dict:
     """Where one step's wall time goes on the device (CUDA only): kernel launches,
     host syncs, and idle time (the step's span minus the union of kernel
@@ -165,11 +176,7 @@ def step_profile(variant: Variant, ids, ratio: float) -> dict:
     events = prof.events()
     spans = sorted((e.time_range.start, e.time_range.end) for e in events
                    if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)  # fmt: skip
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:  # union of kernel intervals (streams may overlap)
-        if b > end:
-            busy += b - max(a, end)
-            end = b
+    busy = union_length(spans)
     span = spans[-1][1] - spans[0][0] if spans else 0.0
     syncs = {op: sum(e.name == op for e in events) for op in SYNC_OPS}
     return dict(kernels=len(spans), span_ms=span / 1e3, busy_ms=busy / 1e3,
