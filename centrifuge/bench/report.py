@@ -44,12 +44,14 @@ def to_markdown(result: dict) -> str:
                   f"{_fmt(v['backward'], '.3f')} | {_fmt(v.get('peak'), '.3f')} |" for ratio, k, v in hf]
     if "step_profile" in result:
         lines += ["", f"One step at ρ = {result['breakdown_ratio']} on the device: kernels launched, "
-                  "host syncs, device idle time (span minus busy):", "",
-                  "| variant | kernels | syncs | span ms | busy ms | idle ms |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  "host syncs, device idle time (span minus busy, profiled); host time to issue "
+                  "an unprofiled step against its wall time (equal: the host sets the pace):", "",
+                  "| variant | kernels | syncs | span ms | busy ms | idle ms | host ms | wall ms |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, sp in result["step_profile"].items():
             lines.append(f"| {name} | {sp['kernels']} | {sp['syncs']} | {_fmt(sp['span_ms'])} | "
-                         f"{_fmt(sp['busy_ms'])} | {_fmt(sp['idle_ms'])} |")
+                         f"{_fmt(sp['busy_ms'])} | {_fmt(sp['idle_ms'])} | {_fmt(sp.get('host_ms'))} | "
+                         f"{_fmt(sp.get('wall_ms'))} |")
     if any("cc/ac" in s for s in result["ratios"]):
         lines += ["", "With activation checkpointing: Centrifuge + checkpointing over dense + "
                   "checkpointing (cc/ac) and over Centrifuge without it (cc/c):", "",

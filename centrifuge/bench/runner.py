@@ -164,11 +164,20 @@ def union_length(spans: list[tuple[float, float]]) -> float:
 def step_profile(variant: Variant, ids, ratio: float) -> dict:
     """Where one step's wall time goes on the device (CUDA only): kernel launches,
     host syncs, and idle time (the step's span minus the union of kernel
-    intervals: launch-bound stretches and the waits after each sync)."""
+    intervals: launch-bound stretches and the waits after each sync); and, from
+    an unprofiled step, how long the host takes to issue it (``host_ms``, until
+    ``backward()`` returns) against its wall time: equal when the host, not the
+    device, sets the pace."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    variant.loss(ids, ratio).backward()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    variant.module.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         variant.loss(ids, ratio).backward()
         torch.cuda.synchronize()
@@ -180,7 +189,8 @@ def step_profile(variant: Variant, ids, ratio: float) -> dict:
     span = spans[-1][1] - spans[0][0] if spans else 0.0
     syncs = {op: sum(e.name == op for e in events) for op in SYNC_OPS}
     return dict(kernels=len(spans), span_ms=span / 1e3, busy_ms=busy / 1e3,
-                idle_ms=(span - busy) / 1e3, syncs=sum(syncs.values()), sync_ops=syncs)  # fmt: skip
+                idle_ms=(span - busy) / 1e3, syncs=sum(syncs.values()), sync_ops=syncs,
+                host_ms=host * 1e3, wall_ms=wall * 1e3)  # fmt: skip
 
 
 def environment(device: torch.device) -> dict:
