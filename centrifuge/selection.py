@@ -145,9 +145,10 @@ class Selector:
     ) -> torch.Tensor:
         """token_loss: [B, L] float, valid: [B, L] bool, ref_loss: [B, L] (rho1).
         count: :meth:`count` of ``valid``, computed beforehand on the host (e.g. from
-        the CPU batch): with it a ``batch`` selection runs without a host sync, and
-        NaN scores are caught by an asynchronous device assert instead of an
-        exception. Returns the keep mask, [B, L] bool."""
+        the CPU batch): with it a ``batch`` selection runs without a host sync (it
+        keeps the ``count`` best valid rows), and NaN scores are caught by an
+        asynchronous device assert instead of an exception. Returns the keep
+        mask, [B, L] bool."""
         if valid.shape != token_loss.shape:
             raise ValueError(
                 f"valid mask has shape {tuple(valid.shape)}, token losses {tuple(token_loss.shape)}"

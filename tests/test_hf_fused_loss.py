@@ -120,6 +120,44 @@ def test_gradient_into_filtered_rows_raises():
         loss.backward()
 
 
+@pytest.mark.parametrize("kind", ["padding", "packing"])
+def test_a_host_count_makes_selection_and_checks_sync_free(kind):
+    """With the kept count known beforehand (from the CPU labels), the selection,
+    the plan and the padding and stray-gradient checks never wait for the device;
+    the gradients are those of the synchronous path."""
+    from test_plan_selection import _syncs
+
+    from centrifuge.selection import Selector
+
+    model = patch(make_model("llama", 2))
+    ids, labels, kw, _ = labelled(kind, seed=3)
+    selector = Selector("loss", 0.5)
+    count = selector.count(valid_rows(labels, kw.get("attention_mask"), kw.get("position_ids")))
+
+    def step(count):
+        out = model(ids, labels=labels, **kw)
+        step.loss = selective_loss(out, labels, selector, count=count)
+        step.loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = step(None)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, **kw)
+    assert _syncs(lambda: selective_loss(out, labels, selector, count=count).backward()) == []
+    model.zero_grad(set_to_none=True)
+    got = step(count)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14, msg=name)
+    out = model(ids, labels=labels, **kw)  # the checks still hold, as device asserts
+    loss = selective_loss(out, labels, selector, count=count) + out.loss
+    with pytest.raises(RuntimeError, match="gradient to filtered rows"):
+        loss.backward()
+    out = model(ids, labels=labels, **kw)
+    keep = selector(out.token_loss, out.valid)
+    with pytest.raises(RuntimeError, match="kept count disagree"):
+        filtered_loss(out.token_loss, keep, count=count + 1)
+
+
 def _largest_saved(fn, model) -> int:
     """The most elements of any tensor autograd saves while ``fn`` runs, not
     counting the model's own parameters (saved by reference, no memory)."""

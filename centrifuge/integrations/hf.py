@@ -73,9 +73,13 @@ class HFPlan(Plan):
         super().__init__(layout, backward or "amplified", path)
         self.attention_mask = attention_mask
         self.keep: torch.Tensor | None = None
+        self.asynchronous = False  # checks as device asserts (filled with a host count)
 
-    def fill(self, keep: torch.Tensor) -> None:
-        """Record the kept rows ([B, L] bool). One keep mask per forward."""
+    def fill(self, keep: torch.Tensor, count: int | None = None) -> None:
+        """Record the kept rows ([B, L] bool). One keep mask per forward.
+        count: ``keep.sum()`` known on the host (:meth:`Plan.set_keep`): then no
+        check here or in the backward waits for the device; they become
+        asynchronous device asserts."""
         if keep.shape != self.shape:
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {self.shape}")
         if self.keep is not None:
@@ -85,25 +89,31 @@ class HFPlan(Plan):
                 "this forward's plan was already filled by another loss call with a different "
                 "keep mask: call the filtered loss once per forward"
             )
-        if self.attention_mask is not None and bool((keep & ~self.attention_mask).any()):
-            raise ValueError(
-                "the keep mask keeps padding positions (attention_mask == 0); padding rows "
-                "carry no loss and cannot be kept"
-            )
-        self.set_keep(keep)
+        self.asynchronous = count is not None
+        if self.attention_mask is not None:
+            self._check(~(keep & ~self.attention_mask).any(), ValueError,
+                        "the keep mask keeps padding positions (attention_mask == 0); padding "
+                        "rows carry no loss and cannot be kept")  # fmt: skip
+        self.set_keep(keep, count)
         self.keep = keep
+
+    def _check(self, ok: torch.Tensor, error: type, msg: str) -> None:
+        if self.asynchronous:
+            torch._assert_async(ok, msg)
+        elif not bool(ok):
+            raise error(msg)
 
 
 def _check_rows(has_grad: torch.Tensor, plan: HFPlan) -> None:
     """Raise if a filtered row receives gradient (has_grad: [B * L] bool): the
     loss then depends on rows the compact backward drops, and would be wrong."""
-    if bool((has_grad & ~plan.keep.reshape(-1)).any()):
-        raise RuntimeError(
-            "the loss sends gradient to filtered rows: with Centrifuge only the kept rows may "
-            "carry loss. Are the per-token losses given to filtered_loss aligned with the "
-            "logits (logits[:, :-1] or all rows), and is nothing else (e.g. out.loss) added "
-            "to the loss?"
-        )
+    plan._check(
+        ~(has_grad & ~plan.keep.reshape(-1)).any(), RuntimeError,
+        "the loss sends gradient to filtered rows: with Centrifuge only the kept rows may "
+        "carry loss. Are the per-token losses given to filtered_loss aligned with the "
+        "logits (logits[:, :-1] or all rows), and is nothing else (e.g. out.loss) added "
+        "to the loss?",
+    )
 
 
 class CheckedRowsFunction(torch.autograd.Function):

@@ -62,11 +62,11 @@ def _as_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return keep.bool()
 
 
-def _fill(plan: Plan, keep_rows: torch.Tensor) -> None:
+def _fill(plan: Plan, keep_rows: torch.Tensor, count: int | None = None) -> None:
     if isinstance(plan, HFPlan):
-        plan.fill(keep_rows)
+        plan.fill(keep_rows, count)
     else:
-        plan.set_keep(keep_rows)
+        plan.set_keep(keep_rows, count)
 
 
 def _plan_of(t: torch.Tensor, plan: Plan | None) -> Plan | None:
@@ -87,6 +87,7 @@ def filtered_loss(
     keep: torch.Tensor,
     num_items: int | torch.Tensor | None = None,
     plan: Plan | None = None,
+    count: int | None = None,
 ) -> torch.Tensor:
     """Mean of the kept per-token losses, with the compact backward.
 
@@ -95,6 +96,11 @@ def filtered_loss(
     num_items: the denominator, when it is not ``keep.sum()`` (e.g. the kept count
         of a whole gradient-accumulation window).
     plan: the forward's plan; found from the autograd graph when omitted.
+    count: ``keep.sum()`` when the caller knows it on the host beforehand (e.g.
+        ``Selector.count`` of the valid rows, from the CPU batch): nothing between
+        this call and the backward then waits for the device, and the checks
+        (padding kept, gradient reaching filtered rows, the count itself) become
+        asynchronous device asserts.
     Returns ``(token_loss * keep).sum() / keep.sum()`` (or ``/ num_items``).
     """
     keep = _as_mask(keep, token_loss)
@@ -102,7 +108,7 @@ def filtered_loss(
     loss = (token_loss * keep).sum() / denominator
     plan = _plan_of(token_loss, plan)
     if plan is not None:
-        _fill(plan, _rows(keep, plan.shape, "the keep mask").bool())
+        _fill(plan, _rows(keep, plan.shape, "the keep mask").bool(), count)
     return loss
 
 
@@ -137,6 +143,7 @@ def selective_loss(
     num_items: int | torch.Tensor | None = None,
     plan: Plan | None = None,
     return_keep: bool = False,
+    count: int | None = None,
 ):
     """Token-filtered LM loss: select, then average over the kept rows.
 
@@ -152,6 +159,9 @@ def selective_loss(
         last row of every packed document are never kept); a fused output brings
         its own ``valid`` rows instead.
     num_items: the denominator when it is not the kept count (accumulation windows).
+    count: ``selector.count(valid)`` computed beforehand on the host (from the CPU
+        labels): a selection that filters then runs without host syncs up to the
+        backward (:func:`filtered_loss`); ignored when every valid row is kept.
     Returns the loss (and the [B, L] keep mask with ``return_keep``). Only the kept
     rows' cross-entropy is differentiated.
     """
@@ -184,9 +194,10 @@ def selective_loss(
         ref = token_losses(reference_logits.detach(), targets, ignore_index)
     elif reference_loss is not None:
         ref = _rows(reference_loss.detach().float().to(device), (B, L), "reference_loss")
-    keep = selector(scores, valid, ref)
+    count = count if selector.filters else None
+    keep = selector(scores, valid, ref, count=count)
     if fused is not None:
-        loss = filtered_loss(fused, keep, num_items, plan)
+        loss = filtered_loss(fused, keep, num_items, plan, count)
         return (loss, keep) if return_keep else loss
     idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
     V = logits.shape[-1]
@@ -196,5 +207,5 @@ def selective_loss(
     )
     loss = kept / (idx.numel() if num_items is None else num_items)
     if plan is not None:
-        _fill(plan, keep)
+        _fill(plan, keep, count)
     return (loss, keep) if return_keep else loss

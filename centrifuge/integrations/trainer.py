@@ -32,6 +32,8 @@ inputs (``rho1`` runs the reference model on them) nor the window's micro-batche
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 from transformers import Trainer
 
@@ -97,8 +99,11 @@ class CentrifugeTrainer(Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples or "labels" not in batch_samples[0]:
             return batch_samples, None
-        kept = sum(kept_count(self.selector, b, self.ignore_index) for b in batch_samples)
-        kept = torch.tensor(kept, device=device)
+        counts = [kept_count(self.selector, b, self.ignore_index) for b in batch_samples]
+        # Each micro-batch's own count, in the order the Trainer runs them: its
+        # selection and plan then need no host sync (compute_loss takes them).
+        self._kept_counts = deque(counts)
+        kept = torch.tensor(sum(counts), device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             kept = self.accelerator.gather(kept).sum()
         return batch_samples, kept
@@ -137,10 +142,11 @@ class CentrifugeTrainer(Trainer):
         # A fused output carries its per-token losses; otherwise (the model asked
         # for hidden states in its config) transformers' logits path ran.
         fused = getattr(outputs, "token_loss", None) is not None
+        counts = getattr(self, "_kept_counts", None)
         loss = selective_loss(
             outputs if fused else logits, hf_labels, attention_mask=mask, position_ids=pos,
             selector=self.selector, reference_logits=ref_logits, reference_loss=ref_loss,
-            num_items=num_items_in_batch,
+            num_items=num_items_in_batch, count=counts.popleft() if counts else None,
         )  # fmt: skip
         if num_items_in_batch is None:
             # No window count (a custom loop): a per-micro-batch mean, scaled here.
