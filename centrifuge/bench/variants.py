@@ -25,6 +25,13 @@ class Variant:
     module: torch.nn.Module | None = None
 
 
+def _host_count(selector: Selector, ids: torch.Tensor) -> int | None:
+    """The rows ``selector`` keeps, known on the host as centrifuge train knows it
+    (every row but the last has a target here), so that selection and plan skip
+    host syncs; None when it keeps every valid row."""
+    return num_keep(ids.shape[0] * (ids.shape[1] - 1), selector.ratio) if selector.filters else None
+
+
 def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
                     knobs: tuple[str, ...] = ()) -> list[Variant]:  # fmt: skip
     """dense, masked, centrifuge on the native model, and one Centrifuge variant
@@ -41,9 +48,7 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         def step(ids, ratio):
             out = model(ids, labels=ids, backward=mode)
             selector = Selector("loss", ratio)
-            # As centrifuge train does: the kept count known on the host (every row
-            # but the last has a target) lets selection and plan skip host syncs.
-            count = num_keep(ids.shape[0] * (ids.shape[1] - 1), ratio) if selector.filters else None
+            count = _host_count(selector, ids)
             keep = selector(out.token_loss, out.valid, count=count)
             return out.plan.loss(out.token_loss, keep, count)
 
@@ -146,8 +151,10 @@ def hf_patched_labels_variant(model, name="hf-patched-labels",
 
     def step(ids, ratio):
         out = model(input_ids=ids, labels=ids)
-        keep = Selector("loss", ratio)(out.token_loss, out.valid)
-        return filtered_loss(out.token_loss, keep)
+        selector = Selector("loss", ratio)
+        count = _host_count(selector, ids)
+        keep = selector(out.token_loss, out.valid, count=count)
+        return filtered_loss(out.token_loss, keep, count=count)
 
     return Variant(name, label, step, module=model)
 
