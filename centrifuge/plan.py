@@ -194,34 +194,40 @@ class Layout:
     ) -> "Layout":
         """Derive documents from ``position_ids`` (a restart at 0, or any break in
         +1 steps, starts a document) and from ``attention_mask`` (padding forms its
-        own segments, so real tokens never attend to it)."""
+        own segments, so real tokens never attend to it).
+
+        The layout is computed where its inputs live and then moved to ``device``:
+        from CPU position ids (or none and no mask) nothing waits for the GPU, while
+        a GPU-side computation would sync twice (the document starts and the
+        longest document are sizes the host needs)."""
         if attention_mask is not None and attention_mask.shape != (batch, seqlen):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, seqlen)}"
             )
         if position_ids is None:
             if attention_mask is None:
-                position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
+                position_ids = torch.arange(seqlen).expand(batch, seqlen)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        position_ids = position_ids.to(device=device, dtype=torch.long)
+        src = position_ids.device
+        position_ids = position_ids.to(dtype=torch.long)
         if position_ids.dim() == 1:
             position_ids = position_ids.expand(batch, seqlen)
         if position_ids.shape != (batch, seqlen):
             raise ValueError(
                 f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, seqlen)}"
             )
-        starts = torch.ones(batch, seqlen, dtype=torch.bool, device=device)
+        starts = torch.ones(batch, seqlen, dtype=torch.bool, device=src)
         starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
         if attention_mask is not None:
-            m = attention_mask.to(device=device).bool()
+            m = attention_mask.to(device=src).bool()
             starts[:, 1:] |= m[:, 1:] != m[:, :-1]
         segment_ids = starts.long().cumsum(-1) - 1
         flat_starts = torch.nonzero(starts.reshape(-1)).squeeze(1)
-        total = torch.tensor([batch * seqlen], device=device)
+        total = torch.tensor([batch * seqlen], device=src)
         cu = torch.cat([flat_starts, total]).to(torch.int32)
         max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-        return Layout(position_ids.contiguous(), segment_ids, cu, max_seqlen)
+        return Layout(position_ids.contiguous().to(device), segment_ids.to(device), cu.to(device), max_seqlen)
 
     def last_rows(self) -> torch.Tensor:
         """[B, L] bool: the last row of every segment (it has no next token)."""

@@ -219,3 +219,16 @@ def test_host_count_errors_are_caught_on_the_device():
         Plan(layout).set_keep(keep, int(keep.sum()) + 1)
     with pytest.raises(ValueError, match="no valid token"):
         sel(tl, torch.zeros(2, 8, dtype=torch.bool), count=0)
+
+
+def test_layout_is_computed_where_its_inputs_live():
+    """CPU position ids (or none) give a layout computed on the host and moved to
+    the target device: no step of it waits for the GPU. The meta device stands in
+    for a GPU here: it holds no data, so computing the document starts on it
+    would fail."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    want = Layout.build(2, 6, position_ids=pos)
+    for given in (pos, None):
+        lay = Layout.build(2, 6, "meta", position_ids=given)
+        assert lay.position_ids.is_meta and lay.segment_ids.is_meta and lay.cu_seqlens.is_meta
+        assert lay.max_seqlen == (want.max_seqlen if given is not None else 6)

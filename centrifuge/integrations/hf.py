@@ -334,9 +334,8 @@ def layout_for(
             )
         pos = torch.arange(seqlen, device=device).expand(batch, seqlen)
         return Layout.build(batch, seqlen, device, pos, mask)
-    if position_ids is None:
-        position_ids = torch.arange(seqlen, device=device)
-    position_ids = position_ids.to(device)
+    if position_ids is None:  # built on the host: no sync (Layout.build)
+        position_ids = torch.arange(seqlen)
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
     return Layout.build(batch, seqlen, device, position_ids.expand(batch, seqlen))

@@ -263,12 +263,14 @@ class Trainer:
         # kept loss, all loss, seen, valid, kept; and stop requests (a signal seen by
         # any process stops every one after this step: one all-reduce carries both).
         sums = torch.zeros(6, dtype=torch.float64, device=run.device)
-        for m, (rows, b, count) in enumerate(zip(micro, batches, counts)):
-            b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
+        for m, (rows, cpu, count) in enumerate(zip(micro, batches, counts)):
+            b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
             with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
                 with self.autocast:
+                    # CPU position ids: the model builds the document layout on the
+                    # host, without waiting for the device (Layout.build).
                     out = self.model(b["input_ids"], labels=b["labels"],
-                                     position_ids=b["position_ids"], backward=self.backward)  # fmt: skip
+                                     position_ids=cpu["position_ids"], backward=self.backward)  # fmt: skip
                 ref = run.reference(rows, b) if run.selector.needs_reference else None
                 # The counts from the CPU labels let the selection and the plan run
                 # without waiting for the device: the backward is queued behind the
