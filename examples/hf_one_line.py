@@ -1,5 +1,6 @@
-"""Token filtering on a Hugging Face transformers model: the masked-loss loop and
-the same loop with Centrifuge (one changed line, plus ``centrifuge.patch``).
+"""Token filtering on a Hugging Face transformers model: the masked-loss loop, the
+same loop with Centrifuge (one changed line, plus ``centrifuge.patch``), and the
+full-speed form (the model given ``labels=`` returns per-token losses: no logits).
 
     python examples/hf_one_line.py                    # tiny random Llama, CPU, seconds
     python examples/hf_one_line.py --model DIR        # a local HF Llama/Qwen2/Qwen3/Mistral dir
@@ -62,6 +63,26 @@ def train(model, batches, ratio, use_centrifuge: bool):
     return losses
 
 
+def train_full_speed(model, batches, ratio):
+    """The second form: labels in, per-token losses out (fused norm + LM head +
+    cross-entropy, no [B, L, vocab] logits); with the kept count known from the
+    labels, nothing between forward and backward waits for the GPU."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    selector = centrifuge.Selector("loss", ratio)
+    losses = []
+    for input_ids, attention_mask in batches:
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        count = selector.count(centrifuge.integrations.valid_rows(labels, attention_mask))
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        keep = selector(out.token_loss, out.valid, count=count)
+        loss = centrifuge.filtered_loss(out.token_loss, keep, count=count)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="local Hugging Face model directory (default: tiny random Llama)")
@@ -82,14 +103,16 @@ def main():
         mask[0, -args.seq_len // 4 :] = 0  # some right padding
         batches.append((ids, mask))
 
+    fused = centrifuge.patch(copy.deepcopy(masked))
     a = train(masked, batches, args.ratio, use_centrifuge=False)
     b = train(patched, batches, args.ratio, use_centrifuge=True)
-    print("step  masked-loss  centrifuge")
-    for i, (x, y) in enumerate(zip(a, b)):
-        print(f"{i:4d}  {x:11.5f}  {y:10.5f}")
+    c = train_full_speed(fused, batches, args.ratio)
+    print("step  masked-loss  centrifuge  centrifuge, labels=")
+    for i, (x, y, z) in enumerate(zip(a, b, c)):
+        print(f"{i:4d}  {x:11.5f}  {y:10.5f}  {z:18.5f}")
     # Step 0 sees identical weights: identical loss. Later steps differ slightly,
     # by design: Centrifuge treats K/V of filtered tokens as constants.
-    assert abs(a[0] - b[0]) < 1e-4, (a[0], b[0])
+    assert abs(a[0] - b[0]) < 1e-4 and abs(a[0] - c[0]) < 1e-4, (a[0], b[0], c[0])
     print("first-step losses match; the Centrifuge backward ran on kept tokens only")
 
 
