@@ -345,12 +345,22 @@ def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dic
     from centrifuge.scoring import load_reference_scores
 
     ds = load_dataset([str(train_data)], load_tokenizer("byte"), s.seq_len, cache_dir=cache)
-    rows = list(range(min(len(ds), s.batch_size)))
+    # Two rows: the float32 reference keeps an [L, L] attention matrix per head and layer.
+    rows = list(range(min(len(ds), 2)))
     b = {k: v.to(s.device) for k, v in ds.batch(rows).items()}
     ref = torch.from_numpy(load_reference_scores(scores, ds)[rows]).to(s.device)
-    model = build_model(get_preset(s.model), device=s.device, seed=0)
+    config = get_preset(s.model)
+    model = build_model(config, device=s.device, seed=0)
+
+    def as_runs(opts: BackwardOptions) -> BackwardOptions:
+        # The backward path the runs take (their batch decides it), not this check's.
+        opts.path = opts.choose_path(s.batch_size * s.seq_len, config.layer_parameters(),
+                                     torch.device(s.device).type)  # fmt: skip
+        return opts
+
     out = {}
-    modes = {"amplified": "amplified", "exact": "exact", **{k: BackwardOptions.parse(k) for k in s.knobs}}
+    modes = {"amplified": as_runs(BackwardOptions()), "exact": "exact",
+             **{k: as_runs(BackwardOptions.parse(k)) for k in s.knobs}}  # fmt: skip
     for name, mode in modes.items():
         model.zero_grad(set_to_none=True)
         o = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], backward=mode)
