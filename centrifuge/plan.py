@@ -136,6 +136,11 @@ class BackwardOptions:
         return s
 
 
+def select_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``idx`` of ``t`` (every row for None: a dense plan)."""
+    return t if idx is None else t[idx]
+
+
 def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Sorted indices [count] of the True entries of a 1-D bool mask that holds
     exactly ``count`` of them, without a host sync (``nonzero`` has to wait for
@@ -212,11 +217,13 @@ class Layout:
         src = position_ids.device
         position_ids = position_ids.to(dtype=torch.long)
         if position_ids.dim() == 1:
-            position_ids = position_ids.expand(batch, seqlen)
-        if position_ids.shape != (batch, seqlen):
+            position_ids = position_ids[None]
+        if position_ids.dim() != 2 or position_ids.shape[1] != seqlen or position_ids.shape[0] not in (1, batch):
             raise ValueError(
-                f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, seqlen)}"
+                f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, seqlen)} "
+                f"(or [1, {seqlen}] / [{seqlen}] for every row)"
             )
+        position_ids = position_ids.expand(batch, seqlen)
         starts = torch.ones(batch, seqlen, dtype=torch.bool, device=src)
         starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
         if attention_mask is not None:
@@ -273,6 +280,13 @@ class Plan:
         """True when the backward runs on kept rows only."""
         return self.keep_idx is not None
 
+    def check_keep(self, keep: torch.Tensor) -> None:
+        """Raise unless ``keep`` is a [B, L] bool mask of this plan's rows."""
+        if keep.shape != self.shape:
+            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {self.shape}")
+        if keep.dtype != torch.bool:
+            raise TypeError(f"keep mask must be bool, got {keep.dtype}")
+
     def set_keep(self, keep: torch.Tensor, count: int | None = None) -> None:
         """Record the kept rows. keep: [B, L] bool.
 
@@ -282,10 +296,7 @@ class Plan:
         plan is compact without first asking whether any filtered row matters
         (with ratio < 1 one nearly always does; compact is exact either way).
         Sampled rows (``extra``) still need two index syncs."""
-        if keep.shape != self.shape:
-            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {self.shape}")
-        if keep.dtype != torch.bool:
-            raise TypeError(f"keep mask must be bool, got {keep.dtype}")
+        self.check_keep(keep)
         if count is not None:
             torch._assert_async(keep.sum() == count, "keep mask and kept count disagree")
         self.n_keep = int(keep.sum()) if count is None else count

@@ -80,8 +80,7 @@ class HFPlan(Plan):
         count: ``keep.sum()`` known on the host (:meth:`Plan.set_keep`): then no
         check here or in the backward waits for the device; they become
         asynchronous device asserts."""
-        if keep.shape != self.shape:
-            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {self.shape}")
+        self.check_keep(keep)
         if self.keep is not None:
             if torch.equal(self.keep, keep):
                 return
@@ -334,11 +333,7 @@ def layout_for(
             )
         pos = torch.arange(seqlen, device=device).expand(batch, seqlen)
         return Layout.build(batch, seqlen, device, pos, mask)
-    if position_ids is None:  # built on the host: no sync (Layout.build)
-        position_ids = torch.arange(seqlen)
-    if position_ids.dim() == 1:
-        position_ids = position_ids[None]
-    return Layout.build(batch, seqlen, device, position_ids.expand(batch, seqlen))
+    return Layout.build(batch, seqlen, device, position_ids)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

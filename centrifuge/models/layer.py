@@ -31,7 +31,7 @@ from centrifuge.ops.attention_recompute import attention_forward_rows
 from centrifuge.ops.rmsnorm import rms_norm_apply_rows, rms_norm_backward_rows, rms_norm_forward
 from centrifuge.ops.rope import rope_backward_rows, rope_forward
 from centrifuge.ops.swiglu import swiglu_backward_rows, swiglu_forward
-from centrifuge.plan import Plan
+from centrifuge.plan import Plan, select_rows
 
 # The projections: weight name -> (submodule, attribute) in a decoder layer.
 PROJECTIONS = {
@@ -62,10 +62,6 @@ class LayerShape:
 def _linear(x, w, b=None):
     # addmm folds the bias (or a residual) into the GEMM's epilogue: no extra pass.
     return x @ w.t() if b is None else torch.addmm(b, x, w.t())
-
-
-def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return t if idx is None else t[idx]
 
 
 # Structure switches of the layer's GEMMs (docs/kernels.md, "Whole step", has the
@@ -164,7 +160,7 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
         rope_forward(q, cos, sin, out=q)
         rope_forward(k, cos, sin, out=k)
     else:
-        hq = _rows(h1, rows)
+        hq = select_rows(h1, rows)
         q = _lora(_linear(hq, W["wq"], W["bq"]), hq, W, "wq").view(hq.shape[0], H, D)
         if _fuse_qkv(W):  # the compact recompute: K and V of every row in one GEMM
             kv = _linear(h1, _cat(W["wk"], W["wv"]), _cat(W["bk"], W["bv"]))
@@ -177,7 +173,7 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
             q_lin, k_lin = q, k
             q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
             k, rstd_k = rms_norm_forward(k, W["k_norm"], shape.eps)
-        q = rope_forward(q, _rows(cos, rows), _rows(sin, rows))
+        q = rope_forward(q, select_rows(cos, rows), select_rows(sin, rows))
         k = rope_forward(k, cos, sin)
     kb, vb = k.view(B, L, Hkv, D), v.view(B, L, Hkv, D)
     if rows is None:
@@ -185,7 +181,7 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
     else:
         o = attention_forward_rows(q, kb, vb, lse, layout, rows)
     o = o.reshape(-1, H * D)
-    x2 = _lora(_linear(o, W["wo"], _rows(xf, rows)), o, W, "wo")  # residual add inside the GEMM
+    x2 = _lora(_linear(o, W["wo"], select_rows(xf, rows)), o, W, "wo")  # residual add inside the GEMM
     h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
     if PERF["fused_gate_up"]:
         # g, u: column views of one [n, 2F] output (the SwiGLU kernels take them).
@@ -224,7 +220,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
     # are [n_keep, .] buffers, and they feed the GEMMs (M = n_keep).
 
     # MLP: one kernel recomputes a = silu(g) u and writes [dg du] side by side.
-    dy = _rows(dy, idx)
+    dy = select_rows(dy, idx)
     da = dy @ W["wd"]
     if W["wd_lora_A"] is not None:  # (dY B) A joins da before the SwiGLU backward
         da.addmm_(dy @ W["wd_lora_B"], W["wd_lora_A"])
@@ -246,7 +242,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
     dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, a.x2, a.rstd2, W["post_norm"], local, dy)
 
     # Attention: dQ for kept queries over all keys, dK/dV for kept keys only.
-    o_rows = _rows(a.o, local)
+    o_rows = select_rows(a.o, local)
     if need["wo"]:
         dW["wo"] = dx2.t() @ o_rows
     do = _lora_backward(dW, dx2, o_rows, W, "wo", dx2 @ W["wo"]).view(-1, H, D)

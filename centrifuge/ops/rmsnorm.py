@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from centrifuge.ops.rowwise_dispatch import use_kernels
+from centrifuge.plan import select_rows
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +61,6 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, w: 
     return dx.to(x.dtype), dw
 
 
-def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return t if idx is None else t[idx]
-
-
 def _flat_rows(x, rstd, idx):
     """View x [N, ..., D] as rows [N * k, D] (k heads for the q/k norms) and
     widen the kept-row index to the rows of every head."""
@@ -83,7 +80,7 @@ def rms_norm_apply_rows(x, rstd, w, idx=None):
         x2, r2, i2 = _flat_rows(x, rstd, idx)
         out = rms_norm_apply_triton(x2, r2, w, i2)
         return out.view(-1, *x.shape[1:])
-    return rms_norm_apply(_rows(x, idx), _rows(rstd, idx), w)
+    return rms_norm_apply(select_rows(x, idx), select_rows(rstd, idx), w)
 
 
 def rms_norm_backward_rows(dy, x, rstd, w, idx=None, residual=None, scatter=False):
@@ -101,7 +98,7 @@ def rms_norm_backward_rows(dy, x, rstd, w, idx=None, residual=None, scatter=Fals
         scatter = scatter and idx is not None
         dx, dw = rms_norm_backward_triton(dy.reshape(-1, D), x2, r2, w, i2, res2, scatter)
         return dx.view(-1, *x.shape[1:]), dw
-    dx, dw = rms_norm_backward(dy, _rows(x, idx), _rows(rstd, idx), w)
+    dx, dw = rms_norm_backward(dy, select_rows(x, idx), select_rows(rstd, idx), w)
     if residual is not None:
         dx = dx + residual
     if scatter and idx is not None:
@@ -128,7 +125,7 @@ class RMSNormFunction(torch.autograd.Function):
         idx = ctx.plan.keep_idx
         d = x.shape[-1]
         x2, r2, dy2 = x.reshape(-1, d), rstd.reshape(-1), dy.reshape(-1, d)
-        dx, dw = rms_norm_backward_rows(_rows(dy2, idx), x2, r2, w, idx, scatter=True)
+        dx, dw = rms_norm_backward_rows(select_rows(dy2, idx), x2, r2, w, idx, scatter=True)
         return dx.view_as(x), dw.to(w.dtype), None, None
 
 
