@@ -197,17 +197,28 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
                           reshard_after_forward=choose_reshard(cfg.fsdp_reshard, ctx, n_params))  # fmt: skip
     where = (f"{ctx.world_size} processes ({parallel}, {ctx.device.type})" if ctx.distributed
              else str(ctx.device))  # fmt: skip
+    backward = _backward_label(cfg, mc, ctx.device)
     _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {where}; "
                    f"data: {len(train_ds)} rows x {cfg.seq_len} tokens "
                    f"({'built-in corpus, ' + split + ' split' if cfg.data is None else ', '.join(cfg.data)})"
                    + (f"; selection {cfg.select} ρ={cfg.ratio:g} ({cfg.granularity}), "
-                      f"backward {cfg.backward_options().describe()}" if cfg.select != "none" else "; no selection")
+                      f"backward {backward}" if cfg.select != "none" else "; no selection")
                    + (f"; reference: {desc}" if desc else "")
                    + (f"; resuming from {resume_path}" if resume_path else ""))  # fmt: skip
-    title = f"{cfg.model} · {cfg.select}" + (
-        f" ρ={cfg.ratio:g} · {cfg.backward_options().describe()}" if cfg.select != "none" else "")  # fmt: skip
+    title = f"{cfg.model} · {cfg.select}" + (f" ρ={cfg.ratio:g} · {backward}" if cfg.select != "none" else "")
     return Run(wrapped, model, ctx, parallel, train_ds, eval_ds, selector, reference, desc,
                resume_state, resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
+
+
+def _backward_label(cfg: TrainConfig, mc, device: torch.device) -> str:
+    """``amplified``, ``exact``, ... and, where ``auto`` chooses, the path it takes
+    for this run's micro-batches (``amplified (dense path)``)."""
+    opts = cfg.backward_options()
+    label = opts.describe()
+    if opts.mode == "amplified" and opts.path == "auto":
+        path = opts.choose_path(cfg.batch_size * cfg.seq_len, mc.layer_parameters(), device.type)
+        label += f" ({path} path)"
+    return label
 
 
 def _datasets(cfg: TrainConfig, tokenizer, split: str, progress: bool):
