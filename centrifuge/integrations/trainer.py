@@ -84,6 +84,7 @@ class CentrifugeTrainer(Trainer):
             reference_model.eval().requires_grad_(False)
         self.reference_model = reference_model
         self.ignore_index = ignore_index
+        self._kept_counts: deque[int] = deque()  # the window's micro-batches, in order
         if not is_patched(self.model):
             patch(self.model)
         # transformers < 5.20 decides the same from this flag (with num_items_in_batch given).
@@ -142,11 +143,11 @@ class CentrifugeTrainer(Trainer):
         # A fused output carries its per-token losses; otherwise (the model asked
         # for hidden states in its config) transformers' logits path ran.
         fused = getattr(outputs, "token_loss", None) is not None
-        counts = getattr(self, "_kept_counts", None)
         loss = selective_loss(
             outputs if fused else logits, hf_labels, attention_mask=mask, position_ids=pos,
             selector=self.selector, reference_logits=ref_logits, reference_loss=ref_loss,
-            num_items=num_items_in_batch, count=counts.popleft() if counts else None,
+            num_items=num_items_in_batch,
+            count=self._kept_counts.popleft() if self._kept_counts else None,
         )  # fmt: skip
         if num_items_in_batch is None:
             # No window count (a custom loop): a per-micro-batch mean, scaled here.
