@@ -19,7 +19,7 @@ from centrifuge.ops.attention import (
 from centrifuge.plan import BackwardOptions, ExtraRows, Layout
 from centrifuge.selection import Selector
 from test_model_grads import assert_close, grads, make_batch
-from test_ops import _layout
+from test_ops import _layout, _qkv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -90,9 +90,7 @@ def test_attention_backward_extra_rows(seed, H, Hkv):
     g = torch.Generator().manual_seed(seed)
     B, L, D = 2, 17, 8
     layout = _layout(B, L, True, g)
-    q = torch.randn(B, L, H, D, generator=g, dtype=F64, requires_grad=True)
-    k = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
-    v = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
+    q, k, v = _qkv(B, L, H, Hkv, D, g)
     u = torch.rand(B, L, generator=g)
     keep, sampled = u < 0.3, (u >= 0.3) & (u < 0.6)
     w = 2.5

@@ -102,6 +102,14 @@ def test_llama3_rope_scaling_matches_transformers():
     assert torch.allclose(ours, hf_inv.float(), rtol=1e-6, atol=0)
 
 
+def _qkv(B, L, H, Hkv, D, g):
+    """float64 q [B, L, H, D] and k, v [B, L, Hkv, D] that require grad."""
+    q = torch.randn(B, L, H, D, generator=g, dtype=F64, requires_grad=True)
+    k = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
+    v = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
+    return q, k, v
+
+
 def _layout(B, L, packed, g):
     if not packed:
         return Layout.build(B, L)
@@ -123,9 +131,7 @@ def test_filtered_attention_backward(seed, H, Hkv, packed, ratio):
     g = torch.Generator().manual_seed(seed)
     B, L, D = 2, 19, 8
     layout = _layout(B, L, packed, g)
-    q = torch.randn(B, L, H, D, generator=g, dtype=F64, requires_grad=True)
-    k = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
-    v = torch.randn(B, L, Hkv, D, generator=g, dtype=F64, requires_grad=True)
+    q, k, v = _qkv(B, L, H, Hkv, D, g)
     keep = torch.rand(B, L, generator=g) < ratio
     keep[0, 3] = True  # at least one kept row
     o_ref = attention_reference(q, k, v, layout.segment_ids, keep)
