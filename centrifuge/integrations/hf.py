@@ -243,9 +243,10 @@ class _PatchState:
     is running (None outside a compact forward), and the backward options
     every plan gets."""
 
-    def __init__(self, check_rows: bool, backward: BackwardOptions | None):
+    def __init__(self, check_rows: bool, backward: BackwardOptions | None, layer_params: int):
         self.plan: HFPlan | None = None
         self.check_rows = check_rows
+        self.layer_params = layer_params  # of one decoder layer: auto's backward path reads it
         self.recompute: frozenset[int] = frozenset()  # ids of the layers that recompute
         self.backward = backward or BackwardOptions()
         # Set while a forward with labels runs fused: the final norm passes its
@@ -410,8 +411,7 @@ def _causal_lm_forward(model, state: _PatchState, original, *args, **kwargs):
     mask = a.get("attention_mask")
     layout = layout_for(B, L, ref.device, mask, a.get("position_ids"))
     _check_compact_call(model, a, B, L, layout)
-    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
-    path = state.backward.choose_path(B * L, layer_params, ref.device.type)
+    path = state.backward.choose_path(B * L, state.layer_params, ref.device.type)
     plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool(), state.backward, path)
     # A training forward needs no cache; without one transformers also
     # isolates packed documents, as the layout above does.
@@ -600,7 +600,7 @@ def patch(model, check_rows: bool = True, backward: BackwardOptions | None = Non
             "no-grad calls and generate keep Liger's",
             stacklevel=2,
         )
-    state = _PatchState(check_rows, backward)
+    state = _PatchState(check_rows, backward, sum(p.numel() for p in model.model.layers[0].parameters()))
     for i, layer in enumerate(model.model.layers):
         layer._centrifuge_shape = _layer_shape(layer, config, i)
     for module, kind in _patched_modules(model):
