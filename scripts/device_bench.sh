@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
 # matrix of docs/benchmarks.md. Usage:
-#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|knobs]
+#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|profile|knobs]
 # (each mode but full fits one 10-minute device call; full = part1 + part2;
 # hf: the patched transformers model against native, plain and with Liger;
 # hf-1b: the same on llama3.2-1b; small: the amplified backward's compact and
@@ -39,9 +39,12 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 512 --batch 8 $paths
     bench --preset byte-110m --seq-len 2048 --batch 16 $paths
     bench --preset tinyllama-1.1b --seq-len 1024 --batch 8 $paths ;;
+  profile)  # the step profile (host syncs, kernels, device idle) of a host-bound and a FLOP-bound shape
+    bench --preset byte-110m --seq-len 512 --batch 16 --ratios 0.5 --no-hf --repeats 5 --knob path=compact
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --no-hf --repeats 5 ;;
   knobs)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 \
-      --knob extra=0.1 --knob extra=0.3 --knob exact_layers=2 --knob exact_layers=4 ;;
+      --knob exact_layers=2 --knob extra=0.5,extra_weight=1.5 ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)

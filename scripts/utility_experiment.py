@@ -126,7 +126,7 @@ SCALES = {
                             train_docs=6000, clean_docs=6000, evals=3, eval_rows=256,
                             eval_problems=300, inits=["base", "scratch"], base_steps=750,
                             base_lr=6e-4, scratch_lr=6e-4, base_corpus_docs=200,
-                            knobs=["extra=0.1", "extra=0.3", "exact_layers=2", "exact_layers=4"],
+                            knobs=["exact_layers=2", "extra=0.5,extra_weight=1.5"],
                             equal_time=True),
 }  # fmt: skip
 INITS = {"base": "continued training from the pretrained base", "scratch": "from scratch"}
@@ -155,8 +155,8 @@ def knob_method(knob: str) -> str:
 
 
 def plan_runs(s: Scale) -> list[RunSpec]:
-    """Headline comparison first, then the knobs (first init only), then the
-    side ratios (so a time budget cuts the side ratios first)."""
+    """Headline comparison first, then the knobs, then the side ratios (so a
+    time budget cuts the side ratios first)."""
     runs = []
 
     def add(init, seed, ratio, methods=(("rho1-exact", "exact", ""), ("rho1-centrifuge", "amplified", ""))):
@@ -173,14 +173,40 @@ def plan_runs(s: Scale) -> list[RunSpec]:
             add(init, seed, s.headline_ratio)
             if s.equal_time:  # its steps are set once the two runs above have run
                 add(init, seed, s.headline_ratio, [(EQUAL_TIME, "amplified", "")])
-    for seed in s.seeds:
-        add(s.inits[0], seed, s.headline_ratio, [(knob_method(k), "amplified", k) for k in s.knobs])
+    for init in s.inits:
+        for seed in s.seeds:
+            add(init, seed, s.headline_ratio, [(knob_method(k), "amplified", k) for k in s.knobs])
     for init in s.inits:
         for seed in s.side_seeds:
             for r in s.ratios:
                 if r != s.headline_ratio:
                     add(init, seed, r)
     return runs
+
+
+def shard_runs(runs: list[RunSpec], headline: float, shard: int, shards: int) -> list[RunSpec]:
+    """The runs of process ``shard`` of ``shards`` (one per GPU), in plan order.
+
+    Runs that are compared by step time stay together: a seed's headline runs
+    (its equal-time run needs its exact and Centrifuge runs' step times) and
+    the exact/Centrifuge pair of a side ratio. Groups go, in plan order, to the
+    shard with the fewest runs, so a call that runs out of time cuts every
+    shard's tail, not one shard's headline. Deterministic: every call gives a
+    shard the same runs."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for r in runs:
+        if r.method in ("standard", "rho1-exact", "rho1-centrifuge", EQUAL_TIME):
+            key = (r.init, r.seed, headline if r.method == "standard" else r.ratio)
+        else:
+            key = (r.init, r.seed, r.method)
+        groups.setdefault(key, []).append(r)
+    load, mine = [0] * shards, set()
+    for g in groups.values():
+        k = load.index(min(load))
+        load[k] += len(g)
+        if k == shard:
+            mine.update(r.name for r in g)
+    return [r for r in runs if r.name in mine]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -647,6 +673,12 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite results.md and curves.png from --out's results.json")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="train only shard K of N of the run list (0-based; one process per GPU, "
+                        "each with its own --out; --merge joins them)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="with --report-only: report the runs of these directories' results.json "
+                        "(shards of one experiment) together in --out")
     p.add_argument("--prices", type=Path, default=None, metavar="BENCH_JSON",
                    help="a `centrifuge bench` JSON with the same knobs (--knob): adds each "
                         "variant's backward and step time over dense (the Pareto table)")
@@ -677,8 +709,10 @@ def main(argv=None) -> int:
         knob_options(knob)  # a bad spec fails here, before any training
     out = args.out or Path("runs") / f"utility-{args.scale}"
     prices = bench_prices(args.prices, s.headline_ratio) if args.prices else None
+    shard = parse_shard(args.shard) if args.shard else None
     if args.report_only:
-        saved = json.loads((out / "results.json").read_text())
+        saved = merge_results(args.merge) if args.merge else json.loads((out / "results.json").read_text())
+        out.mkdir(parents=True, exist_ok=True)
         s = Scale(**saved["meta"]["config"])
         m = saved["meta"]
         write_report(out, s, saved["runs"], m["skipped"], m["reference_eval"], args,
@@ -746,6 +780,8 @@ def main(argv=None) -> int:
     results, skipped, durations, failed = [], [], [], []
     earlier = earlier_results(out, s)
     runs = plan_runs(s)
+    if shard:
+        runs = shard_runs(runs, s.headline_ratio, *shard)
     for i, spec in enumerate(runs):
         if spec.name in earlier:
             results.append(earlier[spec.name])
@@ -805,6 +841,30 @@ def earlier_results(out: Path, s: Scale) -> dict[str, dict]:
     for f in sorted(out.glob("runs/*/result.json")):
         found[f.parent.name] = json.loads(f.read_text())
     return found
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard {text!r}: expected K/N, e.g. 0/2") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard {text!r}: K must be in 0..N-1")
+    return k, n
+
+
+def merge_results(dirs: list[Path]) -> dict:
+    """One results.json from the shards' ones: the same experiment (scale
+    settings, reference, gradient check of the first), every run once."""
+    parts = [json.loads((d / "results.json").read_text()) for d in dirs]
+    meta = parts[0]["meta"]
+    for d, part in zip(dirs[1:], parts[1:]):
+        if part["meta"]["config"] != meta["config"]:
+            raise SystemExit(f"--merge: {d} ran other scale settings than {dirs[0]}")
+    runs = {r["name"]: r for part in parts for r in part["runs"]}
+    skipped = [n for part in parts for n in part["meta"]["skipped"] if n not in runs]
+    failed = [f for part in parts for f in part["meta"].get("failed", [])]
+    return dict(meta=dict(meta, skipped=list(dict.fromkeys(skipped)), failed=failed), runs=list(runs.values()))
 
 
 def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None, check=None,

@@ -266,6 +266,42 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
         ue.bench_prices(tmp_path / "bench.json", 0.3)
 
 
+def test_experiment_shards_and_merge(monkeypatch, tmp_path):
+    """One process per GPU: every run in exactly one shard, a seed's headline
+    runs (which equal time pairs) in the same one; --merge reports the shards
+    as one experiment and refuses shards of other settings."""
+    ue = _experiment_module(monkeypatch)
+    s = ue.SCALES["continued-full"]
+    runs = ue.plan_runs(s)
+    shards = [ue.shard_runs(runs, s.headline_ratio, k, 3) for k in range(3)]
+    names = [r.name for sh in shards for r in sh]
+    assert sorted(names) == sorted(r.name for r in runs)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 4
+    for sh in shards:
+        assert [r.name for r in sh] == [r.name for r in runs if r in sh]  # plan order kept
+        mine = {r.name for r in sh}
+        for seed in s.seeds:
+            group = {f"cont-{m}-s{seed}" for m in ("standard", "rho1-exact-r0.5", "rho1-centrifuge-r0.5",
+                                                    "rho1-centrifuge-eqtime-r0.5")}  # fmt: skip
+            assert group <= mine or not group & mine
+    config = dict(ue.asdict(s))
+    for k, part in enumerate(shards[:2]):
+        d = tmp_path / f"shard{k}"
+        d.mkdir()
+        meta = dict(config=config, skipped=[r.name for r in part[1:]], failed=[], reference_eval={})
+        (d / "results.json").write_text(json.dumps(dict(meta=meta, runs=[dict(name=part[0].name)])))
+    merged = ue.merge_results([tmp_path / "shard0", tmp_path / "shard1"])
+    assert [r["name"] for r in merged["runs"]] == [shards[0][0].name, shards[1][0].name]
+    assert len(merged["meta"]["skipped"]) == len(shards[0]) + len(shards[1]) - 2
+    other = json.loads((tmp_path / "shard1" / "results.json").read_text())
+    other["meta"]["config"]["steps"] += 1
+    (tmp_path / "shard1" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other scale settings"):
+        ue.merge_results([tmp_path / "shard0", tmp_path / "shard1"])
+    with pytest.raises(SystemExit, match="K must be"):
+        ue.parse_shard("2/2")
+
+
 def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
     """The continued-training pipeline at miniature size: base on general text,
     reference from the base, runs from the base (with knobs) and from scratch,
