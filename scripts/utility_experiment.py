@@ -790,8 +790,8 @@ def main(argv=None) -> int:
             skipped.append(spec.name)
             continue
         elapsed = time.perf_counter() - t0
-        if args.time_budget is not None and durations:
-            if elapsed + 1.2 * max(durations) > args.time_budget:
+        if args.time_budget is not None:  # a run's length is known after the first
+            if elapsed + 1.2 * max(durations, default=0.0) > args.time_budget:
                 skipped.append(spec.name)
                 continue
         if spec.method == EQUAL_TIME:
