@@ -258,7 +258,8 @@ def knob_options(knob: str) -> dict:
 
 
 def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path, eval_ds,
-            base: Path | None = None, work: Path | None = None, prune: bool = False) -> dict:  # fmt: skip
+            base: Path | None = None, work: Path | None = None, prune: bool = False,
+            reference_loss: float | None = None) -> dict:  # fmt: skip
     """Train and evaluate one run; its result (and metrics) go to ``out/runs/NAME``,
     its checkpoints to ``work`` (default ``out``; deleted after evaluation with
     ``prune``). A run whose result exists is not trained again."""
@@ -289,7 +290,7 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
                           **evaluate_checkpoint(ck, eval_ds, s)))  # fmt: skip
         if prune:
             shutil.rmtree(ck)
-    res = dict(asdict(spec), steps=summary["steps"], tokens_seen=summary["tokens_seen"],
+    res = dict(asdict(spec), reference_loss=reference_loss, steps=summary["steps"], tokens_seen=summary["tokens_seen"],
                tokens_kept=summary["tokens_kept"], kept_fraction=summary["kept_fraction"],
                ms_per_step=1e3 * statistics.median(times[skip:]),
                train_s=sum(times), wall_s=summary["wall_s"],
@@ -344,7 +345,9 @@ def base_documents(s: Scale) -> list[str]:
 
 def pretrain_base(s: Scale, work: Path, cache: Path, eval_ds, say) -> tuple[Path, dict]:
     """Train (or reuse) the base model; returns its checkpoint and a description.
-    Deterministic, so a later call on a fresh machine rebuilds the same base."""
+    A later call rebuilds it from the same data and seed: the same base on the
+    CPU, a slightly different one on a GPU (not bit-reproducible), which is why
+    every run records its reference (:func:`pair_key`)."""
     base_dir = work / "base"
     docs = base_documents(s)
     data = write_jsonl(work / "base.jsonl", docs)
@@ -436,6 +439,13 @@ def groups(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
     return g
 
 
+def pair_key(r: dict) -> tuple[int, float]:
+    """Runs compare with the runs of the same key: their seed, and the reference
+    model (named by its clean eval loss) that scored their data and, from the
+    base, was trained from the same base as them."""
+    return r["seed"], r.get("reference_loss", 0.0)
+
+
 def init_of(r: dict) -> str:
     return r.get("init", "scratch")
 
@@ -470,7 +480,7 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
     order = sorted(g, key=lambda k: (k[1] != 1.0, k[1], k[0]))
     lines = [
         "",
-        "| method | ρ | seeds | clean eval loss | perplexity | answer accuracy (%) | ms / step | kept |",
+        "| method | ρ | runs | clean eval loss | perplexity | answer accuracy (%) | ms / step | kept |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key in order:
@@ -482,8 +492,9 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
             f"{fmt([r['eval_accuracy'] for r in rs], 1, 100)} | "
             f"{fmt([r['ms_per_step'] for r in rs], 1)} | {fmt([r['kept_fraction'] for r in rs], 2)} |"
         )
-    # Paired differences (same seed: same initialisation and data order).
-    by = {(r["method"], r["ratio"], r["seed"]): r for r in results}
+    # Paired differences: same seed (initialisation and data order) and same
+    # base and reference (rebuilt ones differ: GPU training is not bit-reproducible).
+    by = {(r["method"], r["ratio"], pair_key(r)): r for r in results}
     rows = []
     for ratio in sorted({r["ratio"] for r in results if r["method"] != "standard"}):
         seeds = sorted(sd for (m, rr, sd) in by if m == "rho1-exact" and rr == ratio
@@ -717,7 +728,8 @@ def main(argv=None) -> int:
         m = saved["meta"]
         write_report(out, s, saved["runs"], m["skipped"], m["reference_eval"], args,
                      device=m["device"], check=m.get("gradient_check"), failed=m.get("failed", ()),
-                     base=m.get("base"), prices=prices or m.get("prices"))  # fmt: skip
+                     base=m.get("base"), prices=prices or m.get("prices"),
+                     rebuilds=m.get("rebuilds"))  # fmt: skip
         print((out / "results.md").read_text())
         return 0
     if s.device.startswith("cuda") and not torch.cuda.is_available():
@@ -806,7 +818,8 @@ def main(argv=None) -> int:
             spec = replace(spec, steps=steps)
         t_run = time.perf_counter()
         try:
-            r = run_one(spec, s, train_data, scores, out, cache, eval_ds, base, work, args.prune)
+            r = run_one(spec, s, train_data, scores, out, cache, eval_ds, base, work, args.prune,
+                        ref_eval["loss"])
         except Exception as e:  # keep the other runs' results; report this one as failed
             failed.append(f"{spec.name} ({type(e).__name__}: {e})")
             say(f"run {i + 1}/{len(runs)} {spec.name} FAILED: {type(e).__name__}: {e}")
@@ -829,15 +842,17 @@ def main(argv=None) -> int:
 RUN_LIST_FIELDS = ("seeds", "side_seeds", "ratios", "knobs", "inits", "equal_time", "threads")
 
 
+def run_settings(config: dict) -> dict:
+    """A scale's fields that decide how a run trains (as saved in results.json)."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in RUN_LIST_FIELDS}
+
+
 def earlier_saved(out: Path, s: Scale) -> dict:
     """``out``'s results.json if its runs trained as ``s`` trains them, else {}."""
-    def settings(scale: Scale) -> dict:
-        return {k: v for k, v in json.loads(json.dumps(asdict(scale))).items() if k not in RUN_LIST_FIELDS}
-
     saved = out / "results.json"
     if saved.exists():
         data = json.loads(saved.read_text())
-        if settings(Scale(**data["meta"]["config"])) == settings(s):
+        if run_settings(data["meta"]["config"]) == run_settings(asdict(s)):
             return data
     return {}
 
@@ -864,20 +879,28 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def merge_results(dirs: list[Path]) -> dict:
     """One results.json from the shards' ones: the same experiment (scale
-    settings, reference, gradient check of the first), every run once."""
+    settings, reference, gradient check of the first), every run once (a run
+    trained again from a rebuilt base and reference counts as another run)."""
     parts = [json.loads((d / "results.json").read_text()) for d in dirs]
     meta = parts[0]["meta"]
     for d, part in zip(dirs[1:], parts[1:]):
-        if part["meta"]["config"] != meta["config"]:
+        if run_settings(part["meta"]["config"]) != run_settings(meta["config"]):
             raise SystemExit(f"--merge: {d} ran other scale settings than {dirs[0]}")
-    runs = {r["name"]: r for part in parts for r in part["runs"]}
-    skipped = [n for part in parts for n in part["meta"]["skipped"] if n not in runs]
+    knobs = list(dict.fromkeys(k for part in parts for k in part["meta"]["config"]["knobs"]))
+    checks = {k: v for part in parts for k, v in (part["meta"].get("gradient_check") or {}).items()}
+    rebuilds = [dict(base=(p["meta"].get("base") or {}).get("eval", {}).get("loss", math.nan),
+                     reference=p["meta"]["reference_eval"]["loss"]) for p in parts]
+    rebuilds = list({r["reference"]: r for r in rebuilds}.values())
+    meta = dict(meta, config=dict(meta["config"], knobs=knobs), gradient_check=checks, rebuilds=rebuilds)
+    runs = {(r["name"], r.get("reference_loss")): r for part in parts for r in part["runs"]}
+    names = {name for name, _ in runs}
+    skipped = [n for part in parts for n in part["meta"]["skipped"] if n not in names]
     failed = [f for part in parts for f in part["meta"].get("failed", [])]
     return dict(meta=dict(meta, skipped=list(dict.fromkeys(skipped)), failed=failed), runs=list(runs.values()))
 
 
 def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None, check=None,
-                 failed=(), base=None, prices=None) -> None:  # fmt: skip
+                 failed=(), base=None, prices=None, rebuilds=None) -> None:  # fmt: skip
     dev = device or s.device
     if device is None and dev.startswith("cuda") and torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
@@ -885,7 +908,7 @@ def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=N
         dev = f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     meta = dict(scale=args.scale, device=dev, skipped=skipped, failed=list(failed),
                 reference_eval=ref_eval, gradient_check=check, torch=torch.__version__, prices=prices,
-                config=asdict(s), base=base)  # fmt: skip
+                config=asdict(s), base=base, rebuilds=rebuilds)  # fmt: skip
     (out / "results.json").write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
     md = to_markdown(results, s, meta)
     if base:
@@ -894,6 +917,11 @@ def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=N
                f"{100 * base['eval']['accuracy']:.1f}%.")  # fmt: skip
     md += (f"\nReference model (clean data only): clean eval loss {ref_eval['loss']:.4f}, "
            f"answer accuracy {100 * ref_eval['accuracy']:.1f}%.\n")  # fmt: skip
+    if rebuilds and len(rebuilds) > 1:
+        md += ("The shards rebuilt the base and the reference on their own; GPU training is not "
+               "bit-reproducible, so they differ (" + "; ".join(
+                   f"base {r['base']:.4f}, reference {r['reference']:.4f}" for r in rebuilds)
+               + " clean eval loss). Runs are paired only with runs of the same reference.\n")
     if check:
         md += ("Gradient check before the runs (relative error vs the reference semantics, "
                "fp32): " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + ".\n")

@@ -251,6 +251,12 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
     # training time 48/60 and 49/60.
     assert ("| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 | "
             "0.81 ± 0.01 |") in md
+    # A run from another (rebuilt) reference pairs with nothing here.
+    results.append(dict(results[-1], method="rho1-centrifuge+exact2", reference_loss=0.9))
+    md = ue.to_markdown(results, s, dict(device="cpu"))
+    assert "| rho1-centrifuge+exact2 | 0.5 | 1 |" in md  # listed
+    assert "rho1-centrifuge+exact2" not in md.split("Every Centrifuge variant")[1]  # not paired
+    results.pop()
     # The Pareto table: each variant's backward and step time over dense from a bench JSON.
     bench = dict(environment=dict(device="H200"), model=dict(preset="tinyllama-1.1b", tokens_per_step=16384),
                  ratios=[dict(ratio=0.5, **{"c/a": dict(step=0.66, backward=0.51, peak=0.97)},
@@ -285,14 +291,18 @@ def test_experiment_shards_and_merge(monkeypatch, tmp_path):
                                                     "rho1-centrifuge-eqtime-r0.5")}  # fmt: skip
             assert group <= mine or not group & mine
     config = dict(ue.asdict(s))
-    for k, part in enumerate(shards[:2]):
+    # Shard 2 ran shard 0's first run again from a rebuilt (so different) reference.
+    for k, part in enumerate((shards[0], shards[1], shards[0][:1])):
         d = tmp_path / f"shard{k}"
         d.mkdir()
-        meta = dict(config=config, skipped=[r.name for r in part[1:]], failed=[], reference_eval={})
-        (d / "results.json").write_text(json.dumps(dict(meta=meta, runs=[dict(name=part[0].name)])))
-    merged = ue.merge_results([tmp_path / "shard0", tmp_path / "shard1"])
-    assert [r["name"] for r in merged["runs"]] == [shards[0][0].name, shards[1][0].name]
+        meta = dict(config=config, skipped=[r.name for r in part[1:]], failed=[],
+                    reference_eval=dict(loss=0.5 if k < 2 else 0.6))  # fmt: skip
+        run = dict(name=part[0].name, reference_loss=meta["reference_eval"]["loss"])
+        (d / "results.json").write_text(json.dumps(dict(meta=meta, runs=[run])))
+    merged = ue.merge_results([tmp_path / f"shard{k}" for k in range(3)])
+    assert [r["name"] for r in merged["runs"]] == [shards[0][0].name, shards[1][0].name, shards[0][0].name]
     assert len(merged["meta"]["skipped"]) == len(shards[0]) + len(shards[1]) - 2
+    assert [r["reference"] for r in merged["meta"]["rebuilds"]] == [0.5, 0.6]
     other = json.loads((tmp_path / "shard1" / "results.json").read_text())
     other["meta"]["config"]["steps"] += 1
     (tmp_path / "shard1" / "results.json").write_text(json.dumps(other))
