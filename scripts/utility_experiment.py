@@ -446,6 +446,13 @@ def pair_key(r: dict) -> tuple[int, float]:
     return r["seed"], r.get("reference_loss", 0.0)
 
 
+def steady_s(r: dict, steps: int) -> float:
+    """Seconds of ``steps`` of a run at its median step time: its training time
+    without the first steps' one-time kernel compilation, which weighs on a
+    150-step run and not on a real one."""
+    return steps * r["ms_per_step"] / 1e3
+
+
 def init_of(r: dict) -> str:
     return r.get("init", "scratch")
 
@@ -532,7 +539,7 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
                  if b != e["eval_loss"]]  # fmt: skip
         delta = [m["eval_loss"] - e["eval_loss"] for m, e in zip(mine, exact)]
         time_ratio = [m["ms_per_step"] / e["ms_per_step"] for m, e in zip(mine, exact)]
-        train_ratio = [m["train_s"] / e["train_s"] for m, e in zip(mine, exact)]
+        train_ratio = [steady_s(m, m["steps"]) / steady_s(e, e["steps"]) for m, e in zip(mine, exact)]
         row = (f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {fmt(share, 0, 100)}% | "
                f"{fmt(time_ratio, 2)} | {fmt(train_ratio, 2)} |")  # fmt: skip
         if prices:
@@ -544,7 +551,7 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
             "",
             "Every Centrifuge variant, paired by seed: Δ loss against Rho-1 exact, its share of "
             "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact)), "
-            "its step time and its whole training time over Rho-1 exact's on this device "
+            "its step time and its training time (steps × median step time) over Rho-1 exact's on this device "
             f"({EQUAL_TIME}: Centrifuge given Rho-1 exact's training time, so more steps).",
             "",
             "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact | training time / exact |"
@@ -627,15 +634,16 @@ def plot_curves(results: list[dict], s: Scale, out: Path, suffix: str = "") -> l
     g = groups(results)
     methods = [k for k in sorted(g) if k[1] == s.headline_ratio or k[0] == "standard"]
     paths = []
-    for x_key, x_label, name in (("tokens", "training tokens", "tokens"),
-                                 ("train_s", "training seconds (wall time of the steps)", "time")):  # fmt: skip
+    x_of = {"tokens": lambda r, p: p["tokens"], "time": lambda r, p: steady_s(r, p["step"])}
+    for name, x_label in (("tokens", "training tokens"),
+                          ("time", "training seconds (steps × median step time)")):  # fmt: skip
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
         for ax, (y_key, y_label, scale) in zip(axes, (("loss", "clean held-out loss", 1.0),
                                                       ("accuracy", "answer accuracy (%)", 100.0))):  # fmt: skip
             for method, ratio in methods:
                 rs = g[(method, ratio)]
                 n = min(len(r["curve"]) for r in rs)
-                xs = [statistics.fmean(r["curve"][i][x_key] for r in rs) for i in range(n)]
+                xs = [statistics.fmean(x_of[name](r, r["curve"][i]) for r in rs) for i in range(n)]
                 ys = [[scale * r["curve"][i][y_key] for r in rs] for i in range(n)]
                 label = method if method == "standard" else f"{method} ρ={ratio:g}"
                 line, = ax.plot(xs, [statistics.fmean(y) for y in ys], "o-", label=f"{label} (n={len(rs)})")

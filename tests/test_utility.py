@@ -236,7 +236,7 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
             ("rho1-exact", 1): 0.8, ("rho1-centrifuge", 0): 0.75, ("rho1-centrifuge", 1): 0.9}
     results = [dict(method=m, ratio=1.0 if m == "standard" else 0.5, seed=sd, eval_loss=v,
                     eval_accuracy=0.1, ms_per_step=20.0 if m == "rho1-centrifuge" else 30.0,
-                    train_s=40.0 if m == "rho1-centrifuge" else 60.0,
+                    steps=100,
                     kept_fraction=0.5) for (m, sd), v in loss.items()]  # fmt: skip
     md = ue.to_markdown(results, s, dict(device="cpu"))
     # Δ exact − standard: −0.3, −0.4; Δ Centrifuge − exact: +0.05, +0.1; speed-up 1.5×.
@@ -244,13 +244,13 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
     assert "| standard | 1 | 2 | 1.1000 ± 0.1414 |" in md
     # A knob variant: its share of Rho-1 exact's gain, paired by seed.
     results += [dict(method="rho1-centrifuge+extra0.3", ratio=0.5, seed=sd, eval_loss=v,
-                     eval_accuracy=0.1, ms_per_step=24.0, train_s=sd + 48.0, kept_fraction=0.5)
+                     eval_accuracy=0.1, ms_per_step=24.0, steps=100 + 5 * sd, kept_fraction=0.5)
                 for sd, v in ((0, 0.7), (1, 0.85))]  # fmt: skip
     md = ue.to_markdown(results, s, dict(device="cpu"))
     # shares: (1.0 − 0.7) / (1.0 − 0.7) = 100%, (1.2 − 0.85) / (1.2 − 0.8) = 87.5%;
-    # training time 48/60 and 49/60.
+    # training time (steps × median step time) 2400/3000 and 2520/3000.
     assert ("| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 | "
-            "0.81 ± 0.01 |") in md
+            "0.82 ± 0.03 |") in md
     # A run from another (rebuilt) reference pairs with nothing here.
     results.append(dict(results[-1], method="rho1-centrifuge+exact2", reference_loss=0.9))
     md = ue.to_markdown(results, s, dict(device="cpu"))
@@ -266,7 +266,7 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
     prices = ue.bench_prices(tmp_path / "bench.json", 0.5)
     assert prices["prices"]["rho1-centrifuge+extra0.5w1.5"] == dict(step=0.87, backward=0.82)
     md = ue.to_markdown(results, s, dict(device="cpu", prices=prices))
-    assert "| 94 ± 9% | 0.80 ± 0.00 | 0.81 ± 0.01 | 0.700 | 0.800 |" in md
+    assert "| 94 ± 9% | 0.80 ± 0.00 | 0.82 ± 0.03 | 0.700 | 0.800 |" in md
     assert "| rho1-centrifuge | 0.5 | 2 | 0.0750 ± 0.0354 |" in md and "| 0.510 | 0.660 |" in md
     with pytest.raises(SystemExit, match="no Centrifuge timing"):
         ue.bench_prices(tmp_path / "bench.json", 0.3)
