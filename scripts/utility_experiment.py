@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from centrifuge.cli import main as centrifuge_cli  # noqa: E402
 from centrifuge.data import corpus, load_dataset, load_tokenizer  # noqa: E402
-from centrifuge.evaluation import evaluate  # noqa: E402
+from centrifuge.evaluation import evaluate, loss_by_token_type  # noqa: E402
 from centrifuge.data import prose  # noqa: E402
 from centrifuge.models import LlamaForCausalLM  # noqa: E402
 from centrifuge.plan import BackwardOptions  # noqa: E402
@@ -243,11 +243,18 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def evaluate_checkpoint(path: Path, eval_ds, s: Scale) -> dict:
+def evaluate_checkpoint(path: Path, eval_ds, s: Scale, reference=None) -> dict:
+    """Clean held-out loss, perplexity and answer accuracy; with the
+    ``reference`` model also the loss by kind of token and the share of each
+    kind that Rho-1 at the headline ρ keeps (``by_type``)."""
     model = LlamaForCausalLM.from_pretrained(path).to(s.device)
-    r = evaluate(model, eval_ds, 2 * s.batch_size, s.device, max_rows=s.eval_rows,
-                 problems=eval_ds.problems[: s.eval_problems])  # fmt: skip
-    return dict(loss=r["loss"], perplexity=r["perplexity"], accuracy=r["accuracy"])
+    problems = eval_ds.problems[: s.eval_problems]
+    r = evaluate(model, eval_ds, 2 * s.batch_size, s.device, max_rows=s.eval_rows, problems=problems)
+    out = dict(loss=r["loss"], perplexity=r["perplexity"], accuracy=r["accuracy"])
+    if reference is not None:
+        out["by_type"] = loss_by_token_type(model, eval_ds.tokenizer, problems, s.device, reference,
+                                            s.headline_ratio, batch_size=2 * s.batch_size)  # fmt: skip
+    return out
 
 
 def knob_options(knob: str) -> dict:
@@ -259,7 +266,7 @@ def knob_options(knob: str) -> dict:
 
 def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path, eval_ds,
             base: Path | None = None, work: Path | None = None, prune: bool = False,
-            reference_loss: float | None = None) -> dict:  # fmt: skip
+            reference: tuple[float, torch.nn.Module] | None = None) -> dict:  # fmt: skip
     """Train and evaluate one run; its result (and metrics) go to ``out/runs/NAME``,
     its checkpoints to ``work`` (default ``out``; deleted after evaluation with
     ``prune``). A run whose result exists is not trained again."""
@@ -284,18 +291,21 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
     summary = train(cfg, progress=False)
     times = step_times(Path(summary["metrics"]))
     skip = max(1, len(times) // 10)  # the first steps include warm-up (allocation, compilation)
-    curve = []
-    for step, ck in checkpoints(run_dir):
+    curve, saved = [], checkpoints(run_dir)
+    ref_loss, ref_model = reference or (None, None)
+    for step, ck in saved:
+        last = ref_model if step == saved[-1][0] else None  # the breakdown of the final model
         curve.append(dict(step=step, tokens=step * cfg.tokens_per_step(), train_s=sum(times[:step]),
-                          **evaluate_checkpoint(ck, eval_ds, s)))  # fmt: skip
+                          **evaluate_checkpoint(ck, eval_ds, s, last)))  # fmt: skip
         if prune:
             shutil.rmtree(ck)
-    res = dict(asdict(spec), reference_loss=reference_loss, steps=summary["steps"], tokens_seen=summary["tokens_seen"],
+    by_type = curve[-1].pop("by_type", None)
+    res = dict(asdict(spec), reference_loss=ref_loss, steps=summary["steps"], tokens_seen=summary["tokens_seen"],
                tokens_kept=summary["tokens_kept"], kept_fraction=summary["kept_fraction"],
                ms_per_step=1e3 * statistics.median(times[skip:]),
                train_s=sum(times), wall_s=summary["wall_s"],
                final_train_loss=summary["final_train_loss"], curve=curve,
-               eval_loss=curve[-1]["loss"], eval_accuracy=curve[-1]["accuracy"])  # fmt: skip
+               eval_loss=curve[-1]["loss"], eval_accuracy=curve[-1]["accuracy"], by_type=by_type)  # fmt: skip
     done.parent.mkdir(parents=True, exist_ok=True)
     if done.parent != run_dir:
         shutil.copy(summary["metrics"], done.parent / "metrics.jsonl")
@@ -472,7 +482,8 @@ def to_markdown(results: list[dict], s: Scale, meta: dict) -> str:
     for init in inits:
         if len(inits) > 1:
             lines += ["", f"**{INITS[init].capitalize()}**"]
-        lines += init_tables([r for r in results if init_of(r) == init], meta.get("prices"))
+        mine = [r for r in results if init_of(r) == init]
+        lines += init_tables(mine, meta.get("prices")) + type_table(mine, s.headline_ratio)
     if meta.get("skipped"):
         lines += ["", f"Not run (time budget or --runs): {', '.join(meta['skipped'])}."]
     return "\n".join(lines) + "\n"
@@ -562,6 +573,34 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
         if prices:
             lines += ["", f"¹ `centrifuge bench` ({prices['setting']}, {prices['device']}, ρ = {ratio:g}; "
                       f"{prices['source']}): the variant's time over dense training's."]
+    return lines
+
+
+def type_table(results: list[dict], ratio: float) -> list[str]:
+    """Clean held-out loss by kind of token (final models, mean over runs) of
+    standard, Rho-1 exact and Centrifuge at ``ratio``, Centrifuge's share of
+    Rho-1's gain per kind (paired), and the share of each kind that Rho-1's
+    selection keeps (excess loss of Rho-1 exact's final model)."""
+    by = {(r["method"], pair_key(r)): r for r in results if r.get("by_type")
+          and r["ratio"] == (1.0 if r["method"] == "standard" else ratio)}  # fmt: skip
+    keys = sorted(k for (m, k) in by if m == "rho1-centrifuge"
+                  and ("rho1-exact", k) in by and ("standard", k) in by)  # fmt: skip
+    if not keys:
+        return []
+
+    def loss(method, kind):
+        return [by[method, k]["by_type"][kind]["loss"] for k in keys]
+
+    lines = ["", f"Clean held-out loss by kind of token, ρ = {ratio:g} ({len(keys)} paired seeds, final "
+             "models); kept: the share of the kind that Rho-1 exact's final model would select.", "",
+             "| kind | tokens | kept | standard | Rho-1 exact | Centrifuge | share of the gain |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for kind, v in by["rho1-exact", keys[0]]["by_type"].items():
+        std, exact, mine = loss("standard", kind), loss("rho1-exact", kind), loss("rho1-centrifuge", kind)
+        share = [(b - m) / (b - e) for b, e, m in zip(std, exact, mine) if b != e]
+        kept = [by["rho1-exact", k]["by_type"][kind]["kept"] for k in keys]
+        lines.append(f"| {kind} | {v['tokens']} | {fmt(kept, 2)} | {fmt(std)} | {fmt(exact)} | {fmt(mine)} | "
+                     f"{fmt(share, 0, 100)}% |")  # fmt: skip
     return lines
 
 
@@ -777,6 +816,7 @@ def main(argv=None) -> int:
         train(cfg, progress=False)
     ref_ckpt = checkpoints(ref_dir)[-1][1]
     ref_eval = evaluate_checkpoint(ref_ckpt, eval_ds, s)
+    ref_model = LlamaForCausalLM.from_pretrained(ref_ckpt).to(s.device)  # for the runs' token-type breakdown
     say(f"reference: clean eval loss {ref_eval['loss']:.4f}, accuracy {ref_eval['accuracy']:.3f}")
 
     # 3. Reference scores of the training corpus, with the user-facing command.
@@ -827,7 +867,7 @@ def main(argv=None) -> int:
         t_run = time.perf_counter()
         try:
             r = run_one(spec, s, train_data, scores, out, cache, eval_ds, base, work, args.prune,
-                        ref_eval["loss"])
+                        (ref_eval["loss"], ref_model))
         except Exception as e:  # keep the other runs' results; report this one as failed
             failed.append(f"{spec.name} ({type(e).__name__}: {e})")
             say(f"run {i + 1}/{len(runs)} {spec.name} FAILED: {type(e).__name__}: {e}")

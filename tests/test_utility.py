@@ -339,6 +339,11 @@ def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
         1, round(s.steps * exact["ms_per_step"] / amp["ms_per_step"]))
     assert (out / "curves-tokens.png").is_file() and (out / "curves-time.png").is_file()
     assert all(r["init"] == "base" for r in first["runs"])
+    # The final models' loss by kind of token, and what Rho-1 keeps of each kind.
+    by_type = by["cont-rho1-exact-r0.5-s0"]["by_type"]
+    assert set(by_type) <= set(corpus.TOKEN_TYPES) and "answer" in by_type
+    assert all(0.0 <= v["kept"] <= 1.0 and v["loss"] > 0 for v in by_type.values())
+    assert "| kind | tokens | kept | standard | Rho-1 exact | Centrifuge |" in (out / "results.md").read_text()
     assert "stdlib docs" in first["meta"]["base"]["text"]
     assert set(first["meta"]["gradient_check"]) == {"amplified", "exact", "extra=0.3"}
     assert max(first["meta"]["gradient_check"].values()) < 1e-5

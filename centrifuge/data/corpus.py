@@ -120,6 +120,26 @@ def _noise(rng: random.Random) -> str:
             f" | Posted {rng.randint(2005, 2024)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}")
 
 
+# Kinds of character in a problem's text (:func:`char_types`): the question's
+# numbers are random, so no model predicts them well and Rho-1's excess loss
+# filters them, while the solution and the answer must read them through
+# attention.
+TOKEN_TYPES = ("question digits", "question words", "solution digits", "solution words", "answer")
+
+
+def char_types(p: Problem) -> list[str]:
+    """One of :data:`TOKEN_TYPES` for every character of ``p.text``: the
+    question line, the rest of the prompt (the worked solution and
+    ``"Answer: "``; a drill has no solution), then the answer and its end
+    marker."""
+    question = len(_question(p)) + 1  # with its newline
+    kinds = []
+    for i, ch in enumerate(p.prompt):
+        part = "question" if i < question else "solution"
+        kinds.append(f"{part} {'digits' if ch.isdigit() else 'words'}")
+    return kinds + ["answer"] * (len(p.answer) + len(END_MARKER))
+
+
 def _question(p: Problem) -> str:
     return p.prompt.split("\n", 1)[0]
 
