@@ -300,9 +300,9 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
         if prune:
             shutil.rmtree(ck)
     by_type = curve[-1].pop("by_type", None)
-    res = dict(asdict(spec), reference_loss=ref_loss, steps=summary["steps"], tokens_seen=summary["tokens_seen"],
-               tokens_kept=summary["tokens_kept"], kept_fraction=summary["kept_fraction"],
-               ms_per_step=1e3 * statistics.median(times[skip:]),
+    res = dict(asdict(spec), reference_loss=ref_loss, steps=summary["steps"],
+               tokens_seen=summary["tokens_seen"], tokens_kept=summary["tokens_kept"],
+               kept_fraction=summary["kept_fraction"], ms_per_step=1e3 * statistics.median(times[skip:]),
                train_s=sum(times), wall_s=summary["wall_s"],
                final_train_loss=summary["final_train_loss"], curve=curve,
                eval_loss=curve[-1]["loss"], eval_accuracy=curve[-1]["accuracy"], by_type=by_type)  # fmt: skip
@@ -562,7 +562,8 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
             "",
             "Every Centrifuge variant, paired by seed: Δ loss against Rho-1 exact, its share of "
             "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact)), "
-            "its step time and its training time (steps × median step time) over Rho-1 exact's on this device "
+            "its step time and its training time (steps × median step time) over Rho-1 exact's "
+            "on this device "
             f"({EQUAL_TIME}: Centrifuge given Rho-1 exact's training time, so more steps).",
             "",
             "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact | training time / exact |"
@@ -944,7 +945,8 @@ def merge_results(dirs: list[Path]) -> dict:
     names = {name for name, _ in runs}
     skipped = [n for part in parts for n in part["meta"]["skipped"] if n not in names]
     failed = [f for part in parts for f in part["meta"].get("failed", [])]
-    return dict(meta=dict(meta, skipped=list(dict.fromkeys(skipped)), failed=failed), runs=list(runs.values()))
+    meta = dict(meta, skipped=list(dict.fromkeys(skipped)), failed=failed)
+    return dict(meta=meta, runs=list(runs.values()))
 
 
 def write_report(out: Path, s: Scale, results, skipped, ref_eval, args, device=None, check=None,
