@@ -184,29 +184,27 @@ def plan_runs(s: Scale) -> list[RunSpec]:
     return runs
 
 
-def shard_runs(runs: list[RunSpec], headline: float, shard: int, shards: int) -> list[RunSpec]:
-    """The runs of process ``shard`` of ``shards`` (one per GPU), in plan order.
+def shard_runs(runs: list[RunSpec], shard: int, shards: int) -> list[RunSpec]:
+    """The runs of process ``shard`` of ``shards`` (one per GPU).
 
-    Runs that are compared by step time stay together: a seed's headline runs
-    (its equal-time run needs its exact and Centrifuge runs' step times) and
-    the exact/Centrifuge pair of a side ratio. Groups go, in plan order, to the
-    shard with the fewest runs, so a call that runs out of time cuts every
-    shard's tail, not one shard's headline. Deterministic: every call gives a
-    shard the same runs."""
+    A shard takes whole seeds of an init: every run of a seed (its headline, its
+    equal-time run, which needs the headline's step times, its knobs and side
+    ratios) is compared with that seed's standard and Rho-1 exact runs, and only
+    runs from the same rebuilt base and reference pair (:func:`pair_key`). So
+    a shard runs seed by seed, in plan order within a seed: a call that runs out
+    of time leaves one seed unfinished, not the knobs of every seed. Seeds go to
+    the shard with the fewest runs. Deterministic: every call gives a shard the
+    same runs."""
     groups: dict[tuple, list[RunSpec]] = {}
     for r in runs:
-        if r.method in ("standard", "rho1-exact", "rho1-centrifuge", EQUAL_TIME):
-            key = (r.init, r.seed, headline if r.method == "standard" else r.ratio)
-        else:
-            key = (r.init, r.seed, r.method)
-        groups.setdefault(key, []).append(r)
-    load, mine = [0] * shards, set()
+        groups.setdefault((r.init, r.seed), []).append(r)
+    load, mine = [0] * shards, []
     for g in groups.values():
         k = load.index(min(load))
         load[k] += len(g)
         if k == shard:
-            mine.update(r.name for r in g)
-    return [r for r in runs if r.name in mine]
+            mine += g
+    return mine
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -846,7 +844,7 @@ def main(argv=None) -> int:
     earlier = earlier_results(out, s)
     runs = plan_runs(s)
     if shard:
-        runs = shard_runs(runs, s.headline_ratio, *shard)
+        runs = shard_runs(runs, *shard)
     for i, spec in enumerate(runs):
         if spec.name in earlier:
             results.append(earlier[spec.name])

@@ -273,23 +273,23 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
 
 
 def test_experiment_shards_and_merge(monkeypatch, tmp_path):
-    """One process per GPU: every run in exactly one shard, a seed's headline
-    runs (which equal time pairs) in the same one; --merge reports the shards
-    as one experiment and refuses shards of other settings."""
+    """One process per GPU: every run in exactly one shard, each seed of an init
+    whole in one (its runs pair only with runs from the same rebuilt base);
+    --merge reports the shards as one experiment and refuses shards of other
+    settings."""
     ue = _experiment_module(monkeypatch)
     s = ue.SCALES["continued-full"]
     runs = ue.plan_runs(s)
-    shards = [ue.shard_runs(runs, s.headline_ratio, k, 3) for k in range(3)]
+    shards = [ue.shard_runs(runs, k, 3) for k in range(3)]
     names = [r.name for sh in shards for r in sh]
     assert sorted(names) == sorted(r.name for r in runs)
     assert max(map(len, shards)) - min(map(len, shards)) <= 4
-    for sh in shards:
-        assert [r.name for r in sh] == [r.name for r in runs if r in sh]  # plan order kept
-        mine = {r.name for r in sh}
-        for seed in s.seeds:
-            group = {f"cont-{m}-s{seed}" for m in ("standard", "rho1-exact-r0.5", "rho1-centrifuge-r0.5",
-                                                    "rho1-centrifuge-eqtime-r0.5")}  # fmt: skip
-            assert group <= mine or not group & mine
+    for sh in shards:  # whole seeds, one after the other, each in plan order
+        seeds = [(r.init, r.seed) for r in sh]
+        assert seeds == sorted(seeds, key=seeds.index)
+        for init, seed in set(seeds):
+            assert [r for r in sh if (r.init, r.seed) == (init, seed)] == \
+                [r for r in runs if (r.init, r.seed) == (init, seed)]
     config = dict(ue.asdict(s))
     # Shard 2 ran shard 0's first run again from a rebuilt (so different) reference.
     for k, part in enumerate((shards[0], shards[1], shards[0][:1])):
