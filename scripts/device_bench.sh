@@ -44,7 +44,7 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --no-hf --repeats 5 ;;
   knobs)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 \
-      --knob exact_layers=2 --knob extra=0.5,extra_weight=1.5 ;;
+      --knob exact_layers=2 --knob exact_layers=4 --knob exact_layers=6 --knob extra=0.5,extra_weight=1.5 ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)
