@@ -4,6 +4,8 @@
     python scripts/utility_experiment.py --scale full              # one GPU, a few minutes
     python scripts/utility_experiment.py --scale continued-smoke   # CPU: the continued-training mode
     python scripts/utility_experiment.py --scale continued-full    # one GPU: byte-110m, the paper's setting
+    python scripts/utility_experiment.py --scale continued-full --shard 0/2 --out D/shard0  # and 1/2
+    python scripts/utility_experiment.py --report-only --merge D/shard0 D/shard1 --out D      # one report
 
 On the built-in corpus (math word problems with noise spans) it
 
