@@ -82,6 +82,7 @@ class Selector:
             )
         self.ratio = check_ratio(self.ratio)
         self._generator: torch.Generator | None = None
+        self._row_counts: dict[tuple, torch.Tensor] = {}
 
     @property
     def needs_reference(self) -> bool:
@@ -145,15 +146,14 @@ class Selector:
     ) -> torch.Tensor:
         """token_loss: [B, L] float, valid: [B, L] bool, ref_loss: [B, L] (rho1).
         count: :meth:`count` of ``valid``, computed beforehand on the host (e.g. from
-        the CPU batch): with it a ``batch`` selection runs without a host sync (it
-        keeps the ``count`` best valid rows), and NaN scores are caught by an
-        asynchronous device assert instead of an exception. Returns the keep
-        mask, [B, L] bool."""
+        the CPU batch): with it the selection runs without a host sync, and NaN
+        scores are caught by an asynchronous device assert instead of an
+        exception. Returns the keep mask, [B, L] bool."""
         if valid.shape != token_loss.shape:
             raise ValueError(
                 f"valid mask has shape {tuple(valid.shape)}, token losses {tuple(token_loss.shape)}"
             )
-        no_sync = count is not None and self.granularity == "batch"
+        no_sync = count is not None
         if not (count if no_sync else bool(valid.any())):
             raise ValueError(
                 "the batch has no valid token (all labels are ignore_index, padding or "
@@ -173,9 +173,17 @@ class Selector:
             k = count if no_sync else num_keep(int(valid.sum()), self.ratio)
             keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), torch.tensor([k], device=valid.device))
             return keep.view_as(valid)
-        n_valid = valid.sum(1).tolist()
-        k = torch.tensor([num_keep(n, self.ratio) for n in n_valid], device=valid.device)
-        return top_k_rows(scores, valid, k)
+        return top_k_rows(scores, valid, self._keep_per_row(valid))
+
+    def _keep_per_row(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B] int64 :func:`num_keep` of every row's valid count, looked up on the
+        device in a table of all counts 0..L (made once per length, ratio and
+        device), so that no row count travels to the host."""
+        key = (valid.shape[1], self.ratio, valid.device)
+        if key not in self._row_counts:
+            counts = [num_keep(n, self.ratio) for n in range(valid.shape[1] + 1)]
+            self._row_counts[key] = torch.tensor(counts, device=valid.device)
+        return self._row_counts[key][valid.sum(1)]
 
 
 def keep_from_mask(keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

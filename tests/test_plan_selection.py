@@ -181,7 +181,8 @@ def _syncs(fn):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("method", ["loss", "rho1", "random"])
-def test_selection_and_plan_with_host_count_match_and_do_not_sync(seed, method):
+@pytest.mark.parametrize("granularity", ["batch", "sequence"])
+def test_selection_and_plan_with_host_count_match_and_do_not_sync(seed, method, granularity):
     g = torch.Generator().manual_seed(seed)
     B, L = 3, 37
     pos = torch.arange(L).repeat(B, 1)
@@ -191,8 +192,8 @@ def test_selection_and_plan_with_host_count_match_and_do_not_sync(seed, method):
     ref = torch.rand(B, L, generator=g)
     valid = (torch.rand(B, L, generator=g) < 0.8) & ~layout.last_rows()
     ratio = [0.3, 0.5, 0.77][seed]
-    want = Selector(method, ratio, seed=5)(tl, valid, ref)
-    sel = Selector(method, ratio, seed=5)
+    want = Selector(method, ratio, granularity, seed=5)(tl, valid, ref)
+    sel = Selector(method, ratio, granularity, seed=5)
     count = sel.count(valid)
     plan, want_plan = Plan(layout), Plan(layout)
     want_plan.set_keep(want)
