@@ -442,6 +442,11 @@ def fmt(xs: list[float], digits: int = 4, scale: float = 1.0) -> str:
     return f"{m:.{digits}f}" if math.isnan(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
+def percent(shares: list[float]) -> str:
+    """Shares of a gain as "m ± s%" ("—": no seed had a gain to share)."""
+    return fmt(shares, 0, 100) + "%" if shares else "—"
+
+
 def groups(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
     g: dict[tuple[str, float], list[dict]] = {}
     for r in results:
@@ -547,11 +552,11 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
         exact = [by["rho1-exact", ratio, sd] for sd in seeds]
         std = [by["standard", 1.0, sd]["eval_loss"] for sd in seeds]
         share = [(b - m["eval_loss"]) / (b - e["eval_loss"]) for m, e, b in zip(mine, exact, std)
-                 if b != e["eval_loss"]]  # fmt: skip
+                 if b > e["eval_loss"]]  # a share exists where Rho-1 beat standard  # fmt: skip
         delta = [m["eval_loss"] - e["eval_loss"] for m, e in zip(mine, exact)]
         time_ratio = [m["ms_per_step"] / e["ms_per_step"] for m, e in zip(mine, exact)]
         train_ratio = [steady_s(m, m["steps"]) / steady_s(e, e["steps"]) for m, e in zip(mine, exact)]
-        row = (f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {fmt(share, 0, 100)}% | "
+        row = (f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {percent(share)} | "
                f"{fmt(time_ratio, 2)} | {fmt(train_ratio, 2)} |")  # fmt: skip
         if prices:
             price = prices["prices"].get(method)
@@ -561,7 +566,8 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
         lines += [
             "",
             "Every Centrifuge variant, paired by seed: Δ loss against Rho-1 exact, its share of "
-            "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact)), "
+            "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact), "
+            "over the seeds where Rho-1 exact beat standard), "
             "its step time and its training time (steps × median step time) over Rho-1 exact's "
             "on this device "
             f"({EQUAL_TIME}: Centrifuge given Rho-1 exact's training time, so more steps).",
@@ -598,10 +604,10 @@ def type_table(results: list[dict], ratio: float) -> list[str]:
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind, v in by["rho1-exact", keys[0]]["by_type"].items():
         std, exact, mine = loss("standard", kind), loss("rho1-exact", kind), loss("rho1-centrifuge", kind)
-        share = [(b - m) / (b - e) for b, e, m in zip(std, exact, mine) if b != e]
+        share = [(b - m) / (b - e) for b, e, m in zip(std, exact, mine) if b > e]
         kept = [by["rho1-exact", k]["by_type"][kind]["kept"] for k in keys]
         lines.append(f"| {kind} | {v['tokens']} | {fmt(kept, 2)} | {fmt(std)} | {fmt(exact)} | {fmt(mine)} | "
-                     f"{fmt(share, 0, 100)}% |")  # fmt: skip
+                     f"{percent(share)} |")  # fmt: skip
     return lines
 
 

@@ -251,6 +251,10 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
     # training time (steps × median step time) 2400/3000 and 2520/3000.
     assert ("| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 | "
             "0.82 ± 0.03 |") in md
+    # Where Rho-1 exact did not beat standard there is no gain to share.
+    worse = [dict(r, eval_loss=2.0) if r["method"] == "rho1-exact" else r for r in results]
+    md_worse = ue.to_markdown(worse, s, {"device": "cpu"})
+    assert "| rho1-centrifuge+extra0.3 | 0.5 | 2 | -1.2250 ± 0.1061 | — |" in md_worse
     # A run from another (rebuilt) reference pairs with nothing here.
     results.append(dict(results[-1], method="rho1-centrifuge+exact2", reference_loss=0.9))
     md = ue.to_markdown(results, s, dict(device="cpu"))
