@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from centrifuge.data.corpus import TOKEN_TYPES, Problem, char_types
 
 
-@torch.no_grad()
 def _token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, L] int64 ids, [B, L] 0/1 mask -> [B, L - 1] float32 loss of token j + 1."""
     h = model(ids, attention_mask=mask).hidden[:, :-1]
