@@ -5,6 +5,7 @@
 # Usage:
 #   scripts/device_utility.sh OUT SCALE DIR BUDGET_S [GPU:SHARD ...]
 # e.g. scripts/device_utility.sh "$OUT" continued-full continued-h200-2k 520 0:0/2 1:1/2
+# (DIR: one folder per run list and shard count, which decide a shard's runs)
 # Each shard trains until BUDGET_S seconds after its start; its results are
 # tarred into OUT/shardK.tar.gz (the device returns no deeper files).
 set -uo pipefail
