@@ -265,7 +265,6 @@ class Plan:
             raise ValueError("sampled rows (extra) need the compact path")
         self.path = path
         self.kv_mask: torch.Tensor | None = None  # [B * L] bool, the dense path's kept rows
-        self._kv_mask_cast: dict[torch.dtype, torch.Tensor] = {}
         self.keep_idx: torch.Tensor | None = None
         self.n_keep: int | None = None
         self.sampled: torch.Tensor | None = None  # [B, L] bool, filtered rows drawn into the backward
@@ -349,18 +348,14 @@ class Plan:
             return None, None
         return self.rows_idx, self.extra
 
-    def kv_mask_for(self, layer_index: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """[B * L, 1, 1] 0/1 in ``dtype`` on the dense path: the rows whose K/V
-        gradient decoder layer ``layer_index`` keeps (every other row's is zeroed,
-        which with the loss on the kept rows gives exactly the compact backward's
-        gradients). None: no mask (the compact path, exact mode, or one of the
-        bottom exact layers). Cast once per step and dtype: on small models every
-        launch counts."""
+    def kv_mask_for(self, layer_index: int) -> torch.Tensor | None:
+        """[B * L] bool on the dense path: the rows whose K/V gradient decoder layer
+        ``layer_index`` keeps (every other row's is zeroed, which with the loss on
+        the kept rows gives exactly the compact backward's gradients). None: no
+        mask (the compact path, exact mode, or one of the bottom exact layers)."""
         if self.kv_mask is None or layer_index < self.options.exact_layers:
             return None
-        if dtype not in self._kv_mask_cast:
-            self._kv_mask_cast[dtype] = self.kv_mask.to(dtype)[:, None, None]
-        return self._kv_mask_cast[dtype]
+        return self.kv_mask
 
     def kv_weight(self, keep: torch.Tensor) -> torch.Tensor:
         """[B, L] float64 per-row K/V gradient weights of the compact layers, the

@@ -105,30 +105,3 @@ def test_path_errors_and_parsing():
     opts = BackwardOptions.parse("exact_layers=1,path=dense")
     assert (opts.path, opts.exact_layers) == ("dense", 1)
     assert opts.describe() == "amplified+exact1+dense"
-
-
-def test_dense_path_adds_one_op_per_layer_to_the_exact_backward():
-    """Small models are bound by the host: the dense path must cost the exact
-    backward's launches plus the dK mask of each layer (dV's rides on a copy the
-    exact backward makes too) and one cast of the mask per step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):  # ops that compute (views launch nothing)
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += not func.is_view
-            return func(*args, **(kwargs or {}))
-
-    model = build_model(get_preset("tiny"), seed=3)
-    ids, labels, kw = make_batch(seed=1, packed=True, padded=True)
-    counts = {}
-    for name, mode in (("exact", "exact"), ("dense", BackwardOptions(path="dense"))):
-        out = model(ids, labels=labels, backward=mode, **kw)
-        keep = Selector("loss", 0.4)(out.token_loss, out.valid)
-        loss = out.plan.loss(out.token_loss, keep)
-        with CountOps() as c:
-            loss.backward()
-        counts[name] = c.n
-        model.zero_grad(set_to_none=True)
-    assert counts["dense"] - counts["exact"] == model.config.num_layers + 1

@@ -206,9 +206,8 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
     rows among them and their K/V-gradient weight (Plan.rows_for); local: the index through which the
     row-local activations of ``a`` (q, o, x2, rstd2, g, u, q_lin, rstd_q) are
     read: idx when they were saved full size, None when they are compact.
-    kv_mask: [N, 1, 1] 0/1 in the gradients' dtype, the dense path of the amplified
-    backward (idx None): the K/V gradients of rows outside it are zeroed
-    (Plan.kv_mask_for).
+    kv_mask: [N] bool, the dense path of the amplified backward (idx None): the
+    K/V gradients of rows outside it are zeroed (Plan.kv_mask_for).
     need: weight name -> whether it wants a gradient (frozen weights, e.g. under
     LoRA, get no weight-gradient GEMM). Returns dx [N, d] (zeros outside idx)
     and the weight gradients by name."""
@@ -255,7 +254,8 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         o.view(B, L, H, D), a.lse, do, layout, idx, extra=extra,
     )  # fmt: skip
     if kv_mask is not None:  # filtered keys stay constants: no gradient reaches their rows
-        dk = dk * kv_mask  # (dV's mask is applied in its copy below)
+        m = kv_mask.to(dk.dtype)[:, None, None]
+        dk, dv = dk * m, dv * m
     # dq, dk (after the RoPE transpose) and dv side by side: one weight GEMM.
     n = dq.shape[0]
     dqkv = dq.new_empty(n, (H + 2 * Hkv) * D)
@@ -270,11 +270,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         dk, dW["k_norm"] = rms_norm_backward_rows(dk, a.k_lin, a.rstd_k, W["k_norm"], idx)
         dq_out.copy_(dq)
         dk_out.copy_(dk)
-    dv_out = dqkv[:, (H + Hkv) * D :].view(n, Hkv, D)
-    if kv_mask is None:
-        dv_out.copy_(dv)
-    else:
-        torch.mul(dv, kv_mask, out=dv_out)
+    dqkv[:, (H + Hkv) * D :].copy_(dv.reshape(n, Hkv * D))
     h1 = rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], idx)
     if need["wq"] or need["wk"] or need["wv"]:
         dqkv_w = dqkv.t() @ h1
@@ -341,7 +337,7 @@ class DecoderLayerFunction(torch.autograd.Function):
         need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[6:]))
         dx, dW = _backward(
             dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local, need, extra,
-            plan.kv_mask_for(shape.layer_index, a.k.dtype),
+            plan.kv_mask_for(shape.layer_index),
         )
         grads = [
             dW[name].to(w.dtype) if w is not None and need[name] else None
