@@ -24,7 +24,6 @@ from centrifuge.ops.attention_triton import (
     block_order,
     default_config,
     probs_tile,
-    query_block,
 )
 from centrifuge.plan import Layout
 
@@ -50,9 +49,21 @@ def _o_kernel(
     GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    pid_m = tl.load(ORDER + tl.program_id(0))
     h = tl.program_id(1)
-    rows, row_ok, offs_d, d_ok, qf, ds_, lo, hi, max_ds, min_q = query_block(
-        KEEP, DOC_START, ORDER, n_keep, D, BLOCK_D, BLOCK_M)  # fmt: skip
+    first = pid_m * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_keep
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    # Padding rows of the last block: flat index -1 sees no key, lse = +inf gives p = 0.
+    qf = tl.load(KEEP + rows, mask=row_ok, other=-1).to(tl.int64)
+    ds_ = tl.load(DOC_START + rows, mask=row_ok, other=0).to(tl.int64)
+    last = tl.minimum(first + BLOCK_M, n_keep) - 1
+    lo = tl.load(DOC_START + first).to(tl.int64)
+    hi = tl.load(KEEP + last).to(tl.int64) + 1
+    max_ds = tl.load(DOC_START + last).to(tl.int64)
+    min_q = tl.load(KEEP + first).to(tl.int64)
 
     r64 = rows.to(tl.int64)
     m2 = row_ok[:, None] & d_ok[None, :]

@@ -75,30 +75,6 @@ def probs_tile(
 
 
 @triton.jit
-def query_block(KEEP, DOC_START, ORDER, n_keep, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr):  # fmt: skip
-    """The block of BLOCK_M consecutive kept queries of this program (its place in
-    ORDER: program_id(0)): rows [BLOCK_M] kept indices and row_ok; offs_d, d_ok;
-    qf, ds_ [BLOCK_M] int64 flat query rows and their document starts; lo, hi
-    the key range any row may see ([lo, hi)); max_ds, min_q: the latest document
-    start and the earliest query (tiles in [max_ds, min_q] need no mask)."""
-    first = tl.load(ORDER + tl.program_id(0)) * BLOCK_M
-    rows = first + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_keep
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    # Padding rows of the last block: flat index -1 sees no key, lse = +inf gives p = 0.
-    qf = tl.load(KEEP + rows, mask=row_ok, other=-1).to(tl.int64)
-    ds_ = tl.load(DOC_START + rows, mask=row_ok, other=0).to(tl.int64)
-    last = tl.minimum(first + BLOCK_M, n_keep) - 1
-    lo = tl.load(DOC_START + first).to(tl.int64)
-    hi = tl.load(KEEP + last).to(tl.int64) + 1
-    max_ds = tl.load(DOC_START + last).to(tl.int64)
-    min_q = tl.load(KEEP + first).to(tl.int64)
-    return rows, row_ok, offs_d, d_ok, qf, ds_, lo, hi, max_ds, min_q
-
-
-@triton.jit
 def _dq_tile(
     acc, q, do, lse2, delta, qf, ds_, start, hi,
     K, V, stride_kn, stride_vn, k_off, v_off, offs_d, d_ok,
@@ -126,9 +102,21 @@ def _dq_kernel(
     Also writes, for the dK/dV kernel, the rows it gathered in compact form:
     Delta = rowsum(dO * O), q (QK, [n, H, D]) and lse * log2(e) (LSEK, [n, H]).
     Blocks run in ORDER (most keys first) so the long ones do not form the tail."""
+    pid_m = tl.load(ORDER + tl.program_id(0))
     h = tl.program_id(1)
-    rows, row_ok, offs_d, d_ok, qf, ds_, lo, hi, max_ds, min_q = query_block(
-        KEEP, DOC_START, ORDER, n_keep, D, BLOCK_D, BLOCK_M)  # fmt: skip
+    first = pid_m * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_keep
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    # Padding rows of the last block: flat index -1 sees no key, lse = +inf gives p = 0.
+    qf = tl.load(KEEP + rows, mask=row_ok, other=-1).to(tl.int64)
+    ds_ = tl.load(DOC_START + rows, mask=row_ok, other=0).to(tl.int64)
+    last = tl.minimum(first + BLOCK_M, n_keep) - 1
+    lo = tl.load(DOC_START + first).to(tl.int64)  # earliest key any row may see
+    hi = tl.load(KEEP + last).to(tl.int64) + 1  # one past the latest
+    max_ds = tl.load(DOC_START + last).to(tl.int64)
+    min_q = tl.load(KEEP + first).to(tl.int64)
 
     m2 = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + qf[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=m2, other=0.0)
