@@ -141,7 +141,7 @@ def select_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return t if idx is None else t[idx]
 
 
-def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Sorted indices [count] of the True entries of a 1-D bool mask that holds
     exactly ``count`` of them, without a host sync (``nonzero`` has to wait for
     the device to learn its output size): each True entry is written to its
@@ -312,7 +312,7 @@ class Plan:
                 return
             idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
         else:
-            idx = true_indices(keep.reshape(-1), count)
+            idx = _true_indices(keep.reshape(-1), count)
         self.keep_idx = self.rows_idx = idx
         opts = self.options
         if opts.extra > 0:

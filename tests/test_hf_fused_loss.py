@@ -158,38 +158,6 @@ def test_a_host_count_makes_selection_and_checks_sync_free(kind):
         filtered_loss(out.token_loss, keep, count=count + 1)
 
 
-@pytest.mark.parametrize("granularity", ["batch", "sequence"])
-def test_a_host_count_makes_the_logits_form_sync_free(granularity):
-    """The one-line form (the model's logits, the user's labels) with a host
-    count: selection, the kept rows' cross-entropy and the plan wait for nothing;
-    the gradients are those of the synchronous path."""
-    from test_plan_selection import _syncs
-
-    from centrifuge.selection import Selector
-
-    model = patch(make_model("llama", 2))
-    ids, labels, kw, _ = labelled("packing", seed=5)
-    selector = Selector("loss", 0.4, granularity)
-    valid = valid_rows(labels, kw.get("attention_mask"), kw.get("position_ids"))
-    count = selector.count(valid)
-
-    def step(count):
-        logits = model(ids, **kw).logits
-        selective_loss(logits, labels, selector, count=count, **kw).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    want = step(None)
-    model.zero_grad(set_to_none=True)
-    logits = model(ids, **kw).logits
-    assert _syncs(lambda: selective_loss(logits, labels, selector, count=count, **kw).backward()) == []
-    model.zero_grad(set_to_none=True)
-    got = step(count)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14, msg=name)
-    with pytest.raises(RuntimeError, match="kept count disagree"):  # more than there are valid rows
-        selective_loss(model(ids, **kw).logits, labels, selector, count=int(valid.sum()) + 1, **kw)
-
-
 def _largest_saved(fn, model) -> int:
     """The most elements of any tensor autograd saves while ``fn`` runs, not
     counting the model's own parameters (saved by reference, no memory)."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from centrifuge.integrations.hf import HFPlan, find_plan, shift_labels, valid_rows
 from centrifuge.ops.linear_ce import IGNORE_INDEX
-from centrifuge.plan import Plan, true_indices
+from centrifuge.plan import Plan
 from centrifuge.selection import Selector
 
 _CHUNK_ELEMENTS = 2**24  # logits elements per chunk of the selection's no-grad loss
@@ -199,12 +199,7 @@ def selective_loss(
     if fused is not None:
         loss = filtered_loss(fused, keep, num_items, plan, count)
         return (loss, keep) if return_keep else loss
-    flat = keep.reshape(-1)
-    if count is None:
-        idx = torch.nonzero(flat).squeeze(1)
-    else:  # no sync: the kept rows by rank, the count checked on the device
-        torch._assert_async(flat.sum() == count, "keep mask and kept count disagree")
-        idx = true_indices(flat, count)
+    idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
     V = logits.shape[-1]
     acc = torch.promote_types(logits.dtype, torch.float32)  # float32 as HF does; float64 stays
     kept = F.cross_entropy(
