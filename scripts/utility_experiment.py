@@ -838,7 +838,8 @@ def main(argv=None) -> int:
 
     # An earlier call's check of the same settings stands (in fp32 it compiles and
     # tunes every kernel once more: two minutes of a ten-minute device call).
-    check = earlier_saved(out, s).get("meta", {}).get("gradient_check")
+    saved = earlier_saved(out, s)
+    check = saved.get("meta", {}).get("gradient_check")
     if not check or set(check) != {"amplified", "exact", *s.knobs}:
         check = gradient_check(s, train_data, scores, cache)
     say("gradients vs the reference semantics (relative error): "
@@ -849,7 +850,7 @@ def main(argv=None) -> int:
     # 4. The runs. An earlier call's results count as done: its per-run files, or
     # its results.json alone (a GPU machine may hand back only the top level).
     results, skipped, durations, failed = [], [], [], []
-    earlier = earlier_results(out, s)
+    earlier = earlier_results(out, saved)
     runs = plan_runs(s)
     if shard:
         runs = shard_runs(runs, *shard)
@@ -912,11 +913,11 @@ def earlier_saved(out: Path, s: Scale) -> dict:
     return {}
 
 
-def earlier_results(out: Path, s: Scale) -> dict[str, dict]:
-    """Results of earlier calls into ``out`` whose runs trained as ``s`` trains
-    them, by run name: from results.json, and from per-run result.json files
-    (which win)."""
-    found = {r["name"]: r for r in earlier_saved(out, s).get("runs", [])}
+def earlier_results(out: Path, saved: dict) -> dict[str, dict]:
+    """Results of earlier calls into ``out``, by run name: from ``saved`` (its
+    results.json when the runs trained as this call trains them,
+    :func:`earlier_saved`), and from per-run result.json files (which win)."""
+    found = {r["name"]: r for r in saved.get("runs", [])}
     for f in sorted(out.glob("runs/*/result.json")):
         found[f.parent.name] = json.loads(f.read_text())
     return found
