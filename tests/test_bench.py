@@ -118,8 +118,8 @@ def test_sft_labels_and_variants_time_supervised_fine_tuning():
     model = build_model(get_preset("tiny"), dtype=torch.float64, seed=0)
     variants = {v.name: v for v in native_variants(model, prompt_share=0.3)}
     assert set(variants) == {"dense", "masked", "centrifuge", "centrifuge+context-constant"}
-    losses = {name: float(v.loss(ids, 0.5)) for name, v in variants.items() if v.filtered}
+    losses = {name: v.loss(ids, 0.5).item() for name, v in variants.items() if v.filtered}
     assert len({round(x, 12) for x in losses.values()}) == 1, losses
-    dense = float(variants["dense"].loss(ids, 1.0))
+    dense = variants["dense"].loss(ids, 1.0).item()
     plain = model(ids, labels=labels)
-    assert dense == pytest.approx(float(plain.token_loss.sum() / plain.valid.sum()), rel=1e-12)
+    assert dense == pytest.approx((plain.token_loss.sum() / plain.valid.sum()).item(), rel=1e-12)
