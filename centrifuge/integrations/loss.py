@@ -119,11 +119,12 @@ def filtered_loss(
     plan = _plan_of(token_loss, plan)
     if plan is not None:
         keep_rows = _rows(keep, plan.shape, "the keep mask").bool()
-        if valid is not None:
+        has_target = None  # a forward with labels= already gave the plan its context rows
+        if plan.context is None and valid is not None:
             has_target = _rows(_as_mask(valid, token_loss, "valid mask"), plan.shape, "the valid mask")
-        else:
+        elif plan.context is None:
             has_target = keep_rows | (_rows(token_loss.detach(), plan.shape, "token_loss") != 0)
-        _fill(plan, keep_rows, count, has_target.bool())
+        _fill(plan, keep_rows, count, None if has_target is None else has_target.bool())
     return loss
 
 
