@@ -49,11 +49,12 @@ class CountingTask(torch.utils.data.Dataset):
 
 
 def trainer_for(model, tmp_path, **kw):
+    save_steps = kw.pop("save_steps", None)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
         max_steps=kw.pop("max_steps", 1), learning_rate=kw.pop("lr", 1e-3), warmup_steps=0,
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        seed=0, lr_scheduler_type="constant",
+        logging_steps=10, save_strategy="steps" if save_steps else "no", save_steps=save_steps,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
     )  # fmt: skip
     return CentrifugeTrainer(model=model, args=args, **kw)
 
@@ -136,6 +137,34 @@ def test_kept_count_is_what_selection_keeps(method, granularity):
             logits, b["labels"], sel, attention_mask=b["attention_mask"], return_keep=True
         )
     assert kept_count(sel, b) == int(keep.sum()) > 0
+
+
+class RecordingSelector(Selector):
+    """A selector that keeps every mask it returns."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.masks = []
+
+    def __call__(self, *args, **kwargs):
+        self.masks.append(super().__call__(*args, **kwargs))
+        return self.masks[-1]
+
+
+@pytest.mark.parametrize("seed", [None, 3])  # torch's default generator, the selector's own
+def test_resume_continues_the_random_selection(tmp_path, seed):
+    ds = CountingTask(32, seed=5)
+    masks = {}
+    for run, resume in (("straight", None), ("resumed", tmp_path / "straight" / "checkpoint-2")):
+        selector = RecordingSelector("random", 0.5, seed=seed)
+        trainer = trainer_for(tiny_model(1), tmp_path / run, selector=selector, train_dataset=ds,
+                              max_steps=4, save_steps=2)  # fmt: skip
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        masks[run] = selector.masks
+    straight, resumed = masks["straight"], masks["resumed"]
+    assert len(straight) == 8 and len(resumed) == 4  # 4 steps x 2 micro-batches
+    assert all(not torch.equal(a, b) for a, b in zip(straight, straight[1:]))
+    assert all(map(torch.equal, straight[4:], resumed))
 
 
 def test_fused_labels_path_trains_like_the_logits_path(tmp_path):

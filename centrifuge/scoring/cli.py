@@ -81,7 +81,7 @@ def add_arguments(p) -> None:
     add_dataset_arguments(p)
     p.add_argument("--out", type=Path, default=None,
                    help="score store directory (none: beside the dataset's token cache)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="rows per forward")
     p.add_argument("--device", default=None, help="none: cuda if available, else cpu")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="compute precision of the reference forward")
