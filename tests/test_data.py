@@ -193,7 +193,7 @@ def test_every_format_gives_the_same_documents(tmp_path):
     texts = [f"document {i}: " + "x" * i for i in range(7)]
     for name, path in _write_all_formats(tmp_path, texts).items():
         docs = [d for f in resolve_files([path]) for d in iter_documents(f)]
-        assert docs == texts, name
+        assert docs == [[(t, True)] for t in texts], name
         ds = load_dataset([str(path)], None, 32, cache_dir=tmp_path / "cache")
         assert ds.n_tokens == sum(len(t) + 1 for t in texts), name
 
