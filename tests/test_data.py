@@ -9,23 +9,26 @@ import pytest
 import torch
 
 from centrifuge.data import ByteTokenizer, PackedDataset, corpus, load_dataset, load_tokenizer
-from centrifuge.data.formats import iter_documents, resolve_files
+from centrifuge.data.formats import RecordFormat, detect_format, iter_documents, resolve_files
 
 
-def reference_rows(docs: list[list[int]], eos: int, pad: int, L: int):
-    """Plain-Python packing, the semantics PackedDataset must match."""
-    stream, doc_of = [], []
+def reference_rows(docs: list[list[int]], eos: int, pad: int, L: int, context=None):
+    """Plain-Python packing, the semantics PackedDataset must match.
+    context: for every document, how many of its first tokens (a prompt) have no label."""
+    stream, doc_of, labelled = [], [], []
     for d, ids in enumerate(docs):
         if ids:
             stream += ids + [eos]
             doc_of += [d] * (len(ids) + 1)
+            n = 0 if context is None else context[d]
+            labelled += [False] * n + [True] * (len(ids) + 1 - n)
     rows = []
     for start in range(0, len(stream), L):
         ids, labels, pos = [], [], []
         for j in range(start, start + L):
             if j < len(stream):
                 ids.append(stream[j])
-                labels.append(stream[j])
+                labels.append(stream[j] if labelled[j] else -100)
                 new_doc = j == start or doc_of[j] != doc_of[j - 1]
                 pos.append(0 if new_doc else pos[-1] + 1)
             else:
@@ -152,21 +155,27 @@ def test_tokenizer_errors(tmp_path):
 
 
 def _write_all_formats(tmp_path, texts):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = {}
     d = tmp_path / "txt"
     d.mkdir()
     for i, t in enumerate(texts):
         (d / f"doc{i:02d}.txt").write_text(t)
-    out["text dir"] = d
+    return {"text dir": d, **_write_tables(tmp_path, {"text": texts})}
+
+
+def _write_tables(tmp_path, columns: dict):
+    """The same records (plus a numeric column) in every structured format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {**columns, "n": list(range(len(next(iter(columns.values())))))}
+    records = [dict(zip(columns, row)) for row in zip(*columns.values())]
+    out = {}
     f = tmp_path / "d.jsonl"
-    f.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
     out["jsonl"] = f
-    (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in texts], indent=1))
+    (tmp_path / "d.json").write_text(json.dumps(records, indent=1))
     out["json array"] = tmp_path / "d.json"
-    table = pa.table({"text": texts, "n": list(range(len(texts)))})
+    table = pa.table(columns)
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
     out["parquet"] = tmp_path / "d.parquet"
     with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
@@ -264,6 +273,133 @@ def test_data_errors(tmp_path):
         load_dataset([str(nofield)], None, 1, cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="split"):
         load_dataset([str(nofield)], None, 16, split="test", cache_dir=tmp_path / "c")
+
+
+def _letters(rng, n: int) -> str:
+    return "".join(chr(97 + int(c)) for c in rng.integers(0, 26, int(n)))
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("L", [7, 32])
+def test_prompt_completion_labels_only_the_completion(tmp_path, seed, L):
+    """labels are -100 on exactly the prompt tokens (and padding); completion
+    and eos keep theirs; documents are packed as text is, positions restarting
+    at each one."""
+    rng = np.random.default_rng(seed)
+    recs = [{"prompt": _letters(rng, rng.integers(0, 30)), "completion": _letters(rng, rng.integers(0, 20))}
+            for _ in range(23)]  # fmt: skip
+    recs[3] = {"prompt": "", "completion": ""}  # no document at all
+    recs[5]["completion"] = ""  # the eos is its only labelled token
+    f = _jsonl(tmp_path / "sft.jsonl", recs)
+    ds = load_dataset([f], None, L, cache_dir=tmp_path / "c")
+    tok = ByteTokenizer()
+    prompts = [tok.encode(r["prompt"]) for r in recs]
+    expected = reference_rows([p + tok.encode(r["completion"]) for p, r in zip(prompts, recs)],
+                              tok.eos_id, tok.pad_id, L, context=[len(p) for p in prompts])  # fmt: skip
+    batch = ds.batch(range(len(ds)))
+    assert len(ds) == len(expected) and ds.data_format == "prompt-completion"
+    for i, (ids, labels, pos) in enumerate(expected):
+        assert batch["input_ids"][i].tolist() == ids
+        assert batch["labels"][i].tolist() == labels
+        assert batch["position_ids"][i].tolist() == pos
+    assert ds.context_tokens == sum(map(len, prompts))
+    assert ds.real_tokens(range(len(ds))) == ds.n_tokens == sum(len(p) + len(r["completion"]) + 1
+                                                                 for p, r in zip(prompts, recs) if p or r["completion"])  # fmt: skip
+
+
+def test_prompt_completion_with_an_hf_tokenizer(tmp_path):
+    """A document is tokens(prompt) + tokens(completion) + eos, each part encoded alone."""
+    tok = load_tokenizer(_hf_tokenizer_dir(tmp_path))
+    f = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "one two", "completion": "three four"},
+                                        {"prompt": "five", "completion": "six"}])  # fmt: skip
+    ds = load_dataset([f], tok, 16, cache_dir=tmp_path / "c")
+    prompt = tok.encode("one two"), tok.encode("five")
+    completion = tok.encode("three four"), tok.encode("six")
+    assert [len(x) for x in prompt + completion] == [2, 1, 2, 1]
+    eos, pad = tok.eos_id, tok.pad_id
+    row = ds[0]
+    assert row["input_ids"].tolist() == (prompt[0] + completion[0] + [eos] + prompt[1] + completion[1]
+                                         + [eos] + [pad] * 8)  # fmt: skip
+    assert row["labels"].tolist() == ([-100] * 2 + completion[0] + [eos] + [-100] + completion[1]
+                                      + [eos] + [-100] * 8)  # fmt: skip
+    assert row["position_ids"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2] + list(range(8))
+
+
+def test_every_format_reads_prompt_completion_records(tmp_path):
+    prompts = [f"question {i}? " for i in range(7)]
+    completions = ["answer " + "y" * i for i in range(7)]
+    texts = [p + c for p, c in zip(prompts, completions)]
+    tables = _write_tables(tmp_path, {"text": texts, "prompt": prompts, "completion": completions})
+    for name, path in tables.items():
+        files = resolve_files([path])
+        fmt = detect_format(files, RecordFormat())  # both forms present: prompt/completion wins
+        assert fmt.kind == "prompt-completion", name
+        docs = [d for f in files for d in iter_documents(f, fmt)]
+        assert docs == [[(p, False), (c, True)] for p, c in zip(prompts, completions)], name
+        ds = load_dataset([str(path)], None, 32, cache_dir=tmp_path / "cache")
+        assert ds.context_tokens == sum(map(len, prompts)), name
+        assert ds.n_tokens == sum(len(t) + 1 for t in texts), name
+        as_text = load_dataset([str(path)], None, 32, cache_dir=tmp_path / "cache", data_format="text")
+        assert as_text.context_tokens == 0 and as_text.n_tokens == ds.n_tokens, name
+        assert (as_text.batch([0])["labels"] != -100).sum() > (ds.batch([0])["labels"] != -100).sum()
+        assert as_text.fingerprint != ds.fingerprint, name
+
+
+def test_prompt_completion_eval_split_holds_out_every_50th_record(tmp_path):
+    recs = [{"prompt": f"q{i}:", "completion": f"a{i}"} for i in range(120)]
+    f = _jsonl(tmp_path / "sft.jsonl", recs)
+    tr = load_dataset([f], None, 16, cache_dir=tmp_path / "c")
+    ev = load_dataset([f], None, 16, split="eval", cache_dir=tmp_path / "c")
+    assert (tr.num_documents, ev.num_documents) == (118, 2)
+    row = ev[0]
+    assert ByteTokenizer().decode(row["input_ids"].tolist()).startswith("q49:a49")
+    assert row["labels"][:9].tolist() == [-100] * 4 + list(b"a49") + [256, -100]
+
+
+def test_record_format_errors(tmp_path):
+    c = tmp_path / "c"
+
+    def load(path, **kw):
+        return load_dataset([path], None, 16, cache_dir=c, **kw)
+
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "c"}])
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: no 'prompt' field \(found \['text'\]\); the "
+                                         r"data holds prompt/completion records \(detected from .*mixed.jsonl:1\)"):
+        load(mixed)
+    sft = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}])
+    text = _jsonl(tmp_path / "text.jsonl", [{"text": "a"}])
+    with pytest.raises(ValueError, match=r"text.jsonl:1: no 'prompt' field"):  # across files too
+        load_dataset([sft, text], None, 16, cache_dir=c)
+    with pytest.raises(ValueError, match=r"sft.jsonl:1: no 'text' field.*holds text records"):
+        load_dataset([text, sft], None, 16, cache_dir=c)
+    half = _jsonl(tmp_path / "half.jsonl", [{"prompt": "a", "answer": "b"}])
+    with pytest.raises(ValueError, match="half.jsonl:1: a 'prompt' field without a 'completion' field"):
+        load(half)
+    assert load(half, prompt_field="prompt", completion_field="answer").context_tokens == 1
+    neither = _jsonl(tmp_path / "neither.jsonl", [{"question": "q"}])
+    with pytest.raises(ValueError, match=r"no 'text' field \(found \['question'\]\).*'prompt' and 'completion'"):
+        load(neither)
+    for value, kind in [(3, "int"), (None, "NoneType")]:
+        bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": value}])
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: field 'completion' is not a string \\({kind}\\)"):
+            load(bad)
+    with pytest.raises(ValueError, match=r"text.jsonl:1: no 'prompt' field \(found \['text'\]\) \(data format"):
+        load(text, data_format="prompt-completion")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a"], "reply": ["b"]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t.parquet: no 'completion' column \(columns: \['prompt', 'reply'\]\)"):
+        load(str(tmp_path / "t.parquet"), data_format="prompt-completion")
+    with pytest.raises(ValueError, match="data format must be one of"):
+        load(sft, data_format="chat")
+    with pytest.raises(ValueError, match="must differ"):
+        load(sft, completion_field="prompt")
 
 
 def test_builtin_corpus_is_deterministic_and_noisy():

@@ -81,8 +81,9 @@ class RecordFormat:
             raise ValueError(f"{where}: a {half[0]!r} {noun} without a {other!r} {noun}; "
                              "prompt/completion records need both")  # fmt: skip
         raise ValueError(_missing(where, self.text_field, noun, names)
-                         + f"; records need a text {noun} (--text-field) or {pair[0]!r} and "
-                         f"{pair[1]!r} {noun}s (prompt/completion)")  # fmt: skip
+                         + f"; records need a {self.text_field!r} {noun}, or {pair[0]!r} and "
+                         f"{pair[1]!r} {noun}s (--text-field, --prompt-field and "
+                         "--completion-field name others)")  # fmt: skip
 
     def document(self, record, where: str) -> Document:
         """The document of one record; ``where`` names it in errors."""
@@ -102,8 +103,8 @@ class RecordFormat:
         what = "text" if self.kind == "text" else "prompt/completion"
         if self.detected_from is None:
             return f" (data format {self.kind!r})"
-        return (f"; the data holds {what} records (so says {self.detected_from}): every record "
-                "must have the same form")  # fmt: skip
+        return (f"; the data holds {what} records (detected from {self.detected_from}) and "
+                "every record must have that form")  # fmt: skip
 
 
 def _missing(where: str, name: str, noun: str, found) -> str:
