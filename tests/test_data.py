@@ -402,6 +402,77 @@ def test_record_format_errors(tmp_path):
         load(sft, completion_field="prompt")
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("jinja_file", [False, True])
+def test_messages_label_only_the_assistant_turns(tmp_path, chat_tokenizer, jinja_file):
+    """Labels on an assistant turn's content and end-of-turn markup only: system
+    and user turns and the assistant header (the generation prompt) are context."""
+    tok = load_tokenizer(chat_tokenizer(CHATML, jinja_file=jinja_file))
+    assert tok.chat_template == CHATML
+    f = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}])
+    ds = load_dataset([f], tok, 256, cache_dir=tmp_path / "c")
+    assert ds.data_format == "messages"
+    segments = [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                 "<|im_start|>assistant\n", False), ("Hello<|im_end|>\n", True),
+                ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True),
+                ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False), ("Hello<|im_end|>\n", True)]  # fmt: skip
+    ids, labels = [], []
+    for i, (text, labelled) in enumerate(segments):
+        part = tok.encode(text)
+        ids += part
+        labels += part if labelled else [-100] * len(part)
+        if i in (3, 5):  # the end of a conversation: eos, labelled
+            ids.append(tok.eos_id)
+            labels.append(tok.eos_id)
+    row = ds[0]
+    assert row["input_ids"][: len(ids)].tolist() == ids
+    assert row["labels"][: len(ids)].tolist() == labels
+    assert ds.n_tokens == len(ids)
+    changed = load_tokenizer(chat_tokenizer(CHATML.replace("\n{% endfor", "\n\n{% endfor")))
+    assert load_dataset([f], changed, 256, cache_dir=tmp_path / "c").fingerprint != ds.fingerprint
+    (tmp_path / "ckpt").mkdir()
+    tok.save_pretrained(tmp_path / "ckpt")  # a checkpoint keeps the template
+    assert load_tokenizer(tmp_path / "ckpt").chat_template == CHATML
+
+
+def test_messages_in_a_table_and_their_errors(tmp_path, chat_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = load_tokenizer(chat_tokenizer(CHATML))
+    c = tmp_path / "c"
+    pq.write_table(pa.table({"messages": [CONVERSATION, CONVERSATION[1:3]]}), tmp_path / "chat.parquet")
+    f = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}])
+    from_table = load_dataset([str(tmp_path / "chat.parquet")], tok, 64, cache_dir=c)
+    assert torch.equal(from_table.batch(range(len(from_table)))["labels"],
+                       load_dataset([f], tok, 64, cache_dir=c).batch(range(len(from_table)))["labels"])
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template.*ByteTokenizer"):
+        load_dataset([f], None, 64, cache_dir=c)
+    for turns, match in [
+        ([{"role": "user", "content": "Hi"}], "chat.jsonl:1: no assistant turn"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant"}], "chat.jsonl:1: turn 1 of 'messages' is not a"),
+        ("Hi", "chat.jsonl:1: field 'messages' is not a non-empty list"),
+    ]:  # fmt: skip
+        f = _jsonl(tmp_path / "chat.jsonl", [{"messages": turns}])
+        with pytest.raises(ValueError, match=match):
+            load_dataset([f], tok, 64, cache_dir=c)
+    f = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    for template, match in [
+        ("{% for m in messages %}{% if loop.last %}>{% endif %}{{ m['content'] }}{% endfor %}",
+         r"renders turn 1 \(user\) by changing the text of the turns before it"),
+        ("{{ raise_exception('roles must alternate') }}", "fails on this conversation .roles must alternate"),
+    ]:  # fmt: skip
+        bad = load_tokenizer(chat_tokenizer(template))
+        with pytest.raises(ValueError, match=match):
+            load_dataset([f], bad, 64, cache_dir=c)
+
+
 def test_builtin_corpus_is_deterministic_and_noisy():
     a, b = corpus.documents("train", seed=3, n=50), corpus.documents("train", seed=3, n=50)
     assert a == b and a != corpus.documents("train", seed=4, n=50)

@@ -12,6 +12,7 @@ from centrifuge.cli import main
 from centrifuge.data import corpus
 from centrifuge.models import LlamaForCausalLM
 from centrifuge.training import CheckpointError, TrainConfig, train
+from centrifuge.training.loop import DataOrder
 from centrifuge.training.metrics import read_metrics
 
 
@@ -326,7 +327,6 @@ def test_prompt_completion_training(tmp_path, sft_file, cache):
     import torch.nn.functional as F
 
     from centrifuge.data import load_dataset
-    from centrifuge.training.loop import DataOrder
 
     cfg = tiny(tmp_path, sft_file, cache, select="none", steps=4, seq_len=64, batch_size=4, eval_rows=8)
     s = train(cfg, progress=False)
@@ -383,3 +383,24 @@ def test_prompt_completion_fields_from_the_cli(tmp_path, cache, capsys):
                         "answer", "--out-dir", str(tmp_path / "o2")]) == 2  # fmt: skip
     assert "bad.jsonl:61: no 'answer' field (found ['question'])" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "metrics.jsonl").exists()
+
+
+def test_chat_records_with_a_templated_tokenizer(tmp_path, cache, chat_tokenizer):
+    """messages records train through the tokenizer's chat template, on the assistant
+    turns only; the checkpoint carries the template."""
+    from centrifuge.data import load_dataset, load_tokenizer
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
+    recs = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                          {"role": "assistant", "content": f"{i + 1}."}]} for i in range(60)]  # fmt: skip
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = str(chat_tokenizer(template))
+    s = train(tiny(tmp_path, f, cache, tokenizer=tok, select="none", steps=2, seq_len=32, eval_rows=2),
+              progress=False)  # fmt: skip
+    ds = load_dataset([str(f)], load_tokenizer(tok), 32, cache_dir=cache)
+    assert ds.context_tokens == sum(len(f"user: What is {i} + 1?\nassistant: ") for i in range(60) if i != 49)
+    steps = [ds.batch(DataOrder(len(ds), 2, 1, 0).rows(step, 0)) for step in range(2)]
+    assert s["tokens_kept"] == sum(int(_completion_targets(b).sum()) for b in steps)
+    assert load_tokenizer(s["checkpoint"]).chat_template == template

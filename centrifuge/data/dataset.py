@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from centrifuge.data import corpus
 from centrifuge.data.cache import CACHE_VERSION, default_cache_dir, ensure_cache
+from centrifuge.data.chat import ChatTemplate
 from centrifuge.data.formats import RecordFormat, detect_format, iter_documents, resolve_files
 from centrifuge.data.packed import PackedDataset
 from centrifuge.data.tokenizer import load_tokenizer
@@ -26,8 +28,9 @@ def load_dataset(paths: list[str] | None, tokenizer=None, seq_len: int = 256,
     data_format, text_field, prompt_field, completion_field: how a record becomes a
                document (:class:`~centrifuge.data.formats.RecordFormat`): ``text``
                (the text field), ``prompt-completion`` (the prompt's tokens are
-               context with labels -100, the completion's and the eos labelled), or
-               ``auto``: prompt-completion if the first record has both fields.
+               context with labels -100, the completion's and the eos labelled),
+               ``messages`` (a conversation rendered by the tokenizer's chat template,
+               the assistant turns labelled), or ``auto``: by the first record's fields.
     tokenizer: a tokenizer object, a local HF tokenizer directory, or ``None``
                (the built-in byte tokenizer).
     split:     ``train`` or ``eval`` (held out: every 50th document of user data,
@@ -56,6 +59,8 @@ def load_dataset(paths: list[str] | None, tokenizer=None, seq_len: int = 256,
             raise ValueError(f"unknown split {split!r}; choose one of {USER_SPLITS}")
         files = resolve_files(paths)
         fmt = detect_format(files, RecordFormat(data_format, text_field, prompt_field, completion_field))
+        if fmt.kind == "messages":
+            fmt = replace(fmt, chat=ChatTemplate.of(tokenizer))
         sources = []
         for f in files:
             st = f.stat()

@@ -10,8 +10,9 @@ a ``save_to_disk`` directory    (``state.json`` with ``_data_files``, or a
 any other directory             every supported file under it, in sorted order.
 
 A record (JSON object, table row) is a document as :class:`RecordFormat` says:
-its text field (pretraining), or a prompt and a completion (supervised
-fine-tuning: the prompt's tokens are context, read but never trained on).
+its text field (pretraining), a prompt and a completion (supervised
+fine-tuning: the prompt's tokens are context, read but never trained on), or
+a conversation (``messages``: only the assistant turns are trained on).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet", ".arrow")
-FORMATS = ("auto", "text", "prompt-completion")
+FORMATS = ("auto", "text", "prompt-completion", "messages")
+MESSAGES_FIELD = "messages"
 
 # A document: its text in segments, each with whether its tokens carry a loss
 # (False: context, such as a prompt, that the model reads but is not trained to write).
@@ -37,7 +39,9 @@ class RecordFormat:
 
     kind: ``text``: the text field, every token labelled; ``prompt-completion``:
           the prompt field's text (context, no loss) then the completion field's
-          (labelled); ``auto``: decided by the data's first record (:meth:`decide`).
+          (labelled); ``messages``: a list of {role, content} turns rendered by
+          ``chat`` (a :class:`~centrifuge.data.chat.ChatTemplate`), the assistant
+          turns labelled; ``auto``: decided by the data's first record (:meth:`decide`).
     detected_from: the record ``auto`` was decided by (for error messages).
     """
 
@@ -46,6 +50,7 @@ class RecordFormat:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     detected_from: str | None = field(default=None, compare=False)
+    chat: object = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.kind not in FORMATS:
@@ -58,21 +63,28 @@ class RecordFormat:
         """The fields every record of this (decided) format needs, in order."""
         if self.kind == "text":
             return (self.text_field,)
+        if self.kind == "messages":
+            return (MESSAGES_FIELD,)
         return (self.prompt_field, self.completion_field)
 
     def cache_key(self) -> dict:
         """What the tokens depend on (the token cache's key)."""
-        return dict(kind=self.kind, fields=list(self.fields))
+        key = dict(kind=self.kind, fields=list(self.fields))
+        if self.kind == "messages":
+            key["chat_template"] = self.chat.identity
+        return key
 
     def decide(self, names: list[str], where: str, noun: str = "field") -> "RecordFormat":
         """The format of data whose first record has the fields (columns) ``names``:
         ``auto`` becomes ``prompt-completion`` where both of those fields are
-        present (a text field beside them too), else ``text``."""
+        present, else ``messages`` where that field is, else ``text``."""
         if self.kind != "auto":
             return self
         pair = (self.prompt_field, self.completion_field)
         if all(f in names for f in pair):
             return replace(self, kind="prompt-completion", detected_from=where)
+        if MESSAGES_FIELD in names:
+            return replace(self, kind="messages", detected_from=where)
         if self.text_field in names:
             return replace(self, kind="text", detected_from=where)
         half = [f for f in pair if f in names]
@@ -81,9 +93,9 @@ class RecordFormat:
             raise ValueError(f"{where}: a {half[0]!r} {noun} without a {other!r} {noun}; "
                              "prompt/completion records need both")  # fmt: skip
         raise ValueError(_missing(where, self.text_field, noun, names)
-                         + f"; records need a {self.text_field!r} {noun}, or {pair[0]!r} and "
-                         f"{pair[1]!r} {noun}s (--text-field, --prompt-field and "
-                         "--completion-field name others)")  # fmt: skip
+                         + f"; records need a {self.text_field!r} {noun}, {pair[0]!r} and "
+                         f"{pair[1]!r} {noun}s, or a {MESSAGES_FIELD!r} {noun} (--text-field, "
+                         "--prompt-field and --completion-field name others)")  # fmt: skip
 
     def document(self, record, where: str) -> Document:
         """The document of one record; ``where`` names it in errors."""
@@ -96,11 +108,13 @@ class RecordFormat:
         if self.kind == "text":
             text = record[self.text_field]
             return [(_string(text, self.text_field, where) if text is not None else "", True)]
+        if self.kind == "messages":
+            return self.chat.segments(_conversation(record[MESSAGES_FIELD], where), where)
         return [(_string(record[self.prompt_field], self.prompt_field, where), False),
                 (_string(record[self.completion_field], self.completion_field, where), True)]  # fmt: skip
 
     def _origin(self) -> str:
-        what = "text" if self.kind == "text" else "prompt/completion"
+        what = {"text": "text", "messages": "chat"}.get(self.kind, "prompt/completion")
         if self.detected_from is None:
             return f" (data format {self.kind!r})"
         return (f"; the data holds {what} records (detected from {self.detected_from}) and "
@@ -116,6 +130,20 @@ def _string(value, name: str, where: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {name!r} is not a string ({type(value).__name__})")
     return value
+
+
+def _conversation(turns, where: str) -> list[dict]:
+    """``turns`` checked: a non-empty list of {role, content} objects with string
+    values (other keys pass to the template), with at least one assistant turn."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: field {MESSAGES_FIELD!r} is not a non-empty list of turns")
+    for n, t in enumerate(turns):
+        if not (isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)):
+            raise ValueError(f"{where}: turn {n} of {MESSAGES_FIELD!r} is not a {{role, content}} "
+                             f"object with string values ({t!r:.80})")  # fmt: skip
+    if not any(t["role"] == "assistant" for t in turns):
+        raise ValueError(f"{where}: no assistant turn in {MESSAGES_FIELD!r}: nothing to train on")
+    return turns
 
 
 TEXT = RecordFormat("text")

@@ -48,8 +48,8 @@ def add_dataset_arguments(p, split_default: str = "train") -> None:
                    help="text/JSONL/Parquet/Arrow files or directories (none: the built-in corpus)")
     p.add_argument("--data-format", choices=FORMATS, default="auto",
                    help="how a record becomes a document: text, prompt-completion (the loss on "
-                        "the completion only) or auto, by the first record's fields (the "
-                        "trainer's --data-format)")
+                        "the completion only), messages (on the assistant turns only) or auto, "
+                        "by the first record's fields (the trainer's --data-format)")
     p.add_argument("--text-field", default="text",
                    help="JSONL/Parquet/Arrow field holding the text (the trainer's --text-field)")
     p.add_argument("--prompt-field", default="prompt",

@@ -32,8 +32,10 @@ def add_arguments(p) -> None:
           "datasets.save_to_disk directory; none = the built-in corpus", nargs="+", metavar="PATH")
     opt_g("--data-format", "how a JSONL/Parquet/Arrow record becomes a document: text (the "
           "text field), prompt-completion (supervised fine-tuning: the prompt field's tokens are "
-          "context without a loss, the completion's are trained), auto (prompt-completion when "
-          "the first record has both fields, else text)", choices=FORMATS)
+          "context without a loss, the completion's are trained), messages (a conversation "
+          "rendered by the tokenizer's chat template, its assistant turns trained), auto "
+          "(prompt-completion when the first record has both fields, else messages when it has "
+          "that field, else text)", choices=FORMATS)
     opt_g("--text-field", "JSONL/Parquet/Arrow field holding the text")
     opt_g("--prompt-field", "field holding the prompt (prompt-completion records)")
     opt_g("--completion-field", "field holding the completion (prompt-completion records)")

@@ -110,7 +110,7 @@ class TrainConfig:
     eval_problems: int = 300  # held-out problems for answer accuracy (built-in corpus; 0 = none)
     # How a JSONL/Parquet/Arrow record becomes a document (centrifuge.data.formats):
     # "text" (text_field), "prompt-completion" (the loss on the completion only),
-    # or "auto" (prompt-completion where the first record has both fields).
+    # "messages" (on the assistant turns only), or "auto" (by the first record's fields).
     data_format: str = "auto"
     text_field: str = "text"
     prompt_field: str = "prompt"

@@ -213,9 +213,10 @@ def _data_label(cfg: TrainConfig, ds, split: str) -> str:
     if cfg.data is None:
         return f"built-in corpus, {split} split"
     label = ", ".join(cfg.data)
-    if ds.data_format == "prompt-completion":
-        share = 1 - ds.context_tokens / ds.n_tokens
-        label += f"; prompt/completion records: loss on the completions, {100 * share:.0f}% of tokens"
+    what = {"prompt-completion": "prompt/completion records: loss on the completions",
+            "messages": "chat records: loss on the assistant turns"}.get(ds.data_format)  # fmt: skip
+    if what:
+        label += f"; {what}, {100 * (1 - ds.context_tokens / ds.n_tokens):.0f}% of tokens"
     return label
 
 
