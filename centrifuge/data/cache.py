@@ -6,7 +6,7 @@ Layout of a cache entry ``<root>/<key>/<split>/``::
     tokens.bin   every document's tokens followed by eos, concatenated (uint16/uint32)
     docs.npy     int64 [n_docs + 1], where each document starts (last = n_tokens)
     context.npy  int64 [n_spans, 2], the [start, end) token ranges without a loss
-                 (prompts of prompt/completion records), sorted and disjoint
+                 (prompts, non-assistant chat turns), sorted and disjoint
     meta.json    n_tokens, n_docs, n_context_tokens, dtype, sha256 of the
                  content, tokenizer identity
 

@@ -22,6 +22,10 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from centrifuge.data.chat import ChatTemplate
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet", ".arrow")
@@ -50,7 +54,7 @@ class RecordFormat:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     detected_from: str | None = field(default=None, compare=False)
-    chat: object = field(default=None, compare=False)
+    chat: ChatTemplate | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.kind not in FORMATS:
@@ -138,7 +142,7 @@ def _conversation(turns, where: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{where}: field {MESSAGES_FIELD!r} is not a non-empty list of turns")
     for n, t in enumerate(turns):
-        if not (isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)):
+        if not (isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("role", "content"))):
             raise ValueError(f"{where}: turn {n} of {MESSAGES_FIELD!r} is not a {{role, content}} "
                              f"object with string values ({t!r:.80})")  # fmt: skip
     if not any(t["role"] == "assistant" for t in turns):
@@ -213,8 +217,9 @@ def detect_format(files: list[Path], fmt: RecordFormat) -> RecordFormat:
         first = next(_json_records(file), None)
         if first is not None:
             where, record = first
-            # Not an object: the text format's error names it when it is read.
-            return fmt.decide(list(record), where) if isinstance(record, dict) else replace(fmt, kind="text")
+            if not isinstance(record, dict):  # the text format's error names it when it is read
+                return replace(fmt, kind="text")
+            return fmt.decide(list(record), where)
     return replace(fmt, kind="text")
 
 

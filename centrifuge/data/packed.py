@@ -6,9 +6,10 @@ The token stream (every document followed by eos) is cut into rows of
 at every row start (a document cut by a row boundary continues as a new
 document in the next row), so attention never crosses documents. The last row
 is padded: padding gets ``labels = -100`` and positions restarting at 0, so it
-forms its own segment that real tokens never attend to. Context tokens (the
-prompt of a prompt/completion record) are real tokens with ``labels = -100``:
-the model reads them, and the rows predicting them carry no loss.
+forms its own segment that real tokens never attend to. Context tokens (a
+fine-tuning example's prompt, a conversation's turns other than the assistant's)
+are real tokens with ``labels = -100``: the model reads them, and the rows
+predicting them carry no loss.
 """
 
 from __future__ import annotations
