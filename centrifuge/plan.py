@@ -265,7 +265,9 @@ def precedes(mask: torch.Tensor, layout: Layout) -> torch.Tensor:
     pos = torch.arange(L, device=dev).expand(B, L)
     doc = layout.segment_ids.to(dev) + torch.arange(B, device=dev)[:, None] * L
     last = torch.full((B * L,), -1, device=dev, dtype=torch.long)
-    last.scatter_reduce_(0, doc[mask], pos[mask], "amax")
+    # Every row scatters (-1 where mask is False): no boolean indexing, which
+    # would wait for the device to learn how many rows it selects.
+    last.scatter_reduce_(0, doc.reshape(-1), torch.where(mask, pos, -1).reshape(-1), "amax")
     return pos < last[doc]
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from centrifuge.plan import Layout, Plan
+from centrifuge.plan import Layout, Plan, context_rows
 from centrifuge.selection import Selector, keep_from_mask, num_keep
 
 
@@ -239,6 +239,31 @@ def test_selection_and_plan_with_host_count_match_and_do_not_sync(seed, method, 
     assert torch.equal(run.keep, want)
     assert plan.n_keep == count == int(want.sum())
     assert torch.equal(plan.keep_idx, want_plan.keep_idx)
+
+
+def test_context_rows_and_a_host_counted_context_do_not_sync():
+    """The forward derives context rows on the device without a sync, and with the
+    context counted on the host (a CPU mask, as centrifuge train passes) the plan
+    gathers kept + context rows without one; the rows match the synchronous plan's."""
+    B, L = 3, 29
+    pos = torch.arange(L).repeat(B, 1)
+    pos[2, 13:] -= 13
+    layout = Layout.build(B, L, position_ids=pos)
+    valid = torch.ones(B, L, dtype=torch.bool) & ~layout.last_rows()
+    valid[:, :5] = False  # a prompt at the start of every row
+    valid[2, 13:17] = False  # and of row 2's second document
+    assert _syncs(lambda: context_rows(valid, layout)) == []
+    context = context_rows(valid, layout)
+    keep = Selector("loss", 0.5)(torch.rand(B, L), valid)
+    count = int(keep.sum())
+    plan, want = Plan(layout), Plan(layout)
+    want.set_context(context.clone())
+    want.set_keep(keep)
+    plan.set_context(context)  # a CPU mask: counted on the host here
+    assert _syncs(lambda: plan.set_keep(keep, count)) == []
+    assert torch.equal(plan.rows_idx, want.rows_idx)
+    assert torch.equal(plan.rows_idx, torch.nonzero((keep | context).reshape(-1)).squeeze(1))
+    assert torch.equal(plan.keep_idx, torch.nonzero(keep.reshape(-1)).squeeze(1))
 
 
 def test_host_count_errors_are_caught_on_the_device():
