@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from centrifuge.models import ModelConfig, build_model
-from centrifuge.models.reference import reference_filtered_loss
+from centrifuge.models.reference import reference_filtered_loss, reference_token_loss
+from centrifuge.plan import BackwardOptions
 from centrifuge.selection import Selector
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -113,3 +114,37 @@ def test_dense_path_gradients_match_reference_semantics(name, packed):
             ours = worst_rel(grads(model), truth)
             limit = 5e-3 if dtype == torch.float32 else 2 * plain + 1e-3
             assert ours < limit, f"{dtype} dense path {ours:.2e} (plain {plain:.2e}, count {count})"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-d64", "qwen3-qknorm-d128"])
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+@pytest.mark.parametrize("packed", [False, True])
+def test_context_rows_on_the_kernel_path(name, ratio, packed):
+    """SFT labels (a prompt labelled -100 opening every document): the compact
+    plan gathers kept + context rows, the LM head the kept rows only; held to the
+    float64 reference semantics like the test above, with a host count (the
+    compact plan at ρ = 1 too, where it must give plain training's gradient)."""
+    ids, kw = batch(seed=len(name) + int(ratio * 10) + 3, packed=packed)
+    labels = ids.clone()
+    pos = kw.get("position_ids", torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
+    labels[pos < 40] = -100
+    model64 = build_model(CONFIGS[name], dtype=torch.float64, device="cuda", seed=0)
+    out = model64(ids, labels=labels, **kw)
+    assert out.plan.context.any()
+    keep = Selector("loss", ratio)(out.token_loss, out.valid)
+    if ratio < 1:
+        reference_filtered_loss(model64, ids, labels, keep, **kw).backward()
+    else:  # plain training: no K/V detached at all
+        tl, valid = reference_token_loss(model64, ids, labels, None, **kw)
+        ((tl * valid).sum() / valid.sum()).backward()
+    truth = grads(model64)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(CONFIGS[name], dtype=dtype, device="cuda", seed=0)
+        reference_filtered_loss(model, ids, labels, keep, **kw).backward()
+        plain = worst_rel(grads(model), truth)
+        out = model(ids, labels=labels, backward=BackwardOptions(path="compact"), **kw)
+        out.plan.loss(out.token_loss, keep, int(keep.sum())).backward()
+        assert out.plan.compact and out.plan.rows_idx.numel() > out.plan.n_keep
+        ours = worst_rel(grads(model), truth)
+        limit = 5e-3 if dtype == torch.float32 else 2 * plain + 1e-3
+        assert ours < limit, f"{dtype} context rows {ours:.2e} (plain {plain:.2e})"
