@@ -13,11 +13,14 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(KeyboardInterrupt):
-    """A SIGINT or SIGTERM (``signum``) turned into an exception."""
+    """A SIGINT or SIGTERM (``signum``) turned into an exception.
+    ``stopped_cleanly``: a training loop stopped at a step boundary with its
+    state saved (set by the loop)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.stopped_cleanly = False
 
 
 def _raise(signum, frame):

@@ -35,3 +35,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_path(path.parent)
+
+
+def give_default_mode(path: str | Path) -> None:
+    """Set ``path``'s permissions to those ``open()`` gives a new file (0666 less
+    the umask): writers that go through a private temporary file (safetensors)
+    leave 0600, unlike every other file of a checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -34,13 +34,29 @@ def files(tmp_path_factory):
     (d / "dsdict" / "dataset_dict.json").write_text('{"splits": [')
     (d / "bad.yaml").write_text("steps: [1, 2\n  ratio: : :\n")
     (d / "bad.json").write_text('{"steps": 1,')
+    (d / "typo.yaml").write_text("lrr: 0.01\n")
+    (d / "afile").write_text("not a directory")
+    from centrifuge.data import corpus
+
+    docs = corpus.documents("train", 0, 60)  # 50 or more: one is held out
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     return d
 
 
 CUDA = [] if torch.cuda.is_available() else [
     (["eval", "{d}/model", "--device", "cuda"], "CUDA is not available"),
     (["score", "--model", "{d}/model", "--device", "cuda", "--out", "{d}/out"], "CUDA is not available"),
+    (["bench", "--device", "cuda", "--out-dir", "{d}/out"], "CUDA is not available"),
 ]  # fmt: skip
+MPS = [] if torch.backends.mps.is_available() else [
+    (["train", "--device", "mps", "--out-dir", "{d}/out"], "MPS (Apple GPUs) is not available"),
+    (["bench", "--device", "mps", "--out-dir", "{d}/out"], "MPS (Apple GPUs) is not available"),
+]  # fmt: skip
+# A training start on a small model and data: every check passes but the one named.
+TRAIN = ["train", "--model", "tiny", "--data", "{d}/docs.jsonl", "--seq-len", "32", "--batch-size", "2",
+         "--steps", "1", "--eval-rows", "2", "--out-dir", "{d}/out"]  # fmt: skip
+BENCH = ["bench", "--model", "tiny", "--seq-len", "16", "--batch-size", "1", "--repeats", "1",
+         "--warmup", "0", "--device", "cpu", "--no-hf", "--out-dir", "{d}/out"]  # fmt: skip
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -67,7 +83,27 @@ CUDA = [] if torch.cuda.is_available() else [
      "{d}/garbage.jsonl:2: not UTF-8 text"),
     (["train", "--data", "{d}/text.parquet", "--select", "none", "--out-dir", "{d}/out"],
      "{d}/text.parquet: not a readable parquet file"),
+    # Every check comes before the first write: a failed start leaves no options.json
+    # or metrics.jsonl behind (which would refuse the corrected command).
+    ([*TRAIN, "--select", "rho1"], "selection 'rho1' needs a reference"),
+    ([*TRAIN, "--reference", "{d}/missing"], "reference model '{d}/missing' does not exist"),
+    ([*TRAIN, "--reference-scores", "{d}/missing"], "no reference-score store at {d}/missing"),
+    ([*TRAIN, "--select", "loss", "--exact-layers", "99"], "exact_layers=99 exceeds the model's 2 layers"),
+    ([*TRAIN, "--select", "loss", "--parallel", "ddp"], "parallel 'ddp' needs several processes"),
+    ([*TRAIN, "--select", "none", "--backward-extra", "0.3"], "select 'none' filters none"),
+    (["train", "--batch-size", "1000000", "--out-dir", "{d}/out"],
+     "a micro-batch of 1000000 rows x 256 tokens of mini needs at least about"),
+    (["train", "--config", "{d}/typo.yaml", "--out-dir", "{d}/out"],
+     "config file {d}/typo.yaml: unknown training option(s) 'lrr' (did you mean 'lr'?)"),
+    ([*BENCH, "--seq-len", "0"], "seq-len must be at least 2, got 0"),
+    ([*BENCH, "--repeats", "0"], "repeats must be at least 1, got 0"),
+    ([*BENCH, "--layers", "0"], "layers must lie in 1..2 (the tiny preset's layers), got 0"),
+    ([*BENCH, "--layers", "3"], "layers must lie in 1..2 (the tiny preset's layers), got 3"),
+    ([*BENCH, "--liger"], "--liger needs a CUDA device"),
+    (["score", "--model", "{d}/model", "--data", "{d}/docs.jsonl", "--seq-len", "32", "--out", "{d}/afile"],
+     "the score store {d}/afile is a file"),
     *CUDA,
+    *MPS,
 ])  # fmt: skip
 def test_bad_input_is_one_line_naming_the_file(files, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setenv("CENTRIFUGE_CACHE", str(tmp_path / "cache"))

@@ -151,8 +151,22 @@ def test_config_file_and_overrides(tmp_path, data_file, cache):
     assert TrainConfig.from_file(t).steps == 7
     bad = tmp_path / "bad.toml"
     bad.write_text("stepz = 7\n")
-    with pytest.raises(ValueError, match="unknown training option"):
+    with pytest.raises(ValueError, match=f"config file {bad}: unknown training option.*'stepz' "
+                                         r"\(did you mean 'steps'\?\)"):  # fmt: skip
         TrainConfig.from_file(bad)
+    # YAML 1.1 reads 1e-3 as text: numbers written so are numbers, and other text is refused
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text("lr: 1e-3\nmax_tokens: 2e4\nwarmup_steps: 5.0\n")
+    cfg = TrainConfig.from_file(numbers)
+    assert (cfg.lr, cfg.max_tokens, cfg.warmup_steps) == (1e-3, 20000, 5)
+    assert type(cfg.max_tokens) is int and type(cfg.warmup_steps) is int
+    for text, match in (("lr: fast\n", "lr must be a number, got 'fast'"),
+                        ("steps: 2.5\n", "steps must be an integer, got 2.5")):  # fmt: skip
+        numbers.write_text(text)
+        with pytest.raises(ValueError, match=f"config file {numbers}: {match}"):
+            TrainConfig.from_file(numbers)
+    with pytest.raises(ValueError, match="lr must be a number, got '1e-3'"):
+        TrainConfig(lr="1e-3")  # in Python, a number is a number
     out = tmp_path / "cli"
     rc = main(["train", "--config", str(y), "--steps", "2", "--select", "none", "--batch-size", "1",
                "--cache-dir", cache, "--out-dir", str(out), "--quiet", "--eval-rows", "2"])  # fmt: skip
@@ -174,7 +188,7 @@ def test_config_file_and_overrides(tmp_path, data_file, cache):
 def test_errors_before_training(tmp_path, data_file, cache, kw, exc, match):
     with pytest.raises(exc, match=match):
         train(tiny(tmp_path, data_file, cache, **kw), progress=False)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_empty_data_and_bad_options(tmp_path, cache):
@@ -189,7 +203,10 @@ def test_empty_data_and_bad_options(tmp_path, cache):
                       (dict(granularity="doc"), "granularity"), (dict(lr=-1.0), "lr"),
                       (dict(reference="a", reference_scores="b"), "either"),
                       (dict(backward_extra=1.5), "extra"), (dict(exact_layers=-1), "exact_layers"),
-                      (dict(backward="exact", exact_layers=1), "mode 'exact'")]:  # fmt: skip
+                      (dict(backward="exact", exact_layers=1), "mode 'exact'"),
+                      (dict(select="none", exact_layers=1), "exact_layers acts on filtered tokens"),
+                      (dict(select="none", backward_extra=0.3, backward_extra_weight=2.0),
+                       "backward_extra and backward_extra_weight act on filtered tokens")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kw)
 
@@ -219,7 +236,7 @@ def test_scores_not_matching_the_data(tmp_path, data_file, cache):
     with pytest.raises(ValueError, match="computed for dataset|shape"):
         train(tiny(tmp_path, data_file, cache, select="rho1", seq_len=32,
                    reference_scores=str(store)), progress=False)  # fmt: skip
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # checked before the first write
 
 
 def test_resume_mismatch_and_corrupt_checkpoint(tmp_path, data_file, cache):
@@ -267,11 +284,17 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
 
 
 def test_start_from_a_checkpoint_directory_and_tokenizer_checks(tmp_path, data_file, cache):
-    """--model DIR fine-tunes a saved model; a tokenizer larger than its vocabulary is refused."""
+    """--model DIR fine-tunes a saved model, given as a checkpoint or as the run
+    directory (its latest checkpoint, as eval and score take it); a tokenizer
+    larger than its vocabulary is refused."""
     first = train(tiny(tmp_path / "a", data_file, cache, steps=2), progress=False)
     again = train(tiny(tmp_path / "b", data_file, cache, steps=1, model=first["checkpoint"],
                        eval_rows=2), progress=False)  # fmt: skip
     assert again["steps"] == 1
+    from_run = train(tiny(tmp_path / "d", data_file, cache, steps=1, model=str(tmp_path / "a" / "run"),
+                          eval_rows=2), progress=False)  # fmt: skip
+    a, b = (load_file(f"{s['checkpoint']}/model.safetensors") for s in (again, from_run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = {f"w{i}": i for i in range(600)} | {"</s>": 600, "<unk>": 601}

@@ -16,14 +16,16 @@ from centrifuge.bench.runner import DTYPES, BenchConfig, run_bench
 
 def add_arguments(p) -> None:
     d = BenchConfig()
-    p.add_argument("--preset", default=d.preset, help="model preset (see centrifuge.models.PRESETS)")
+    p.add_argument("--model", "--preset", dest="preset", default=d.preset, metavar="NAME",
+                   help="model preset, random weights (see centrifuge.models.PRESETS)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row")
-    p.add_argument("--batch", type=int, default=d.batch, help="rows per step")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=d.batch,
+                   help="rows per step")
     p.add_argument("--ratios", type=float, nargs="+", default=d.ratios, help="kept ratios ρ")
     p.add_argument("--layers", type=int, default=None,
                    help="use only this many layers (large models on one GPU; labeled as such)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
-                   help="dtype of the weights and activations")
+                   help="compute dtype (the weights and activations are in it)")
     p.add_argument("--device", default=d.device, help="cuda if available, else cpu")
     p.add_argument("--warmup", type=int, default=d.warmup,
                    help="untimed rounds before the timed ones")
@@ -52,7 +54,8 @@ def add_arguments(p) -> None:
                    help="time supervised fine-tuning: the first S of every row is a prompt "
                         "labelled -100 (plain SFT as dense; Centrifuge with the prompt in the "
                         "backward and, as centrifuge+context-constant, as constants); native steps only")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    p.add_argument("--out-dir", "--out", dest="out", type=Path, default=Path("runs/bench"),
+                   help="output directory")
 
 
 def run(args) -> int:

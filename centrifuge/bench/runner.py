@@ -21,6 +21,7 @@ from centrifuge.bench.variants import (
     native_variants,
     with_lora,
 )
+from centrifuge.device import resolve_device
 from centrifuge.models import build_model, get_preset
 from centrifuge.plan import BackwardOptions
 from centrifuge.selection import check_ratio
@@ -56,14 +57,28 @@ class BenchConfig:
     prompt_share: float = 0.0
 
     def __post_init__(self):
-        SFTLabels(self.prompt_share)  # raises on a bad share before anything runs
+        """Every option checked before anything runs."""
+        SFTLabels(self.prompt_share)
         self.ratios = [check_ratio(r) for r in self.ratios]
+        if not self.ratios:
+            raise ValueError("give at least one ratio")
+        if self.breakdown_ratio is not None:
+            check_ratio(self.breakdown_ratio)
+        for name, low in (("seq_len", 2), ("batch", 1), ("repeats", 1), ("warmup", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        n = get_preset(self.preset).num_layers
+        if self.layers is not None and not 1 <= self.layers <= n:
+            raise ValueError(f"layers must lie in 1..{n} (the {self.preset} preset's layers), got {self.layers}")
         if self.lora is not None and self.lora < 1:
             raise ValueError(f"lora rank must be a positive integer, got {self.lora}")
         for spec in self.knobs:
-            BackwardOptions.parse(spec)  # raises on a bad spec before anything runs
+            BackwardOptions.parse(spec).check_layers(self.layers or n)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        device = resolve_device(self.device)
+        if self.liger and device.type != "cuda":
+            raise ValueError(f"--liger needs a CUDA device (Liger-Kernel's kernels run on GPUs), not {device}")
 
 
 class Timer:

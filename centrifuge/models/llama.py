@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from centrifuge.io import give_default_mode
 from centrifuge.models.config import ModelConfig
 from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
 from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
@@ -278,6 +279,7 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        give_default_mode(path / "model.safetensors")
         cfg = self.config.to_hf_dict()
         cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         (path / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -84,18 +84,28 @@ def load_dataset_from_args(args, model_dir: Path | None = None):
     return ds, tok
 
 
+class _DtypeAction(argparse.Action):
+    """``--dtype`` names the compute dtype, as in train and bench; its former
+    values (float32, float16: the stored precision) still set ``--store-dtype``."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, "store_dtype" if value in DTYPES else self.dest, value)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="CHECKPOINT",
                    help="reference model: a native or Hugging Face Llama-family checkpoint "
                         "directory, or a training run directory (its latest checkpoint)")
     add_dataset_arguments(p)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out-dir", "--out", dest="out", type=Path, default=None, metavar="DIR",
                    help="score store directory (none: beside the dataset's token cache)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="rows per forward")
     p.add_argument("--device", default=None, help="none: cuda if available, else cpu")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="compute precision of the reference forward")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    p.add_argument("--dtype", "--precision", dest="precision", action=_DtypeAction, default="fp32",
+                   choices=sorted(PRECISIONS) + sorted(DTYPES),
+                   help="compute dtype of the reference forward, fp32 or bf16 (as train's "
+                        "--dtype); float32 and float16 set --store-dtype (their former meaning)")
+    p.add_argument("--store-dtype", choices=sorted(DTYPES), default="float32",
                    help="stored precision (float16 halves the file)")
     p.add_argument("--chunk-rows", type=int_at_least(1), default=None,
                    help="rows per committed chunk (an interrupted run resumes from the last one)")
@@ -114,7 +124,7 @@ def run(args) -> int:
         out = score_path_for(ds, model_identity(model)["digest"][:16])
     try:
         res = score_dataset(model, ds, out, batch_size=args.batch_size, device=device,
-                            precision=args.precision, dtype=args.dtype, chunk_rows=args.chunk_rows,
+                            precision=args.precision, dtype=args.store_dtype, chunk_rows=args.chunk_rows,
                             overwrite=args.overwrite, model_source=str(ckpt), progress=tqdm)  # fmt: skip
     except KeyboardInterrupt:
         print(f"interrupted: the chunks scored so far are kept in {out}; the same command "

@@ -232,6 +232,8 @@ class ScoreWriter:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"the score store {path} is a file: give a directory")
         path.mkdir(parents=True, exist_ok=True)
         with _exclusive(path):
             n, L = dataset_shape(dataset)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -43,6 +44,9 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 SHARDED_DIR = "dcp"
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name; per-process RNG states
+# What a save cut short leaves: its temporary checkpoint directory, the replaced one,
+# and the temporary file of ``latest`` (io.write_text_atomic's name).
+PARTIAL = re.compile(r"\.(tmp|old)-checkpoint-\d+-[0-9a-f]{8}|\.latest\.[0-9a-f]{8}\.tmp")
 
 
 class CheckpointError(ValueError):
@@ -132,7 +136,7 @@ def clean_partial(out_dir: str | Path) -> list[Path]:
     d = Path(out_dir)
     if d.is_dir():
         for p in d.iterdir():
-            if p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-", f".{LATEST}.")):
+            if PARTIAL.fullmatch(p.name):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

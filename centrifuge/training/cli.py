@@ -7,13 +7,15 @@ first trains on the corpus' clean split, and prints a summary."""
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 from centrifuge.data.formats import FORMATS
 from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig, read_config_file
-from centrifuge.training.rundir import resume_config
+from centrifuge.training.rundir import MAY_CHANGE, resume_config
 
 S = argparse.SUPPRESS  # only options given on the command line override a --config file
 
@@ -113,12 +115,18 @@ def add_arguments(p) -> None:
     g.add_argument("--resume", nargs="?", const=True, default=S, metavar="CHECKPOINT",
                    help="continue exactly where the run in OUT_DIR stopped (finished, "
                         "interrupted or killed), or from the given checkpoint directory, with "
-                        "the run's own options: give only those that may change (--steps, "
-                        "--max-tokens, intervals, --eval-rows, --device, --out-dir)")  # fmt: skip
+                        "the run's own options: give only those that may change "
+                        f"({', '.join(resumable_flags())}; --grad-accum with grad_accum x "
+                        "processes unchanged)")  # fmt: skip
     g.add_argument("--overwrite", action="store_true", default=S,
                    help="start over in an OUT_DIR that holds a run, deleting that run (without "
                         "it, a new run there is refused)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", default=S, help="no progress bar or log lines")
+
+
+def resumable_flags() -> list[str]:
+    """The options that ``--resume`` lets change, as flags."""
+    return [f"--{k.replace('_', '-')}" for k in MAY_CHANGE if k not in ("resume", "overwrite")]
 
 
 def _opt(group, d, flag, help, **kw):
@@ -133,16 +141,23 @@ def config_from_args(args) -> TrainConfig:
     the run's own options complete them (see :func:`rundir.resume_config`)."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet", "debug")}
     if getattr(args, "config", None):
-        given = {**read_config_file(args.config), **given}
+        given = {**TrainConfig.parse(read_config_file(args.config), f"config file {args.config}"),
+                 **given}  # fmt: skip
     if given.get("resume"):
         return resume_config(given)
     return TrainConfig.from_dict(given)
 
 
 def format_summary(s: dict) -> str:
+    if s.get("steps_trained", s["steps"]) == 0:  # a finished run, resumed
+        head = (f"already finished: {s['steps']} steps, none trained now (to train on, give a "
+                f"larger budget: centrifuge train --resume --out-dir {s['out_dir']} --steps N, "
+                f"N > {s['steps']}; the learning-rate schedule then follows N)")  # fmt: skip
+    else:
+        head = (f"done: {s['steps']} steps in {s['wall_s']:.1f} s"
+                + (f" ({s['processes']} processes, {s['parallel']})" if s.get("processes", 1) > 1 else ""))  # fmt: skip
     lines = [
-        f"done: {s['steps']} steps in {s['wall_s']:.1f} s"
-        + (f" ({s['processes']} processes, {s['parallel']})" if s.get("processes", 1) > 1 else ""),
+        head,
         f"  tokens seen      {s['tokens_seen']:,}  (kept {s['tokens_kept']:,}, "
         f"{100 * s['kept_fraction']:.1f}% of labelled tokens)",
         f"  throughput       {s['tokens_per_s']:,.0f} tokens/s (training steps only)",
@@ -163,18 +178,43 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def continue_command(cfg: TrainConfig) -> str:
+    """How to continue a stopped run: the same launch with ``--resume``; after
+    a torchrun launch, torchrun's, and the one-process form (the step's
+    micro-batches all in one process)."""
+    resume = f"train --resume --out-dir {shlex.quote(str(cfg.out_dir))}"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return f"continue with: centrifuge {resume}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launch = f"torchrun --nproc-per-node {local}"
+    if world > local:
+        launch += f" --nnodes {world // local} --node-rank K --rdzv-endpoint HOST:PORT"
+    one = f"centrifuge {resume} --grad-accum {cfg.grad_accum * world}"
+    if cfg.parallel in ("ddp", "fsdp"):
+        one += " --parallel auto"
+    return (f"continue with: {launch} -m centrifuge.cli {resume}"
+            + (" (on every node K)" if world > local else "") + f"\n  or on one process: {one}")  # fmt: skip
+
+
 def run(args) -> int:
     import torch.distributed as dist
 
     from centrifuge.distributed import shutdown_distributed
-    from centrifuge.training.loop import train
+    from centrifuge.training.pipeline import train
 
     cfg = config_from_args(args)
     try:
         summary = train(cfg, progress=not getattr(args, "quiet", False))
-    except KeyboardInterrupt:
-        print(f"continue with: centrifuge train --resume --out-dir {cfg.out_dir}",
-              file=sys.stderr)  # fmt: skip
+    except KeyboardInterrupt as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(continue_command(cfg), file=sys.stderr)
+        if dist.is_initialized() and getattr(e, "stopped_cleanly", False):
+            # Every process stopped after the same step and the checkpoint is
+            # complete: a success for torchrun, which reports any other exit
+            # status as a failure of the launch.
+            shutdown_distributed()
+            return 0
         raise
     if dist.is_initialized():  # torchrun: one summary, from rank 0
         main = dist.get_rank() == 0

@@ -5,12 +5,11 @@ The same options come from the command line, a YAML/TOML file, or Python.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-import numpy as np
 
 from centrifuge.data.formats import FORMATS
 from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
@@ -139,6 +138,11 @@ class TrainConfig:
         need(self.prompt_field != self.completion_field,
              f"prompt_field and completion_field must differ, both are {self.prompt_field!r}")
         need(self.select in METHODS, f"select must be one of {METHODS}, got {self.select!r}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type.startswith("float") and not (v is None and f.type.endswith("None")):
+                need(isinstance(v, (int, float)) and not isinstance(v, bool),
+                     f"{f.name} must be a number, got {v!r}")
         need(isinstance(self.ratio, (int, float)) and not math.isnan(self.ratio)
              and 0.0 < self.ratio <= 1.0, f"ratio must lie in (0, 1], got {self.ratio}")  # fmt: skip
         need(self.granularity in GRANULARITIES,
@@ -146,6 +150,12 @@ class TrainConfig:
         need(self.backward in BACKWARD_MODES,
              f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         self.backward_options()  # raises on bad knobs
+        knobs = [n for n in ("backward_extra", "backward_extra_weight", "exact_layers")
+                 if getattr(self, n) not in (0, None)]  # fmt: skip
+        need(self.select != "none" or not knobs,
+             f"{' and '.join(knobs)} {'act' if len(knobs) > 1 else 'acts'} on filtered tokens, "
+             "and select 'none' filters none: "
+             "leave it out, or choose a selection")
         need(not (self.resume and self.overwrite), "give either resume or overwrite, not both")
         need(not (self.reference and self.reference_scores),
              "give either reference or reference_scores, not both")
@@ -172,12 +182,11 @@ class TrainConfig:
         need(self.fsdp_reshard in RESHARD_MODES,
              f"fsdp_reshard must be one of {RESHARD_MODES}, got {self.fsdp_reshard!r}")
 
-    def backward_options(self, stream: int = 0, step: int = 0) -> BackwardOptions:
-        """A fresh :class:`BackwardOptions` whose sampling generator is seeded by
-        ``seed``, the process (``stream``) and the step it starts at."""
-        seed = int(np.random.SeedSequence([self.seed, stream, step]).generate_state(1)[0])
+    def backward_options(self) -> BackwardOptions:
+        """A fresh :class:`BackwardOptions` of these options (the training loop
+        seeds its sampling generator for every micro-batch)."""
         return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
-                               self.exact_layers, seed=seed, path=self.backward_path,
+                               self.exact_layers, seed=self.seed, path=self.backward_path,
                                context=self.context_rows)  # fmt: skip
 
     def tokens_per_step(self, processes: int = 1) -> int:
@@ -194,18 +203,47 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+    def from_dict(cls, d: dict, source: str = "") -> "TrainConfig":
+        """Options by name; numbers given as text (YAML reads ``1e-3`` as a
+        string) become numbers. ``source``: where ``d`` comes from, for errors."""
+        return cls(**cls.parse(d, source))
+
+    @classmethod
+    def parse(cls, d: dict, source: str = "") -> dict:
+        """``d`` checked for unknown names, numbers written as text converted."""
+        where = f"{source}: " if source else ""
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - types.keys())
         if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, types, 1))
+                     else repr(k) for k in unknown]  # fmt: skip
+            raise ValueError(f"{where}unknown training option(s) {', '.join(hints)}; known: "
+                             f"{', '.join(sorted(types))}")  # fmt: skip
+        out = dict(d)
+        for k, v in d.items():
+            kind = types[k].split(" ")[0]
+            if kind in ("int", "float") and isinstance(v, (str, float)) and not isinstance(v, bool):
+                out[k] = _number(k, v, kind, where)
+        return out
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
         """Read options from a .yaml/.yml, .toml or .json file (dashes or
         underscores in keys); ``overrides`` win."""
-        return cls.from_dict({**read_config_file(path), **overrides})
+        return cls.from_dict({**cls.parse(read_config_file(path), f"config file {path}"), **overrides})
+
+
+def _number(name: str, v, kind: str, where: str):
+    """``v`` (text, or a float for an integer option) as a number of ``kind``."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"{where}{name} must be a number, got {v!r}") from None
+    if kind == "float":
+        return x
+    if not x.is_integer():
+        raise ValueError(f"{where}{name} must be an integer, got {v!r}")
+    return int(x)
 
 
 def read_config_file(path: str | Path) -> dict:

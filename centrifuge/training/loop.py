@@ -11,17 +11,19 @@ so it is all-reduced once per step and no micro-batch waits for another.
 
 Data order: step ``s`` reads micro-batches ``s·M … s·M + M − 1`` of one seeded
 permutation per epoch (M = grad_accum × processes); process ``r`` takes
-micro-batches ``m·N + r``. N processes with ``grad_accum`` a therefore train
-exactly what one process with ``grad_accum`` a·N trains, and a run resumes on
-another number of processes when ``grad_accum`` × processes stays the same.
-Optimizer, scheduler, RNG states and counters are restored on resume, so a
-resumed run reproduces the uninterrupted one exactly (CPU, fp32).
+micro-batches ``m·N + r``. The random draws of a micro-batch (``random``
+selection, the backward's sampled extra rows) come from generators seeded by
+(seed, step, micro-batch) alone. N processes with ``grad_accum`` a therefore
+train exactly what one process with ``grad_accum`` a·N trains, whatever the
+selection, and a run resumes on another number of processes when
+``grad_accum`` × processes stays the same. Optimizer, scheduler and counters
+are restored on resume, so a resumed run reproduces the uninterrupted one
+exactly (CPU, fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import signal
@@ -34,59 +36,22 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )  # fmt: skip
 
-from centrifuge.distributed import gradient_sync, init_distributed, unsharded, uses_autocast
+from centrifuge.distributed import gradient_sync, unsharded, uses_autocast
 from centrifuge.interrupt import DeferredStop, Interrupted
 from centrifuge.models.llama import shift_targets
 from centrifuge.ops.linear_ce import IGNORE_INDEX
 from centrifuge.plan import Layout, context_rows
+from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
 from centrifuge.training.schedule import WarmupCosine
-from centrifuge.training.setup import Run, prepare
+from centrifuge.training.progress import Progress
+from centrifuge.training.setup import Run
 
 
 class StopTraining(Exception):
     """Raised by a callback to end training early (after the current step)."""
-
-
-def train(cfg: TrainConfig, progress: bool = True, callback=None, *, split: str = "train",
-          label: str = "train") -> dict:
-    """Run (or resume) training; return the summary.
-
-    callback(step, record) is called after every optimizer step with that
-    step's metrics (in every process); raising :class:`StopTraining` ends the
-    run there (with a checkpoint, so ``resume`` continues it).
-    Summary keys: steps, tokens_seen, tokens_kept, tokens_per_s, wall_s,
-    final_train_loss, eval_loss, eval_accuracy, checkpoint, metrics, plot, ...
-    """
-    t_start = time.perf_counter()
-    ctx = init_distributed(cfg.device)
-    shown = progress and ctx.is_main
-    run = prepare(cfg, ctx, progress=shown, split=split, label=label,
-                  train_reference=lambda c: train_builtin_reference(c, progress))  # fmt: skip
-    return Trainer(cfg, run, shown, callback).fit(t_start)
-
-
-def train_builtin_reference(cfg: TrainConfig, progress: bool) -> Path:
-    """Rho-1's recipe on the built-in corpus: train the same model on clean
-    text (the corpus' ``clean`` split) for ``reference_steps`` steps, once per
-    output directory (continued where it stopped, and reused, on resume)."""
-    out = Path(cfg.out_dir) / "reference"
-    started = (out / ckpt_io.LATEST).is_file()  # finished, or interrupted: continue it
-    sub = dataclasses.replace(
-        cfg, select="none", ratio=1.0, reference=None, reference_scores=None, grad_accum=1,
-        steps=cfg.reference_steps, max_tokens=None, eval_interval=0, save_interval=0,
-        out_dir=str(out), resume=started, overwrite=not started,
-        warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),
-    )  # fmt: skip
-    try:
-        summary = train(sub, progress=progress, split="clean", label="reference")
-    except ckpt_io.CheckpointError:
-        # A reference left by a run with other options or data: train a fresh one.
-        sub = dataclasses.replace(sub, resume=False, overwrite=True)
-        summary = train(sub, progress=progress, split="clean", label="reference")
-    return Path(summary["checkpoint"])
 
 
 class DataOrder:
@@ -171,6 +136,7 @@ class Trainer:
         self.cfg, self.run, self.progress, self.callback = cfg, run, progress, callback
         self.stop: DeferredStop | None = None  # while fit runs
         self.stop_requested = False  # a process saw a signal during the last step
+        self.out: Progress | None = None  # while fit runs
         self.ctx, self.model = run.ctx, run.model
         self.total = cfg.total_steps(self.ctx.world_size)
         self.order = DataOrder(len(run.train_ds), cfg.batch_size,
@@ -180,9 +146,12 @@ class Trainer:
             self.opt, WarmupCosine(cfg.warmup_steps, self.total, cfg.min_lr_ratio))
         self.counters = dict(step=0, tokens_seen=0, tokens_kept=0, valid_seen=0, train_time=0.0,
                              recent=[])  # fmt: skip
-        # One options object for the run: it holds the sampling generator (its own
-        # stream on every process, so processes sample independently).
-        self.backward = cfg.backward_options(stream=self.ctx.rank)
+        # The random draws of a micro-batch: the selection's (``random``) from
+        # ``draws``, the backward's sampled rows from the options' generator, both
+        # seeded for each micro-batch (``_seed_draws``).
+        self.draws = torch.Generator()
+        self.selector = Selector(cfg.select, cfg.ratio, cfg.granularity, seed=self.draws)
+        self.backward = cfg.backward_options()
         self.autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                          if uses_autocast(run.parallel, cfg.dtype) else contextlib.nullcontext())  # fmt: skip
         if run.resume_state is not None:
@@ -204,8 +173,7 @@ class Trainer:
             scheduler=self.sched.state_dict(), data=self.order.position(step),
             config=self.cfg.to_dict(), model_config=self.run.model_config_dict,
             data_fingerprint=self.run.train_ds.fingerprint, world_size=self.ctx.world_size,
-            rng=self.ctx.gather(dict(_rng_state(), selector=self.run.selector.state_dict(),
-                                  backward=self.backward.generator.get_state())),
+            rng=self.ctx.gather(_rng_state()),
             **dict(self.counters, step=step),
         )  # fmt: skip
         sharded = None
@@ -235,30 +203,27 @@ class Trainer:
         rngs = rs["rng"]
         if len(rngs) == self.ctx.world_size:
             _set_rng_state(rngs[self.ctx.rank])
-            self.run.selector.load_state_dict(rngs[self.ctx.rank]["selector"])
-            self.backward.generator.set_state(rngs[self.ctx.rank]["backward"])
-        else:  # another number of processes: fresh streams, derived from the step
+        else:  # another number of processes (a step's own draws do not depend on them)
             torch.manual_seed(self.cfg.seed + rs["step"])
-            self.backward = self.cfg.backward_options(stream=self.ctx.rank, step=rs["step"])
-            self._say(f"note: {path.name} was written by {len(rngs)} processes, this run has "
-                      f"{self.ctx.world_size}: random streams restart (the data order does not)")  # fmt: skip
 
     # --- steps ---------------------------------------------------------------
-    def _say(self, msg: str) -> None:
-        if self.progress:
-            from tqdm import tqdm
-
-            tqdm.write(msg)
+    def _seed_draws(self, step: int, micro: int) -> None:
+        """Seed the random draws of micro-batch ``micro`` (of the whole step, all
+        processes) of ``step``: the same draws on any number of processes."""
+        a, b = np.random.SeedSequence([self.cfg.seed, step, micro]).generate_state(2)
+        self.draws.manual_seed(int(a))
+        self.backward.generator.manual_seed(int(b))
 
     def train_step(self, step: int) -> dict:
         """Forward and backward of every micro-batch of ``step``, then the update.
         Returns the step's metrics (summed over processes)."""
         cfg, ctx, run = self.cfg, self.ctx, self.run
         t0 = time.perf_counter()
-        micro = [self.order.rows(step, m * ctx.world_size + ctx.rank) for m in range(cfg.grad_accum)]
+        index = [m * ctx.world_size + ctx.rank for m in range(cfg.grad_accum)]
+        micro = [self.order.rows(step, i) for i in index]
         batches = [run.train_ds.batch(rows) for rows in micro]
         kinds = [_row_kinds(b) for b in batches]
-        counts = [run.selector.count(valid) for valid, _ in kinds]
+        counts = [self.selector.count(valid) for valid, _ in kinds]
         # Σ kept over micro-batches and processes; DDP/FSDP average gradients over
         # processes, so each process scales its kept-loss sums by N / Σ.
         total = torch.tensor(sum(counts), dtype=torch.float64, device=run.device)
@@ -268,6 +233,7 @@ class Trainer:
         # step: one all-reduce carries them all).
         sums = torch.zeros(6, dtype=torch.float64, device=run.device)
         for m, (rows, cpu, count, (_, context)) in enumerate(zip(micro, batches, counts, kinds)):
+            self._seed_draws(step, index[m])
             b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
             with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
                 with self.autocast:
@@ -275,12 +241,12 @@ class Trainer:
                     # host, without waiting for the device (Layout.build).
                     out = self.model(b["input_ids"], labels=b["labels"],
                                      position_ids=cpu["position_ids"], backward=self.backward)  # fmt: skip
-                ref = run.reference(rows, b) if run.selector.needs_reference else None
+                ref = run.reference(rows, b) if self.selector.needs_reference else None
                 # The counts from the CPU labels let the selection and the plan run
                 # without waiting for the device: the backward is queued behind the
                 # forward (the device asserts that the keep mask holds `count` rows).
-                host_count = count if run.selector.filters else None
-                keep = run.selector(out.token_loss, out.valid, ref, count=host_count)
+                host_count = count if self.selector.filters else None
+                keep = self.selector(out.token_loss, out.valid, ref, count=host_count)
                 out.plan.set_context(context)  # the same rows, counted on the host
                 out.plan.set_keep(keep, host_count)
                 if host_count is None and out.plan.n_keep != count:
@@ -342,17 +308,16 @@ class Trainer:
             log.log(dict(kind="eval", step=step, loss=r["loss"], perplexity=r["perplexity"],
                          accuracy=r["accuracy"]))  # fmt: skip
         acc = "" if r["accuracy"] is None else f", answer accuracy {100 * r['accuracy']:.1f}%"
-        self._say(f"[{run.label}] step {step}: eval loss {r['loss']:.4f}{acc}")
+        self.out.write(f"[{run.label}] step {step}: eval loss {r['loss']:.4f}{acc}")
         return r
 
     # --- the run -------------------------------------------------------------
     def fit(self, t_start: float) -> dict:
-        from tqdm import tqdm
-
         cfg, run, ctx = self.cfg, self.run, self.ctx
         out_dir, total = Path(cfg.out_dir), self.total
         start = self.counters["step"]
         resumed = run.resume_state is not None
+        self.out = out = Progress(run.label, total, start, self.progress)
         log = None
         if ctx.is_main:
             ckpt_io.clean_partial(out_dir)  # temporary directories of a save cut short by a crash
@@ -366,8 +331,6 @@ class Trainer:
             last_eval = self.evaluate(start, log)
         saved_step = start if resumed else -1
         ckpt_path = run.resume_path
-        bar = tqdm(total=total, initial=start, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, desc=run.label)  # fmt: skip
         self.model.train()
         step = start
         # Ctrl-C / SIGTERM end the run at a step boundary, with a checkpoint. Under
@@ -381,9 +344,8 @@ class Trainer:
                 if log is not None:
                     log.log(record)
                 c = self.counters
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", kept=f"{record['kept_fraction']:.2f}",
-                                tok_s=f"{c['tokens_seen'] / max(c['train_time'], 1e-9):.0f}")  # fmt: skip
+                out.step(step, record["loss"], record["kept_fraction"],
+                         c["tokens_seen"] / max(c["train_time"], 1e-9))  # fmt: skip
                 if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total:
                     last_eval = self.evaluate(step, log)
                 if (cfg.save_interval and step % cfg.save_interval == 0) or step == total:
@@ -395,19 +357,21 @@ class Trainer:
         except StopTraining:  # a graceful stop: keep the steps done
             if step > saved_step and step > 0:
                 ckpt_path = self.save(step)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # Keep the work done so far. A second signal stops in the middle of a
             # step, whose state is not saved (under torchrun the other processes
             # are then ended by torchrun; the run continues from its last checkpoint).
             if step > saved_step and step > 0 and not stop.forced:
                 ckpt_path = self.save(step)
-            self._say(f"[{run.label}] interrupted at step {step}; latest checkpoint: "
+            if isinstance(e, Interrupted):  # the caller says how to continue
+                e.stopped_cleanly = not stop.forced
+            out.write(f"[{run.label}] interrupted at step {step}; latest checkpoint: "
                       f"{ckpt_path or 'none yet'}")  # fmt: skip
             raise
         finally:
             stop.close()
             self.stop = None
-            bar.close()
+            out.close()
             if log is not None:
                 log.close()
         return self._summary(step, last_eval, ckpt_path, log, t_start)
@@ -421,6 +385,7 @@ class Trainer:
         recent = c["recent"]
         return dict(
             steps=step,
+            steps_trained=step - (self.run.resume_state or {}).get("step", 0),
             tokens_seen=c["tokens_seen"],
             tokens_kept=c["tokens_kept"],
             kept_fraction=c["tokens_kept"] / max(c["valid_seen"], 1),

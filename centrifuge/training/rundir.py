@@ -5,7 +5,10 @@ point) is never overwritten by accident: a fresh run into it is refused unless
 ``overwrite`` is set, and ``resume`` continues it. ``options.json`` records the
 options of the run's latest start, so that ``--resume`` continues with the
 run's own options (even when it was interrupted before its first checkpoint)
-and needs none of them on the command line.
+and needs none of them on the command line. Only what a run wrote counts as a
+run (its ``options.json``, checkpoints with their manifest, ...): a user's own
+files are never deleted, and a new run does not start where it would write
+into them.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
 
 OPTIONS = "options.json"
-# What a run writes into its directory (besides checkpoint-<step>/ and the
-# temporary directories of an interrupted save); --overwrite deletes exactly these.
-RUN_FILES = (ckpt_io.LATEST, OPTIONS, "metrics.jsonl", "loss_curves.png", "tensorboard", "reference")
-_CHECKPOINT = re.compile(r"checkpoint-\d+|\.tmp-checkpoint-.*|\.old-checkpoint-.*")
+METRICS, PLOT, TENSORBOARD, REFERENCE = "metrics.jsonl", "loss_curves.png", "tensorboard", "reference"
+# The names a run writes in its directory, besides checkpoint-<step>/ and the
+# temporary directories of an interrupted save.
+RUN_NAMES = (ckpt_io.LATEST, OPTIONS, METRICS, PLOT, TENSORBOARD, REFERENCE)
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
+_EVENTS = "events.out.tfevents."  # TensorBoard's event files
 # Options a resumed run may change: budgets and bookkeeping, not what a step computes
 # (grad_accum only with the number of processes, the product fixed: checked on resume).
 MAY_CHANGE = ("steps", "max_tokens", "eval_interval", "eval_rows", "eval_problems",
@@ -31,12 +36,60 @@ MAY_CHANGE = ("steps", "max_tokens", "eval_interval", "eval_rows", "eval_problem
               "resume", "overwrite")  # fmt: skip
 
 
+def _our_options(path: Path) -> bool:
+    """``path`` is an ``options.json`` that a run wrote (a JSON object of its options)."""
+    try:
+        options = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(options, dict) and {"model", "select", "seq_len", "out_dir"} <= options.keys()
+
+
+def _is_checkpoint(p: Path) -> bool:
+    return p.is_dir() and _CHECKPOINT.fullmatch(p.name) is not None and (p / ckpt_io.MANIFEST).is_file()
+
+
+def is_run(out_dir: Path) -> bool:
+    """``out_dir`` holds a run (finished or not): its ``options.json`` (written at
+    the start), a checkpoint, or the run of its built-in reference."""
+    if not out_dir.is_dir():
+        return False
+    return (_our_options(out_dir / OPTIONS) or any(_is_checkpoint(p) for p in out_dir.iterdir())
+            or (out_dir.name != REFERENCE and is_run(out_dir / REFERENCE)))  # fmt: skip
+
+
 def run_contents(out_dir: Path) -> list[Path]:
-    """The files and directories of a run in ``out_dir`` (none: no run there)."""
+    """What the run in ``out_dir`` wrote (none: no run there). Files and folders
+    that a run did not write are never part of it, whatever their names."""
+    if not is_run(out_dir):
+        return []
+    found = []
+    for p in out_dir.iterdir():
+        if p.name == REFERENCE:
+            ours = is_run(p)
+        elif p.name == TENSORBOARD:
+            ours = p.is_dir() and any(q.name.startswith(_EVENTS) for q in p.iterdir())
+        elif p.name in RUN_NAMES:
+            ours = p.is_file()
+        else:
+            ours = _is_checkpoint(p) or ckpt_io.PARTIAL.fullmatch(p.name) is not None
+        if ours:
+            found.append(p)
+    return sorted(found)
+
+
+def foreign_contents(out_dir: Path) -> list[Path]:
+    """Files and folders under the names a run writes that no run wrote: a new
+    run would write into them, so it may not start there."""
     if not out_dir.is_dir():
         return []
-    return sorted(p for p in out_dir.iterdir()
-                  if p.name in RUN_FILES or _CHECKPOINT.fullmatch(p.name))  # fmt: skip
+    ours = set(run_contents(out_dir))
+    return sorted(p for p in out_dir.iterdir() if p not in ours
+                  and (p.name in RUN_NAMES or _CHECKPOINT.fullmatch(p.name)))  # fmt: skip
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name + ("/" if p.is_dir() else "") for p in paths)
 
 
 def _describe(out_dir: Path) -> str:
@@ -48,10 +101,20 @@ def _describe(out_dir: Path) -> str:
 
 def check_fresh_start(cfg: TrainConfig) -> None:
     """Refuse to start a new run in a directory that holds one, unless
-    ``cfg.overwrite``; a checkpoint of another directory may be continued only
-    into an empty one (or its own)."""
+    ``cfg.overwrite``, or where a run would write into files no run wrote; a
+    checkpoint of another directory may be continued only into an empty one
+    (or its own)."""
     out_dir = Path(cfg.out_dir)
-    if cfg.resume is True or cfg.overwrite or not run_contents(out_dir):
+    if cfg.resume is True:
+        return
+    foreign = foreign_contents(out_dir)
+    if foreign:
+        raise ValueError(
+            f"{out_dir} holds {_names(foreign)}, which no Centrifuge run wrote but a run "
+            "writes there: move them or choose another --out-dir (--overwrite deletes only "
+            "what a run wrote)"
+        )
+    if cfg.overwrite or not is_run(out_dir):
         return
     if cfg.resume:
         source = Path(cfg.resume).resolve()
@@ -68,9 +131,40 @@ def check_fresh_start(cfg: TrainConfig) -> None:
 
 
 def clear_run(out_dir: Path) -> None:
-    """Delete the run in ``out_dir`` (``--overwrite``); other files stay."""
+    """Delete the run in ``out_dir`` (``--overwrite``): exactly the files it wrote
+    (a checkpoint's are those its manifest lists); anything else stays, and so
+    do the folders holding it."""
     for p in run_contents(out_dir):
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+        elif p.name == REFERENCE:
+            clear_run(p)
+            _remove_empty(p)
+        elif p.name == TENSORBOARD:
+            for q in p.iterdir():
+                if q.name.startswith(_EVENTS) and q.is_file():
+                    q.unlink()
+            _remove_empty(p)
+        elif ckpt_io.PARTIAL.fullmatch(p.name):
+            shutil.rmtree(p)
+        else:  # a checkpoint
+            try:
+                listed = list(json.loads((p / ckpt_io.MANIFEST).read_text())["files"])
+            except (ValueError, KeyError, TypeError):  # a damaged manifest: still our checkpoint
+                shutil.rmtree(p)
+                continue
+            for name in [*listed, ckpt_io.MANIFEST]:
+                (p / name).unlink(missing_ok=True)
+            _remove_empty(p)
+
+
+def _remove_empty(d: Path) -> None:
+    """Remove ``d`` and the folders below it that are (then) empty."""
+    for sub in sorted((q for q in d.rglob("*") if q.is_dir()), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(d.iterdir()):
+        d.rmdir()
 
 
 def write_options(cfg: TrainConfig) -> None:

@@ -1,23 +1,32 @@
-"""Everything a run needs before its first step, checked up front: processes
-and device, checkpoint to resume, tokenizer, model (wrapped for DDP/FSDP),
-data, reference. Bad input fails here with a clear message, before any
-training starts."""
+"""Everything a run needs before its first step, in three parts.
+
+:func:`check` reads and verifies every input — processes and device, the
+checkpoint to resume, tokenizer, model, data, the reference, memory — and
+writes nothing, so bad input leaves the output directory as it was (and the
+corrected command is not refused as "already holds a run"). :func:`begin` makes
+the first writes (``--overwrite`` deletes the old run; ``options.json``
+records this one). :func:`build` makes the model (wrapped for DDP/FSDP) and the
+reference losses. A built-in reference model is a run of its own, checked
+with the run and trained between ``begin`` and ``build`` (by the caller:
+setup never runs the training loop).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from centrifuge.distributed import DistContext, choose_parallel, choose_reshard, parallelize
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
-from centrifuge.selection import Selector
+from centrifuge.scoring.checkpoint import resolve_checkpoint
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training import rundir
 from centrifuge.training.config import TrainConfig
+from centrifuge.training.memory import check_memory
 
 # Options that must match between a checkpoint and the run resuming from it
 # (anything that changes the data order, the updates or the model). grad_accum
@@ -26,6 +35,37 @@ RESUME_KEYS = ("seq_len", "batch_size", "select", "ratio", "granularity",
                "backward", "backward_extra", "backward_extra_weight", "exact_layers",
                "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "dtype", "seed", "reference", "reference_scores", "reference_steps")  # fmt: skip
+
+
+@dataclass
+class Reference:
+    """Where ``rho1``'s reference losses come from, checked: precomputed
+    ``scores`` ([rows, seq_len] float array), a reference ``model``, or the
+    built-in reference (``builtin``: its run, checked and still to train, or its
+    finished checkpoint)."""
+
+    desc: str | None = None
+    scores: np.ndarray | None = None
+    model: LlamaForCausalLM | None = None
+    builtin: "Checked | Path | None" = None
+
+
+@dataclass
+class Checked:
+    """A run's inputs, verified; nothing is written yet."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    split: str
+    label: str
+    mc: ModelConfig
+    model_dir: Path | None
+    train_ds: object
+    eval_ds: object | None
+    resume_state: dict | None
+    resume_path: Path | None
+    parallel: str
+    reference: Reference | None  # None: the selection needs none
 
 
 @dataclass
@@ -39,7 +79,6 @@ class Run:
     parallel: str
     train_ds: object
     eval_ds: object | None
-    selector: Selector
     reference: object  # (rows: np.ndarray, batch: dict) -> [n, L] float32 losses, or None
     reference_desc: str | None
     resume_state: dict | None
@@ -59,10 +98,12 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def model_config(name: str) -> tuple[ModelConfig, Path | None]:
-    """(config, directory or None for a preset)."""
+    """(config, checkpoint directory or None for a preset). A directory is a
+    checkpoint or a training run's (its latest checkpoint)."""
     p = Path(name)
     if p.is_dir():
-        return ModelConfig.from_pretrained(p), p
+        d = resolve_checkpoint(p)
+        return ModelConfig.from_pretrained(d), d
     if name in PRESETS:
         return get_preset(name), None
     raise ValueError(
@@ -127,11 +168,10 @@ def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, wo
                        "schedule follows the new budget")  # fmt: skip
 
 
-def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str = "train",
-            label: str = "train", train_reference: Callable[[TrainConfig], Path] | None = None) -> Run:  # fmt: skip
-    """Check and build everything of a run. ``train_reference(cfg)`` trains the
-    built-in reference model (``rho1`` on the built-in corpus without one) and
-    returns its checkpoint. ``progress``: print notes (pass False off rank 0)."""
+def check(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str = "train",
+          label: str = "train") -> Checked:  # fmt: skip
+    """Verify everything a run reads, writing nothing (the token cache aside).
+    ``progress``: print notes (pass False off rank 0)."""
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -142,7 +182,7 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
     # Resume: read and verify the checkpoint first, so a bad one fails fast.
     resume_state = resume_path = None
     if cfg.resume is True and not (out_dir / ckpt_io.LATEST).is_file():
-        options = rundir.read_options(out_dir)  # interrupted before its first checkpoint
+        options = rundir.read_options(out_dir) if rundir.is_run(out_dir) else None
         if options is None:
             raise ckpt_io.CheckpointError(f"nothing to resume: {out_dir} holds no run "
                                           f"('{ckpt_io.LATEST}' is missing)")  # fmt: skip
@@ -156,10 +196,13 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
         resume_state = ckpt_io.load_trainer_state(resume_path)
 
     mc, model_dir = model_config(cfg.model)
+    cfg.backward_options().check_layers(mc.num_layers)
     tokenizer = pick_tokenizer(cfg, model_dir, progress)
     check_model_fits(mc, cfg, tokenizer)
     if resume_state is not None:
         _check_resume(resume_state, cfg, mc, resume_path, ctx.world_size, progress)
+    parallel = choose_parallel(cfg.parallel, ctx, mc.num_parameters())
+    check_memory(mc, cfg, ctx.device, ctx.world_size if parallel == "fsdp" else 1)
 
     # Rank 0 tokenizes into the shared cache first; the others then read it.
     train_ds = eval_ds = None
@@ -172,41 +215,53 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
             f"cannot resume from {resume_path}: it was trained on different data (dataset "
             f"fingerprint {resume_state.get('data_fingerprint')} != {train_ds.fingerprint})"
         )
+    reference = _reference(cfg, ctx, mc, train_ds, tokenizer, progress)
+    return Checked(cfg, ctx, split, label, mc, model_dir, train_ds, eval_ds, resume_state,
+                   resume_path, parallel, reference)  # fmt: skip
 
-    # Ranks draw different random selections (``random``) from one seed.
-    selector = Selector(cfg.select, cfg.ratio, cfg.granularity, seed=cfg.seed + ctx.rank)
-    # Every check passed: only now may an old run go (--overwrite) and this one begin.
+
+def begin(checked: Checked) -> None:
+    """The run's first writes, once every check passed: ``--overwrite`` deletes
+    the old run, ``options.json`` records this one."""
+    cfg, ctx = checked.cfg, checked.ctx
     if ctx.is_main:
         if cfg.overwrite:
-            rundir.clear_run(out_dir)
+            rundir.clear_run(Path(cfg.out_dir))
         rundir.write_options(cfg)
     ctx.barrier()
-    reference, desc = _reference(cfg, train_ds, tokenizer, ctx.device, progress, train_reference)
 
-    if resume_state is not None:
-        model = LlamaForCausalLM.from_pretrained(resume_path).to(ctx.device)
-    elif model_dir is not None:
-        model = LlamaForCausalLM.from_pretrained(model_dir).to(ctx.device)
+
+def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | None = None) -> Run:
+    """The model (from the checkpoint resumed, the model directory or a fresh
+    initialization; wrapped for the run's parallel mode) and the reference
+    losses. ``reference_checkpoint``: the built-in reference's, once trained."""
+    cfg, ctx, mc = checked.cfg, checked.ctx, checked.mc
+    reference, desc = _reference_losses(checked, reference_checkpoint)
+    if checked.resume_state is not None:
+        model = LlamaForCausalLM.from_pretrained(checked.resume_path).to(ctx.device)
+    elif checked.model_dir is not None:
+        model = LlamaForCausalLM.from_pretrained(checked.model_dir).to(ctx.device)
     else:
         model = build_model(mc, device=ctx.device, seed=cfg.seed)
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
-    parallel = choose_parallel(cfg.parallel, ctx, n_params)
+    parallel = checked.parallel
     wrapped = parallelize(model, ctx, parallel, cfg.dtype,
                           reshard_after_forward=choose_reshard(cfg.fsdp_reshard, ctx, n_params))  # fmt: skip
     where = (f"{ctx.world_size} processes ({parallel}, {ctx.device.type})" if ctx.distributed
              else str(ctx.device))  # fmt: skip
     backward = _backward_label(cfg, mc, ctx.device)
+    train_ds, label = checked.train_ds, checked.label
     _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {where}; "
-                   f"data: {len(train_ds)} rows x {cfg.seq_len} tokens ({_data_label(cfg, train_ds, split)})"
+                   f"data: {len(train_ds)} rows x {cfg.seq_len} tokens ({_data_label(cfg, train_ds, checked.split)})"
                    + (f"; selection {cfg.select} ρ={cfg.ratio:g} ({cfg.granularity}), "
                       f"backward {backward}" if cfg.select != "none" else "; no selection")
                    + (f"; reference: {desc}" if desc else "")
-                   + (f"; resuming from {resume_path}" if resume_path else ""))  # fmt: skip
+                   + (f"; resuming from {checked.resume_path}" if checked.resume_path else ""))  # fmt: skip
     title = f"{cfg.model} · {cfg.select}" + (f" ρ={cfg.ratio:g} · {backward}" if cfg.select != "none" else "")
-    return Run(wrapped, model, ctx, parallel, train_ds, eval_ds, selector, reference, desc,
-               resume_state, resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
+    return Run(wrapped, model, ctx, parallel, train_ds, checked.eval_ds, reference, desc,
+               checked.resume_state, checked.resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
 
 
 def _data_label(cfg: TrainConfig, ds, split: str) -> str:
@@ -247,38 +302,82 @@ def _datasets(cfg: TrainConfig, tokenizer, split: str, progress: bool):
     return train_ds, eval_ds
 
 
-def _reference(cfg: TrainConfig, train_ds, tokenizer, device, progress: bool, train_reference):
-    """(callable rows, batch -> reference losses, description) for rho1, else (None, None)."""
+def _reference(cfg: TrainConfig, ctx: DistContext, mc: ModelConfig, train_ds, tokenizer,
+               progress: bool) -> Reference | None:  # fmt: skip
+    """rho1's reference, checked (and read: scores, a model's weights); None
+    for the other selections."""
     if cfg.select != "rho1":
         if cfg.reference or cfg.reference_scores:
             _say(progress, f"note: selection {cfg.select!r} uses no reference; it is ignored")
-        return None, None
+        return None
     if cfg.reference_scores:
         from centrifuge.scoring import load_reference_scores
 
         scores = load_reference_scores(cfg.reference_scores, train_ds)
-
-        def from_scores(rows, batch):
-            return torch.from_numpy(np.ascontiguousarray(scores[np.asarray(rows)])).to(device)
-
-        return from_scores, f"precomputed scores {cfg.reference_scores}"
+        return Reference(f"precomputed scores {cfg.reference_scores}", scores=scores)
     if cfg.reference:
         ref_dir = _reference_dir(cfg.reference)
-        mc = ModelConfig.from_pretrained(ref_dir)
-        check_model_fits(mc, cfg, tokenizer, what="reference model")
-        ref_model = LlamaForCausalLM.from_pretrained(ref_dir).to(device).eval()
-        return _on_the_fly(ref_model, cfg, device), f"model {ref_dir}"
+        check_model_fits(ModelConfig.from_pretrained(ref_dir), cfg, tokenizer, what="reference model")
+        model = LlamaForCausalLM.from_pretrained(ref_dir).to(ctx.device).eval()
+        return Reference(f"model {ref_dir}", model=model)
     if cfg.data is not None:
         raise ValueError(
             "selection 'rho1' needs a reference: pass --reference MODEL_DIR (a reference model) "
             "or --reference-scores PATH (from `centrifuge score`), or choose --select "
             "loss/random/none"
         )
-    if train_reference is None:
-        raise ValueError("selection 'rho1' on the built-in corpus needs a reference model")
-    ref_dir = train_reference(cfg)
-    ref_model = LlamaForCausalLM.from_pretrained(ref_dir).to(device).eval()
-    return _on_the_fly(ref_model, cfg, device), f"built-in, trained on the clean split ({ref_dir})"
+    sub = builtin_reference_config(cfg)
+    if not sub.resume:
+        return Reference(builtin=check(sub, ctx, progress, split="clean", label="reference"))
+    ckpt = ckpt_io.resolve(sub.out_dir)
+    state = ckpt_io.load_trainer_state(ckpt)
+    if state.get("step", 0) < sub.total_steps(ctx.world_size):  # interrupted: continue it
+        return Reference(builtin=check(sub, ctx, progress, split="clean", label="reference"))
+    # Finished: used as it is, on any number of processes.
+    diff = _option_diff(state.get("config", {}), sub)
+    if state.get("model_config") != mc.to_hf_dict():
+        diff.append("another model")
+    if diff:
+        raise ckpt_io.CheckpointError(
+            f"the built-in reference {ckpt} does not belong to this run ({'; '.join(diff)}): "
+            "start the run over with --overwrite, or choose another --out-dir"
+        )
+    return Reference(builtin=ckpt)
+
+
+def builtin_reference_config(cfg: TrainConfig) -> TrainConfig:
+    """Rho-1's recipe on the built-in corpus: the same model trained on clean
+    text (the corpus' ``clean`` split) for ``reference_steps`` steps, in
+    ``<out_dir>/reference``, once per run: continued where it stopped, and
+    reused when finished. Its step has the run's micro-batches (grad_accum x
+    processes), so it resumes wherever the run does."""
+    out = Path(cfg.out_dir) / rundir.REFERENCE
+    started = not cfg.overwrite and (out / ckpt_io.LATEST).is_file()
+    return dataclasses.replace(
+        cfg, select="none", ratio=1.0, reference=None, reference_scores=None, backward_extra=0.0,
+        backward_extra_weight=None, exact_layers=0, steps=cfg.reference_steps, max_tokens=None,
+        eval_interval=0, save_interval=0, out_dir=str(out), resume=started, overwrite=not started,
+        warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),
+    )  # fmt: skip
+
+
+def _reference_losses(checked: Checked, builtin_checkpoint: Path | None):
+    """(callable rows, batch -> [n, L] reference losses on the device, description),
+    or (None, None) without a reference."""
+    ref, cfg, device = checked.reference, checked.cfg, checked.ctx.device
+    if ref is None:
+        return None, None
+    if ref.scores is not None:
+        scores = ref.scores
+
+        def from_scores(rows, batch):
+            return torch.from_numpy(np.ascontiguousarray(scores[np.asarray(rows)])).to(device)
+
+        return from_scores, ref.desc
+    if ref.model is not None:
+        return _on_the_fly(ref.model, cfg, device), ref.desc
+    model = LlamaForCausalLM.from_pretrained(builtin_checkpoint).to(device).eval()
+    return _on_the_fly(model, cfg, device), f"built-in, trained on the clean split ({builtin_checkpoint})"
 
 
 def _reference_dir(path: str) -> Path:
