@@ -1,13 +1,18 @@
 """Several processes (torchrun, gloo, CPU): N processes with grad_accum a train
 exactly what one process with grad_accum a·N trains, under DDP and FSDP2, in
-amplified and exact mode with packed rows; sharded checkpoints resume exactly,
-also on another number of processes; one rank's failure ends the launch with
-its message."""
+amplified and exact mode with packed rows, with random selection and sampled
+extra rows; sharded checkpoints resume exactly, also on another number of
+processes; a stopped launch continues on one process with its built-in
+reference; one rank's failure ends the launch with its message."""
 
+import hashlib
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from centrifuge.cli import main
 from centrifuge.training import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
@@ -72,6 +78,9 @@ def launched(tmp_path_factory, base):
         "ddp": dict(base, parallel="ddp", grad_accum=2),
         "fsdp": dict(base, parallel="fsdp", grad_accum=2),
         "fsdp_exact": dict(base, parallel="fsdp", grad_accum=2, backward="exact"),
+        # Random draws (selection, sampled extra rows) are seeded per micro-batch.
+        "ddp_random_extra": dict(base, parallel="ddp", grad_accum=2, select="random",
+                                 backward_extra=0.5),
         # FSDP2 units re-gather the weights for the compact recompute in the backward.
         "fsdp_ckpt": dict(base, parallel="fsdp", grad_accum=2, activation_checkpointing=True),
         # 4 steps, saved at 2 and 4; then a copy of checkpoint-2 resumes to 4.
@@ -84,7 +93,7 @@ def launched(tmp_path_factory, base):
     return root, runs
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_ckpt"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_ckpt", "ddp_random_extra"])
 def test_n_processes_equal_one_process_with_n_times_the_accumulation(launched, tmp_path, name):
     root, runs = launched
     single = dict(runs[name], parallel="auto", grad_accum=runs[name]["grad_accum"] * N,
@@ -138,6 +147,51 @@ def test_sigterm_on_one_process_stops_every_process_after_the_same_step(launched
     proc = torchrun([dict(runs["fsdp_long"], out_dir=str(run), resume=True)])
     assert proc.returncode == 0, failed(proc)
     assert_same_weights(weights(root / "fsdp_long"), weights(run), atol=0)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()
+            and Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid)]  # fmt: skip
+
+
+def test_sigterm_under_torchrun_then_one_process_continues_with_the_same_reference(tmp_path, cache):
+    """The default pipeline (a built-in reference, then rho1) under torchrun, a
+    SIGTERM to one process in the middle of training: every process stops with
+    a checkpoint and torchrun ends with status 0, the printed one-process command
+    continues the run, the reference is reused as it is, and the weights are
+    those of one process with N times the accumulation, straight through."""
+    out, straight = tmp_path / "stopped", tmp_path / "straight"
+    opts = ["--model", "tiny", "--seq-len", "32", "--batch-size", "2", "--reference-steps", "3",
+            "--steps", "30", "--warmup-steps", "1", "--eval-interval", "0", "--eval-rows", "4",
+            "--eval-problems", "0", "--save-interval", "0", "--cache-dir", cache, "--device", "cpu",
+            "--quiet"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={N}",
+           "-m", "centrifuge.cli", "train", *opts, "--parallel", "ddp", "--out-dir", str(out)]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < deadline:  # the run's first step, after the reference
+        if metrics.is_file() and '"kind": "train"' in metrics.read_text():
+            os.kill(_children(p.pid)[0], signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0 and "ChildFailedError" not in err, err[-3000:]
+    stopped = int((out / "latest").read_text().strip().removeprefix("checkpoint-"))
+    assert 1 <= stopped < 30
+    assert (f"continue with: torchrun --nproc-per-node {N} -m centrifuge.cli train --resume "
+            f"--out-dir {out}") in err  # fmt: skip
+    one = err.split("or on one process: ")[1].splitlines()[0]
+    assert one == f"centrifuge train --resume --out-dir {out} --grad-accum {N} --parallel auto"
+    reference = out / "reference" / "checkpoint-3" / "model.safetensors"
+    before = hashlib.sha256(reference.read_bytes()).hexdigest()
+    assert main(shlex.split(one)[1:] + ["--quiet"]) == 0
+    assert hashlib.sha256(reference.read_bytes()).hexdigest() == before
+    assert (out / "reference" / "latest").read_text().strip() == "checkpoint-3"
+    assert main(["train", *opts, "--grad-accum", str(N), "--out-dir", str(straight)]) == 0
+    for phase in ("reference/checkpoint-3", "checkpoint-30"):
+        assert_same_weights(load_file(str(out / phase / "model.safetensors")),
+                            load_file(str(straight / phase / "model.safetensors")))  # fmt: skip
 
 
 def test_checkpoint_loads_in_transformers(launched):

@@ -4,6 +4,7 @@ step or an evaluation) is continued exactly by ``--resume``, and ``--resume``
 needs none of the run's options."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,58 @@ def test_a_finished_run_is_never_overwritten(tmp_path, data_file, cache):
     assert s["steps"] == 2 and (out / "latest").read_text().strip() == "checkpoint-2"
 
 
+def tree(d):
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*"))
+
+
+def test_only_what_a_run_wrote_is_a_run_and_only_it_is_deleted(tmp_path, data_file, cache):
+    # A user's own folders under the names a run writes are no run: nothing starts
+    # there (it would write into them), --overwrite included, and nothing is deleted.
+    mine = tmp_path / "mine"
+    for name in ("reference", "tensorboard"):
+        (mine / name).mkdir(parents=True)
+        (mine / name / "notes.txt").write_text(name)
+    (mine / "tensorboard" / "events.out.tfevents.1.host").write_text("the user's own")
+    before = tree(mine)
+    for kw in ({}, dict(overwrite=True)):
+        with pytest.raises(ValueError, match="holds reference/, tensorboard/, which no Centrifuge "
+                                             "run wrote"):  # fmt: skip
+            train(user_data(mine, data_file, cache, **kw), progress=False)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(user_data(mine, data_file, cache, resume=True), progress=False)
+    assert tree(mine) == before
+    # In a run's directory, --overwrite deletes the files the run wrote, and keeps the
+    # user's (in its checkpoints, its reference's directory, its TensorBoard folder).
+    run = tmp_path / "run"
+    train(builtin(run, cache), progress=False)
+    (run / "tensorboard").mkdir()  # as a run writes it where TensorBoard is installed
+    (run / "tensorboard" / "events.out.tfevents.2.host").write_bytes(b"")
+    kept = [run / "checkpoint-4" / "my-eval.json", run / "reference" / "notes.txt",
+            run / "tensorboard" / "notes.txt"]  # fmt: skip
+    for p in kept:
+        p.write_text("mine")
+    s = train(builtin(run, cache, steps=2, overwrite=True), progress=False)
+    assert all(p.read_text() == "mine" for p in kept)
+    assert tree(run / "checkpoint-4") == ["my-eval.json"]
+    assert tree(run / "tensorboard") == ["notes.txt"]
+    assert (run / "latest").read_text().strip() == "checkpoint-2" and s["steps"] == 2
+    # every file of a checkpoint has the permissions open() gives (safetensors' too)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (run / "checkpoint-2").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def test_progress_in_a_log_is_a_plain_line_every_few_steps(tmp_path, data_file, cache, capsys):
+    """stderr is not a terminal here: no bar redrawn at every step, but 20 lines a run."""
+    train(user_data(tmp_path / "run", data_file, cache, steps=40), progress=True)
+    err = capsys.readouterr().err
+    lines = re.findall(r"^\[train\] step (\d+)/40: loss \d+\.\d+, kept 0\.\d\d, [\d,]+ tokens/s, "
+                       r"\d+m\d\ds elapsed, ETA \d+m\d\ds$", err, re.M)  # fmt: skip
+    assert [int(s) for s in lines] == list(range(2, 41, 2))
+    assert "\r" not in err
+
+
 def _signal_at(monkeypatch, where: str, kind: str, step: int, signum: int) -> None:
     """Send ``signum`` to this process right after the run in ``where`` logs
     its ``kind`` record of ``step``: as a user's Ctrl-C or a scheduler's SIGTERM."""
@@ -124,6 +177,12 @@ def test_resume_restores_the_runs_options(tmp_path, data_file, cache, capsys):
     assert main(argv + ["--steps", "2"]) == 0
     assert main(["train", "--resume", "--out-dir", str(out), "--steps", "4", "--quiet"]) == 0
     assert "done: 4 steps" in capsys.readouterr().out
+    finished = (out / "checkpoint-4" / "trainer_state.pt").read_bytes()
+    assert main(["train", "--resume", "--out-dir", str(out), "--quiet"]) == 0  # nothing left to do
+    said = capsys.readouterr().out
+    assert said.startswith("already finished: 4 steps, none trained now")
+    assert f"centrifuge train --resume --out-dir {out} --steps N, N > 4" in said
+    assert (out / "checkpoint-4" / "trainer_state.pt").read_bytes() == finished
     # the same two commands through the API, every option given both times
     api = dict(select="random", ratio=0.4, warmup_steps=1, eval_interval=0)
     train(user_data(tmp_path / "api", data_file, cache, steps=2, **api), progress=False)
