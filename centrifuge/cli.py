@@ -4,7 +4,9 @@ provides ``add_arguments(parser)`` and ``run(args) -> int``.
 Every error a command raises ends it with one line on stderr naming the
 problem (exit status 2 for bad input, 1 for an internal error);
 ``--debug`` or ``CENTRIFUGE_DEBUG=1`` shows the traceback instead. Ctrl-C and
-SIGTERM interrupt every command alike (exit status 128 + the signal number)."""
+SIGTERM interrupt every command alike (exit status 128 + the signal number;
+under torchrun, a training run that stopped with its checkpoint exits with 0,
+which torchrun does not report as a failure)."""
 
 from __future__ import annotations
 
