@@ -91,6 +91,8 @@ BENCH = ["bench", "--model", "tiny", "--seq-len", "16", "--batch-size", "1", "--
     ([*TRAIN, "--select", "loss", "--exact-layers", "99"], "exact_layers=99 exceeds the model's 2 layers"),
     ([*TRAIN, "--select", "loss", "--parallel", "ddp"], "parallel 'ddp' needs several processes"),
     ([*TRAIN, "--select", "none", "--backward-extra", "0.3"], "select 'none' filters none"),
+    ([*TRAIN, "--select", "loss", "--model", "{d}/truncated", "--tokenizer", "byte"],
+     "{d}/truncated/model.safetensors"),
     (["train", "--batch-size", "1000000", "--out-dir", "{d}/out"],
      "a micro-batch of 1000000 rows x 256 tokens of mini needs at least about"),
     (["train", "--config", "{d}/typo.yaml", "--out-dir", "{d}/out"],

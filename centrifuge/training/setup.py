@@ -59,7 +59,7 @@ class Checked:
     split: str
     label: str
     mc: ModelConfig
-    model_dir: Path | None
+    initial: LlamaForCausalLM | None  # a model directory's weights (on the CPU), read
     train_ds: object
     eval_ds: object | None
     resume_state: dict | None
@@ -199,6 +199,11 @@ def check(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str 
     cfg.backward_options().check_layers(mc.num_layers)
     tokenizer = pick_tokenizer(cfg, model_dir, progress)
     check_model_fits(mc, cfg, tokenizer)
+    # A model directory's weights are read now: a damaged file fails before any write
+    # (a resumed checkpoint's were verified against its manifest).
+    initial = None
+    if model_dir is not None and resume_state is None:
+        initial = LlamaForCausalLM.from_pretrained(model_dir)
     if resume_state is not None:
         _check_resume(resume_state, cfg, mc, resume_path, ctx.world_size, progress)
     parallel = choose_parallel(cfg.parallel, ctx, mc.num_parameters())
@@ -216,7 +221,7 @@ def check(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str 
             f"fingerprint {resume_state.get('data_fingerprint')} != {train_ds.fingerprint})"
         )
     reference = _reference(cfg, ctx, mc, train_ds, tokenizer, progress)
-    return Checked(cfg, ctx, split, label, mc, model_dir, train_ds, eval_ds, resume_state,
+    return Checked(cfg, ctx, split, label, mc, initial, train_ds, eval_ds, resume_state,
                    resume_path, parallel, reference)  # fmt: skip
 
 
@@ -239,8 +244,8 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
     reference, desc = _reference_losses(checked, reference_checkpoint)
     if checked.resume_state is not None:
         model = LlamaForCausalLM.from_pretrained(checked.resume_path).to(ctx.device)
-    elif checked.model_dir is not None:
-        model = LlamaForCausalLM.from_pretrained(checked.model_dir).to(ctx.device)
+    elif checked.initial is not None:
+        model = checked.initial.to(ctx.device)
     else:
         model = build_model(mc, device=ctx.device, seed=cfg.seed)
     if cfg.activation_checkpointing:
