@@ -28,8 +28,9 @@ def add_arguments(p) -> None:
                         "command-line options override it")  # fmt: skip
     g = p.add_argument_group("model and data")
     opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
-    opt_g("--model", "preset name (e.g. mini, tiny, small, tinyllama-1.1b, qwen3-0.6b) or a local "
-          "Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Qwen3)", metavar="NAME|DIR")
+    opt_g("--model", "preset name (e.g. mini, tiny, small, tinyllama-1.1b, qwen3-0.6b), a local "
+          "Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Qwen3) or a training run "
+          "directory (its latest checkpoint)", metavar="NAME|DIR")
     opt_g("--data", "text (.txt/.md), JSONL, Parquet or Arrow files, directories of them, or a "
           "datasets.save_to_disk directory; none = the built-in corpus", nargs="+", metavar="PATH")
     opt_g("--data-format", "how a JSONL/Parquet/Arrow record becomes a document: text (the "

@@ -17,6 +17,8 @@ from centrifuge.plan import BACKWARD_MODES, BackwardOptions
 from centrifuge.selection import GRANULARITIES, METHODS
 
 DTYPES = ("fp32", "bf16")
+# The backward's quality knobs: they act on filtered tokens only.
+KNOBS = ("backward_extra", "backward_extra_weight", "exact_layers")
 DEFAULT_MODEL = "mini"  # a byte-level preset that learns the built-in corpus in minutes on CPU
 
 
@@ -24,7 +26,8 @@ DEFAULT_MODEL = "mini"  # a byte-level preset that learns the built-in corpus in
 class TrainConfig:
     """Options of ``centrifuge train`` (the CLI flags are these names with dashes).
 
-    model:            preset name (centrifuge.models.PRESETS) or local HF checkpoint directory.
+    model:            preset name (centrifuge.models.PRESETS), local HF checkpoint directory,
+                      or a training run directory (its latest checkpoint).
     data:             data files/directories, or None for the built-in corpus.
     tokenizer:        local HF tokenizer directory, "byte", or None (the model directory's
                       tokenizer if it has one, else the built-in byte tokenizer).
@@ -150,8 +153,7 @@ class TrainConfig:
         need(self.backward in BACKWARD_MODES,
              f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         self.backward_options()  # raises on bad knobs
-        knobs = [n for n in ("backward_extra", "backward_extra_weight", "exact_layers")
-                 if getattr(self, n) not in (0, None)]  # fmt: skip
+        knobs = [n for n in KNOBS if getattr(self, n) not in (0, None)]
         need(self.select != "none" or not knobs,
              f"{' and '.join(knobs)} {'act' if len(knobs) > 1 else 'acts'} on filtered tokens, "
              "and select 'none' filters none: "

@@ -25,7 +25,7 @@ from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_mode
 from centrifuge.scoring.checkpoint import resolve_checkpoint
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training import rundir
-from centrifuge.training.config import TrainConfig
+from centrifuge.training.config import KNOBS, TrainConfig
 from centrifuge.training.memory import check_memory
 
 # Options that must match between a checkpoint and the run resuming from it
@@ -142,8 +142,11 @@ def check_model_fits(mc: ModelConfig, cfg: TrainConfig, tokenizer, what: str = "
 
 
 def _option_diff(old: dict, cfg: TrainConfig) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-            if old.get(k) != getattr(cfg, k)]  # fmt: skip
+    """The options of ``RESUME_KEYS`` that differ from ``old``'s. Without selection
+    the backward's knobs change nothing (a built-in reference of an earlier version
+    carries its run's)."""
+    keys = [k for k in RESUME_KEYS if cfg.select != "none" or k not in KNOBS]
+    return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in keys if old.get(k) != getattr(cfg, k)]
 
 
 def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, world: int,
