@@ -12,3 +12,16 @@ __all__ = [
     "BackwardOptions", "Layout", "Plan", "Selector", "keep_from_mask",
 ]  # fmt: skip
 __all__ += ["patch", "unpatch", "filtered_loss", "selective_loss"]  # HF integration
+__all__ += ["CentrifugeTrainer", "CentrifugeSFTTrainer"]  # imported on demand (transformers, trl)
+
+
+def __getattr__(name):
+    if name == "CentrifugeTrainer":
+        from centrifuge.integrations.trainer import CentrifugeTrainer
+
+        return CentrifugeTrainer
+    if name == "CentrifugeSFTTrainer":
+        from centrifuge.integrations.trl import CentrifugeSFTTrainer
+
+        return CentrifugeSFTTrainer
+    raise AttributeError(f"module 'centrifuge' has no attribute {name!r}")

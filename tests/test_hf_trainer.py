@@ -123,9 +123,9 @@ def test_short_trainer_run_converges(tmp_path):
 
 @pytest.mark.parametrize("method", ["loss", "random", "none"])
 @pytest.mark.parametrize("granularity", ["batch", "sequence"])
-def test_kept_count_is_what_selection_keeps(method, granularity):
-    from centrifuge.integrations import selective_loss
-    from centrifuge.integrations.trainer import kept_count
+def test_row_counts_are_what_selection_keeps(method, granularity):
+    from centrifuge.integrations import selective_loss, valid_rows
+    from centrifuge.integrations.trainer import row_counts
 
     ds = CountingTask(6, pad_every=1, seed=3)
     b = transformers.default_data_collator([ds[i] for i in range(6)])
@@ -135,7 +135,9 @@ def test_kept_count_is_what_selection_keeps(method, granularity):
         _, keep = selective_loss(
             logits, b["labels"], sel, attention_mask=b["attention_mask"], return_keep=True
         )
-    assert kept_count(sel, b) == int(keep.sum()) > 0
+    valid = valid_rows(b["labels"], b["attention_mask"])
+    assert row_counts(sel, b) == (int(keep.sum()), int(valid.sum()))
+    assert 0 < int(keep.sum()) <= int(valid.sum())
 
 
 def test_fused_labels_path_trains_like_the_logits_path(tmp_path):
