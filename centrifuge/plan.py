@@ -19,6 +19,7 @@ import torch
 
 BACKWARD_MODES = ("amplified", "exact")
 BACKWARD_PATHS = ("auto", "compact", "dense")
+CONTEXT_MODES = ("backward", "constant")
 # ``auto`` runs the compact backward from this much GEMM work per layer on
 # (tokens of a forward x parameters of a decoder layer) and the dense path
 # below it, where launches and host syncs outweigh the FLOPs saved
@@ -41,6 +42,13 @@ class BackwardOptions:
                    [1, 1/p] damps it (biased, lower variance).
     exact_layers:  the bottom k decoder layers run the exact (dense) backward; the
                    layers above stay compact.
+    context:       what the backward does with *context rows*, real tokens that have
+                   no loss by construction (label ``ignore_index`` on a prompt, system or
+                   tool turn; :meth:`Plan.set_context`): ``backward`` (default) keeps them
+                   in the backward set with no loss, their K/V gradient flowing as under a
+                   masked loss, so keeping every labelled row gives the plain model's
+                   gradient; ``constant`` treats them like filtered rows (cheaper, and a
+                   different gradient: docs/design.md, "Context rows").
     seed:          seeds the sampling generator (CPU; ``generator`` holds its state).
     path:          how an amplified backward is computed, never what: ``compact``
                    gathers the kept rows (dimension-reduced GEMMs); ``dense`` runs
@@ -52,11 +60,13 @@ class BackwardOptions:
 
     def __init__(self, mode: str = "amplified", extra: float = 0.0,
                  extra_weight: float | None = None, exact_layers: int = 0, seed: int = 0,
-                 path: str = "auto"):  # fmt: skip
+                 path: str = "auto", context: str = "backward"):  # fmt: skip
         if mode not in BACKWARD_MODES:
             raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
         if path not in BACKWARD_PATHS:
             raise ValueError(f"backward path must be one of {BACKWARD_PATHS}, got {path!r}")
+        if context not in CONTEXT_MODES:
+            raise ValueError(f"backward context must be one of {CONTEXT_MODES}, got {context!r}")
         if path != "auto" and mode != "amplified":
             raise ValueError(f"backward path {path!r} applies to the amplified backward only")
         if path == "dense" and extra > 0:
@@ -80,7 +90,7 @@ class BackwardOptions:
                 "already the dense backward"
             )
         self.mode, self.extra, self.exact_layers, self.seed = mode, extra, int(exact_layers), seed
-        self.path = path
+        self.path, self.context = path, context
         self.weight = (1.0 / extra if extra > 0 else 1.0) if extra_weight is None else extra_weight
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -101,17 +111,19 @@ class BackwardOptions:
 
     @classmethod
     def parse(cls, spec: str, seed: int = 0) -> "BackwardOptions":
-        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2,path=dense"``
-        (any subset; ``""`` = plain amplified), as the bench's ``--knob`` takes them."""
+        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2,path=dense,
+        context=constant"`` (any subset; ``""`` = plain amplified), as the bench's
+        ``--knob`` takes them."""
         kw = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("extra", "extra_weight", "exact_layers", "path"):
+            if not sep or key not in ("extra", "extra_weight", "exact_layers", "path", "context"):
                 raise ValueError(
-                    f"bad backward option {item!r} in {spec!r}: expected extra=P, "
-                    "extra_weight=W, exact_layers=K or path=auto|compact|dense, separated by commas"
+                    f"bad backward option {item!r} in {spec!r}: expected extra=P, extra_weight=W, "
+                    "exact_layers=K, path=auto|compact|dense or context=backward|constant, "
+                    "separated by commas"
                 )
-            kw[key] = {"exact_layers": int, "path": str}.get(key, float)(value)
+            kw[key] = {"exact_layers": int, "path": str, "context": str}.get(key, float)(value)
         return cls("amplified", seed=seed, **kw)
 
     @classmethod
@@ -120,7 +132,7 @@ class BackwardOptions:
 
     def __repr__(self) -> str:
         return (f"BackwardOptions({self.mode!r}, extra={self.extra:g}, weight={self.weight:g}, "
-                f"exact_layers={self.exact_layers}, path={self.path!r})")  # fmt: skip
+                f"exact_layers={self.exact_layers}, path={self.path!r}, context={self.context!r})")  # fmt: skip
 
     def describe(self) -> str:
         """Short label: ``amplified``, ``amplified+extra0.3``, ``amplified+exact2``, ..."""
@@ -133,6 +145,8 @@ class BackwardOptions:
             s += f"+exact{self.exact_layers}"
         if self.path != "auto":
             s += f"+{self.path}"
+        if self.context != "backward":
+            s += f"+context-{self.context}"
         return s
 
 
@@ -243,6 +257,27 @@ class Layout:
         return last
 
 
+def precedes(mask: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, L] bool: rows before the last True row of ``mask`` ([B, L] bool) in
+    their document, the rows whose K/V a later row of ``mask`` reads."""
+    B, L = mask.shape
+    dev = mask.device
+    pos = torch.arange(L, device=dev).expand(B, L)
+    doc = layout.segment_ids.to(dev) + torch.arange(B, device=dev)[:, None] * L
+    last = torch.full((B * L,), -1, device=dev, dtype=torch.long)
+    last.scatter_reduce_(0, doc[mask], pos[mask], "amax")
+    return pos < last[doc]
+
+
+def context_rows(valid: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, L] bool: the context rows of a batch, rows without a target (an
+    ``ignore_index`` label: prompt, system, tool turns) that precede a row with
+    one in their document, so a masked loss sends their K/V gradient. Never
+    context: padding (its own segments hold no target), a document's last row,
+    and the unlabelled tail of a document. valid: [B, L] bool, rows with a target."""
+    return ~valid & precedes(valid, layout)
+
+
 class Plan:
     """Which rows of one forward pass the backward runs on.
 
@@ -250,8 +285,9 @@ class Plan:
     :meth:`set_keep` ran in ``amplified`` mode; it stays ``None`` (dense backward)
     in ``exact`` mode, where only the loss is masked. The LM head and final norm
     differentiate ``keep_idx``; decoder layers ask :meth:`rows_for`, which adds
-    the sampled filtered rows (``BackwardOptions.extra``) and returns no rows
-    (dense) for the bottom ``exact_layers``.
+    the context rows (:meth:`set_context`) and the sampled filtered rows
+    (``BackwardOptions.extra``) and returns no rows (dense) for the bottom
+    ``exact_layers``.
     """
 
     def __init__(self, layout: Layout, mode: "str | BackwardOptions" = "amplified",
@@ -264,11 +300,13 @@ class Plan:
         if path == "dense" and self.options.extra > 0:
             raise ValueError("sampled rows (extra) need the compact path")
         self.path = path
-        self.kv_mask: torch.Tensor | None = None  # [B * L] bool, the dense path's kept rows
+        self.context: torch.Tensor | None = None  # [B, L] bool, set_context
+        self.context_count: int | None = None  # its True entries, when known on the host
+        self.kv_mask: torch.Tensor | None = None  # [B * L] bool, the dense path's backward rows
         self.keep_idx: torch.Tensor | None = None
         self.n_keep: int | None = None
         self.sampled: torch.Tensor | None = None  # [B, L] bool, filtered rows drawn into the backward
-        self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept + sampled rows
+        self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept + context + sampled rows
         self.extra: ExtraRows | None = None
 
     @property
@@ -287,15 +325,33 @@ class Plan:
         if keep.dtype != torch.bool:
             raise TypeError(f"keep mask must be bool, got {keep.dtype}")
 
+    def set_context(self, context: torch.Tensor, count: int | None = None) -> None:
+        """Record the context rows ([B, L] bool, :func:`context_rows`): no loss, but
+        in the backward set unless ``BackwardOptions.context`` is ``constant``.
+        count: their number when known on the host (computed here from a CPU
+        mask); otherwise the compact path learns it with one host sync."""
+        self.check_keep(context)
+        if context.device.type == "cpu":
+            count = int(context.sum())
+        self.context = context.to(self.layout.position_ids.device)
+        self.context_count = count
+
+    def _backward_context(self) -> torch.Tensor | None:
+        """The context rows that join the backward set (None: none do)."""
+        if self.context is None or self.options.context != "backward" or self.context_count == 0:
+            return None
+        return self.context
+
     def set_keep(self, keep: torch.Tensor, count: int | None = None) -> None:
-        """Record the kept rows. keep: [B, L] bool.
+        """Record the kept rows. keep: [B, L] bool (never a context row).
 
         count: ``keep.sum()``, known on the host beforehand (a selection that
-        filters: :meth:`Selector.count`). With it nothing here waits for the
-        device (the count is checked by an asynchronous device assert), and the
-        plan is compact without first asking whether any filtered row matters
-        (with ratio < 1 one nearly always does; compact is exact either way).
-        Sampled rows (``extra``) still need two index syncs."""
+        filters: :meth:`Selector.count`). With it (and a host-known context count)
+        nothing here waits for the device (the count is checked by an
+        asynchronous device assert), and the plan is compact without first
+        asking whether any filtered row matters (with ratio < 1 one nearly always
+        does; compact is exact either way). Sampled rows (``extra``) still need
+        two index syncs."""
         self.check_keep(keep)
         if count is not None:
             torch._assert_async(keep.sum() == count, "keep mask and kept count disagree")
@@ -304,41 +360,44 @@ class Plan:
             raise ValueError("the keep mask keeps no token: the filtered loss would be undefined")
         if self.mode != "amplified":
             return
+        ctx = self._backward_context()
+        rows = keep if ctx is None else keep | ctx
         if self.path == "dense":  # no row gathered: the layers zero filtered K/V gradients
-            self.kv_mask = keep.reshape(-1)
+            self.kv_mask = rows.reshape(-1)
             return
-        if count is None:
-            if not bool(self._filtered_rows_that_matter(keep).any()):
+        if count is None:  # one sync learns both whether to gather and how many rows
+            matter, n_rows = torch.stack([self._filtered_rows_that_matter(keep, rows).sum(),
+                                          rows.sum()]).tolist()  # fmt: skip
+            if matter == 0:
                 return
-            idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        elif ctx is None:
+            n_rows = count
         else:
-            idx = _true_indices(keep.reshape(-1), count)
-        self.keep_idx = self.rows_idx = idx
+            n_ctx = self.context_count
+            n_rows = count + (int(ctx.sum()) if n_ctx is None else n_ctx)
+        self.keep_idx = _true_indices(keep.reshape(-1), self.n_keep)
+        self.rows_idx = self.keep_idx if ctx is None else _true_indices(rows.reshape(-1), n_rows)
         opts = self.options
         if opts.extra > 0:
             # Drawn over all B*L rows on the CPU generator: the stream advances by
             # the same amount every step whatever the selection, and any device
             # gets the same sample.
             u = torch.rand(self.shape, generator=opts.generator).to(keep.device)
-            self.sampled = self._filtered_rows_that_matter(keep) & (u < opts.extra)
-            rows = keep | self.sampled
+            self.sampled = self._filtered_rows_that_matter(keep, rows) & (u < opts.extra)
+            rows = rows | self.sampled
             self.rows_idx = torch.nonzero(rows.reshape(-1)).squeeze(1)
             pos = torch.nonzero(self.sampled.reshape(-1)[self.rows_idx]).squeeze(1)
             self.extra = ExtraRows(pos, opts.weight)
 
-    def _filtered_rows_that_matter(self, keep: torch.Tensor) -> torch.Tensor:
-        """[B, L] bool: filtered rows that precede a kept row of their document.
+    def _filtered_rows_that_matter(self, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: rows outside the backward set ``rows`` that precede a kept
+        row of their document.
 
         Only those get a gradient in dense training (through the later kept
         row). With none (ρ = 1: only document ends and padding are filtered)
         the dense backward computes the same gradients without gathering, so
         the plan stays dense."""
-        B, L = self.shape
-        pos = torch.arange(L, device=keep.device).expand(B, L)
-        doc = self.layout.segment_ids + torch.arange(B, device=keep.device)[:, None] * L
-        last_kept = torch.full((B * L,), -1, device=keep.device, dtype=torch.long)
-        last_kept.scatter_reduce_(0, doc[keep], pos[keep], "amax")
-        return ~keep & (pos < last_kept[doc])
+        return ~rows & precedes(keep, self.layout)
 
     def rows_for(self, layer_index: int) -> tuple[torch.Tensor | None, ExtraRows | None]:
         """(rows, extra) the backward of decoder layer ``layer_index`` runs on:
@@ -350,18 +409,21 @@ class Plan:
 
     def kv_mask_for(self, layer_index: int) -> torch.Tensor | None:
         """[B * L] bool on the dense path: the rows whose K/V gradient decoder layer
-        ``layer_index`` keeps (every other row's is zeroed, which with the loss on
-        the kept rows gives exactly the compact backward's gradients). None: no
-        mask (the compact path, exact mode, or one of the bottom exact layers)."""
+        ``layer_index`` keeps (kept and context rows; every other row's is zeroed,
+        which with the loss on the kept rows gives exactly the compact backward's
+        gradients). None: no mask (the compact path, exact mode, or one of the
+        bottom exact layers)."""
         if self.kv_mask is None or layer_index < self.options.exact_layers:
             return None
         return self.kv_mask
 
     def kv_weight(self, keep: torch.Tensor) -> torch.Tensor:
         """[B, L] float64 per-row K/V gradient weights of the compact layers, the
-        reference semantics' input: 1 kept, ``weight`` sampled, 0 elsewhere.
-        keep: the [B, L] bool mask this plan was filled with."""
-        w = keep.to(torch.float64)
+        reference semantics' input: 1 kept or context (in the backward set),
+        ``weight`` sampled, 0 elsewhere. keep: the [B, L] bool mask this plan was
+        filled with."""
+        ctx = self._backward_context()
+        w = (keep if ctx is None else keep | ctx).to(torch.float64)
         if self.sampled is not None:
             w = w.masked_fill(self.sampled, self.options.weight)
         return w

@@ -177,14 +177,16 @@ def test_sampling_is_seeded_and_only_draws_rows_that_matter():
             draws.append(out.plan.sampled)
     assert torch.equal(draws[0], draws[2]) and torch.equal(draws[1], draws[3])
     assert not torch.equal(draws[0], draws[1])  # the generator advances
-    matter = out.plan._filtered_rows_that_matter(keep)
+    plan = out.plan
+    backward_rows = keep | plan.context  # kept + context rows
+    matter = plan._filtered_rows_that_matter(keep, backward_rows)
     for s in draws:
         assert not (s & ~matter).any()
     rate = sum(int(s.sum()) for s in draws) / (len(draws) * int(matter.sum()))
     assert 0.35 < rate < 0.65
-    # Rows of the backward set: kept + sampled; the LM head still sees the kept rows.
-    plan = out.plan
-    assert torch.equal(plan.rows_idx, torch.nonzero((keep | plan.sampled).reshape(-1)).squeeze(1))
+    # Rows of the backward set: kept + context + sampled; the LM head still sees the kept rows.
+    rows = backward_rows | plan.sampled
+    assert torch.equal(plan.rows_idx, torch.nonzero(rows.reshape(-1)).squeeze(1))
     assert plan.n_keep == int(keep.sum()) and plan.keep_idx.numel() == plan.n_keep
     rows, extra = plan.rows_for(0)
     assert torch.equal(plan.rows_idx[extra.pos], torch.nonzero(plan.sampled.reshape(-1)).squeeze(1))

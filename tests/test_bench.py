@@ -93,3 +93,33 @@ def test_device_busy_time_counts_overlapping_kernels_once():
     assert union_length([]) == 0.0
     assert union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == 4.0  # [0, 3] and [5, 6]
     assert union_length([(0, 10), (2, 3), (4, 12)]) == 12.0
+
+
+def test_sft_labels_and_variants_time_supervised_fine_tuning():
+    """--prompt-share: completion-only labels whose host counts match what the
+    model finds, every native variant gives the same loss value at one ratio, and
+    both context semantics are timed."""
+    import torch
+
+    from centrifuge.bench.variants import SFTLabels, native_variants
+    from centrifuge.models import build_model
+    from centrifuge.plan import Layout, context_rows
+
+    ids = torch.randint(0, 200, (3, 20), generator=torch.Generator().manual_seed(0))
+    labels, n_valid, context = SFTLabels(0.3)(ids)
+    assert (labels[:, :6] == -100).all() and torch.equal(labels[:, 6:], ids[:, 6:])
+    valid = torch.zeros(3, 20, dtype=torch.bool)
+    valid[:, :-1] = labels[:, 1:] != -100
+    assert n_valid == int(valid.sum())
+    assert torch.equal(context, context_rows(valid, Layout.build(3, 20)))
+    with pytest.raises(ValueError, match="prompt share"):
+        SFTLabels(1.0)
+
+    model = build_model(get_preset("tiny"), dtype=torch.float64, seed=0)
+    variants = {v.name: v for v in native_variants(model, prompt_share=0.3)}
+    assert set(variants) == {"dense", "masked", "centrifuge", "centrifuge+context-constant"}
+    losses = {name: v.loss(ids, 0.5).item() for name, v in variants.items() if v.filtered}
+    assert len({round(x, 12) for x in losses.values()}) == 1, losses
+    dense = variants["dense"].loss(ids, 1.0).item()
+    plain = model(ids, labels=labels)
+    assert dense == pytest.approx((plain.token_loss.sum() / plain.valid.sum()).item(), rel=1e-12)

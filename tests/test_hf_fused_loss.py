@@ -17,7 +17,8 @@ from test_hf_patch import V, batch, exact_copy, make_model, reference_loss  # no
 
 from centrifuge import filtered_loss, patch, selective_loss  # noqa: E402
 from centrifuge.integrations import find_plan, valid_rows  # noqa: E402
-from centrifuge.plan import BackwardOptions  # noqa: E402
+from centrifuge.integrations.hf import layout_for  # noqa: E402
+from centrifuge.plan import BackwardOptions, context_rows  # noqa: E402
 
 
 def labelled(kind, seed=0, B=3, L=13):
@@ -30,9 +31,18 @@ def labelled(kind, seed=0, B=3, L=13):
         labels[kw["attention_mask"] == 0] = -100
     if "position_ids" in kw:
         labels[kw["position_ids"] == 0] = -100
-    labels[0, 2] = -100  # an ignored target inside a document
+    labels[0, 2] = -100  # an ignored target inside a document: row 1 is a context row
     valid = valid_rows(labels, kw.get("attention_mask"), kw.get("position_ids"))
     return ids, labels, kw, keep & valid
+
+
+def backward_rows(labels, keep, kw):
+    """Kept + context rows (no target, before a labelled row): the rows whose K/V
+    get gradient in the reference semantics."""
+    B, L = labels.shape
+    layout = layout_for(B, L, labels.device, kw.get("attention_mask"), kw.get("position_ids"))
+    valid = valid_rows(labels, kw.get("attention_mask"), kw.get("position_ids"))
+    return keep | context_rows(valid, layout)
 
 
 def grads(model):
@@ -45,7 +55,7 @@ def test_token_loss_and_gradients_match_reference_and_logits_path(family, kind):
     model = make_model(family, 2)
     logits_model = patch(copy.deepcopy(model))
     ids, labels, kw, keep = labelled(kind, seed=1)
-    want_loss, want = reference_loss(model, ids, keep, **kw)
+    want_loss, want = reference_loss(model, ids, keep, backward_rows(labels, keep, kw), **kw)
     plain_logits = exact_copy(model)(ids, use_cache=False, **kw).logits.detach()
     patch(model)
 
@@ -70,7 +80,7 @@ def test_token_loss_and_gradients_match_reference_and_logits_path(family, kind):
 
     lg = logits_model(ids, **kw).logits
     tl = F.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    filtered_loss(tl, keep[:, :-1]).backward()
+    filtered_loss(tl, keep[:, :-1], valid=valid[:, :-1]).backward()
     for name, g in grads(logits_model).items():
         torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-11, msg=name)
 
@@ -90,7 +100,8 @@ def test_tied_embeddings_knobs_and_checkpointing_match_logits_path(opts):
     filtered_loss(out.token_loss, keep).backward()
     lg = other(ids, **kw).logits
     tl = F.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    filtered_loss(tl, keep[:, :-1]).backward()
+    valid = valid_rows(labels, kw.get("attention_mask"))
+    filtered_loss(tl, keep[:, :-1], valid=valid[:, :-1]).backward()
     want = grads(other)
     for name, g in grads(model).items():
         torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
@@ -222,7 +233,9 @@ def test_peft_lora_model_takes_the_fused_path():
     assert isinstance(models[0], peft.PeftModel) and out.logits is None
     filtered_loss(out.token_loss, keep).backward()
     lg = models[1](ids, **kw).logits
-    tl = F.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    # Losses from the labels: the ignored targets' rows are 0, which filtered_loss
+    # reads as "no target" (context rows) without being told.
+    tl = F.cross_entropy(lg[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
     filtered_loss(tl, keep[:, :-1]).backward()
     got, want = trainable_grads(models[0]), trainable_grads(models[1])
     assert got and got.keys() == want.keys()

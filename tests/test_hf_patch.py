@@ -65,13 +65,16 @@ def exact_copy(model):
     return ref
 
 
-def reference_loss(model, ids, keep_rows, **kw):
+def reference_loss(model, ids, keep_rows, backward_rows=None, **kw):
     """Masked-mean loss of an unpatched copy with K/V of filtered rows detached.
-    keep_rows: [B, L] bool (row t predicts t+1)."""
+    keep_rows: [B, L] bool (row t predicts t+1); backward_rows: the rows whose
+    K/V stay differentiable (default keep_rows; kept + context rows for labels
+    with ignored targets)."""
     ref = exact_copy(model)
+    live = keep_rows if backward_rows is None else backward_rows
 
     def detach_filtered(module, args, out):
-        k = keep_rows.view(*keep_rows.shape, *([1] * (out.dim() - 2)))
+        k = live.view(*live.shape, *([1] * (out.dim() - 2)))
         return torch.where(k, out, out.detach())
 
     for layer in ref.model.layers:

@@ -46,6 +46,10 @@ def add_arguments(p) -> None:
     p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="SPEC",
                    help="also time Centrifuge with a quality knob, e.g. extra=0.3, "
                         "extra=0.5,extra_weight=1.5 or exact_layers=2 (repeatable)")
+    p.add_argument("--prompt-share", type=float, default=0.0, metavar="S",
+                   help="time supervised fine-tuning: the first S of every row is a prompt "
+                        "labelled -100 (plain SFT as dense; Centrifuge with the prompt in the "
+                        "backward and, as centrifuge+context-constant, as constants); native steps only")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
 
 
@@ -55,12 +59,13 @@ def run(args) -> int:
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
         repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
         activation_checkpointing=args.activation_checkpointing, lora=args.lora, knobs=args.knobs,
+        prompt_share=args.prompt_share,
     )  # fmt: skip
     layers = f"-{cfg.layers}l" if cfg.layers else ""
     if args.parallel:
-        if cfg.activation_checkpointing or cfg.lora:
-            raise ValueError("--activation-checkpointing and --lora time one GPU; they do not "
-                             "combine with --parallel yet")  # fmt: skip
+        if cfg.activation_checkpointing or cfg.lora or cfg.prompt_share:
+            raise ValueError("--activation-checkpointing, --lora and --prompt-share time one GPU; "
+                             "they do not combine with --parallel yet")  # fmt: skip
         result = run_multi_bench(cfg, args.parallel, single=args.single, progress=tqdm)
         shutdown_distributed()
         if result is None:  # not rank 0
@@ -77,7 +82,8 @@ def run(args) -> int:
     peer = "-liger" if cfg.liger else ""
     ckpt = "-ckpt" if cfg.activation_checkpointing else ""
     lora = f"-lora{cfg.lora}" if cfg.lora else ""
-    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}{ckpt}{lora}"
+    sft = f"-sft{round(100 * cfg.prompt_share)}" if cfg.prompt_share else ""
+    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}{ckpt}{lora}{sft}"
     paths = write(result, args.out, stem)
     print(to_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

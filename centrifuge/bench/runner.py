@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from centrifuge.bench.variants import (
+    SFTLabels,
     Variant,
     hf_liger_variant,
     hf_masked_variant,
@@ -50,8 +51,12 @@ class BenchConfig:
     seed: int = 0
     # Quality knobs timed as extra Centrifuge variants (BackwardOptions.parse specs).
     knobs: list[str] = field(default_factory=list)
+    # Supervised fine-tuning: this share of every row is a prompt labelled -100
+    # (context rows); the native steps only.
+    prompt_share: float = 0.0
 
     def __post_init__(self):
+        SFTLabels(self.prompt_share)  # raises on a bad share before anything runs
         self.ratios = [check_ratio(r) for r in self.ratios]
         if self.lora is not None and self.lora < 1:
             raise ValueError(f"lora rank must be a positive integer, got {self.lora}")
@@ -226,7 +231,9 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     ckpt = cfg.activation_checkpointing
     if cfg.lora:
         model = with_lora(model, cfg.lora)
-    variants = native_variants(model, ckpt, tuple(cfg.knobs))
+    variants = native_variants(model, ckpt, tuple(cfg.knobs), cfg.prompt_share)
+    if cfg.prompt_share:  # the HF peers time pretraining labels: not comparable
+        return variants, config
 
     def hf():
         m = hf_model(config, dtype, device, checkpointing=ckpt)

@@ -25,40 +25,80 @@ class Variant:
     module: torch.nn.Module | None = None
 
 
-def _host_count(selector: Selector, ids: torch.Tensor) -> int | None:
-    """The rows ``selector`` keeps, known on the host as centrifuge train knows it
-    (every row but the last has a target here), so that selection and plan skip
-    host syncs; None when it keeps every valid row."""
-    return num_keep(ids.shape[0] * (ids.shape[1] - 1), selector.ratio) if selector.filters else None
+def _host_count(selector: Selector, n_valid: int) -> int | None:
+    """The rows ``selector`` keeps of ``n_valid`` labelled rows, known on the host
+    as centrifuge train knows it, so that selection and plan skip host syncs;
+    None when it keeps every valid row."""
+    return num_keep(n_valid, selector.ratio) if selector.filters else None
+
+
+class SFTLabels:
+    """Labels of a bench batch. prompt_share = 0: every token is labelled (the
+    last row of a row has no target). prompt_share = s > 0: supervised
+    fine-tuning, the first round(s * L) tokens of every row are a prompt labelled
+    -100, so rows 0 .. P-2 are context rows and rows P-1 .. L-2 carry the loss."""
+
+    def __init__(self, prompt_share: float):
+        if not 0.0 <= prompt_share < 1.0:
+            raise ValueError(f"prompt share must lie in [0, 1), got {prompt_share}")
+        self.share = prompt_share
+        self._cache: dict = {}
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """ids [B, L] -> (labels [B, L] on ids' device, labelled rows, CPU [B, L] bool
+        context rows), made once per shape."""
+        key = (tuple(ids.shape), ids.device)
+        if key not in self._cache:
+            B, L = ids.shape
+            P = round(self.share * L)
+            if self.share > 0 and not 2 <= P <= L - 2:
+                raise ValueError(f"a prompt share of {self.share} leaves no prompt or no completion "
+                                 f"in rows of {L} tokens")  # fmt: skip
+            prompt = torch.zeros(B, L, dtype=torch.bool, device=ids.device)
+            prompt[:, :P] = True
+            context = torch.zeros(B, L, dtype=torch.bool)
+            context[:, : max(P - 1, 0)] = True
+            n_valid = B * (L - 1) if P == 0 else B * (L - P)
+            self._cache[key] = (prompt, n_valid, context)
+        prompt, n_valid, context = self._cache[key]
+        return ids.masked_fill(prompt, -100), n_valid, context
 
 
 def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
-                    knobs: tuple[str, ...] = ()) -> list[Variant]:  # fmt: skip
+                    knobs: tuple[str, ...] = (), prompt_share: float = 0.0) -> list[Variant]:  # fmt: skip
     """dense, masked, centrifuge on the native model, and one Centrifuge variant
     per knob spec (``BackwardOptions.parse``: e.g. ``extra=0.3`` or
     ``exact_layers=2``); with ``checkpointing`` also each of them with activation
     checkpointing (``-ckpt``: the dense and masked steps recompute whole layers,
-    Centrifuge's recompute runs on kept rows)."""
+    Centrifuge's recompute runs on kept rows). ``prompt_share`` > 0 times
+    supervised fine-tuning (:class:`SFTLabels`: dense = plain SFT), and adds
+    Centrifuge with the prompt as constants (``context=constant``)."""
+    sft = SFTLabels(prompt_share)
 
     def dense(ids, ratio):
-        out = model(ids, labels=ids, backward="exact")
+        out = model(ids, labels=sft(ids)[0], backward="exact")
         return out.plan.loss(out.token_loss, out.valid)
 
     def filtered(mode):
         def step(ids, ratio):
-            out = model(ids, labels=ids, backward=mode)
+            labels, n_valid, context = sft(ids)
+            out = model(ids, labels=labels, backward=mode)
+            out.plan.set_context(context)  # counted on the host, as centrifuge train does
             selector = Selector("loss", ratio)
-            count = _host_count(selector, ids)
+            count = _host_count(selector, n_valid)
             keep = selector(out.token_loss, out.valid, count=count)
             return out.plan.loss(out.token_loss, keep, count)
 
         return step
 
     variants = [
-        Variant("dense", "dense (no filtering)", dense, filtered=False, module=model),
+        Variant("dense", "dense (no filtering)" if not prompt_share else "plain SFT (no filtering)",
+                dense, filtered=False, module=model),
         Variant("masked", "masked-loss filtering", filtered("exact"), module=model),
         Variant("centrifuge", "Centrifuge", filtered("amplified"), module=model),
     ]
+    if prompt_share and "context=constant" not in knobs:
+        knobs = (*knobs, "context=constant")
     for spec in knobs:
         opts = BackwardOptions.parse(spec)
         opts.check_layers(model.config.num_layers)
@@ -152,7 +192,7 @@ def hf_patched_labels_variant(model, name="hf-patched-labels",
     def step(ids, ratio):
         out = model(input_ids=ids, labels=ids)
         selector = Selector("loss", ratio)
-        count = _host_count(selector, ids)
+        count = _host_count(selector, ids.shape[0] * (ids.shape[1] - 1))
         keep = selector(out.token_loss, out.valid, count=count)
         return filtered_loss(out.token_loss, keep, count=count)
 

@@ -26,7 +26,8 @@ Given ``labels=`` (a training forward), the final norm, the LM head and the
 cross-entropy run fused (:func:`centrifuge.ops.linear_ce.norm_linear_cross_entropy`):
 no [B, L, vocab] logits; the output (``CausalLMTokenLossOutput``) carries
 ``token_loss`` [B, L] and ``valid`` [B, L], ``loss`` over the valid rows and
-``logits = None``.
+``logits = None``. Rows whose label is ``-100`` before a labelled row (a prompt)
+are the plan's context rows (:func:`centrifuge.plan.context_rows`).
 
 With transformers' activation checkpointing on (``gradient_checkpointing_enable()``
 or ``activation_checkpointing_enable()``, per layer), a checkpointed layer runs
@@ -58,7 +59,7 @@ from centrifuge.models.layer import (
 )
 from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
-from centrifuge.plan import BackwardOptions, Layout, Plan
+from centrifuge.plan import BackwardOptions, Layout, Plan, context_rows
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -458,6 +459,7 @@ def _causal_lm_call(model, state: _PatchState, original, *args, **kwargs):
             raise ValueError(f"labels must be [batch, seq] = {(B, L)}, got {tuple(labels.shape)}")
         labels = labels.to(ref.device)
         valid = valid_rows(labels, mask, None, ignore_index, layout)
+        plan.set_context(context_rows(valid, layout))
         targets = shift_labels(labels, ignore_index).masked_fill(~valid, ignore_index)
         head = _FusedHead(model.model.norm, targets, ignore_index)
         a["labels"] = None  # transformers' loss would need the logits

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from centrifuge.integrations.hf import HFPlan, find_plan, shift_labels, valid_rows
 from centrifuge.ops.linear_ce import IGNORE_INDEX
-from centrifuge.plan import Plan
+from centrifuge.plan import Plan, context_rows
 from centrifuge.selection import Selector
 
 _CHUNK_ELEMENTS = 2**24  # logits elements per chunk of the selection's no-grad loss
@@ -50,19 +50,22 @@ def _rows(x: torch.Tensor, shape: tuple[int, int], what: str) -> torch.Tensor:
     )
 
 
-def _as_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if keep.shape != like.shape:
-        raise ValueError(
-            f"keep mask has shape {tuple(keep.shape)}, token losses {tuple(like.shape)}"
-        )
-    if keep.dtype == torch.bool:
-        return keep
-    if not bool(((keep == 0) | (keep == 1)).all()):
-        raise ValueError("keep mask must be bool or hold only 0 and 1 (weighted losses are not supported)")
-    return keep.bool()
+def _as_mask(mask: torch.Tensor, like: torch.Tensor, what: str = "keep mask") -> torch.Tensor:
+    if mask.shape != like.shape:
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}, token losses {tuple(like.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{what} must be bool or hold only 0 and 1 (weighted losses are not supported)")
+    return mask.bool()
 
 
-def _fill(plan: Plan, keep_rows: torch.Tensor, count: int | None = None) -> None:
+def _fill(plan: Plan, keep_rows: torch.Tensor, count: int | None = None,
+          has_target: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Fill the plan with the kept rows ([B, L] bool); ``has_target`` ([B, L] bool,
+    the rows with a target) gives it its context rows unless its forward did."""
+    if plan.context is None and has_target is not None:
+        plan.set_context(context_rows(has_target, plan.layout))
     if isinstance(plan, HFPlan):
         plan.fill(keep_rows, count)
     else:
@@ -88,11 +91,18 @@ def filtered_loss(
     num_items: int | torch.Tensor | None = None,
     plan: Plan | None = None,
     count: int | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of the kept per-token losses, with the compact backward.
 
     token_loss: per-token losses with grad, [B, L], [B, L-1] or flattened (any float dtype).
     keep: same shape, bool (or 0/1): the rows that count.
+    valid: same shape, bool: the rows that have a target (e.g. ``labels[:, 1:] != -100``).
+        Rows without one that precede a labelled row (a prompt) are context rows:
+        no loss, but in the backward set (``BackwardOptions.context``). When
+        omitted, a row that is not kept and whose loss is exactly 0 (what
+        ``cross_entropy`` gives an ``ignore_index`` label) counts as having none;
+        a patched forward called with ``labels=`` knows them already.
     num_items: the denominator, when it is not ``keep.sum()`` (e.g. the kept count
         of a whole gradient-accumulation window).
     plan: the forward's plan; found from the autograd graph when omitted.
@@ -108,7 +118,12 @@ def filtered_loss(
     loss = (token_loss * keep).sum() / denominator
     plan = _plan_of(token_loss, plan)
     if plan is not None:
-        _fill(plan, _rows(keep, plan.shape, "the keep mask").bool(), count)
+        keep_rows = _rows(keep, plan.shape, "the keep mask").bool()
+        if valid is not None:
+            has_target = _rows(_as_mask(valid, token_loss, "valid mask"), plan.shape, "the valid mask")
+        else:
+            has_target = keep_rows | (_rows(token_loss.detach(), plan.shape, "token_loss") != 0)
+        _fill(plan, keep_rows, count, has_target.bool())
     return loss
 
 
@@ -207,5 +222,5 @@ def selective_loss(
     )
     loss = kept / (idx.numel() if num_items is None else num_items)
     if plan is not None:
-        _fill(plan, keep, count)
+        _fill(plan, keep, count, valid)
     return (loss, keep) if return_keep else loss

@@ -24,7 +24,7 @@ from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
 from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.ops.rope import inv_frequencies, rope_cos_sin
-from centrifuge.plan import BackwardOptions, Layout, Plan
+from centrifuge.plan import BackwardOptions, Layout, Plan, context_rows
 
 
 def shift_targets(labels: torch.Tensor, layout: Layout, ignore_index: int = IGNORE_INDEX):
@@ -190,7 +190,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         """input_ids, labels: [B, L] int64, labels unshifted (HF convention:
         ``labels = input_ids`` with ``ignore_index`` where no loss is wanted).
-        position_ids restarting at 0 mark packed documents.
+        position_ids restarting at 0 mark packed documents. Rows whose label is
+        ``ignore_index`` before a labelled row of their document (a prompt) are
+        context rows: no loss, and in the backward set unless ``backward`` says
+        ``context="constant"`` (:func:`centrifuge.plan.context_rows`).
         backward: ``amplified`` (Centrifuge), ``exact`` (masked-loss baseline), or
         a :class:`~centrifuge.plan.BackwardOptions` that lets some gradient reach
         filtered rows (sampled rows, exact bottom layers). Pass the same options
@@ -208,6 +211,8 @@ class LlamaForCausalLM(nn.Module):
         targets = shift_targets(labels, plan.layout, ignore_index)
         if attention_mask is not None:
             targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
+        valid = targets != ignore_index
+        plan.set_context(context_rows(valid, plan.layout))
         # Final norm fused with the LM head: the backward reads the kept rows
         # once and no normalized copy of the hidden states is saved. The
         # returned ``hidden`` is for inspection (it carries no gradient).
@@ -216,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
                 x, self.model.norm.weight.to(x.dtype), self.lm_head.weight.to(x.dtype),
                 targets, plan, self.config.rms_norm_eps, ignore_index,
             )  # fmt: skip
-        return CausalLMOutput(token_loss, targets != ignore_index, plan, h)
+        return CausalLMOutput(token_loss, valid, plan, h)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, **kw) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The reference semantics, in plain differentiable PyTorch (docs/design.md).
 
-Every attention layer uses ``k = where(keep, k, k.detach())`` (same for v) and
+Every attention layer uses ``k = where(keep | context, k, k.detach())`` (same
+for v; context rows: no target, before a labelled row of their document) and
 the loss is averaged over kept rows. ``keep=None`` gives ordinary autograd of
 the same model: the masked-loss baseline that ``exact`` mode must reproduce.
 The knobs of :class:`centrifuge.plan.BackwardOptions`: ``kv_weight`` (per-row
@@ -19,6 +20,7 @@ from centrifuge.ops.linear_ce import IGNORE_INDEX, linear_cross_entropy_referenc
 from centrifuge.ops.rmsnorm import rms_norm_reference
 from centrifuge.ops.rope import rope_cos_sin, rope_reference
 from centrifuge.ops.swiglu import swiglu_reference
+from centrifuge.plan import context_rows
 
 
 def reference_token_loss(
@@ -31,16 +33,26 @@ def reference_token_loss(
     ignore_index: int = IGNORE_INDEX,
     kv_weight: torch.Tensor | None = None,
     exact_layers: int = 0,
+    context: str = "backward",
 ):
     """Returns (token_loss [B, L], valid [B, L]) computed with plain autograd.
 
-    keep: [B, L] bool, K/V of filtered rows detached (None: nothing detached);
+    keep: [B, L] bool, K/V of rows outside ``keep`` and the context rows detached
+    (None: nothing detached); context: ``constant`` detaches context rows too;
     kv_weight: [B, L] float, used instead of ``keep`` in the attention layers
     (see ``attention_reference``); exact_layers: layers below it detach nothing."""
-    attn_keep = keep if kv_weight is None else kv_weight
     c = model.config
     B, L = input_ids.shape
     layout = model.make_plan(input_ids, position_ids, attention_mask).layout
+    targets = shift_targets(labels, layout, ignore_index)
+    if attention_mask is not None:
+        targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
+    valid = targets != ignore_index
+    attn_keep = keep
+    if keep is not None and context == "backward":
+        attn_keep = keep | context_rows(valid, layout)
+    if kv_weight is not None:
+        attn_keep = kv_weight
     x = model.model.embed_tokens(input_ids)
     cos, sin = rope_cos_sin(layout.position_ids, model.inv_freq, x.dtype)
     cos, sin = cos.reshape(B * L, -1), sin.reshape(B * L, -1)
@@ -62,17 +74,14 @@ def reference_token_loss(
         m = layer.mlp
         x = x + m.down_proj(swiglu_reference(m.gate_proj(h), m.up_proj(h)))
     h = rms_norm_reference(x, model.model.norm.weight, c.rms_norm_eps)
-    targets = shift_targets(labels, layout, ignore_index)
-    if attention_mask is not None:
-        targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
     loss = linear_cross_entropy_reference(
         h.reshape(B * L, -1), model.lm_head.weight, targets.reshape(-1), ignore_index
     )
-    return loss.view(B, L), targets != ignore_index
+    return loss.view(B, L), valid
 
 
 def reference_filtered_loss(model, input_ids, labels, keep, **kw) -> torch.Tensor:
     """Mean over kept rows, K/V of filtered rows detached (or weighted: ``kv_weight``,
-    ``exact_layers``) in the attention layers."""
+    ``exact_layers``; ``context``) in the attention layers."""
     token_loss, _ = reference_token_loss(model, input_ids, labels, keep, **kw)
     return (token_loss * keep).sum() / keep.sum()

@@ -63,6 +63,10 @@ def add_arguments(p) -> None:
           "compact (gathered kept rows), dense (full-size GEMMs, filtered K/V gradients zeroed: "
           "small models) or auto (by the GEMM work per layer)",
           choices=("auto", "compact", "dense"))
+    opt_g("--context-rows", "amplified only: tokens labelled -100 before a labelled one (SFT "
+          "prompts): backward keeps them in the backward without a loss (plain SFT's gradient "
+          "when every label is kept); constant treats them like filtered tokens (cheaper, "
+          "another gradient)", choices=("backward", "constant"))
     g = p.add_argument_group("optimization")
     opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
     opt_g("--batch-size", "rows per micro-batch", type=int)

@@ -44,6 +44,10 @@ class TrainConfig:
     backward_path:    how ``amplified`` is computed (the gradients are the same):
                       ``compact`` (gathered kept rows), ``dense`` (full-size GEMMs,
                       filtered K/V gradients zeroed; small models) or ``auto``.
+    context_rows:     rows labelled -100 before a labelled row (the prompt of SFT data):
+                      ``backward`` keeps them in the backward set (plain SFT's gradient at
+                      ratio 1), ``constant`` treats them like filtered rows (cheaper,
+                      another gradient; BackwardOptions ``context``).
     seq_len, batch_size, grad_accum: rows of seq_len tokens; batch_size rows per
                       micro-batch, grad_accum micro-batches per optimizer step.
     lr, warmup_steps, min_lr_ratio: linear warm-up to lr, cosine decay to lr * min_lr_ratio.
@@ -82,6 +86,7 @@ class TrainConfig:
     backward_extra_weight: float | None = None
     exact_layers: int = 0
     backward_path: str = "auto"
+    context_rows: str = "backward"
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
@@ -161,7 +166,8 @@ class TrainConfig:
         ``seed``, the process (``stream``) and the step it starts at."""
         seed = int(np.random.SeedSequence([self.seed, stream, step]).generate_state(1)[0])
         return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
-                               self.exact_layers, seed=seed, path=self.backward_path)  # fmt: skip
+                               self.exact_layers, seed=seed, path=self.backward_path,
+                               context=self.context_rows)  # fmt: skip
 
     def tokens_per_step(self, processes: int = 1) -> int:
         """Tokens of one optimizer step over ``processes`` (torchrun) processes."""

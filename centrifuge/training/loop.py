@@ -38,7 +38,7 @@ from centrifuge.distributed import gradient_sync, init_distributed, unsharded, u
 from centrifuge.interrupt import DeferredStop, Interrupted
 from centrifuge.models.llama import shift_targets
 from centrifuge.ops.linear_ce import IGNORE_INDEX
-from centrifuge.plan import Layout
+from centrifuge.plan import Layout, context_rows
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
@@ -154,12 +154,14 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _valid_rows(batch: dict) -> torch.Tensor:
-    """[B, L] bool: the rows of a (CPU) batch that carry a loss, as the model's
-    forward will find them (known before the forward runs)."""
+def _row_kinds(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] bool valid, [B, L] bool context) rows of a (CPU) batch: the rows that
+    carry a loss and the context rows (no label, before a labelled row), as the
+    model's forward will find them, known before the forward runs."""
     B, L = batch["labels"].shape
     layout = Layout.build(B, L, "cpu", batch["position_ids"])
-    return shift_targets(batch["labels"], layout) != IGNORE_INDEX
+    valid = shift_targets(batch["labels"], layout) != IGNORE_INDEX
+    return valid, context_rows(valid, layout)
 
 
 class Trainer:
@@ -255,7 +257,8 @@ class Trainer:
         t0 = time.perf_counter()
         micro = [self.order.rows(step, m * ctx.world_size + ctx.rank) for m in range(cfg.grad_accum)]
         batches = [run.train_ds.batch(rows) for rows in micro]
-        counts = [run.selector.count(_valid_rows(b)) for b in batches]
+        kinds = [_row_kinds(b) for b in batches]
+        counts = [run.selector.count(valid) for valid, _ in kinds]
         # Σ kept over micro-batches and processes; DDP/FSDP average gradients over
         # processes, so each process scales its kept-loss sums by N / Σ.
         total = torch.tensor(sum(counts), dtype=torch.float64, device=run.device)
@@ -263,7 +266,7 @@ class Trainer:
         # kept loss, all loss, seen, valid, kept; and stop requests (a signal seen by
         # any process stops every one after this step: one all-reduce carries both).
         sums = torch.zeros(6, dtype=torch.float64, device=run.device)
-        for m, (rows, cpu, count) in enumerate(zip(micro, batches, counts)):
+        for m, (rows, cpu, count, (_, context)) in enumerate(zip(micro, batches, counts, kinds)):
             b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
             with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
                 with self.autocast:
@@ -277,6 +280,7 @@ class Trainer:
                 # forward (the device asserts that the keep mask holds `count` rows).
                 host_count = count if run.selector.filters else None
                 keep = run.selector(out.token_loss, out.valid, ref, count=host_count)
+                out.plan.set_context(context)  # the same rows, counted on the host
                 out.plan.set_keep(keep, host_count)
                 if host_count is None and out.plan.n_keep != count:
                     raise RuntimeError(f"selection kept {out.plan.n_keep} rows where {count} were "
