@@ -18,6 +18,7 @@ import centrifuge  # noqa: E402
 from centrifuge import BackwardOptions, CentrifugeSFTTrainer, Selector  # noqa: E402
 from centrifuge.integrations import patch_options  # noqa: E402
 from centrifuge.integrations.hf import valid_rows  # noqa: E402
+from test_hf_patch import exact_copy  # noqa: E402
 
 V = 64  # vocabulary: <pad>, <eos>, w0 .. w61
 
@@ -121,8 +122,136 @@ def test_rho_one_gives_sft_trainer_gradients(tmp_path, setup):
 
 @pytest.mark.filterwarnings("ignore:`compute_loss_func` is deprecated:FutureWarning")
 def test_rho_one_gives_float64_gradients(tmp_path):
-    """To float64 rounding: SFTTrainer with transformers' loss on float64 logits."""
+    """To float64 rounding: SFTTrainer with transformers' loss on float64 logits
+    (TRL's custom-loss path) and RMSNorms kept in float64 (transformers' own round
+    to float32 even in a float64 model)."""
     kw = SETUPS["packing (padding-free)"]
-    want, _ = first_step(trl.SFTTrainer, tmp_path / "trl", compute_loss_func=hf_loss, **kw)
+    want, _ = first_step(trl.SFTTrainer, tmp_path / "trl", model=exact_copy(tiny_model()),
+                         compute_loss_func=hf_loss, **kw)  # fmt: skip
     got, _ = first_step(CentrifugeSFTTrainer, tmp_path / "c", select="none", **kw)
     assert_same_grads(got, want)
+
+
+def test_rho_one_with_peft_config(tmp_path):
+    """LoRA through SFTTrainer's peft_config (random A and B: every adapter gets gradient)."""
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    kw = dict(completion_only_loss=True, gradient_checkpointing=True)
+    want, _ = first_step(trl.SFTTrainer, tmp_path / "trl", peft_config=peft.LoraConfig(**lora), **kw)
+    got, trainer = first_step(CentrifugeSFTTrainer, tmp_path / "c", select="none",
+                              peft_config=peft.LoraConfig(**lora), **kw)  # fmt: skip
+    assert isinstance(trainer.model, peft.PeftModel) and centrifuge.integrations.is_patched(trainer.model)
+    assert want and all("lora_" in n for n in want)
+    assert_same_grads(got, want, float32_head=True)
+
+
+class Recorder(CentrifugeSFTTrainer):
+    """Keeps the training micro-batches it is given."""
+
+    def compute_loss(self, model, inputs, *args, **kw):
+        if model.training:
+            self.seen = getattr(self, "seen", []) + [{k: v for k, v in inputs.items()}]
+        return super().compute_loss(model, inputs, *args, **kw)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_selection_is_the_mean_over_the_window_kept_rows(tmp_path, packing):
+    """ratio 0.5: the logged loss is the mean over every row kept in the window's
+    two micro-batches (selected on an unpatched copy), and the gradients are the
+    plain loop's: filtered_loss per micro-batch over the window's kept count."""
+    kw = dict(completion_only_loss=True, select="loss", ratio=0.5)
+    if packing:
+        kw.update(packing=True, max_length=24, per_device_train_batch_size=1)
+    model = tiny_model()
+    plain = copy.deepcopy(model)
+    got, trainer = first_step(Recorder, tmp_path, model=model, **kw)
+    sel = Selector("loss", 0.5)
+    kept_sum, kept_n, valid_n, keeps = 0.0, 0, 0, []
+    with torch.no_grad():
+        for b in trainer.seen:
+            # TRL's kwargs; without a cache transformers isolates packed documents
+            logits = plain(**{k: v for k, v in b.items() if k != "labels"}, use_cache=False).logits
+            tl = F.cross_entropy(logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], reduction="none")
+            valid = valid_rows(b["labels"], b.get("attention_mask"), b.get("position_ids"))[:, :-1]
+            keep = sel(tl, valid)
+            kept_sum, kept_n, valid_n = kept_sum + tl[keep].sum(), kept_n + int(keep.sum()), valid_n + int(valid.sum())
+            keeps.append(keep)
+    assert len(trainer.seen) == 2 and 0 < kept_n < valid_n
+    log = trainer.state.log_history[0]
+    assert log["kept_tokens"] == kept_n and log["kept_fraction"] == pytest.approx(kept_n / valid_n)
+    assert log["loss"] == pytest.approx(float(kept_sum / kept_n), rel=1e-4)  # logged rounded
+    # The gradients: the README's plain loop on a patched copy.
+    loop = centrifuge.patch(copy.deepcopy(plain))
+    for b, keep in zip(trainer.seen, keeps):
+        model_kw = {k: b[k] for k in ("attention_mask", "position_ids") if k in b}
+        out = loop(input_ids=b["input_ids"], labels=b["labels"], **model_kw)
+        centrifuge.filtered_loss(out.token_loss[:, :-1], keep, num_items=kept_n).backward()
+    assert_same_grads(got, {n: p.grad for n, p in loop.named_parameters()})
+
+
+def test_a_patched_model_under_plain_sft_trainer_raises(tmp_path):
+    """TRL's fused LM head calls the backbone itself: patched before SFTTrainer, the
+    patch would be bypassed; patched after, TRL's loss call is refused."""
+    trainer = trl.SFTTrainer(model=centrifuge.patch(tiny_model()), args=config(tmp_path),
+                             train_dataset=prompt_completion(), processing_class=tokenizer())  # fmt: skip
+    with pytest.raises(RuntimeError, match="bypasses centrifuge.patch"):
+        trainer.train()
+    trainer = trl.SFTTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=prompt_completion(),
+                             processing_class=tokenizer())  # fmt: skip
+    centrifuge.patch(trainer.model)
+    with pytest.raises(ValueError, match="CentrifugeSFTTrainer"):
+        trainer.train()
+
+
+def test_backward_options_are_kept_or_refused(tmp_path):
+    def build(model, **kw):
+        return CentrifugeSFTTrainer(model=model, args=config(tmp_path), train_dataset=prompt_completion(),
+                                    processing_class=tokenizer(), **kw)  # fmt: skip
+
+    opts = BackwardOptions(exact_layers=1)
+    trainer = build(centrifuge.patch(tiny_model(), backward=opts, check_rows=False))
+    assert patch_options(trainer.model) == {"check_rows": False, "backward": opts}
+    trainer = build(centrifuge.patch(tiny_model(), backward=opts), backward=BackwardOptions(exact_layers=1))
+    assert patch_options(trainer.model)["backward"] is opts
+    with pytest.raises(ValueError, match="backward= options"):
+        build(centrifuge.patch(tiny_model(), backward=opts), backward=BackwardOptions(extra=0.5))
+    trainer = build(tiny_model(), backward=opts)
+    assert patch_options(trainer.model)["backward"] is opts
+
+
+@pytest.mark.parametrize("option", ["label_smoothing_factor", "compute_loss_func"])
+def test_loss_options_it_cannot_honour_are_refused(tmp_path, option):
+    kw = {"label_smoothing_factor": 0.1} if option == "label_smoothing_factor" else {"compute_loss_func": hf_loss}
+    with pytest.raises(ValueError, match=option), pytest.warns(FutureWarning):
+        first_step(CentrifugeSFTTrainer, tmp_path, **kw)
+
+
+def test_dft_loss_at_rho_one_is_trl_dft(tmp_path):
+    kw = dict(completion_only_loss=True, loss_type="dft")
+    want, _ = first_step(trl.SFTTrainer, tmp_path / "trl", **kw)
+    got, _ = first_step(CentrifugeSFTTrainer, tmp_path / "c", select="none", **kw)
+    assert_same_grads(got, want, float32_head=True)
+
+
+def test_trl_metrics_are_kept(tmp_path):
+    """entropy, mean_token_accuracy and num_tokens as TRL logs them (two steps, GA 2,
+    logged every step), plus kept_fraction and kept_tokens."""
+    kw = dict(completion_only_loss=True, max_steps=2, learning_rate=0.0)
+    _, plain = first_step(trl.SFTTrainer, tmp_path / "trl", **kw)
+    _, ours = first_step(CentrifugeSFTTrainer, tmp_path / "c", select="loss", ratio=0.5, **kw)
+    _, quiet = first_step(CentrifugeSFTTrainer, tmp_path / "q", select="loss", ratio=0.5, token_metrics=False, **kw)
+    want, got, without = (t.state.log_history[:2] for t in (plain, ours, quiet))
+    for w, g, q in zip(want, got, without):
+        for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+            assert g[key] == pytest.approx(w[key], rel=1e-6), key
+        assert 0.4 < g["kept_fraction"] < 0.7 and "entropy" not in q and q["num_tokens"] == w["num_tokens"]
+    assert 0 < got[0]["kept_tokens"] < got[1]["kept_tokens"]
+
+
+def test_imports():
+    from centrifuge import CentrifugeTrainer
+    from centrifuge.integrations.trainer import CentrifugeTrainer as T
+    from centrifuge.integrations.trl import CentrifugeSFTTrainer as S
+
+    assert CentrifugeTrainer is T and CentrifugeSFTTrainer is S
+    assert issubclass(S, trl.SFTTrainer) and issubclass(T, transformers.Trainer)

@@ -61,7 +61,7 @@ def row_counts(selector: Selector, batch: dict, ignore_index: int = IGNORE_INDEX
 
 
 def _same_options(a: BackwardOptions, b: BackwardOptions) -> bool:
-    fields = ("mode", "extra", "weight", "exact_layers", "seed", "path")
+    fields = ("mode", "extra", "weight", "exact_layers", "seed", "path", "context")
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
@@ -76,7 +76,7 @@ def _patch_kwargs(model, backward: BackwardOptions | None) -> dict:
             "the model was patched with centrifuge.patch(model, backward=...) and the trainer was given "
             "other backward= options: pass them in one place"
         )
-    return {"check_rows": given["check_rows"], "backward": backward or given["backward"]}
+    return {"check_rows": given["check_rows"], "backward": given["backward"] or backward}
 
 
 class CentrifugeTrainerMixin:
