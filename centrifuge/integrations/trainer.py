@@ -117,6 +117,13 @@ class CentrifugeTrainerMixin:
             unpatch(model)  # patched again below, outermost
         super().__init__(*args, **kwargs)
         self._check_loss_options()
+        if self.args.use_liger_kernel:
+            # transformers applies Liger's kernels in train(), over the patch,
+            # which they would bypass: applied now, under it (patch says so).
+            from transformers.integrations.liger import apply_liger_kernel
+
+            apply_liger_kernel(self.model, self.args.liger_kernel_config)
+            self.args.use_liger_kernel = False
         patch(self.model, **options)
         self.selector = selector or Selector(select, ratio, granularity, seed)
         if self.selector.needs_reference and reference_model is not None:
