@@ -21,6 +21,7 @@ from centrifuge.integrations.hf import valid_rows  # noqa: E402
 from test_hf_patch import exact_copy  # noqa: E402
 
 V = 64  # vocabulary: <pad>, <eos>, w0 .. w61
+README = Path(__file__).parents[1] / "README.md"
 
 
 def tokenizer():
@@ -255,3 +256,29 @@ def test_imports():
 
     assert CentrifugeTrainer is T and CentrifugeSFTTrainer is S
     assert issubclass(S, trl.SFTTrainer) and issubclass(T, transformers.Trainer)
+
+
+def test_readme_recipe_runs(tmp_path, monkeypatch):
+    """The README's TRL recipe, as written, on a tiny Qwen2 saved locally in place of the hub name."""
+    tokenizers = pytest.importorskip("tokenizers")
+    block = re.search(r"```python\n(import torch\nfrom datasets import Dataset\n.*?)```", README.read_text(), re.S).group(1)
+    name = '"Qwen/Qwen2.5-0.5B"'
+    assert name in block
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Question: 17 + 25 = ?\nAnswer: 42"], trainer)
+    local = tmp_path / "model"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(local)
+    cfg = transformers.Qwen2Config(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(local)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(block.replace(name, repr(str(local))), scope)
+    logs = scope["trainer"].state.log_history
+    assert scope["trainer"].state.global_step == 2 and 0 < logs[-1]["train_loss"] < 10
