@@ -282,3 +282,24 @@ def test_readme_recipe_runs(tmp_path, monkeypatch):
     exec(block.replace(name, repr(str(local))), scope)
     logs = scope["trainer"].state.log_history
     assert scope["trainer"].state.global_step == 2 and 0 < logs[-1]["train_loss"] < 10
+
+
+def test_ddp_and_fsdp2_give_the_single_process_gradients(tmp_path):
+    """torchrun, 2 CPU processes, one micro-batch each: the kept count is summed
+    over both, so DDP and FSDP2 give one process's gradients with 2 micro-batches."""
+    from test_distributed import N, failed, launch
+
+    worker = Path(__file__).parent / "distributed" / "trl_worker.py"
+    for mode in ("ddp", "fsdp"):
+        proc = launch(worker, mode, str(tmp_path / f"{mode}.pt"), timeout=400)
+        assert proc.returncode == 0, failed(proc)
+    assert N == 2
+    import subprocess
+    import sys
+
+    single = subprocess.run([sys.executable, str(worker), "single", str(tmp_path / "single.pt")],
+                            capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    want = torch.load(tmp_path / "single.pt")
+    for mode in ("ddp", "fsdp"):
+        assert_same_grads(torch.load(tmp_path / f"{mode}.pt"), want)

@@ -71,7 +71,8 @@ def _patch_kwargs(model, backward: BackwardOptions | None) -> dict:
     given = patch_options(model) if isinstance(model, torch.nn.Module) else None
     if given is None:
         return {"backward": backward}
-    if backward is not None and given["backward"] is not None and not _same_options(backward, given["backward"]):
+    mine = given["backward"]
+    if backward is not None and mine is not None and not _same_options(backward, mine):
         raise ValueError(
             "the model was patched with centrifuge.patch(model, backward=...) and the trainer was given "
             "other backward= options: pass them in one place"
@@ -152,7 +153,8 @@ class CentrifugeTrainerMixin:
             raise ValueError(f"label_names={self.args.label_names}: the labels must be the 'labels' column")
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (pc.cp_enabled or pc.sp_enabled or pc.tp_enabled):
-            raise ValueError("tensor, context and sequence parallelism are not supported with token filtering")
+            raise ValueError("tensor, context and sequence parallelism are not supported with token "
+                             "filtering")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -231,7 +233,8 @@ class CentrifugeTrainerMixin:
             steps = max(1, getattr(self, "current_gradient_accumulation_steps", 1))
             num_kept = (keep.sum() if count is None else count) * steps
         loss = self.kept_loss(outputs.token_loss, keep, num_kept, {**inputs, "labels": labels})
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+        across = self.args.average_tokens_across_devices and self.args.world_size > 1
+        if num_items_in_batch is not None and across:
             # K counts every process's kept rows; DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
@@ -258,7 +261,8 @@ class CentrifugeTrainer(CentrifugeTrainerMixin, Trainer):
         labels = inputs.pop("labels")
         inputs.pop(REFERENCE_COLUMN, None)
         outputs = model(**inputs, use_cache=False)
-        valid = valid_rows(labels, inputs.get("attention_mask"), inputs.get("position_ids"), self.ignore_index)
+        mask, pos = inputs.get("attention_mask"), inputs.get("position_ids")
+        valid = valid_rows(labels, mask, pos, self.ignore_index)
         tl = token_losses(outputs.logits, shift_labels(labels, self.ignore_index), self.ignore_index)
         loss = (tl * valid).sum() / valid.sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss

@@ -21,27 +21,30 @@ cross-entropy, calls without gradients (evaluation, ``generate``) run TRL's
 forward, so evaluation is TRL's, metrics included.
 
 TRL's training metrics are kept: ``num_tokens`` as TRL counts it, and
-``entropy`` and ``mean_token_accuracy`` over the labelled rows (TRL's
-``mean of the micro-batches' means``), computed without gradient from the final
-hidden states. That costs one more LM-head product over the labelled rows
-(about the LM head's forward); ``token_metrics=False`` skips it. Centrifuge adds
-``kept_fraction`` and ``kept_tokens``.
+``entropy`` and ``mean_token_accuracy`` over the labelled rows (as TRL: the
+mean of the micro-batches' means), computed without gradient from the final
+hidden states. All are gathered once per log instead of once per micro-batch
+(no host sync between a forward and its backward). The two token metrics cost
+one more LM-head product over the labelled rows (about the LM head's forward);
+``token_metrics=False`` skips it. Centrifuge adds ``kept_fraction`` and
+``kept_tokens``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
 from centrifuge.integrations.hf import _causal_lm, shift_labels
+from centrifuge.integrations.loss import _CHUNK_ELEMENTS
 from centrifuge.integrations.trainer import CentrifugeTrainerMixin
-
-_CHUNK_ELEMENTS = 2**24  # logits elements per chunk of the metrics' no-grad pass
 
 
 @torch.no_grad()
-def entropy_and_top1(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_and_top1(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor):
     """Sums over rows of the next-token entropy and of top-1 hits.
 
     h: [n, d] final hidden states (after the norm), w: [V, d] LM head weight,
@@ -113,26 +116,29 @@ class CentrifugeSFTTrainer(CentrifugeTrainerMixin, SFTTrainer):
         if "attention_mask" in inputs:  # TRL's num_tokens: padded rows, or the padding-free row
             self._tokens_seen.append(inputs["attention_mask"].sum())
         else:
-            self._tokens_seen.append(torch.tensor(inputs["input_ids"].shape[1], device=inputs["input_ids"].device))
-        if not self.token_metrics:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        targets = shift_labels(inputs["labels"], self.ignore_index)
-        with _TokenMetrics(self.model, targets != self.ignore_index, targets) as metrics:  # TRL's label mask
+            ids = inputs["input_ids"]
+            self._tokens_seen.append(torch.tensor(ids.shape[1], device=ids.device))
+        metrics = contextlib.nullcontext()
+        if self.token_metrics:
+            targets = shift_labels(inputs["labels"], self.ignore_index)
+            metrics = _TokenMetrics(self.model, targets != self.ignore_index, targets)  # TRL's label mask
+        with metrics:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._token_stats.append(metrics.result)
+        if self.token_metrics:
+            self._token_stats.append(metrics.result)
         return out
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         # TRL's metrics of the micro-batches since the last log, gathered once here
         # (TRL gathers and syncs every micro-batch).
         if self.model.training and self._tokens_seen:
-            seen = self.accelerator.gather_for_metrics(torch.stack(self._tokens_seen).sum()).sum()
+            seen = self.accelerator.gather(torch.stack(self._tokens_seen).sum()[None]).sum()
             self._total_train_tokens += int(seen)
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             self._tokens_seen = []
         if self.model.training and self._token_stats:
             stats = torch.stack(self._token_stats)  # [micro-batches, 3]
-            stats = self.accelerator.gather_for_metrics(stats[None]).sum(0).tolist()
+            stats = self.accelerator.gather(stats[None]).sum(0).tolist()
             for entropy, hits, n in stats:
                 self._metrics["train"]["entropy"].append(entropy / n if n else 0.0)
                 self._metrics["train"]["mean_token_accuracy"].append(hits / n if n else 0.0)
