@@ -12,10 +12,11 @@ __all__ = [
     "BackwardOptions", "Layout", "Plan", "Selector", "keep_from_mask",
 ]  # fmt: skip
 __all__ += ["patch", "unpatch", "filtered_loss", "selective_loss"]  # HF integration
-__all__ += ["CentrifugeTrainer", "CentrifugeSFTTrainer"]  # imported on demand (transformers, trl)
 
 
 def __getattr__(name):
+    """CentrifugeTrainer and CentrifugeSFTTrainer, imported on demand: they need
+    transformers and accelerate (and trl), which are optional (not in __all__)."""
     if name == "CentrifugeTrainer":
         from centrifuge.integrations.trainer import CentrifugeTrainer
 

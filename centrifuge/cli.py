@@ -27,7 +27,19 @@ DEBUG_ENV = "CENTRIFUGE_DEBUG"
 USER_ERRORS = (ValueError, OSError)
 
 
-def main(argv: list[str] | None = None) -> int:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where it would mislead: a flag is off
+    unless given (``--no-hf``'s default is ``hf=True``, which reads as the flag
+    being on), and a required option has none."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The ``centrifuge`` parser, and the module of every subcommand it has."""
     parser = argparse.ArgumentParser(
         prog="centrifuge", description="Fast token-filtered LLM training."
     )
@@ -44,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise  # a real missing dependency inside the module
             continue
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                           formatter_class=HelpFormatter)  # fmt: skip
         modules[name].add_arguments(p)
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

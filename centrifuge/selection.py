@@ -6,7 +6,8 @@ Methods
             comes from a reference model run without grad, or is precomputed and
             stored with the data.
 ``loss``    the model's own loss, highest kept.
-``random``  uniform scores from a seeded generator.
+``random``  uniform scores, from the selector's own seeded generator, a given
+            generator, or torch's default generator (``seed`` below).
 ``none``    keep every valid row (plain training; ``ratio`` is ignored).
 
 A caller that computes its own scores passes an explicit keep mask to
@@ -19,6 +20,7 @@ every document) are never kept and never counted.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -65,13 +67,20 @@ class Selector:
     ratio:       fraction of valid rows kept, in (0, 1].
     granularity: ``batch`` (one top-k over the whole batch) or ``sequence``
                  (top-k inside every row of the batch).
-    seed:        seeds the generator of ``random``.
+    seed:        where ``random`` draws its scores (as scikit-learn's
+                 ``random_state``). An int: a generator of the selector's own,
+                 seeded with it once, so every call draws new scores and two
+                 selectors with one seed draw the same sequence (its state is in
+                 :meth:`state_dict`). A ``torch.Generator``: that one, the scores
+                 drawn on its device. None: torch's default CPU generator, seeded
+                 by ``torch.manual_seed`` and restored by whatever restores torch's
+                 RNG state (``transformers.Trainer`` checkpoints do).
     """
 
     method: str = "rho1"
     ratio: float = 0.5
     granularity: str = "batch"
-    seed: int = 0
+    seed: int | torch.Generator | None = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,7 +90,12 @@ class Selector:
                 f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}"
             )
         self.ratio = check_ratio(self.ratio)
-        self._generator: torch.Generator | None = None
+        if not (self.seed is None or isinstance(self.seed, (numbers.Integral, torch.Generator))):
+            raise ValueError(
+                f"seed must be an int, a torch.Generator or None, got {type(self.seed).__name__}"
+            )
+        # None until the first draw (a seed) or for torch's default generator.
+        self._generator = self.seed if isinstance(self.seed, torch.Generator) else None
         self._row_counts: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -99,13 +113,22 @@ class Selector:
         return sum(num_keep(int(n), self.ratio) for n in valid.sum(1).tolist())
 
     def state_dict(self) -> dict:
-        """The random generator's state (``random`` selection), for exact resume."""
+        """The state of the generator ``random`` draws from, for exact resume;
+        empty before the first draw and for torch's default generator (whose
+        state belongs to whoever saves torch's RNG state)."""
         return {} if self._generator is None else {"generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        if "generator" in state:
+        if "generator" not in state:
+            return
+        if self.seed is None:
+            raise ValueError(
+                "this selector draws from torch's default generator (seed=None), but the "
+                "state holds a generator of its own: restore it into a selector with a seed"
+            )
+        if self._generator is None:
             self._generator = torch.Generator()
-            self._generator.set_state(state["generator"])
+        self._generator.set_state(state["generator"])
 
     def scores(
         self, token_loss: torch.Tensor, ref_loss: torch.Tensor | None = None
@@ -127,9 +150,11 @@ class Selector:
         if self.method == "loss":
             return token_loss
         if self.method == "random":
-            if self._generator is None:
-                self._generator = torch.Generator().manual_seed(self.seed)
-            return torch.rand(token_loss.shape, generator=self._generator).to(token_loss.device)
+            if self._generator is None and self.seed is not None:
+                self._generator = torch.Generator().manual_seed(int(self.seed))
+            g = self._generator
+            device = "cpu" if g is None else g.device
+            return torch.rand(token_loss.shape, generator=g, device=device).to(token_loss.device)
         return torch.zeros_like(token_loss)
 
     @property

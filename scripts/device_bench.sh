@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
 # matrix of docs/benchmarks.md. Usage:
-#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|profile|knobs]
+#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|profile|knobs|sft]
 # (each mode but full fits one 10-minute device call; full = part1 + part2;
 # hf: the patched transformers model against native, plain and with Liger;
 # hf-1b: the same on llama3.2-1b; small: the amplified backward's compact and
 # dense paths where launches and host syncs weigh on the step; knobs: the price of
-# continued-full's quality knobs, for scripts/utility_experiment.py --prices).
+# continued-full's quality knobs, for scripts/utility_experiment.py --prices;
+# sft: supervised fine-tuning steps, half of every row a prompt, both context semantics).
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -45,6 +46,9 @@ case "$mode" in
   knobs)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 \
       --knob exact_layers=2 --knob exact_layers=4 --knob exact_layers=6 --knob extra=0.5,extra_weight=1.5 ;;
+  sft)
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 0.7 1.0 --no-hf --repeats 5 \
+      --prompt-share 0.5 ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)

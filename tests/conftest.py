@@ -72,3 +72,32 @@ def data_file(tmp_path_factory):
 def cache(tmp_path_factory):
     """A token cache shared by the tests that train on ``data_file``."""
     return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def chat_tokenizer(tmp_path_factory):
+    """make(template, jinja_file=False) -> a tokenizer directory: bytes plus
+    <|im_start|> and <|im_end|>, with the chat template in tokenizer_config.json
+    (or in chat_template.jinja, where transformers 5 saves it)."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from centrifuge.data import ByteTokenizer
+
+    def make(template: str, jinja_file: bool = False):
+        d = tmp_path_factory.mktemp("chat_tokenizer")
+        ByteTokenizer().save_pretrained(d)
+        tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+        tk.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+        tk.save(str(d / "tokenizer.json"))
+        config = json.loads((d / "tokenizer_config.json").read_text())
+        del config["centrifuge_tokenizer"]  # an HF tokenizer now, not the built-in one
+        if jinja_file:
+            (d / "chat_template.jinja").write_text(template)
+        else:
+            config["chat_template"] = template
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        return d
+
+    return make

@@ -9,23 +9,26 @@ import pytest
 import torch
 
 from centrifuge.data import ByteTokenizer, PackedDataset, corpus, load_dataset, load_tokenizer
-from centrifuge.data.formats import iter_documents, resolve_files
+from centrifuge.data.formats import RecordFormat, detect_format, iter_documents, resolve_files
 
 
-def reference_rows(docs: list[list[int]], eos: int, pad: int, L: int):
-    """Plain-Python packing, the semantics PackedDataset must match."""
-    stream, doc_of = [], []
+def reference_rows(docs: list[list[int]], eos: int, pad: int, L: int, context=None):
+    """Plain-Python packing, the semantics PackedDataset must match.
+    context: for every document, how many of its first tokens (a prompt) have no label."""
+    stream, doc_of, labelled = [], [], []
     for d, ids in enumerate(docs):
         if ids:
             stream += ids + [eos]
             doc_of += [d] * (len(ids) + 1)
+            n = 0 if context is None else context[d]
+            labelled += [False] * n + [True] * (len(ids) + 1 - n)
     rows = []
     for start in range(0, len(stream), L):
         ids, labels, pos = [], [], []
         for j in range(start, start + L):
             if j < len(stream):
                 ids.append(stream[j])
-                labels.append(stream[j])
+                labels.append(stream[j] if labelled[j] else -100)
                 new_doc = j == start or doc_of[j] != doc_of[j - 1]
                 pos.append(0 if new_doc else pos[-1] + 1)
             else:
@@ -152,21 +155,27 @@ def test_tokenizer_errors(tmp_path):
 
 
 def _write_all_formats(tmp_path, texts):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = {}
     d = tmp_path / "txt"
     d.mkdir()
     for i, t in enumerate(texts):
         (d / f"doc{i:02d}.txt").write_text(t)
-    out["text dir"] = d
+    return {"text dir": d, **_write_tables(tmp_path, {"text": texts})}
+
+
+def _write_tables(tmp_path, columns: dict):
+    """The same records (plus a numeric column) in every structured format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {**columns, "n": list(range(len(next(iter(columns.values())))))}
+    records = [dict(zip(columns, row)) for row in zip(*columns.values())]
+    out = {}
     f = tmp_path / "d.jsonl"
-    f.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
     out["jsonl"] = f
-    (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in texts], indent=1))
+    (tmp_path / "d.json").write_text(json.dumps(records, indent=1))
     out["json array"] = tmp_path / "d.json"
-    table = pa.table({"text": texts, "n": list(range(len(texts)))})
+    table = pa.table(columns)
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
     out["parquet"] = tmp_path / "d.parquet"
     with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
@@ -193,7 +202,7 @@ def test_every_format_gives_the_same_documents(tmp_path):
     texts = [f"document {i}: " + "x" * i for i in range(7)]
     for name, path in _write_all_formats(tmp_path, texts).items():
         docs = [d for f in resolve_files([path]) for d in iter_documents(f)]
-        assert docs == texts, name
+        assert docs == [[(t, True)] for t in texts], name
         ds = load_dataset([str(path)], None, 32, cache_dir=tmp_path / "cache")
         assert ds.n_tokens == sum(len(t) + 1 for t in texts), name
 
@@ -264,6 +273,204 @@ def test_data_errors(tmp_path):
         load_dataset([str(nofield)], None, 1, cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="split"):
         load_dataset([str(nofield)], None, 16, split="test", cache_dir=tmp_path / "c")
+
+
+def _letters(rng, n: int) -> str:
+    return "".join(chr(97 + int(c)) for c in rng.integers(0, 26, int(n)))
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("L", [7, 32])
+def test_prompt_completion_labels_only_the_completion(tmp_path, seed, L):
+    """labels are -100 on exactly the prompt tokens (and padding); completion
+    and eos keep theirs; documents are packed as text is, positions restarting
+    at each one."""
+    rng = np.random.default_rng(seed)
+    recs = [{"prompt": _letters(rng, rng.integers(0, 30)), "completion": _letters(rng, rng.integers(0, 20))}
+            for _ in range(23)]  # fmt: skip
+    recs[3] = {"prompt": "", "completion": ""}  # no document at all
+    recs[5]["completion"] = ""  # the eos is its only labelled token
+    f = _jsonl(tmp_path / "sft.jsonl", recs)
+    ds = load_dataset([f], None, L, cache_dir=tmp_path / "c")
+    tok = ByteTokenizer()
+    prompts = [tok.encode(r["prompt"]) for r in recs]
+    expected = reference_rows([p + tok.encode(r["completion"]) for p, r in zip(prompts, recs)],
+                              tok.eos_id, tok.pad_id, L, context=[len(p) for p in prompts])  # fmt: skip
+    batch = ds.batch(range(len(ds)))
+    assert len(ds) == len(expected) and ds.data_format == "prompt-completion"
+    for i, (ids, labels, pos) in enumerate(expected):
+        assert batch["input_ids"][i].tolist() == ids
+        assert batch["labels"][i].tolist() == labels
+        assert batch["position_ids"][i].tolist() == pos
+    assert ds.context_tokens == sum(map(len, prompts))
+    assert ds.real_tokens(range(len(ds))) == ds.n_tokens == sum(len(p) + len(r["completion"]) + 1
+                                                                 for p, r in zip(prompts, recs) if p or r["completion"])  # fmt: skip
+
+
+def test_prompt_completion_with_an_hf_tokenizer(tmp_path):
+    """A document is tokens(prompt) + tokens(completion) + eos, each part encoded alone."""
+    tok = load_tokenizer(_hf_tokenizer_dir(tmp_path))
+    f = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "one two", "completion": "three four"},
+                                        {"prompt": "five", "completion": "six"}])  # fmt: skip
+    ds = load_dataset([f], tok, 16, cache_dir=tmp_path / "c")
+    prompt = tok.encode("one two"), tok.encode("five")
+    completion = tok.encode("three four"), tok.encode("six")
+    assert [len(x) for x in prompt + completion] == [2, 1, 2, 1]
+    eos, pad = tok.eos_id, tok.pad_id
+    row = ds[0]
+    assert row["input_ids"].tolist() == (prompt[0] + completion[0] + [eos] + prompt[1] + completion[1]
+                                         + [eos] + [pad] * 8)  # fmt: skip
+    assert row["labels"].tolist() == ([-100] * 2 + completion[0] + [eos] + [-100] + completion[1]
+                                      + [eos] + [-100] * 8)  # fmt: skip
+    assert row["position_ids"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2] + list(range(8))
+
+
+def test_every_format_reads_prompt_completion_records(tmp_path):
+    prompts = [f"question {i}? " for i in range(7)]
+    completions = ["answer " + "y" * i for i in range(7)]
+    texts = [p + c for p, c in zip(prompts, completions)]
+    tables = _write_tables(tmp_path, {"text": texts, "prompt": prompts, "completion": completions})
+    for name, path in tables.items():
+        files = resolve_files([path])
+        fmt = detect_format(files, RecordFormat())  # both forms present: prompt/completion wins
+        assert fmt.kind == "prompt-completion", name
+        docs = [d for f in files for d in iter_documents(f, fmt)]
+        assert docs == [[(p, False), (c, True)] for p, c in zip(prompts, completions)], name
+        ds = load_dataset([str(path)], None, 32, cache_dir=tmp_path / "cache")
+        assert ds.context_tokens == sum(map(len, prompts)), name
+        assert ds.n_tokens == sum(len(t) + 1 for t in texts), name
+        as_text = load_dataset([str(path)], None, 32, cache_dir=tmp_path / "cache", data_format="text")
+        assert as_text.context_tokens == 0 and as_text.n_tokens == ds.n_tokens, name
+        assert (as_text.batch([0])["labels"] != -100).sum() > (ds.batch([0])["labels"] != -100).sum()
+        assert as_text.fingerprint != ds.fingerprint, name
+
+
+def test_prompt_completion_eval_split_holds_out_every_50th_record(tmp_path):
+    recs = [{"prompt": f"q{i}:", "completion": f"a{i}"} for i in range(120)]
+    f = _jsonl(tmp_path / "sft.jsonl", recs)
+    tr = load_dataset([f], None, 16, cache_dir=tmp_path / "c")
+    ev = load_dataset([f], None, 16, split="eval", cache_dir=tmp_path / "c")
+    assert (tr.num_documents, ev.num_documents) == (118, 2)
+    row = ev[0]
+    assert ByteTokenizer().decode(row["input_ids"].tolist()).startswith("q49:a49")
+    assert row["labels"][:9].tolist() == [-100] * 4 + list(b"a49") + [256, -100]
+
+
+def test_record_format_errors(tmp_path):
+    c = tmp_path / "c"
+
+    def load(path, **kw):
+        return load_dataset([path], None, 16, cache_dir=c, **kw)
+
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "c"}])
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: no 'prompt' field \(found \['text'\]\); the "
+                                         r"data holds prompt/completion records \(detected from .*mixed.jsonl:1\)"):
+        load(mixed)
+    sft = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}])
+    text = _jsonl(tmp_path / "text.jsonl", [{"text": "a"}])
+    with pytest.raises(ValueError, match=r"text.jsonl:1: no 'prompt' field"):  # across files too
+        load_dataset([sft, text], None, 16, cache_dir=c)
+    with pytest.raises(ValueError, match=r"sft.jsonl:1: no 'text' field.*holds text records"):
+        load_dataset([text, sft], None, 16, cache_dir=c)
+    half = _jsonl(tmp_path / "half.jsonl", [{"prompt": "a", "answer": "b"}])
+    with pytest.raises(ValueError, match="half.jsonl:1: a 'prompt' field without a 'completion' field"):
+        load(half)
+    assert load(half, prompt_field="prompt", completion_field="answer").context_tokens == 1
+    neither = _jsonl(tmp_path / "neither.jsonl", [{"question": "q"}])
+    with pytest.raises(ValueError, match=r"no 'text' field \(found \['question'\]\).*'prompt' and 'completion'"):
+        load(neither)
+    for value, kind in [(3, "int"), (None, "NoneType")]:
+        bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": value}])
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: field 'completion' is not a string \\({kind}\\)"):
+            load(bad)
+    with pytest.raises(ValueError, match=r"text.jsonl:1: no 'prompt' field \(found \['text'\]\) \(data format"):
+        load(text, data_format="prompt-completion")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a"], "reply": ["b"]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t.parquet: no 'completion' column \(columns: \['prompt', 'reply'\]\)"):
+        load(str(tmp_path / "t.parquet"), data_format="prompt-completion")
+    with pytest.raises(ValueError, match="data format must be one of"):
+        load(sft, data_format="chat")
+    with pytest.raises(ValueError, match="must differ"):
+        load(sft, completion_field="prompt")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("jinja_file", [False, True])
+def test_messages_label_only_the_assistant_turns(tmp_path, chat_tokenizer, jinja_file):
+    """Labels on an assistant turn's content and end-of-turn markup only: system
+    and user turns and the assistant header (the generation prompt) are context."""
+    tok = load_tokenizer(chat_tokenizer(CHATML, jinja_file=jinja_file))
+    assert tok.chat_template == CHATML
+    f = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}])
+    ds = load_dataset([f], tok, 256, cache_dir=tmp_path / "c")
+    assert ds.data_format == "messages"
+    segments = [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                 "<|im_start|>assistant\n", False), ("Hello<|im_end|>\n", True),
+                ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True),
+                ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False), ("Hello<|im_end|>\n", True)]  # fmt: skip
+    ids, labels = [], []
+    for i, (text, labelled) in enumerate(segments):
+        part = tok.encode(text)
+        ids += part
+        labels += part if labelled else [-100] * len(part)
+        if i in (3, 5):  # the end of a conversation: eos, labelled
+            ids.append(tok.eos_id)
+            labels.append(tok.eos_id)
+    row = ds[0]
+    assert row["input_ids"][: len(ids)].tolist() == ids
+    assert row["labels"][: len(ids)].tolist() == labels
+    assert ds.n_tokens == len(ids)
+    changed = load_tokenizer(chat_tokenizer(CHATML.replace("\n{% endfor", "\n\n{% endfor")))
+    assert load_dataset([f], changed, 256, cache_dir=tmp_path / "c").fingerprint != ds.fingerprint
+    (tmp_path / "ckpt").mkdir()
+    tok.save_pretrained(tmp_path / "ckpt")  # a checkpoint keeps the template
+    assert load_tokenizer(tmp_path / "ckpt").chat_template == CHATML
+
+
+def test_messages_in_a_table_and_their_errors(tmp_path, chat_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = load_tokenizer(chat_tokenizer(CHATML))
+    c = tmp_path / "c"
+    pq.write_table(pa.table({"messages": [CONVERSATION, CONVERSATION[1:3]]}), tmp_path / "chat.parquet")
+    f = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}])
+    from_table = load_dataset([str(tmp_path / "chat.parquet")], tok, 64, cache_dir=c)
+    assert torch.equal(from_table.batch(range(len(from_table)))["labels"],
+                       load_dataset([f], tok, 64, cache_dir=c).batch(range(len(from_table)))["labels"])
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template.*ByteTokenizer"):
+        load_dataset([f], None, 64, cache_dir=c)
+    for turns, match in [
+        ([{"role": "user", "content": "Hi"}], "chat.jsonl:1: no assistant turn"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant"}], "chat.jsonl:1: turn 1 of 'messages' is not a"),
+        ("Hi", "chat.jsonl:1: field 'messages' is not a non-empty list"),
+    ]:  # fmt: skip
+        f = _jsonl(tmp_path / "chat.jsonl", [{"messages": turns}])
+        with pytest.raises(ValueError, match=match):
+            load_dataset([f], tok, 64, cache_dir=c)
+    f = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    for template, match in [
+        ("{% for m in messages %}{% if loop.last %}>{% endif %}{{ m['content'] }}{% endfor %}",
+         r"renders turn 1 \(user\) by changing the text of the turns before it"),
+        ("{{ raise_exception('roles must alternate') }}", "fails on this conversation .roles must alternate"),
+    ]:  # fmt: skip
+        bad = load_tokenizer(chat_tokenizer(template))
+        with pytest.raises(ValueError, match=match):
+            load_dataset([f], bad, 64, cache_dir=c)
 
 
 def test_builtin_corpus_is_deterministic_and_noisy():

@@ -246,6 +246,29 @@ def test_selective_loss_selects_and_matches_reference():
         torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
+def test_selective_loss_random_by_name_draws_anew_every_call():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 40, V, generator=g)
+    labels = torch.randint(0, V, (2, 40), generator=g)
+
+    def masks(n=3, **kw):
+        return [selective_loss(logits, labels, "random", 0.5, return_keep=True, **kw)[1]
+                for _ in range(n)]  # fmt: skip
+
+    torch.manual_seed(1)
+    first = masks()
+    assert all(not torch.equal(a, b) for i, a in enumerate(first) for b in first[i + 1 :])
+    torch.manual_seed(1)
+    assert all(map(torch.equal, first, masks()))
+    # generator=: the sequence of a Selector seeded alike, whatever torch's seed.
+    sel = Selector("random", 0.5, seed=5)
+    want = [selective_loss(logits, labels, sel, return_keep=True)[1] for _ in range(3)]
+    got = masks(generator=torch.Generator().manual_seed(5))
+    assert all(map(torch.equal, want, got))
+    with pytest.raises(ValueError, match="generator= goes with a method name"):
+        selective_loss(logits, labels, sel, generator=torch.Generator())
+
+
 def test_clear_errors():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V))
     with pytest.raises(TypeError, match="LlamaForCausalLM, Qwen2ForCausalLM"):

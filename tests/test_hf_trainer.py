@@ -48,11 +48,12 @@ class CountingTask(torch.utils.data.Dataset):
 
 
 def trainer_for(model, tmp_path, **kw):
+    save_steps = kw.pop("save_steps", None)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
         max_steps=kw.pop("max_steps", 1), learning_rate=kw.pop("lr", 1e-3), warmup_steps=0,
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        seed=0, lr_scheduler_type="constant",
+        logging_steps=10, save_strategy="steps" if save_steps else "no", save_steps=save_steps,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
     )  # fmt: skip
     return CentrifugeTrainer(model=model, args=args, **kw)
 
@@ -137,6 +138,34 @@ def test_row_counts_are_what_selection_keeps(method, granularity):
     valid = valid_rows(b["labels"], b["attention_mask"])
     assert row_counts(sel, b) == (int(keep.sum()), int(valid.sum()))
     assert 0 < int(keep.sum()) <= int(valid.sum())
+
+
+class RecordingSelector(Selector):
+    """A selector that keeps every mask it returns."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.masks = []
+
+    def __call__(self, *args, **kwargs):
+        self.masks.append(super().__call__(*args, **kwargs))
+        return self.masks[-1]
+
+
+@pytest.mark.parametrize("seed", [None, 3])  # torch's default generator, the selector's own
+def test_resume_continues_the_random_selection(tmp_path, seed):
+    ds = CountingTask(32, seed=5)
+    masks = {}
+    for run, resume in (("straight", None), ("resumed", tmp_path / "straight" / "checkpoint-2")):
+        selector = RecordingSelector("random", 0.5, seed=seed)
+        trainer = trainer_for(tiny_model(1), tmp_path / run, selector=selector, train_dataset=ds,
+                              max_steps=4, save_steps=2)  # fmt: skip
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        masks[run] = selector.masks
+    straight, resumed = masks["straight"], masks["resumed"]
+    assert len(straight) == 8 and len(resumed) == 4  # 4 steps x 2 micro-batches
+    assert all(not torch.equal(a, b) for a, b in zip(straight, straight[1:]))
+    assert all(map(torch.equal, straight[4:], resumed))
 
 
 def test_hidden_states_in_the_config_keep_the_fused_path(tmp_path):

@@ -147,6 +147,39 @@ def test_random_and_none():
     assert torch.equal(Selector("none", 0.1)(loss, valid), valid)
 
 
+def test_random_draws_anew_every_call_from_one_seeded_source():
+    loss, valid = torch.rand(2, 50), torch.ones(2, 50, dtype=torch.bool)
+
+    def masks(selector, n=3):
+        return [selector(loss, valid) for _ in range(n)]
+
+    def distinct(ms):
+        return all(not torch.equal(a, b) for i, a in enumerate(ms) for b in ms[i + 1 :])
+
+    seeded = masks(Selector("random", 0.3, seed=7))
+    assert distinct(seeded)
+    assert all(map(torch.equal, seeded, masks(Selector("random", 0.3, seed=7))))
+    # A caller's generator seeded alike draws the same sequence.
+    own = masks(Selector("random", 0.3, seed=torch.Generator().manual_seed(7)))
+    assert all(map(torch.equal, seeded, own))
+    # Resume: the state after one call continues with the second and third masks.
+    first = Selector("random", 0.3, seed=7)
+    first(loss, valid)
+    resumed = Selector("random", 0.3, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    assert all(map(torch.equal, seeded[1:], masks(resumed, 2)))
+    # seed=None: torch's default generator, fixed by torch.manual_seed.
+    torch.manual_seed(3)
+    default = masks(Selector("random", 0.3, seed=None))
+    torch.manual_seed(3)
+    assert distinct(default) and all(map(torch.equal, default, masks(Selector("random", 0.3, seed=None))))
+    assert Selector("random", 0.3, seed=None).state_dict() == {}
+    with pytest.raises(ValueError, match="torch's default generator"):
+        Selector("random", 0.3, seed=None).load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="seed must be an int"):
+        Selector("random", 0.3, seed="7")
+
+
 def test_keep_from_mask():
     valid = torch.tensor([[True, True, False]])
     assert keep_from_mask(torch.tensor([[1, 0, 1]]), valid).tolist() == [[True, False, False]]

@@ -3,6 +3,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,6 +12,7 @@ from centrifuge.cli import main
 from centrifuge.data import corpus
 from centrifuge.models import LlamaForCausalLM
 from centrifuge.training import CheckpointError, TrainConfig, train
+from centrifuge.training.loop import DataOrder
 from centrifuge.training.metrics import read_metrics
 
 
@@ -294,3 +296,111 @@ def test_stop_training_saves_and_resume_continues(tmp_path, data_file, cache):
     assert s["steps"] == 2 and s["checkpoint"].endswith("checkpoint-2")
     s = train(tiny(tmp_path, data_file, cache, steps=4, resume=True), progress=False)
     assert s["steps"] == 4 and s["checkpoint"].endswith("checkpoint-4")
+
+
+def _completion_targets(batch) -> torch.Tensor:
+    """[n, L] bool: the rows that predict a labelled token of their own document
+    (the next position continues the document: no restart at 0)."""
+    lab, pos = batch["labels"], batch["position_ids"]
+    out = torch.zeros_like(lab, dtype=torch.bool)
+    out[:, :-1] = (lab[:, 1:] != -100) & (pos[:, 1:] != 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    """Prompt/completion records: a problem's question, then its worked solution and answer."""
+    recs = []
+    for p in corpus.heldout_problems(3, 150):
+        question, rest = p.text.split("\n", 1)
+        recs.append({"prompt": question + "\n", "completion": rest})
+    f = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return f
+
+
+def test_prompt_completion_training(tmp_path, sft_file, cache):
+    """The loss is on the completions only, in training (every kept row predicts a
+    completion token) and in the held-out loss; tokens seen count the prompts too."""
+    import math
+
+    import torch.nn.functional as F
+
+    from centrifuge.data import load_dataset
+
+    cfg = tiny(tmp_path, sft_file, cache, select="none", steps=4, seq_len=64, batch_size=4, eval_rows=8)
+    s = train(cfg, progress=False)
+    ds = load_dataset([str(sft_file)], None, 64, cache_dir=cache)
+    prompts = [json.loads(line)["prompt"] for line in sft_file.read_text().splitlines()]
+    assert ds.data_format == "prompt-completion"
+    assert ds.context_tokens == sum(len(p) for i, p in enumerate(prompts) if i % 50 != 49)  # bytes
+    steps = [ds.batch(DataOrder(len(ds), 4, 1, cfg.seed).rows(step, 0)) for step in range(4)]
+    assert s["tokens_kept"] == sum(int(_completion_targets(b).sum()) for b in steps)  # ρ = 1
+    assert s["tokens_seen"] == sum(int((b["input_ids"] != ds.pad_id).sum()) for b in steps)
+    assert s["tokens_kept"] < 0.8 * s["tokens_seen"]
+    ev = load_dataset([str(sft_file)], None, 64, split="eval", cache_dir=cache)
+    b = ev.batch(range(min(len(ev), 8)))
+    model = LlamaForCausalLM.from_pretrained(s["checkpoint"])
+    with torch.no_grad():
+        ce = F.cross_entropy(model.logits(b["input_ids"], position_ids=b["position_ids"])[:, :-1].transpose(1, 2),
+                             b["input_ids"][:, 1:], reduction="none")  # fmt: skip
+    t = _completion_targets(b)[:, :-1]
+    assert s["eval_loss"] == pytest.approx(float(ce[t].double().mean()), rel=1e-5)
+    assert not math.isclose(s["eval_loss"], float(ce.double().mean()), rel_tol=1e-2)  # prompts would count
+
+    # rho1 with precomputed reference scores: prompt rows score 0 and are never kept
+    from centrifuge.models import build_model, get_preset
+    from centrifuge.scoring import load_reference_scores, score_dataset
+    from centrifuge.selection import Selector
+
+    store = tmp_path / "scores"
+    score_dataset(build_model(get_preset("tiny"), seed=1), ds, store, batch_size=64)
+    scores = torch.from_numpy(np.array(load_reference_scores(store, ds)))
+    targets = _completion_targets(ds.batch(range(len(ds))))
+    assert (scores[~targets] == 0).all() and (scores[targets] > 0).all()
+    r = train(tiny(tmp_path / "rho1", sft_file, cache, select="rho1", ratio=0.5, steps=2, seq_len=64,
+                   batch_size=4, reference_scores=str(store)), progress=False)  # fmt: skip
+    counts = Selector("rho1", 0.5).count
+    assert r["tokens_kept"] == sum(counts(_completion_targets(b)) for b in steps[:2])
+
+
+def test_prompt_completion_fields_from_the_cli(tmp_path, cache, capsys):
+    recs = [{"question": f"What is {i} + 1? ", "answer": f"{i + 1}."} for i in range(60)]
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ["train", "--model", "tiny", "--data", str(f), "--select", "loss", "--steps", "1",
+            "--seq-len", "32", "--batch-size", "2", "--eval-rows", "2", "--cache-dir", cache,
+            "--out-dir", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    assert "qa.jsonl:1: no 'text' field (found ['question', 'answer'])" in capsys.readouterr().err
+    assert main(args + ["--prompt-field", "question", "--completion-field", "answer"]) == 0
+    assert "done: 1 steps" in capsys.readouterr().out
+    options = json.loads((tmp_path / "o" / "options.json").read_text())
+    assert (options["prompt_field"], options["completion_field"]) == ("question", "answer")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f.read_text() + json.dumps({"question": "no answer"}) + "\n")
+    assert main(args + ["--data", str(bad), "--prompt-field", "question", "--completion-field",
+                        "answer", "--out-dir", str(tmp_path / "o2")]) == 2  # fmt: skip
+    assert "bad.jsonl:61: no 'answer' field (found ['question'])" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "metrics.jsonl").exists()
+
+
+def test_chat_records_with_a_templated_tokenizer(tmp_path, cache, chat_tokenizer):
+    """messages records train through the tokenizer's chat template, on the assistant
+    turns only; the checkpoint carries the template."""
+    from centrifuge.data import load_dataset, load_tokenizer
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
+    recs = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                          {"role": "assistant", "content": f"{i + 1}."}]} for i in range(60)]  # fmt: skip
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = str(chat_tokenizer(template))
+    s = train(tiny(tmp_path, f, cache, tokenizer=tok, select="none", steps=2, seq_len=32, eval_rows=2),
+              progress=False)  # fmt: skip
+    ds = load_dataset([str(f)], load_tokenizer(tok), 32, cache_dir=cache)
+    assert ds.context_tokens == sum(len(f"user: What is {i} + 1?\nassistant: ") for i in range(60) if i != 49)
+    steps = [ds.batch(DataOrder(len(ds), 2, 1, 0).rows(step, 0)) for step in range(2)]
+    assert s["tokens_kept"] == sum(int(_completion_targets(b).sum()) for b in steps)
+    assert load_tokenizer(s["checkpoint"]).chat_template == template

@@ -17,14 +17,16 @@ from centrifuge.bench.runner import DTYPES, BenchConfig, run_bench
 def add_arguments(p) -> None:
     d = BenchConfig()
     p.add_argument("--preset", default=d.preset, help="model preset (see centrifuge.models.PRESETS)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row")
+    p.add_argument("--batch", type=int, default=d.batch, help="rows per step")
     p.add_argument("--ratios", type=float, nargs="+", default=d.ratios, help="kept ratios ρ")
     p.add_argument("--layers", type=int, default=None,
                    help="use only this many layers (large models on one GPU; labeled as such)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
+                   help="dtype of the weights and activations")
+    p.add_argument("--device", default=d.device, help="cuda if available, else cpu")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help="untimed rounds before the timed ones")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds (median reported)")
     p.add_argument("--no-hf", dest="hf", action="store_false",
                    help="skip the Hugging Face transformers baseline")

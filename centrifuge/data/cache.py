@@ -5,7 +5,10 @@ Layout of a cache entry ``<root>/<key>/<split>/``::
 
     tokens.bin   every document's tokens followed by eos, concatenated (uint16/uint32)
     docs.npy     int64 [n_docs + 1], where each document starts (last = n_tokens)
-    meta.json    n_tokens, n_docs, dtype, sha256 of the content, tokenizer identity
+    context.npy  int64 [n_spans, 2], the [start, end) token ranges without a loss
+                 (prompts, non-assistant chat turns), sorted and disjoint
+    meta.json    n_tokens, n_docs, n_context_tokens, dtype, sha256 of the
+                 content, tokenizer identity
 
 An entry is written to a temporary directory and renamed into place when
 complete, so an interrupted run never leaves a half-written cache behind.
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+from centrifuge.data.formats import Document
+
+CACHE_VERSION = 2  # 2: context.npy
 _CHUNK = 256  # documents tokenized per batch
 
 
@@ -54,9 +59,10 @@ def is_complete(entry: Path, splits: Iterable[str]) -> bool:
 
 
 def ensure_cache(root: Path, key: dict, splits: tuple[str, ...],
-                 documents: Callable[[], Iterable[tuple[str, str]]], tokenizer) -> Path:  # fmt: skip
+                 documents: Callable[[], Iterable[tuple[str, Document]]], tokenizer) -> Path:  # fmt: skip
     """Return the cache entry for ``key``, tokenizing ``documents()`` (pairs of
-    split name and text) into it first if it is missing or incomplete."""
+    split name and :data:`~centrifuge.data.formats.Document`) into it first if
+    it is missing or incomplete."""
     root = Path(root)
     entry = root / key_digest(key)
     if is_complete(entry, splits):
@@ -85,9 +91,21 @@ class _SplitWriter:
         self.folder, self.dtype = folder, dtype
         self.file = open(folder / "tokens.bin", "wb")
         self.starts = [0]
+        self.context: list[list[int]] = []  # [start, end) spans without a loss
         self.hash = hashlib.sha256()
 
-    def add(self, ids: list[int], eos: int) -> None:
+    def add(self, segments: list[tuple[list[int], bool]], eos: int) -> None:
+        """One document: its segments' tokens (labelled or context), then eos (labelled)."""
+        pos = self.starts[-1]
+        ids: list[int] = []
+        for seg, labelled in segments:
+            a, b = pos + len(ids), pos + len(ids) + len(seg)
+            if not labelled and a < b:
+                if self.context and self.context[-1][1] == a:  # context turns in a row: one span
+                    self.context[-1][1] = b
+                else:
+                    self.context.append([a, b])
+            ids += seg
         arr = np.asarray(ids + [eos], dtype=self.dtype)
         data = arr.tobytes()
         self.file.write(data)
@@ -97,9 +115,13 @@ class _SplitWriter:
     def close(self, key: dict, identity: str) -> None:
         self.file.close()
         starts = np.asarray(self.starts, dtype=np.int64)
+        context = np.asarray(self.context, dtype=np.int64).reshape(-1, 2)
         np.save(self.folder / "docs.npy", starts)
+        np.save(self.folder / "context.npy", context)
         self.hash.update(starts.tobytes())
+        self.hash.update(context.tobytes())
         meta = dict(version=CACHE_VERSION, n_tokens=int(starts[-1]), n_docs=len(starts) - 1,
+                    n_context_tokens=int((context[:, 1] - context[:, 0]).sum()),
                     dtype=np.dtype(self.dtype).name, sha256=self.hash.hexdigest(),
                     tokenizer=identity, key=key)  # fmt: skip
         (self.folder / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -108,21 +130,24 @@ class _SplitWriter:
 def _write(tmp: Path, key, splits, documents, tokenizer) -> None:
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(tmp / s, dtype) for s in splits}
-    pending: list[tuple[str, str]] = []
+    pending: list[tuple[str, Document]] = []
 
     def flush():
-        ids = tokenizer.encode_batch([t for _, t in pending])
-        for (split, _), doc in zip(pending, ids):
-            if doc:  # an empty document adds nothing, not even an eos
-                if max(doc) >= tokenizer.vocab_size or min(doc) < 0:
+        # One batch call for every segment of the pending documents.
+        ids = iter(tokenizer.encode_batch([text for _, doc in pending for text, _ in doc]))
+        for split, doc in pending:
+            segments = [(next(ids), labelled) for _, labelled in doc]
+            flat = [i for seg, _ in segments for i in seg]
+            if flat:  # an empty document adds nothing, not even an eos
+                if max(flat) >= tokenizer.vocab_size or min(flat) < 0:
                     raise ValueError(f"tokenizer produced an id outside [0, {tokenizer.vocab_size})")
-                writers[split].add(doc, tokenizer.eos_id)
+                writers[split].add(segments, tokenizer.eos_id)
         pending.clear()
 
-    for split, text in documents():
+    for split, doc in documents():
         if split not in writers:
             raise ValueError(f"document assigned to unknown split {split!r}")
-        pending.append((split, text))
+        pending.append((split, doc))
         if len(pending) >= _CHUNK:
             flush()
     flush()

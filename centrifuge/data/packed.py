@@ -6,7 +6,10 @@ The token stream (every document followed by eos) is cut into rows of
 at every row start (a document cut by a row boundary continues as a new
 document in the next row), so attention never crosses documents. The last row
 is padded: padding gets ``labels = -100`` and positions restarting at 0, so it
-forms its own segment that real tokens never attend to.
+forms its own segment that real tokens never attend to. Context tokens (a
+fine-tuning example's prompt, a conversation's turns other than the assistant's)
+are real tokens with ``labels = -100``: the model reads them, and the rows
+predicting them carry no loss.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ IGNORE_INDEX = -100
 class PackedDataset:
     """Rows of a packed split. ``ds[i]`` / ``ds.batch(indices)`` give dicts of
     LongTensors ``input_ids``, ``labels``, ``position_ids`` ([seq_len] or
-    [n, seq_len])."""
+    [n, seq_len]); ``labels`` is the token id, or -100 on padding and context."""
 
     def __init__(self, folder: str | Path, seq_len: int, pad_id: int, identity: str = ""):
         self.folder = Path(folder)
@@ -37,6 +40,8 @@ class PackedDataset:
         self.n_tokens = int(meta["n_tokens"])
         self.num_documents = int(meta["n_docs"])
         self.doc_starts = np.load(self.folder / "docs.npy")
+        self.context = np.load(self.folder / "context.npy")  # [n_spans, 2] int64, [start, end)
+        self.context_tokens = int(meta["n_context_tokens"])
         if self.n_tokens:
             self.tokens = np.memmap(self.folder / "tokens.bin", dtype=meta["dtype"], mode="r",
                                     shape=(self.n_tokens,))  # fmt: skip
@@ -72,9 +77,21 @@ class PackedDataset:
         ids = np.where(real, self.tokens[jc].astype(np.int64), self.pad_id)
         doc_start = self.doc_starts[np.searchsorted(self.doc_starts, jc, side="right") - 1]
         pos = np.where(real, j - np.maximum(doc_start, row_start), j - N)
-        labels = np.where(real, ids, IGNORE_INDEX)
+        labels = np.where(real & ~self._in_context(jc), ids, IGNORE_INDEX)
         return dict(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
                     position_ids=torch.from_numpy(pos))  # fmt: skip
+
+    def _in_context(self, j: np.ndarray) -> np.ndarray:
+        """Which stream positions ``j`` lie in a context span (bool, j's shape)."""
+        if not len(self.context):
+            return np.zeros(j.shape, dtype=bool)
+        k = np.searchsorted(self.context[:, 0], j, side="right") - 1  # the last span starting <= j
+        return (k >= 0) & (j < self.context[np.maximum(k, 0), 1])
+
+    def real_tokens(self, indices) -> int:
+        """How many tokens of the given rows are not padding (only the last row has some)."""
+        start = np.asarray(indices, dtype=np.int64).reshape(-1) * self.seq_len
+        return int(np.clip(self.n_tokens - start, 0, self.seq_len).sum())
 
     def __repr__(self) -> str:
         return (f"PackedDataset({len(self)} rows x {self.seq_len}, {self.n_tokens} tokens, "

@@ -1,9 +1,11 @@
 """Tokenizers: the built-in byte tokenizer and local Hugging Face tokenizers.
 
 Every tokenizer offers ``encode(str) -> list[int]``, ``decode(list[int]) -> str``,
-``vocab_size``, ``eos_id``, ``pad_id`` and ``identity`` (a string that changes
+``vocab_size``, ``eos_id``, ``pad_id``, ``identity`` (a string that changes
 whenever the token ids of a text could change; it keys the token cache and the
-dataset fingerprint).
+dataset fingerprint), and ``chat_template``: Hugging Face's Jinja chat template,
+or None; where there is one, ``template_variables`` holds the special tokens'
+strings a template may name (``bos_token``, ``eos_token``, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")  # fmt: skip
 
 
 class ByteTokenizer:
@@ -28,6 +31,7 @@ class ByteTokenizer:
     pad_token = "<pad>"
     identity = "centrifuge-byte-v1"
     name = "byte"
+    chat_template = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -93,7 +97,11 @@ class HFTokenizer:
         self._tok = Tokenizer.from_file(str(file))
         self._file = file
         self.name = str(path)
-        eos, pad = _special_tokens(file.parent, self._tok)
+        config = _config(file.parent)
+        eos, pad = _special_tokens(config, self._tok)
+        self.chat_template = _chat_template(file.parent, config)
+        self.template_variables = {k: t for k in _TEMPLATE_TOKENS
+                                   if (t := _token_string(config.get(k))) is not None}  # fmt: skip
         if eos is None:
             raise ValueError(
                 f"tokenizer {path} defines no end-of-sequence token (eos_token in "
@@ -137,22 +145,43 @@ class HFTokenizer:
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 
 
-def _special_tokens(folder: Path, tok) -> tuple[int | None, int | None]:
+def _config(folder: Path) -> dict:
+    cfg = folder / "tokenizer_config.json"
+    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+
+def _token_string(entry) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string or {"content": ...}."""
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return entry if isinstance(entry, str) else None
+
+
+def _special_tokens(config: dict, tok) -> tuple[int | None, int | None]:
     """(eos_id, pad_id) from tokenizer_config.json, else well-known eos names."""
     def token_id(entry):
-        if isinstance(entry, dict):
-            entry = entry.get("content")
-        return tok.token_to_id(entry) if isinstance(entry, str) else None
+        text = _token_string(entry)
+        return None if text is None else tok.token_to_id(text)
 
-    eos = pad = None
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text())
-        eos, pad = token_id(data.get("eos_token")), token_id(data.get("pad_token"))
+    eos, pad = token_id(config.get("eos_token")), token_id(config.get("pad_token"))
     if eos is None:
         eos = next((tok.token_to_id(t) for t in _EOS_CANDIDATES if tok.token_to_id(t) is not None),
                    None)  # fmt: skip
     return eos, pad
+
+
+_TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """chat_template.jinja (where transformers 5 saves it), else tokenizer_config.json's
+    ``chat_template`` (its ``default`` entry where it holds named templates)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def load_tokenizer(name_or_dir: str | Path | None = None):

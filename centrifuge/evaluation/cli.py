@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (native or Hugging Face "
                    "Llama-family), or a training run directory (its latest checkpoint)")
     add_dataset_arguments(p, split_default="eval")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="rows per forward")
     p.add_argument("--device", default=None, help="none: cuda if available, else cpu")
     p.add_argument("--max-rows", type=int_at_least(1), default=None, help="evaluate at most this many rows")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")

@@ -28,5 +28,5 @@ def __getattr__(name):
 
 __all__ = [
     "SUPPORTED_MODELS", "patch", "unpatch", "is_patched", "patch_options", "find_plan",
-    "filtered_loss", "selective_loss", "valid_rows", "CentrifugeTrainer", "CentrifugeSFTTrainer",
+    "filtered_loss", "selective_loss", "valid_rows", "CentrifugeTrainer",
 ]  # fmt: skip

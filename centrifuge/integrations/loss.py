@@ -119,11 +119,12 @@ def filtered_loss(
     plan = _plan_of(token_loss, plan)
     if plan is not None:
         keep_rows = _rows(keep, plan.shape, "the keep mask").bool()
-        if valid is not None:
+        has_target = None  # a forward with labels= already gave the plan its context rows
+        if plan.context is None and valid is not None:
             has_target = _rows(_as_mask(valid, token_loss, "valid mask"), plan.shape, "the valid mask")
-        else:
+        elif plan.context is None:
             has_target = keep_rows | (_rows(token_loss.detach(), plan.shape, "token_loss") != 0)
-        _fill(plan, keep_rows, count, has_target.bool())
+        _fill(plan, keep_rows, count, None if has_target is None else has_target.bool())
     return loss
 
 
@@ -159,6 +160,7 @@ def selective_loss(
     plan: Plan | None = None,
     return_keep: bool = False,
     count: int | None = None,
+    generator: torch.Generator | None = None,
 ):
     """Token-filtered LM loss: select, then average over the kept rows.
 
@@ -168,6 +170,10 @@ def selective_loss(
     labels: [B, L] unshifted, ``ignore_index`` where no loss is wanted (HF convention).
     selector: a :class:`Selector`, or a method name (``rho1``, ``loss``,
         ``random``, ``none``) used with ``ratio`` (batch granularity).
+    generator: with a method name, where ``random`` draws (a new draw every
+        call); by default torch's default generator, so ``torch.manual_seed``
+        fixes the sequence of selections. A :class:`Selector` brings its own
+        (its ``seed``).
     reference_logits ([B, L, V]) or reference_loss ([B, L] / [B, L-1] per-token
         reference losses): what ``rho1`` subtracts.
     attention_mask / position_ids: as given to the model (padding rows and the
@@ -181,7 +187,9 @@ def selective_loss(
     rows' cross-entropy is differentiated.
     """
     if isinstance(selector, str):
-        selector = Selector(selector, ratio)
+        selector = Selector(selector, ratio, seed=generator)
+    elif generator is not None:
+        raise ValueError("generator= goes with a method name; a Selector draws from its own seed")
     fused = getattr(logits, "token_loss", None)
     shape = tuple(fused.shape) if fused is not None else tuple(logits.shape[:2])
     if (fused is None and logits.dim() != 3) or tuple(labels.shape) != shape:

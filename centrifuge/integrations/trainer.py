@@ -38,6 +38,7 @@ gets the same (:mod:`centrifuge.integrations.trl`).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import torch
@@ -84,6 +85,9 @@ class CentrifugeTrainerMixin:
     """Token filtering for a ``transformers.Trainer`` subclass (put it first in the bases).
 
     select, ratio, granularity, seed: the :class:`Selector` (or pass ``selector``).
+        ``random`` draws from torch's default generator by default (seeded by
+        ``args.seed``), from a generator of the selector's own with ``seed=``;
+        checkpoints save either, and resuming continues the sequence.
     reference_model: the ``rho1`` reference (same tokenizer), or None when the
         batches carry a ``reference_loss`` column.
     ignore_index: the labels' no-loss value.
@@ -105,7 +109,7 @@ class CentrifugeTrainerMixin:
         select: str = "loss",
         ratio: float = 0.5,
         granularity: str = "batch",
-        seed: int = 0,
+        seed: int | None = None,
         selector: Selector | None = None,
         reference_model=None,
         ignore_index: int = IGNORE_INDEX,
@@ -160,6 +164,23 @@ class CentrifugeTrainerMixin:
         super()._set_signature_columns_if_needed()
         if REFERENCE_COLUMN not in self._signature_columns:
             self._signature_columns.append(REFERENCE_COLUMN)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Torch's RNG state, and the selector's own generator beside it."""
+        super()._save_rng_state(output_dir)
+        state = self.selector.state_dict()
+        if state:
+            torch.save(state, os.path.join(output_dir, self._selector_state_file))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint, self._selector_state_file) if checkpoint else None
+        if path and os.path.isfile(path):
+            self.selector.load_state_dict(torch.load(path, weights_only=True))
+
+    @property
+    def _selector_state_file(self) -> str:
+        return f"selector_state_{self.args.process_index}.pth"
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The window's micro-batches and K, the rows kept over the whole window."""

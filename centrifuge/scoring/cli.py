@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from centrifuge.data.formats import FORMATS
 from centrifuge.device import resolve_device
 from centrifuge.scoring.checkpoint import load_checkpoint
 from centrifuge.scoring.score import PRECISIONS, score_dataset
@@ -45,8 +46,16 @@ def add_dataset_arguments(p, split_default: str = "train") -> None:
     """Options that pick the dataset; scoring and training must agree on them."""
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text/JSONL/Parquet/Arrow files or directories (none: the built-in corpus)")
+    p.add_argument("--data-format", choices=FORMATS, default="auto",
+                   help="how a record becomes a document: text, prompt-completion (the loss on "
+                        "the completion only), messages (on the assistant turns only) or auto, "
+                        "by the first record's fields (the trainer's --data-format)")
     p.add_argument("--text-field", default="text",
                    help="JSONL/Parquet/Arrow field holding the text (the trainer's --text-field)")
+    p.add_argument("--prompt-field", default="prompt",
+                   help="field holding the prompt of prompt-completion records")
+    p.add_argument("--completion-field", default="completion",
+                   help="field holding the completion of prompt-completion records")
     p.add_argument("--tokenizer", default=None,
                    help="local Hugging Face tokenizer directory or 'byte' (none: the model directory's "
                         "tokenizer.json if any, else the built-in byte tokenizer)")
@@ -70,7 +79,8 @@ def load_dataset_from_args(args, model_dir: Path | None = None):
     tok = load_tokenizer(name)
     seq_len = default_seq_len() if args.seq_len is None else args.seq_len
     ds = load_dataset(args.data, tok, seq_len, split=args.split, cache_dir=args.cache_dir,
-                      seed=args.data_seed, text_field=args.text_field)  # fmt: skip
+                      seed=args.data_seed, data_format=args.data_format, text_field=args.text_field,
+                      prompt_field=args.prompt_field, completion_field=args.completion_field)  # fmt: skip
     return ds, tok
 
 
@@ -81,7 +91,7 @@ def add_arguments(p) -> None:
     add_dataset_arguments(p)
     p.add_argument("--out", type=Path, default=None,
                    help="score store directory (none: beside the dataset's token cache)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="rows per forward")
     p.add_argument("--device", default=None, help="none: cuda if available, else cpu")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="compute precision of the reference forward")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from centrifuge.data.formats import FORMATS
 from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig, read_config_file
@@ -29,7 +30,15 @@ def add_arguments(p) -> None:
           "Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Qwen3)", metavar="NAME|DIR")
     opt_g("--data", "text (.txt/.md), JSONL, Parquet or Arrow files, directories of them, or a "
           "datasets.save_to_disk directory; none = the built-in corpus", nargs="+", metavar="PATH")
+    opt_g("--data-format", "how a JSONL/Parquet/Arrow record becomes a document: text (the "
+          "text field), prompt-completion (supervised fine-tuning: the prompt field's tokens are "
+          "context without a loss, the completion's are trained), messages (a conversation "
+          "rendered by the tokenizer's chat template, its assistant turns trained), auto "
+          "(prompt-completion when the first record has both fields, else messages when it has "
+          "that field, else text)", choices=FORMATS)
     opt_g("--text-field", "JSONL/Parquet/Arrow field holding the text")
+    opt_g("--prompt-field", "field holding the prompt (prompt-completion records)")
+    opt_g("--completion-field", "field holding the completion (prompt-completion records)")
     opt_g("--tokenizer", "local Hugging Face tokenizer directory, or 'byte'; none = the model "
           "directory's tokenizer, else the built-in byte tokenizer", metavar="DIR")
     opt_g("--seq-len", "tokens per packed row", type=int)

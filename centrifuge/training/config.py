@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from centrifuge.data.formats import FORMATS
 from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
 from centrifuge.plan import BACKWARD_MODES, BackwardOptions
 from centrifuge.selection import GRANULARITIES, METHODS
@@ -112,7 +113,13 @@ class TrainConfig:
     reference_steps: int = 150  # steps of the built-in reference model (built-in corpus, rho1)
     eval_rows: int = 256  # held-out rows per evaluation
     eval_problems: int = 300  # held-out problems for answer accuracy (built-in corpus; 0 = none)
-    text_field: str = "text"  # JSONL/Parquet/Arrow column holding the text
+    # How a JSONL/Parquet/Arrow record becomes a document (centrifuge.data.formats):
+    # "text" (text_field), "prompt-completion" (the loss on the completion only),
+    # "messages" (on the assistant turns only), or "auto" (by the first record's fields).
+    data_format: str = "auto"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
     cache_dir: str | None = None  # token cache (default ~/.cache/centrifuge)
 
     def __post_init__(self):
@@ -127,6 +134,10 @@ class TrainConfig:
         need(isinstance(self.model, str) and self.model, "model must be a preset name or a directory")
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
+        need(self.data_format in FORMATS,
+             f"data_format must be one of {FORMATS}, got {self.data_format!r}")
+        need(self.prompt_field != self.completion_field,
+             f"prompt_field and completion_field must differ, both are {self.prompt_field!r}")
         need(self.select in METHODS, f"select must be one of {METHODS}, got {self.select!r}")
         need(isinstance(self.ratio, (int, float)) and not math.isnan(self.ratio)
              and 0.0 < self.ratio <= 1.0, f"ratio must lie in (0, 1], got {self.ratio}")  # fmt: skip

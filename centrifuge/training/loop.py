@@ -263,8 +263,9 @@ class Trainer:
         # processes, so each process scales its kept-loss sums by N / Σ.
         total = torch.tensor(sum(counts), dtype=torch.float64, device=run.device)
         scale = (ctx.world_size / ctx.all_reduce_sum(total)).float()
-        # kept loss, all loss, seen, valid, kept; and stop requests (a signal seen by
-        # any process stops every one after this step: one all-reduce carries both).
+        # kept loss, all loss, valid, kept; tokens seen (not padding: prompts count too)
+        # and stop requests (a signal seen by any process stops every one after this
+        # step: one all-reduce carries them all).
         sums = torch.zeros(6, dtype=torch.float64, device=run.device)
         for m, (rows, cpu, count, (_, context)) in enumerate(zip(micro, batches, counts, kinds)):
             b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
@@ -288,16 +289,16 @@ class Trainer:
                 kept_loss = (out.token_loss * keep).sum()
                 (kept_loss * scale).backward()
             tl = out.token_loss.detach().double()
-            sums[:5] += torch.stack([kept_loss.detach().double(), (tl * out.valid).sum(),
-                                     (b["labels"] != IGNORE_INDEX).sum().double(),
+            sums[:4] += torch.stack([kept_loss.detach().double(), (tl * out.valid).sum(),
                                      out.valid.sum().double(), keep.sum().double()])  # fmt: skip
         gnorm = self._clip_grad()
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        sums[4] = sum(run.train_ds.real_tokens(rows) for rows in micro)
         sums[5] = self.stop is not None and self.stop.signum is not None
-        loss_sum, all_sum, seen, valid, kept, stops = ctx.all_reduce_sum(sums).tolist()
+        loss_sum, all_sum, valid, kept, seen, stops = ctx.all_reduce_sum(sums).tolist()
         self.stop_requested = stops > 0
         dt = time.perf_counter() - t0
         loss = loss_sum / kept

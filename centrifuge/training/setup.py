@@ -199,8 +199,7 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
              else str(ctx.device))  # fmt: skip
     backward = _backward_label(cfg, mc, ctx.device)
     _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {where}; "
-                   f"data: {len(train_ds)} rows x {cfg.seq_len} tokens "
-                   f"({'built-in corpus, ' + split + ' split' if cfg.data is None else ', '.join(cfg.data)})"
+                   f"data: {len(train_ds)} rows x {cfg.seq_len} tokens ({_data_label(cfg, train_ds, split)})"
                    + (f"; selection {cfg.select} ρ={cfg.ratio:g} ({cfg.granularity}), "
                       f"backward {backward}" if cfg.select != "none" else "; no selection")
                    + (f"; reference: {desc}" if desc else "")
@@ -208,6 +207,17 @@ def prepare(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: st
     title = f"{cfg.model} · {cfg.select}" + (f" ρ={cfg.ratio:g} · {backward}" if cfg.select != "none" else "")
     return Run(wrapped, model, ctx, parallel, train_ds, eval_ds, selector, reference, desc,
                resume_state, resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
+
+
+def _data_label(cfg: TrainConfig, ds, split: str) -> str:
+    if cfg.data is None:
+        return f"built-in corpus, {split} split"
+    label = ", ".join(cfg.data)
+    what = {"prompt-completion": "prompt/completion records: loss on the completions",
+            "messages": "chat records: loss on the assistant turns"}.get(ds.data_format)  # fmt: skip
+    if what:
+        label += f"; {what}, {100 * (1 - ds.context_tokens / ds.n_tokens):.0f}% of tokens"
+    return label
 
 
 def _backward_label(cfg: TrainConfig, mc, device: torch.device) -> str:
@@ -224,11 +234,13 @@ def _backward_label(cfg: TrainConfig, mc, device: torch.device) -> str:
 def _datasets(cfg: TrainConfig, tokenizer, split: str, progress: bool):
     from centrifuge.data import load_dataset
 
+    records = dict(data_format=cfg.data_format, text_field=cfg.text_field,
+                   prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)  # fmt: skip
     train_ds = load_dataset(cfg.data, tokenizer, cfg.seq_len, split=split, cache_dir=cfg.cache_dir,
-                            seed=cfg.seed, text_field=cfg.text_field)  # fmt: skip
+                            seed=cfg.seed, **records)  # fmt: skip
     try:
         eval_ds = load_dataset(cfg.data, tokenizer, cfg.seq_len, split="eval",
-                               cache_dir=cfg.cache_dir, seed=cfg.seed, text_field=cfg.text_field)  # fmt: skip
+                               cache_dir=cfg.cache_dir, seed=cfg.seed, **records)  # fmt: skip
     except ValueError as e:
         eval_ds = None
         _say(progress, f"note: no evaluation ({e})")
