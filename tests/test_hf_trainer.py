@@ -192,8 +192,8 @@ def test_hidden_states_in_the_config_keep_the_fused_path(tmp_path):
 
 
 def test_backward_options_survive_what_the_trainer_wraps(tmp_path):
-    """A model patched with options keeps them, also when the Trainer binds its
-    own forwards (Liger kernels); other options given to the trainer are refused."""
+    """A model patched with options keeps them; other options given to the
+    trainer are refused."""
     opts = BackwardOptions(exact_layers=1)
     trainer = trainer_for(patch(tiny_model(), backward=opts), tmp_path, train_dataset=CountingTask(8))
     assert patch_options(trainer.model)["backward"] is opts
@@ -202,12 +202,24 @@ def test_backward_options_survive_what_the_trainer_wraps(tmp_path):
                     backward=BackwardOptions(extra=0.5))  # fmt: skip
     trainer = trainer_for(tiny_model(), tmp_path, train_dataset=CountingTask(8), backward=opts)
     assert patch_options(trainer.model)["backward"] is opts
+
+
+def test_liger_kernels_go_under_the_patch(tmp_path, monkeypatch):
+    """use_liger_kernel: transformers would bind Liger's forwards in train(), over
+    the patch; the trainer applies them under it, and the options stay."""
     pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger rewrites the module
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    opts = BackwardOptions(exact_layers=1)
     model = patch(tiny_model(), backward=opts)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_liger_kernel=True, use_cpu=True, report_to=[])
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_liger_kernel=True, use_cpu=True,
+                                          report_to=[], max_steps=1, save_strategy="no")  # fmt: skip
     with pytest.warns(UserWarning, match="Liger-Kernel"):
         trainer = CentrifugeTrainer(model=model, args=args, train_dataset=CountingTask(8))
     assert patch_options(trainer.model)["backward"] is opts
+    trainer.train()  # the patched forward runs (bypassed, the decoder stack would raise)
 
 
 def test_label_smoothing_and_compute_loss_func_are_refused(tmp_path):
