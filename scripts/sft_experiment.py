@@ -36,8 +36,9 @@
    ρ and against plain SFT) and sft.png go to ``--out``.
 
 Finished runs are reused when the script runs again with the same settings
-(per-run ``runs/NAME/result.json``, or ``results.json`` alone); ``--fresh``
-starts over. The base, the token cache and plain SFT's final weights (for the
+and base (per-run ``runs/NAME/result.json``, or ``results.json`` alone: a GPU
+machine may hand back only the top level; a base rebuilt on a GPU differs, so
+its runs start over); ``--fresh`` starts over. The base, the token cache and plain SFT's final weights (for the
 ρ = 1 check) go to ``--work`` (default: ``--out``).
 """
 
@@ -443,8 +444,8 @@ def to_markdown(results: list[dict], s: Scale, meta: dict) -> str:
 
 
 def plot(results: list[dict], s: Scale, path: Path) -> None:
-    """Held-out completion loss and exact match of every (method, ρ): the
-    mean as a bar, every seed as a dot."""
+    """Held-out completion loss, exact match and answer accuracy of every
+    (method, ρ): the mean as a bar, every seed as a dot."""
     try:
         import matplotlib
 
@@ -454,9 +455,10 @@ def plot(results: list[dict], s: Scale, path: Path) -> None:
         return
     keys = method_keys(results)
     colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange", "tab:red")))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.2))
     panels = ((axes[0], "eval_loss", "held-out completion loss", 1.0),
-              (axes[1], "eval_exact_match", "held-out exact match (%)", 100.0))  # fmt: skip
+              (axes[1], "eval_exact_match", "held-out exact match (%)", 100.0),
+              (axes[2], "eval_answer_accuracy", "held-out answer accuracy (%)", 100.0))  # fmt: skip
     for ax, key, label, scale in panels:
         for i, (method, ratio) in enumerate(keys):
             ys = [r[key] * scale for r in results if (r["method"], r["ratio"]) == (method, ratio)]
