@@ -12,3 +12,17 @@ __all__ = [
     "BackwardOptions", "Layout", "Plan", "Selector", "keep_from_mask",
 ]  # fmt: skip
 __all__ += ["patch", "unpatch", "filtered_loss", "selective_loss"]  # HF integration
+
+
+def __getattr__(name):
+    """CentrifugeTrainer and CentrifugeSFTTrainer, imported on demand: they need
+    transformers and accelerate (and trl), which are optional (not in __all__)."""
+    if name == "CentrifugeTrainer":
+        from centrifuge.integrations.trainer import CentrifugeTrainer
+
+        return CentrifugeTrainer
+    if name == "CentrifugeSFTTrainer":
+        from centrifuge.integrations.trl import CentrifugeSFTTrainer
+
+        return CentrifugeSFTTrainer
+    raise AttributeError(f"module 'centrifuge' has no attribute {name!r}")

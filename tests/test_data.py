@@ -497,6 +497,22 @@ def test_builtin_corpus_is_deterministic_and_noisy():
     assert len(word) > 10 and not any(p.prompt.split("\n")[0] in train_problems for p in word)
 
 
+def test_word_problems_are_their_own_stream():
+    """Task sets in other formats: word problems only, deterministic, none of the
+    eval split's; question and solution rebuild the problem's prompt."""
+    a = corpus.word_problems("instruction", 300)
+    assert a == corpus.word_problems("instruction", 300) != corpus.word_problems("other", 300)
+    assert a[:50] == corpus.word_problems("instruction", 50)
+    held = {p.question for p in corpus.heldout_problems(0) if not p.is_drill}
+    assert not any(p.is_drill for p in a) and not held & {p.question for p in a}
+    for p in a + corpus.heldout_problems(0, 20):
+        sol = f"Solution: {p.solution}\n" if p.solution else ""
+        assert p.prompt == f"Problem: {p.question}\n{sol}{corpus.ANSWER_PREFIX}"
+        assert p.is_drill == (p.solution == "")
+    with pytest.raises(ValueError, match="split"):
+        corpus.word_problems("eval", 3)
+
+
 def _is_clean_line(line: str) -> bool:
     return line == "" or line.startswith(("Problem: ", "Solution: ", "Answer: "))
 

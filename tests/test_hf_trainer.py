@@ -9,9 +9,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from centrifuge import Selector  # noqa: E402
-from centrifuge.integrations import find_plan  # noqa: E402
-from centrifuge.integrations.trainer import CentrifugeTrainer  # noqa: E402
+from centrifuge import BackwardOptions, CentrifugeTrainer, Selector, patch  # noqa: E402
+from centrifuge.integrations import find_plan, patch_options, valid_rows  # noqa: E402
 
 V = 17
 
@@ -124,9 +123,9 @@ def test_short_trainer_run_converges(tmp_path):
 
 @pytest.mark.parametrize("method", ["loss", "random", "none"])
 @pytest.mark.parametrize("granularity", ["batch", "sequence"])
-def test_kept_count_is_what_selection_keeps(method, granularity):
-    from centrifuge.integrations import selective_loss
-    from centrifuge.integrations.trainer import kept_count
+def test_row_counts_are_what_selection_keeps(method, granularity):
+    from centrifuge.integrations import selective_loss, valid_rows
+    from centrifuge.integrations.trainer import row_counts
 
     ds = CountingTask(6, pad_every=1, seed=3)
     b = transformers.default_data_collator([ds[i] for i in range(6)])
@@ -136,7 +135,9 @@ def test_kept_count_is_what_selection_keeps(method, granularity):
         _, keep = selective_loss(
             logits, b["labels"], sel, attention_mask=b["attention_mask"], return_keep=True
         )
-    assert kept_count(sel, b) == int(keep.sum()) > 0
+    valid = valid_rows(b["labels"], b["attention_mask"])
+    assert row_counts(sel, b) == (int(keep.sum()), int(valid.sum()))
+    assert 0 < int(keep.sum()) <= int(valid.sum())
 
 
 class RecordingSelector(Selector):
@@ -167,11 +168,11 @@ def test_resume_continues_the_random_selection(tmp_path, seed):
     assert all(map(torch.equal, straight[4:], resumed))
 
 
-def test_fused_labels_path_trains_like_the_logits_path(tmp_path):
+def test_hidden_states_in_the_config_keep_the_fused_path(tmp_path):
     """The Trainer passes the labels into the model (fused norm + LM head +
-    cross-entropy, no logits); with hidden states asked for in the config the
-    model runs the logits path instead. Both reach the same weights (float64:
-    Adam magnifies float32 rounding in near-zero gradients)."""
+    cross-entropy, no logits), and asks for no hidden states: a config that
+    asks for them (a direct call then runs the logits path) trains the same
+    weights (float64: Adam magnifies rounding in near-zero gradients)."""
     ds = CountingTask(16, seed=4, pad_every=3)
     ref = tiny_model(2).double()
     weights = []
@@ -188,3 +189,100 @@ def test_fused_labels_path_trains_like_the_logits_path(tmp_path):
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for n, w in weights[0].items():
         torch.testing.assert_close(w, weights[1][n], rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_backward_options_survive_what_the_trainer_wraps(tmp_path):
+    """A model patched with options keeps them; other options given to the
+    trainer are refused."""
+    opts = BackwardOptions(exact_layers=1)
+    trainer = trainer_for(patch(tiny_model(), backward=opts), tmp_path, train_dataset=CountingTask(8))
+    assert patch_options(trainer.model)["backward"] is opts
+    with pytest.raises(ValueError, match="backward= options"):
+        trainer_for(patch(tiny_model(), backward=opts), tmp_path, train_dataset=CountingTask(8),
+                    backward=BackwardOptions(extra=0.5))  # fmt: skip
+    trainer = trainer_for(tiny_model(), tmp_path, train_dataset=CountingTask(8), backward=opts)
+    assert patch_options(trainer.model)["backward"] is opts
+
+
+def test_liger_kernels_go_under_the_patch(tmp_path, monkeypatch):
+    """use_liger_kernel: transformers would bind Liger's forwards in train(), over
+    the patch; the trainer applies them under it, and the options stay."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger rewrites the module
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    opts = BackwardOptions(exact_layers=1)
+    model = patch(tiny_model(), backward=opts)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_liger_kernel=True, use_cpu=True,
+                                          report_to=[], max_steps=1, save_strategy="no")  # fmt: skip
+    with pytest.warns(UserWarning, match="Liger-Kernel"):
+        trainer = CentrifugeTrainer(model=model, args=args, train_dataset=CountingTask(8))
+    assert patch_options(trainer.model)["backward"] is opts
+    trainer.train()  # the patched forward runs (bypassed, the decoder stack would raise)
+
+
+def test_label_smoothing_and_compute_loss_func_are_refused(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, use_cpu=True,
+                                          report_to=[])  # fmt: skip
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        CentrifugeTrainer(model=tiny_model(), args=args, train_dataset=CountingTask(8))
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        trainer_for(tiny_model(), tmp_path, train_dataset=CountingTask(8), compute_loss_func=lambda *a, **k: 0)
+
+
+def test_kept_loss_hook_gets_the_window_count(tmp_path):
+    """A loss written in kept_loss (here: kept rows weighted by position) is
+    normalized by the window's kept count, not doubled under accumulation."""
+    ds = CountingTask(8, pad_every=1)
+
+    class Weighted(CentrifugeTrainer):
+        def kept_loss(self, token_loss, keep, num_kept, inputs):
+            self.counts = getattr(self, "counts", []) + [int(num_kept)]
+            w = torch.linspace(1, 2, token_loss.shape[1], dtype=token_loss.dtype)
+            return (token_loss * keep * w).sum() / num_kept
+
+    model = tiny_model().double()
+    plain = patch(copy.deepcopy(model))
+    trainer = trainer_for(model, tmp_path, select="loss", ratio=0.5, train_dataset=ds)
+    trainer.__class__ = Weighted
+    micro = [transformers.default_data_collator([ds[i] for i in idx]) for idx in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    window, K = trainer.get_batch_samples(iter(micro), 2, torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = 2
+    model.train()
+    stepped = sum(trainer.training_step(model, dict(b), K) for b in window)
+    assert trainer.counts == [int(K)] * 2
+    # The same by hand: select, weight, one mean over the window's kept rows.
+    total = 0
+    for b in micro:
+        out = plain(**b)
+        keep = Selector("loss", 0.5)(out.token_loss.detach(), out.valid)
+        w = torch.linspace(1, 2, out.token_loss.shape[1], dtype=torch.float64)
+        centrifuge_loss = (out.token_loss * keep * w).sum() / int(K)
+        find_plan(out.token_loss).fill(keep)
+        centrifuge_loss.backward()
+        total = total + centrifuge_loss.detach()
+    torch.testing.assert_close(stepped, total, rtol=1e-12, atol=0)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_kept_fraction_and_kept_tokens_are_logged(tmp_path):
+    trainer = trainer_for(tiny_model(), tmp_path, select="loss", ratio=0.3, train_dataset=CountingTask(16, pad_every=1),
+                          max_steps=2)  # fmt: skip
+    trainer.args.logging_steps = 1
+    windows, get = [], trainer.get_batch_samples
+
+    def recorded(*args):
+        batches, K = get(*args)
+        windows.append(batches)
+        return batches, K
+
+    trainer.get_batch_samples = recorded
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    valid = [[valid_rows(b["labels"], b["attention_mask"]) for b in w] for w in windows]
+    kept = [sum(Selector("loss", 0.3).count(v) for v in w) for w in valid]
+    assert [h["kept_tokens"] for h in logs] == [kept[0], kept[0] + kept[1]]
+    for h, k, w in zip(logs, kept, valid):
+        assert h["kept_fraction"] == pytest.approx(k / sum(int(v.sum()) for v in w))

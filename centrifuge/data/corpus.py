@@ -65,6 +65,22 @@ class Problem:
     def text(self) -> str:
         return self.prompt + self.answer + END_MARKER
 
+    @property
+    def question(self) -> str:
+        """The question, without its ``Problem: `` label."""
+        return _question(self).removeprefix("Problem: ")
+
+    @property
+    def solution(self) -> str:
+        """The worked solution, without its ``Solution: `` label ("" for a drill)."""
+        lines = self.prompt.split("\n")
+        return lines[1].removeprefix("Solution: ") if len(lines) > 2 else ""
+
+    @property
+    def is_drill(self) -> bool:
+        """One-digit mental arithmetic (:func:`_drill`): no worked solution."""
+        return self.prompt.startswith("Problem: What is ")
+
 
 def _problem(rng: random.Random) -> Problem:
     if rng.random() < DRILL_SHARE:
@@ -148,18 +164,14 @@ def _question(p: Problem) -> str:
 def _heldout_questions(seed: int) -> frozenset:
     """Word problems of the eval split; training text never contains them
     (drills, a table of one-digit facts, are shared on purpose)."""
-    return frozenset(_question(p) for p in heldout_problems(seed) if not _is_drill(p))
-
-
-def _is_drill(p: Problem) -> bool:
-    return p.prompt.startswith("Problem: What is ")
+    return frozenset(_question(p) for p in heldout_problems(seed) if not p.is_drill)
 
 
 def _training_problem(rng: random.Random, seed: int) -> Problem:
     held = _heldout_questions(seed)
     while True:
         p = _problem(rng)
-        if _is_drill(p) or _question(p) not in held:
+        if p.is_drill or _question(p) not in held:
             return p
 
 
@@ -189,6 +201,21 @@ def heldout_problems(seed: int = 0, n: int | None = None) -> list[Problem]:
     """The clean held-out problems of the ``eval`` split, in document order."""
     rng = _rng(seed, "eval")
     return [_problem(rng) for _ in range(NUM_DOCS["eval"] if n is None else n)]
+
+
+def word_problems(stream: str, n: int, seed: int = 0) -> list[Problem]:
+    """``n`` word problems (no drills) from a random stream of their own, named
+    ``stream`` (not a split's name), none of them a word problem of the eval
+    split of ``seed`` (:func:`heldout_problems`): the corpus' generator as a
+    source of task sets in other formats (e.g. instruction tuning)."""
+    if stream in SPLITS:
+        raise ValueError(f"stream {stream!r} is a split of the corpus; name another stream")
+    rng, out = _rng(seed, stream), []
+    while len(out) < n:
+        p = _training_problem(rng, seed)
+        if not p.is_drill:
+            out.append(p)
+    return out
 
 
 def documents(split: str = "train", seed: int = 0, n: int | None = None) -> list[str]:

@@ -3,7 +3,9 @@
 Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` and
 ``MistralForCausalLM`` of transformers 5.x. The patch replaces, per module
 instance, the ``forward`` of the causal LM, of every decoder layer, of the final
-norm and of the LM head. Nothing else changes: the same parameters (so
+norm and of the LM head, and guards the decoder stack's (``model.model``):
+called with gradients from anywhere but the causal LM forward, it raises, since a
+wrapper that calls the backbone itself would train dense. Nothing else changes: the same parameters (so
 ``state_dict`` names, saving and loading), the same class, the same forward
 signature (so ``Trainer`` and ``generate`` introspection see what they expect).
 
@@ -250,9 +252,13 @@ class _PatchState:
         self.layer_params = layer_params  # of one decoder layer: auto's backward path reads it
         self.recompute: frozenset[int] = frozenset()  # ids of the layers that recompute
         self.backward = backward or BackwardOptions()
+        self.given_backward = backward  # as given to patch (patch_options)
         # Set while a forward with labels runs fused: the final norm passes its
         # input through and the LM head computes the per-token losses instead.
         self.head: _FusedHead | None = None
+        # True while the patched causal LM forward runs (either path): the decoder
+        # stack called outside it means a wrapper bypasses the patch.
+        self.inside = False
 
 
 class _FusedHead:
@@ -381,6 +387,12 @@ def _dense_reason(model, a: dict) -> str | None:
 
 
 def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
+    if (a.get("kwargs") or {}).get("fused_lm_head"):
+        raise ValueError(
+            "fused_lm_head=True: TRL's SFTTrainer computes its loss with its own fused LM head, "
+            "which bypasses centrifuge.patch and would train dense; train with "
+            "centrifuge.CentrifugeSFTTrainer instead"
+        )
     if model.training and getattr(model.config, "attention_dropout", 0.0):
         raise ValueError("attention dropout is not supported by the compact path; set attention_dropout=0")
     for i, layer in enumerate(model.model.layers):
@@ -401,6 +413,28 @@ def _check_compact_call(model, a: dict, B: int, L: int, layout: Layout) -> None:
 
 
 def _causal_lm_forward(model, state: _PatchState, original, *args, **kwargs):
+    outer, state.inside = state.inside, True
+    try:
+        return _causal_lm_call(model, state, original, *args, **kwargs)
+    finally:
+        state.inside = outer
+
+
+def _base_forward(base, state: _PatchState, original, *args, **kwargs):
+    """The decoder stack (``model.model``). Called with gradients outside the patched
+    causal LM forward, it would train dense, without the patch: a wrapper that calls
+    the backbone itself (TRL's fused LM head) bypasses it. That is refused."""
+    if not state.inside and torch.is_grad_enabled() and any(p.requires_grad for p in base.parameters()):
+        raise RuntimeError(
+            "the decoder stack of a Centrifuge-patched model was called with gradients outside the "
+            "patched causal LM forward: a wrapper (e.g. TRL's SFTTrainer fused LM head) bypasses "
+            "centrifuge.patch, and training would run dense without token filtering. Call the model "
+            "itself (train with centrifuge.CentrifugeSFTTrainer under TRL), or unpatch it"
+        )
+    return original(*args, **kwargs)
+
+
+def _causal_lm_call(model, state: _PatchState, original, *args, **kwargs):
     bound = _bind(model, args, kwargs)
     a = bound.arguments
     if state.plan is not None or _dense_reason(model, a) is not None:
@@ -532,6 +566,7 @@ def _fused_head_loss(x, w, fused: _FusedHead, plan: HFPlan, check: bool) -> torc
 
 _FORWARDS = {
     "causal_lm": _causal_lm_forward,
+    "base": _base_forward,
     "layer": _layer_forward,
     "norm": _norm_forward,
     "lm_head": _lm_head_forward,
@@ -540,6 +575,7 @@ _FORWARDS = {
 
 def _patched_modules(model):
     yield model, "causal_lm"
+    yield model.model, "base"
     for layer in model.model.layers:
         yield layer, "layer"
     yield model.model.norm, "norm"
@@ -608,6 +644,16 @@ def patch(model, check_rows: bool = True, backward: BackwardOptions | None = Non
     for module, kind in _patched_modules(model):
         module.forward = _PatchedForward(module, kind, state)
     return outer
+
+
+def patch_options(model) -> dict | None:
+    """The keyword arguments :func:`patch` was given for this model (``check_rows``,
+    ``backward``; ``backward`` None for plain amplified), or None when it is not
+    patched: ``patch(model, **patch_options(model))`` patches it the same way again."""
+    if not is_patched(model):
+        return None
+    state = _causal_lm(model).forward.state
+    return {"check_rows": state.check_rows, "backward": state.given_backward}
 
 
 def unpatch(model):
