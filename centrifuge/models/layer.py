@@ -405,6 +405,9 @@ def layer_weights(layer) -> dict:
     return w
 
 
+# Not traced by torch.compile: a traced backward would read the plan as it was at
+# the forward, before the loss filled it (docs/design.md, "torch.compile").
+@torch.compiler.disable
 def decoder_layer(x, cos, sin, plan: Plan, shape: LayerShape, weights: dict, recompute=False):
     """x: [B, L, d]; cos, sin: [B, L, head_dim]; weights keyed by WEIGHT_NAMES.
     recompute: activation checkpointing (save x and the attention lse, recompute
