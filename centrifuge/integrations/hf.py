@@ -486,13 +486,13 @@ def _layer_forward(layer, state: _PatchState, original, *args, **kwargs):
     dtype = _compute_dtype(x)
     D = cos.shape[-1]
     cos, sin = cos.to(dtype).expand(B, L, D), sin.to(dtype).expand(B, L, D)
-    w = layer_weights(layer)
+    w, dropout = layer_weights(layer)
     # Under autocast the fp32 weights are cast here, differentiably, and the
     # layer computes in the autocast dtype; the residual stream returns in x.dtype.
     w = {k: None if t is None else t.to(dtype) for k, t in w.items()}
     with torch.autocast(x.device.type, enabled=False):
         y = decoder_layer(x.to(dtype), cos, sin, plan, layer._centrifuge_shape, w,
-                          id(layer) in state.recompute)  # fmt: skip
+                          id(layer) in state.recompute, dropout)  # fmt: skip
     return y.to(x.dtype)
 
 
