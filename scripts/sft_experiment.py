@@ -48,7 +48,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -520,16 +519,9 @@ def main(argv=None) -> int:
         write_report(out, s, saved["runs"], saved["meta"])
         print((out / "results.md").read_text())
         return 0
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"scale {args.scale!r} wants {s.device}, but CUDA is not available "
-                         "(use --scale smoke, or --device cpu)")  # fmt: skip
-    if s.threads:
-        torch.set_num_threads(s.threads)  # tiny models: more threads only add contention
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
+    ue.start(s, args, out)
     work = args.work or out
-    for d in (out, work):
-        d.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
 
     def say(msg):
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)

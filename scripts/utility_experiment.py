@@ -750,6 +750,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+
+def start(s, args, out: Path) -> None:
+    """Before the first run: the scale's device exists, its thread count, and
+    ``--fresh`` clears ``out`` (then created)."""
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"scale {args.scale!r} wants {s.device}, but CUDA is not available "
+                         "(use --scale smoke, or --device cpu)")  # fmt: skip
+    if s.threads:
+        torch.set_num_threads(s.threads)  # tiny models: more threads only add contention
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -786,14 +799,7 @@ def main(argv=None) -> int:
                      rebuilds=m.get("rebuilds"))  # fmt: skip
         print((out / "results.md").read_text())
         return 0
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"scale {args.scale!r} wants {s.device}, but CUDA is not available "
-                         "(use --scale smoke, or --device cpu)")  # fmt: skip
-    if s.threads:
-        torch.set_num_threads(s.threads)  # tiny models: more threads only add contention
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    start(s, args, out)
     work = args.work or out
     cache = work / "cache"
 
