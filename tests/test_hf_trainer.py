@@ -219,7 +219,7 @@ def test_liger_kernels_go_under_the_patch(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="Liger-Kernel"):
         trainer = CentrifugeTrainer(model=model, args=args, train_dataset=CountingTask(8))
     assert patch_options(trainer.model)["backward"] is opts
-    trainer.train()  # the patched forward runs (bypassed, the decoder stack would raise)
+    trainer.train()  # the patched forward runs (bypassed, the decoder layers would raise)
 
 
 def test_label_smoothing_and_compute_loss_func_are_refused(tmp_path):

@@ -3,9 +3,9 @@
 Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` and
 ``MistralForCausalLM`` of transformers 5.x. The patch replaces, per module
 instance, the ``forward`` of the causal LM, of every decoder layer, of the final
-norm and of the LM head, and guards the decoder stack's (``model.model``):
-called with gradients from anywhere but the causal LM forward, it raises, since a
-wrapper that calls the backbone itself would train dense. Nothing else changes: the same parameters (so
+norm and of the LM head; a decoder layer called with gradients from anywhere but
+the causal LM forward raises, since a wrapper that calls the backbone itself
+would train dense. Nothing else changes: the same parameters (so
 ``state_dict`` names, saving and loading), the same class, the same forward
 signature (so ``Trainer`` and ``generate`` introspection see what they expect).
 
@@ -420,20 +420,6 @@ def _causal_lm_forward(model, state: _PatchState, original, *args, **kwargs):
         state.inside = outer
 
 
-def _base_forward(base, state: _PatchState, original, *args, **kwargs):
-    """The decoder stack (``model.model``). Called with gradients outside the patched
-    causal LM forward, it would train dense, without the patch: a wrapper that calls
-    the backbone itself (TRL's fused LM head) bypasses it. That is refused."""
-    if not state.inside and torch.is_grad_enabled() and any(p.requires_grad for p in base.parameters()):
-        raise RuntimeError(
-            "the decoder stack of a Centrifuge-patched model was called with gradients outside the "
-            "patched causal LM forward: a wrapper (e.g. TRL's SFTTrainer fused LM head) bypasses "
-            "centrifuge.patch, and training would run dense without token filtering. Call the model "
-            "itself (train with centrifuge.CentrifugeSFTTrainer under TRL), or unpatch it"
-        )
-    return original(*args, **kwargs)
-
-
 def _causal_lm_call(model, state: _PatchState, original, *args, **kwargs):
     a = _bind(model, args, kwargs).arguments
     if state.plan is not None or _dense_reason(model, a) is not None:
@@ -509,8 +495,22 @@ def _recompute(layer) -> bool:
     return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
 
 
+def _bypassed(layer, state: _PatchState) -> bool:
+    """A decoder layer called with gradients outside the patched causal LM forward:
+    a wrapper that calls the backbone itself (TRL's fused LM head) bypasses the
+    patch, and training would run dense."""
+    return not state.inside and torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters())
+
+
 def _layer_forward(layer, state: _PatchState, original, *args, **kwargs):
     plan = state.plan
+    if plan is None and _bypassed(layer, state):
+        raise RuntimeError(
+            "a decoder layer of a Centrifuge-patched model was called with gradients outside the "
+            "patched causal LM forward: a wrapper (e.g. TRL's SFTTrainer fused LM head) bypasses "
+            "centrifuge.patch, and training would run dense without token filtering. Call the model "
+            "itself (train with centrifuge.CentrifugeSFTTrainer under TRL), or unpatch it"
+        )
     if plan is None:
         return original(*args, **kwargs)
     a = _bind(layer, args, kwargs).arguments
@@ -572,7 +572,6 @@ def _fused_head_loss(x, w, fused: _FusedHead, plan: HFPlan, check: bool) -> torc
 
 _FORWARDS = {
     "causal_lm": _causal_lm_forward,
-    "base": _base_forward,
     "layer": _layer_forward,
     "norm": _norm_forward,
     "lm_head": _lm_head_forward,
@@ -581,7 +580,6 @@ _FORWARDS = {
 
 def _patched_modules(model):
     yield model, "causal_lm"
-    yield model.model, "base"
     for layer in model.model.layers:
         yield layer, "layer"
     yield model.model.norm, "norm"
