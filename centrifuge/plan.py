@@ -334,16 +334,15 @@ class Plan:
         if keep.dtype != torch.bool:
             raise TypeError(f"keep mask must be bool, got {keep.dtype}")
 
-    def set_context(self, context: torch.Tensor, count: int | None = None) -> None:
+    def set_context(self, context: torch.Tensor) -> None:
         """Record the context rows ([B, L] bool, :func:`context_rows`): no loss, but
         in the backward set unless ``BackwardOptions.context`` is ``constant``.
-        count: their number when known on the host (computed here from a CPU
-        mask); otherwise the compact path learns it with one host sync."""
+        A CPU mask is counted here, on the host; for a device mask the compact
+        path learns the count with one host sync."""
         self.check_keep(context)
-        if context.device.type == "cpu":
-            count = int(context.sum())
+        on_host = context.device.type == "cpu"
+        self.context_count = int(context.sum()) if on_host else None
         self.context = context.to(self.layout.position_ids.device)
-        self.context_count = count
 
     def _backward_context(self) -> torch.Tensor | None:
         """The context rows that join the backward set (None: none do)."""
