@@ -72,14 +72,15 @@ class Grads(transformers.TrainerCallback):
             self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def first_step(trainer_cls, tmp_path, model=None, ds=None, peft_config=None, **kw):
+def first_step(trainer_cls, tmp_path, model=None, ds=None, peft_config=None, tok=None, **kw):
     """(gradients of the first step, the trainer) for one SFT set-up."""
     extra = {k: kw.pop(k) for k in list(kw) if k in ("select", "ratio", "backward", "token_metrics",
                                                         "compute_loss_func")}
     grads = Grads()
     trainer = trainer_cls(
         model=model if model is not None else tiny_model(), args=config(tmp_path, **kw),
-        train_dataset=ds if ds is not None else prompt_completion(), processing_class=tokenizer(),
+        train_dataset=ds if ds is not None else prompt_completion(),
+        processing_class=tok if tok is not None else tokenizer(),
         callbacks=[grads], peft_config=peft_config, **extra,
     )  # fmt: skip
     trainer.train()
@@ -110,6 +111,41 @@ SETUPS = {
     "gradient checkpointing": dict(completion_only_loss=True, gradient_checkpointing=True),
     "full labels, packing": dict(packing=True, max_length=24),
 }
+
+
+# A chat template whose assistant turns are marked for TRL's assistant_only_loss.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }} <eos> {% endgeneration %}{% else %}{{ m['content'] }} {% endif %}{% endfor %}"
+)
+
+
+def chats(n=8, seed=0):
+    """Conversations user, assistant, user, assistant of 2-4 words a turn."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        turns = []
+        for role in ("user", "assistant", "user", "assistant"):
+            k = int(torch.randint(2, 5, (1,), generator=g))
+            words = " ".join(f"w{int(i)}" for i in torch.randint(0, V - 2, (k,), generator=g))
+            turns.append(dict(role=role, content=words))
+        rows.append(dict(messages=turns))
+    return datasets.Dataset.from_list(rows)
+
+
+def test_assistant_only_loss_gives_sft_trainer_gradients(tmp_path):
+    """TRL's assistant-only loss labels the user turns -100; the second user turn
+    sits between labelled rows, so context rows are inside the conversation."""
+    tok = tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    kw = dict(ds=chats(), tok=tok, assistant_only_loss=True)
+    want, _ = first_step(trl.SFTTrainer, tmp_path / "trl", **kw)
+    got, trainer = first_step(CentrifugeSFTTrainer, tmp_path / "c", select="none", **kw)
+    labels = torch.tensor(trainer.train_dataset[0]["labels"])
+    ignored = (labels == -100).nonzero().squeeze(1)
+    assert ignored.numel() and int(ignored.max()) > int((labels != -100).nonzero().min())
+    assert_same_grads(got, want, float32_head=True)
 
 
 @pytest.mark.parametrize("setup", SETUPS)
