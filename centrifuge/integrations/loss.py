@@ -167,7 +167,9 @@ def selective_loss(
     logits: [B, L, V] (a patched model's output), or the whole output of a patched
         model called with ``labels=`` (:class:`CausalLMTokenLossOutput`, no logits:
         its ``token_loss`` and ``valid`` are used).
-    labels: [B, L] unshifted, ``ignore_index`` where no loss is wanted (HF convention).
+    labels: [B, L] unshifted, ``ignore_index`` where no loss is wanted (HF convention);
+        ignored rows before a labelled one (a prompt) are context rows
+        (:func:`filtered_loss`).
     selector: a :class:`Selector`, or a method name (``rho1``, ``loss``,
         ``random``, ``none``) used with ``ratio`` (batch granularity).
     generator: with a method name, where ``random`` draws (a new draw every
