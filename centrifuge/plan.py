@@ -324,7 +324,7 @@ class Plan:
 
     @property
     def compact(self) -> bool:
-        """True when the backward runs on kept rows only."""
+        """True when the backward gathers its rows (kept, context and sampled ones)."""
         return self.keep_idx is not None
 
     def check_keep(self, keep: torch.Tensor) -> None:
