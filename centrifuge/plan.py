@@ -302,7 +302,10 @@ class Plan:
         if path == "dense" and self.options.extra > 0:
             raise ValueError("sampled rows (extra) need the compact path")
         self.path = path
-        self.context: torch.Tensor | None = None  # [B, L] bool, set_context
+        # [B, L] bool rows with a target, from a forward with labels: the context
+        # rows derive from it when first read, unless set_context gave them.
+        self.valid: torch.Tensor | None = None
+        self._context: torch.Tensor | None = None  # [B, L] bool
         self.context_count: int | None = None  # its True entries, when known on the host
         self.kv_mask: torch.Tensor | None = None  # [B * L] bool, the dense path's backward rows
         self.keep_idx: torch.Tensor | None = None
@@ -327,6 +330,15 @@ class Plan:
         if keep.dtype != torch.bool:
             raise TypeError(f"keep mask must be bool, got {keep.dtype}")
 
+    @property
+    def context(self) -> torch.Tensor | None:
+        """[B, L] bool context rows (:func:`context_rows`); None when unknown. Derived
+        from ``valid`` on first use: a step whose context rows came from the host
+        (:meth:`set_context`) or whose backward is exact never computes them."""
+        if self._context is None and self.valid is not None:
+            self._context = context_rows(self.valid, self.layout)
+        return self._context
+
     def set_context(self, context: torch.Tensor) -> None:
         """Record the context rows ([B, L] bool, :func:`context_rows`): no loss, but
         in the backward set unless ``BackwardOptions.context`` is ``constant``.
@@ -335,11 +347,11 @@ class Plan:
         self.check_keep(context)
         on_host = context.device.type == "cpu"
         self.context_count = int(context.sum()) if on_host else None
-        self.context = context.to(self.layout.position_ids.device)
+        self._context = context.to(self.layout.position_ids.device)
 
     def _backward_context(self) -> torch.Tensor | None:
         """The context rows that join the backward set (None: none do)."""
-        if self.context is None or self.options.context != "backward" or self.context_count == 0:
+        if self.options.context != "backward" or self.context_count == 0:
             return None
         return self.context
 

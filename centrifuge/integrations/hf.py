@@ -256,8 +256,8 @@ class _PatchState:
         # Set while a forward with labels runs fused: the final norm passes its
         # input through and the LM head computes the per-token losses instead.
         self.head: _FusedHead | None = None
-        # True while the patched causal LM forward runs (either path): the decoder
-        # stack called outside it means a wrapper bypasses the patch.
+        # True while the patched causal LM forward runs (either path): a decoder
+        # layer called outside it means a wrapper bypasses the patch.
         self.inside = False
 
 
@@ -445,7 +445,7 @@ def _causal_lm_call(model, state: _PatchState, original, *args, **kwargs):
             raise ValueError(f"labels must be [batch, seq] = {(B, L)}, got {tuple(labels.shape)}")
         labels = labels.to(ref.device)
         valid = valid_rows(labels, mask, None, ignore_index, layout)
-        plan.set_context(context_rows(valid, layout))
+        plan.set_context(context_rows(valid, layout))  # counted now when on the CPU
         targets = shift_labels(labels, ignore_index).masked_fill(~valid, ignore_index)
         head = _FusedHead(model.model.norm, targets, ignore_index)
         a["labels"] = None  # transformers' loss would need the logits
@@ -502,14 +502,15 @@ def _bypassed(layer, state: _PatchState) -> bool:
 
 def _layer_forward(layer, state: _PatchState, original, *args, **kwargs):
     plan = state.plan
-    if plan is None and _bypassed(layer, state):
-        raise RuntimeError(
-            "a decoder layer of a Centrifuge-patched model was called with gradients outside the "
-            "patched causal LM forward: a wrapper (e.g. TRL's SFTTrainer fused LM head) bypasses "
-            "centrifuge.patch, and training would run dense without token filtering. Call the model "
-            "itself (train with centrifuge.CentrifugeSFTTrainer under TRL), or unpatch it"
-        )
     if plan is None:
+        if _bypassed(layer, state):
+            raise RuntimeError(
+                "a decoder layer of a Centrifuge-patched model was called with gradients outside "
+                "the patched causal LM forward: a wrapper (e.g. TRL's SFTTrainer fused LM head) "
+                "bypasses centrifuge.patch, and training would run dense without token filtering. "
+                "Call the model itself (train with centrifuge.CentrifugeSFTTrainer under TRL), or "
+                "unpatch it"
+            )
         return original(*args, **kwargs)
     a = _bind(layer, args, kwargs).arguments
     x = a["hidden_states"]

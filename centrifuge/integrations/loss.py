@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from centrifuge.integrations.hf import HFPlan, find_plan, shift_labels, valid_rows
 from centrifuge.ops.linear_ce import IGNORE_INDEX
-from centrifuge.plan import Plan, context_rows
+from centrifuge.plan import Plan
 from centrifuge.selection import Selector
 
 _CHUNK_ELEMENTS = 2**24  # logits elements per chunk of the selection's no-grad loss
@@ -64,8 +64,8 @@ def _fill(plan: Plan, keep_rows: torch.Tensor, count: int | None = None,
           has_target: torch.Tensor | None = None) -> None:  # fmt: skip
     """Fill the plan with the kept rows ([B, L] bool); ``has_target`` ([B, L] bool,
     the rows with a target) gives it its context rows unless its forward did."""
-    if plan.context is None and has_target is not None:
-        plan.set_context(context_rows(has_target, plan.layout))
+    if _needs_targets(plan):
+        plan.valid = has_target
     if isinstance(plan, HFPlan):
         plan.fill(keep_rows, count)
     else:
@@ -83,6 +83,11 @@ def _plan_of(t: torch.Tensor, plan: Plan | None) -> Plan | None:
             stacklevel=3,
         )
     return found
+
+
+def _needs_targets(plan: Plan) -> bool:
+    """The plan does not know its context rows: its forward had no labels."""
+    return plan.valid is None and plan.context is None
 
 
 def filtered_loss(
@@ -120,11 +125,11 @@ def filtered_loss(
     if plan is not None:
         keep_rows = _rows(keep, plan.shape, "the keep mask").bool()
         has_target = None  # a forward with labels= already gave the plan its context rows
-        if plan.context is None and valid is not None:
-            has_target = _rows(_as_mask(valid, token_loss, "valid mask"), plan.shape, "the valid mask")
-        elif plan.context is None:
+        if _needs_targets(plan) and valid is not None:
+            has_target = _rows(_as_mask(valid, token_loss, "valid mask"), plan.shape, "the valid mask").bool()
+        elif _needs_targets(plan):
             has_target = keep_rows | (_rows(token_loss.detach(), plan.shape, "token_loss") != 0)
-        _fill(plan, keep_rows, count, None if has_target is None else has_target.bool())
+        _fill(plan, keep_rows, count, has_target)
     return loss
 
 

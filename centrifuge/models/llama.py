@@ -25,7 +25,7 @@ from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
 from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.ops.rope import inv_frequencies, rope_cos_sin
-from centrifuge.plan import BackwardOptions, Layout, Plan, context_rows
+from centrifuge.plan import BackwardOptions, Layout, Plan
 
 
 def shift_targets(labels: torch.Tensor, layout: Layout, ignore_index: int = IGNORE_INDEX):
@@ -212,8 +212,7 @@ class LlamaForCausalLM(nn.Module):
         targets = shift_targets(labels, plan.layout, ignore_index)
         if attention_mask is not None:
             targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
-        valid = targets != ignore_index
-        plan.set_context(context_rows(valid, plan.layout))
+        plan.valid = valid = targets != ignore_index  # the context rows derive from it
         # Final norm fused with the LM head: the backward reads the kept rows
         # once and no normalized copy of the hidden states is saved. The
         # returned ``hidden`` is for inspection (it carries no gradient).
