@@ -347,7 +347,8 @@ class Plan:
         self.check_keep(context)
         on_host = context.device.type == "cpu"
         self.context_count = int(context.sum()) if on_host else None
-        self._context = context.to(self.layout.position_ids.device)
+        # None at all (pretraining): the mask is never read, so no copy to the device.
+        self._context = context if self.context_count == 0 else context.to(self.layout.position_ids.device)
 
     def _backward_context(self) -> torch.Tensor | None:
         """The context rows that join the backward set (None: none do)."""

@@ -44,22 +44,24 @@ class SFTLabels:
         self.share = prompt_share
         self._cache: dict = {}
 
-    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """ids [B, L] -> (labels [B, L] on ids' device, labelled rows, CPU [B, L] bool
-        context rows), made once per shape."""
+        context rows or None without a prompt), made once per shape: a pretraining
+        step gets ``ids`` itself, with no extra launch or copy."""
+        if not self.share:
+            return ids, ids.shape[0] * (ids.shape[1] - 1), None
         key = (tuple(ids.shape), ids.device)
         if key not in self._cache:
             B, L = ids.shape
             P = round(self.share * L)
-            if self.share > 0 and not 2 <= P <= L - 2:
+            if not 2 <= P <= L - 2:
                 raise ValueError(f"a prompt share of {self.share} leaves no prompt or no completion "
                                  f"in rows of {L} tokens")  # fmt: skip
             prompt = torch.zeros(B, L, dtype=torch.bool, device=ids.device)
             prompt[:, :P] = True
             context = torch.zeros(B, L, dtype=torch.bool)
-            context[:, : max(P - 1, 0)] = True
-            n_valid = B * (L - 1) if P == 0 else B * (L - P)
-            self._cache[key] = (prompt, n_valid, context)
+            context[:, : P - 1] = True
+            self._cache[key] = (prompt, B * (L - P), context)
         prompt, n_valid, context = self._cache[key]
         return ids.masked_fill(prompt, -100), n_valid, context
 
@@ -83,7 +85,8 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         def step(ids, ratio):
             labels, n_valid, context = sft(ids)
             out = model(ids, labels=labels, backward=mode)
-            out.plan.set_context(context)  # counted on the host, as centrifuge train does
+            if context is not None:
+                out.plan.set_context(context)  # counted on the host, as centrifuge train does
             selector = Selector("loss", ratio)
             count = _host_count(selector, n_valid)
             keep = selector(out.token_loss, out.valid, count=count)
