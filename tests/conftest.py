@@ -69,6 +69,22 @@ def data_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sft_file(tmp_path_factory):
+    """Prompt/completion records: a problem's question, then its worked solution and answer."""
+    import json
+
+    from centrifuge.data import corpus
+
+    recs = []
+    for p in corpus.heldout_problems(3, 150):
+        question, rest = p.text.split("\n", 1)
+        recs.append({"prompt": question + "\n", "completion": rest})
+    f = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return f
+
+
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """A token cache shared by the tests that train on ``data_file``."""
     return str(tmp_path_factory.mktemp("cache"))

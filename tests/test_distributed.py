@@ -71,13 +71,15 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, base):
+def launched(tmp_path_factory, base, sft_file):
     """One torchrun launch training every multi-process configuration."""
     root = tmp_path_factory.mktemp("dist")
     runs = {
         "ddp": dict(base, parallel="ddp", grad_accum=2),
         "fsdp": dict(base, parallel="fsdp", grad_accum=2),
         "fsdp_exact": dict(base, parallel="fsdp", grad_accum=2, backward="exact"),
+        # Prompt/completion data: the prompts are context rows in the compact backward.
+        "ddp_sft": dict(base, data=[str(sft_file)], seq_len=192, parallel="ddp", grad_accum=2),
         # Random draws (selection, sampled extra rows) are seeded per micro-batch.
         "ddp_random_extra": dict(base, parallel="ddp", grad_accum=2, select="random",
                                  backward_extra=0.5),
@@ -93,7 +95,8 @@ def launched(tmp_path_factory, base):
     return root, runs
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_ckpt", "ddp_random_extra"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_ckpt", "ddp_random_extra",
+                                  "ddp_sft"])
 def test_n_processes_equal_one_process_with_n_times_the_accumulation(launched, tmp_path, name):
     root, runs = launched
     single = dict(runs[name], parallel="auto", grad_accum=runs[name]["grad_accum"] * N,

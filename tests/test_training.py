@@ -330,18 +330,6 @@ def _completion_targets(batch) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory):
-    """Prompt/completion records: a problem's question, then its worked solution and answer."""
-    recs = []
-    for p in corpus.heldout_problems(3, 150):
-        question, rest = p.text.split("\n", 1)
-        recs.append({"prompt": question + "\n", "completion": rest})
-    f = tmp_path_factory.mktemp("sft") / "sft.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return f
-
-
 def test_prompt_completion_training(tmp_path, sft_file, cache):
     """The loss is on the completions only, in training (every kept row predicts a
     completion token) and in the held-out loss; tokens seen count the prompts too."""
