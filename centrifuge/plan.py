@@ -223,16 +223,23 @@ class Layout:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, seqlen)}"
             )
+        if position_ids is None and attention_mask is None:
+            # One document per row: every size is known on the host, so nothing
+            # waits for the device (and torch.compile traces it without a break).
+            pos = torch.arange(seqlen, device=device).expand(batch, seqlen).contiguous()
+            segment_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+            cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+            return Layout(pos, segment_ids, cu, seqlen)
         if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(seqlen).expand(batch, seqlen)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         src = position_ids.device
         position_ids = position_ids.to(dtype=torch.long)
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
-        if position_ids.dim() != 2 or position_ids.shape[1] != seqlen or position_ids.shape[0] not in (1, batch):
+        # Two comparisons, not `rows in (1, batch)`: torch.compile (2.13) decides
+        # that as False when batch is a symbolic size and rows a static one.
+        rows = position_ids.shape[0]
+        if position_ids.dim() != 2 or position_ids.shape[1] != seqlen or (rows != 1 and rows != batch):
             raise ValueError(
                 f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, seqlen)} "
                 f"(or [1, {seqlen}] / [{seqlen}] for every row)"

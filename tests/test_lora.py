@@ -2,7 +2,8 @@
 gradients against the reference semantics (plain autograd through peft's own
 modules, K/V of filtered rows detached), on the native model and on real
 transformers classes (patched before or after peft wraps them, with and without
-activation checkpointing); frozen weights get no gradient and cost no
+activation checkpointing); lora_dropout against peft's own modules run from the
+same seed (the same masks); frozen weights get no gradient and cost no
 weight-gradient GEMM; merge_and_unload and saving; clear errors."""
 
 import copy
@@ -22,7 +23,8 @@ from test_model_grads import make_batch  # noqa: E402
 from centrifuge import filtered_loss, patch, unpatch  # noqa: E402
 from centrifuge.integrations import is_patched  # noqa: E402
 from centrifuge.models import build_model, get_preset  # noqa: E402
-from centrifuge.models.reference import reference_filtered_loss  # noqa: E402
+from centrifuge.models.reference import reference_filtered_loss, reference_token_loss  # noqa: E402
+from centrifuge.plan import BackwardOptions  # noqa: E402
 from centrifuge.selection import Selector  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,6 +101,79 @@ def test_native_lora_and_frozen_weights_match_reference():
             torch.testing.assert_close(g, want[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("path", ["compact", "dense"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hf_lora_dropout_matches_peft(path, checkpointing):
+    """lora_dropout=0.1 in training: the patched model draws peft's masks (same
+    generator, same order, same op), so its gradients equal those of peft's own
+    modules through plain autograd on an unpatched copy run from the same seed,
+    on the compact plan and the dense path, with and without checkpointing (the
+    recompute regenerates the masks)."""
+    ids, kw, keep = batch("padding", seed=5)
+    pm = lora(make_model("qwen2", 2), lora_dropout=0.1)
+    patch(pm, backward=BackwardOptions(path=path))
+    if checkpointing:
+        enable_checkpointing(pm)
+    base = pm.get_base_model()
+    results = {}
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        loss = hf_step(pm, ids, kw, keep)
+        got, state = trainable_grads(base), torch.get_rng_state()
+        torch.manual_seed(seed)
+        want_loss, want = unpatched_reference(base, ids, keep, **kw)
+        assert torch.equal(state, torch.get_rng_state())  # the same draws were made
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+        for name, g in got.items():
+            torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
+        results[seed] = got
+    name = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert not torch.allclose(results[3][name], results[4][name])  # the masks matter
+
+
+@pytest.mark.parametrize("backward", ["amplified", "exact"])
+def test_native_lora_dropout_matches_peft(backward):
+    """The native model under peft with lora_dropout=0.1: gradients equal plain
+    autograd through peft's modules run from the same seed, on a compact
+    (amplified) and a dense (exact) plan, with and without recompute."""
+    pm = lora(build_model(get_preset("tiny-qwen3"), dtype=torch.float64, seed=2), lora_dropout=0.1)
+    base = pm.get_base_model()
+    ids, labels, kw = make_batch(seed=6, packed=True)
+    for recompute in (False, True):
+        (base.activation_checkpointing_enable if recompute else base.activation_checkpointing_disable)()
+        torch.manual_seed(7)
+        out = base(ids, labels=labels, backward=backward, **kw)
+        keep = Selector("random", 0.4, seed=1)(out.token_loss, out.valid)
+        out.plan.loss(out.token_loss, keep).backward()
+        got = trainable_grads(base)
+        torch.manual_seed(7)
+        if backward == "exact":  # the masked loss: nothing detached
+            token_loss, _ = reference_token_loss(base, ids, labels, None, **kw)
+            ((token_loss * keep).sum() / keep.sum()).backward()
+        else:
+            reference_filtered_loss(base, ids, labels, keep, **kw).backward()
+        want = trainable_grads(base)
+        for name, g in got.items():
+            torch.testing.assert_close(g, want[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_lora_dropout_is_off_in_eval_mode():
+    """In eval mode (still with gradients) nothing is dropped and no random
+    number is drawn: the gradients are those of the same adapters without
+    dropout."""
+    ids, kw, keep = batch("packing", seed=2)
+    pm = patch(lora(make_model("llama", 2), lora_dropout=0.1)).eval()
+    state = torch.get_rng_state()
+    hf_step(pm, ids, kw, keep)
+    assert torch.equal(state, torch.get_rng_state())
+    got = trainable_grads(pm.get_base_model())
+    plain = patch(lora(make_model("llama", 2))).train()  # the same weights, lora_dropout=0
+    hf_step(plain, ids, kw, keep)
+    want = trainable_grads(plain.get_base_model())
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
 def _backward_flops(model, ids, keep):
     out = model(ids, labels=ids)
     loss = out.plan.loss(out.token_loss, keep)
@@ -162,12 +237,12 @@ def test_merge_and_unload_and_saving(tmp_path):
 def test_unsupported_lora_settings_raise_clear_errors():
     ids = torch.randint(0, 61, (2, 9))
     cases = [
-        (dict(lora_dropout=0.1), "lora_dropout"),
-        (dict(use_dora=True), "DoRA"),
-        (dict(lora_bias=True), "bias"),
+        (dict(use_dora=True), NotImplementedError, "DoRA"),
+        (dict(lora_bias=True), NotImplementedError, "bias"),
+        (dict(lora_dropout=1.0), ValueError, "lora_dropout must be below 1"),
     ]
-    for extra, match in cases:
-        with pytest.raises(NotImplementedError, match=match):  # at patch time (peft trains)
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):  # at patch time (peft trains)
             patch(lora(make_model("llama", 2), **extra))
     pm = lora(make_model("llama", 2))
     pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -175,9 +250,9 @@ def test_unsupported_lora_settings_raise_clear_errors():
     with pytest.raises(NotImplementedError, match="several active LoRA adapters"):
         patch(pm)
     # Dropout is inactive in eval mode: no error then, and one at the call in training mode.
-    pm = patch(lora(make_model("llama", 2), lora_dropout=0.1).eval())
+    pm = patch(lora(make_model("llama", 2), lora_dropout=1.0).eval())
     pm(input_ids=ids)
-    with pytest.raises(NotImplementedError, match="lora_dropout"):
+    with pytest.raises(ValueError, match="lora_dropout"):
         pm.train()(input_ids=ids)
 
     class Quantized(torch.nn.Linear):

@@ -421,8 +421,7 @@ def _causal_lm_forward(model, state: _PatchState, original, *args, **kwargs):
 
 
 def _causal_lm_call(model, state: _PatchState, original, *args, **kwargs):
-    bound = _bind(model, args, kwargs)
-    a = bound.arguments
+    a = _bind(model, args, kwargs).arguments
     if state.plan is not None or _dense_reason(model, a) is not None:
         return original(*args, **kwargs)
     ref = a.get("input_ids")
@@ -457,8 +456,11 @@ def _causal_lm_call(model, state: _PatchState, original, *args, **kwargs):
     state.plan, state.recompute, state.head = plan, frozenset(map(id, ckpt)), head
     for layer in ckpt:
         layer.gradient_checkpointing = False
+    # As keywords: BoundArguments.args reads the signature again, which
+    # torch.compile cannot trace (a graph break).
+    call = {k: v for k, v in a.items() if k not in ("self", "kwargs")}
     try:  # the class's forward: Centrifuge's ops replace what Liger bound to the instance
-        out = type(model).forward(*bound.args, **bound.kwargs)  # bound.args starts with the model
+        out = type(model).forward(model, **call, **kw)
     finally:
         state.plan, state.recompute, state.head = None, frozenset(), None
         for layer in ckpt:
@@ -521,13 +523,13 @@ def _layer_forward(layer, state: _PatchState, original, *args, **kwargs):
     dtype = _compute_dtype(x)
     D = cos.shape[-1]
     cos, sin = cos.to(dtype).expand(B, L, D), sin.to(dtype).expand(B, L, D)
-    w = layer_weights(layer)
+    w, dropout = layer_weights(layer)
     # Under autocast the fp32 weights are cast here, differentiably, and the
     # layer computes in the autocast dtype; the residual stream returns in x.dtype.
     w = {k: None if t is None else t.to(dtype) for k, t in w.items()}
     with torch.autocast(x.device.type, enabled=False):
         y = decoder_layer(x.to(dtype), cos, sin, plan, layer._centrifuge_shape, w,
-                          id(layer) in state.recompute)  # fmt: skip
+                          id(layer) in state.recompute, dropout)  # fmt: skip
     return y.to(x.dtype)
 
 
@@ -542,6 +544,10 @@ def _norm_forward(norm, state: _PatchState, original, hidden_states):
         return rms_norm(hidden_states.to(dtype), norm.weight.to(dtype), norm.variance_epsilon, plan)
 
 
+# The LM head's Functions are not traced by torch.compile: a traced backward
+# would read the plan (and skip the rows check) as they were at the forward,
+# before the loss filled the plan (docs/design.md, "torch.compile").
+@torch.compiler.disable
 def _lm_head_forward(head, state: _PatchState, original, x):
     plan = state.plan
     if plan is None or x.dim() != 3 or tuple(x.shape[:2]) != plan.shape or head.bias is not None:

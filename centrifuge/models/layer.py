@@ -41,7 +41,8 @@ PROJECTIONS = {
 }  # fmt: skip
 # LoRA adapters of a projection p: p_lora_A [r, in] and p_lora_B [out, r], the
 # latter already multiplied by the adapter's scaling (outside the Function, so
-# autograd applies the scale to B's gradient): y = x Wᵀ + (x Aᵀ) Bᵀ.
+# autograd applies the scale to B's gradient): y = x Wᵀ + (dropout(x) Aᵀ) Bᵀ
+# (dropout: peft's lora_dropout, in training only; AdapterDropout).
 LORA_NAMES = tuple(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "AB")
 # The order in which a layer's weights enter the Function (None where absent).
 WEIGHT_NAMES = (
@@ -81,26 +82,88 @@ def _cat(*ts):
     return None if ts[0] is None else torch.cat(ts)
 
 
-def _lora(y, x, W: dict, p: str):
-    """Adds projection p's adapter, (x Aᵀ) Bᵀ, to its output y in place (y may be
-    a column view of a fused output); returns y."""
+class AdapterDropout:
+    """peft's ``lora_dropout`` on the adapters' inputs, for one call of a layer.
+
+    peft computes y = x Wᵀ + (dropout(x) Aᵀ) Bᵀ·scaling with dropout(x) = x ∘ M/(1-p),
+    M ~ Bernoulli(1-p) per element, drawn for every projection separately. The
+    backward needs M on its rows (dA = (dY B)ᵀ dropout(X); dX gets ((dY B) A) ∘ M/(1-p)),
+    and so does the recompute. Saving the masks would cost N x in bytes per
+    projection and layer, about 17 KB a token and layer for TinyLlama, where a
+    checkpointed layer keeps 4.2 KB; instead the generator's state before each
+    draw is saved (CUDA: its seed and offset; CPU: 5 KB per projection and
+    layer, whatever N) and the draw is repeated from it: the same mask, at the
+    cost of drawing every row again. The forward draws from the device's default
+    generator with nn.Dropout's CPU op (``bernoulli_(1 - p)``, then ``/ (1 - p)``), in
+    peft's order (q, k, v, o, gate, up, down): a patched model consumes the random
+    stream as the unpatched peft model does, and on the CPU applies the same masks.
+
+    p: projection name (PROJECTIONS) -> dropout probability, for the adapters
+    that drop their input in this call (training mode, p > 0).
+    """
+
+    def __init__(self, p: dict[str, float]):
+        self.p = p
+        self.states: dict[str, tuple[torch.Tensor, torch.Size]] = {}
+
+    def noise(self, name: str, like: torch.Tensor, rows=None) -> torch.Tensor | None:
+        """M/(1-p) for projection ``name``'s adapter input, at ``rows`` of the
+        forward's N (None: every row), in ``like``'s dtype and device; None when
+        the adapter does not drop. The first call (the forward: ``like`` is the
+        input, [N, in]) draws from the default generator; later calls (backward,
+        recompute) repeat that draw."""
+        p = self.p.get(name)
+        if p is None:
+            return None
+        saved = self.states.get(name)
+        if saved is None:
+            generator, shape = None, like.shape
+            self.states[name] = (_rng_state(like.device), shape)
+        else:
+            generator = torch.Generator(like.device)
+            generator.set_state(saved[0])
+            shape = saved[1]
+        m = like.new_empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
+        return select_rows(m, rows)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of ``device``'s default generator."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _lora(y, x, W: dict, p: str, drop: AdapterDropout, rows=None):
+    """Adds projection p's adapter, (dropout(x) Aᵀ) Bᵀ, to its output y in place (y
+    may be a column view of a fused output); returns y. x: the projection's input
+    at ``rows`` of the forward (None: every row)."""
     A = W[p + "_lora_A"]
     if A is not None:
-        y.addmm_(x @ A.t(), W[p + "_lora_B"].t())
+        m = drop.noise(p, x, rows)
+        y.addmm_((x if m is None else x * m) @ A.t(), W[p + "_lora_B"].t())
     return y
 
 
-def _lora_backward(dW: dict, dy, x, W: dict, p: str, dx=None):
-    """Rank-r gradients of projection p's adapter from the compact rows: dy [n, out]
-    and the projection's input x [n, in]: dA = (dY B)ᵀ X, dB = dYᵀ (X Aᵀ); adds
-    (dY B) A to dx [n, in] in place when given. Returns dx."""
+def _lora_backward(dW: dict, dy, x, W: dict, p: str, dx=None, m=None):
+    """Rank-r gradients of projection p's adapter from the compact rows: dy [n, out],
+    the projection's input x [n, in] and its dropout factor m [n, in] (None: no
+    dropout; X' = X ∘ m): dA = (dY B)ᵀ X', dB = dYᵀ (X' Aᵀ); adds ((dY B) A) ∘ m to
+    dx [n, in] in place when given. Returns dx."""
     A = W[p + "_lora_A"]
     if A is None:
         return dx
     dyb = dy @ W[p + "_lora_B"]
+    if m is not None:
+        x = x * m
     dW[p + "_lora_A"] = dyb.t() @ x
     dW[p + "_lora_B"] = dy.t() @ (x @ A.t())
-    return dx if dx is None else dx.addmm_(dyb, A)
+    return dx if dx is None else _lora_dx(dx, dyb, A, m)
+
+
+def _lora_dx(dx, dyb, A, m):
+    """dx += ((dY B) A) ∘ m in place (m None: no dropout); returns dx."""
+    return dx.addmm_(dyb, A) if m is None else dx.addcmul_(dyb @ A, m)
 
 
 def _split_heads(qkv: torch.Tensor, N: int, H: int, Hkv: int, D: int):
@@ -136,7 +199,8 @@ class Activations:
     rstd_k: torch.Tensor | None = None
 
 
-def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=None) -> Activations:
+def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, layout, rows=None,
+             lse=None) -> Activations:  # fmt: skip
     """The layer up to the MLP's gate/up projections (the caller adds ``a Wd``).
 
     xf: [N, d]; cos, sin: [N, head_dim]. rows=None: every row (the forward, and
@@ -155,20 +219,20 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
         # q and k in place, so the saved bytes are those of q, k, v.
         qkv = _linear(h1, _cat(W["wq"], W["wk"], W["wv"]), _cat(W["bq"], W["bk"], W["bv"]))
         for p, cols in zip(("wq", "wk", "wv"), qkv.split([H * D, Hkv * D, Hkv * D], dim=1)):
-            _lora(cols, h1, W, p)
+            _lora(cols, h1, W, p, drop)
         q, k, v = _split_heads(qkv, N, H, Hkv, D)
         rope_forward(q, cos, sin, out=q)
         rope_forward(k, cos, sin, out=k)
     else:
         hq = select_rows(h1, rows)
-        q = _lora(_linear(hq, W["wq"], W["bq"]), hq, W, "wq").view(hq.shape[0], H, D)
+        q = _lora(_linear(hq, W["wq"], W["bq"]), hq, W, "wq", drop, rows).view(hq.shape[0], H, D)
         if _fuse_qkv(W):  # the compact recompute: K and V of every row in one GEMM
             kv = _linear(h1, _cat(W["wk"], W["wv"]), _cat(W["bk"], W["bv"]))
-            k, v = _lora(kv[:, : Hkv * D], h1, W, "wk"), _lora(kv[:, Hkv * D :], h1, W, "wv")
-            k, v = k.view(N, Hkv, D), v.view(N, Hkv, D)
+            k = _lora(kv[:, : Hkv * D], h1, W, "wk", drop).view(N, Hkv, D)
+            v = _lora(kv[:, Hkv * D :], h1, W, "wv", drop).view(N, Hkv, D)
         else:
-            k = _lora(_linear(h1, W["wk"], W["bk"]), h1, W, "wk").view(N, Hkv, D)
-            v = _lora(_linear(h1, W["wv"], W["bv"]), h1, W, "wv").view(N, Hkv, D)
+            k = _lora(_linear(h1, W["wk"], W["bk"]), h1, W, "wk", drop).view(N, Hkv, D)
+            v = _lora(_linear(h1, W["wv"], W["bv"]), h1, W, "wv", drop).view(N, Hkv, D)
         if W["q_norm"] is not None:
             q_lin, k_lin = q, k
             q, rstd_q = rms_norm_forward(q, W["q_norm"], shape.eps)
@@ -181,7 +245,8 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
     else:
         o = attention_forward_rows(q, kb, vb, lse, layout, rows)
     o = o.reshape(-1, H * D)
-    x2 = _lora(_linear(o, W["wo"], select_rows(xf, rows)), o, W, "wo")  # residual add inside the GEMM
+    x2 = _linear(o, W["wo"], select_rows(xf, rows))  # residual add inside the GEMM
+    x2 = _lora(x2, o, W, "wo", drop, rows)
     h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
     if PERF["fused_gate_up"]:
         # g, u: column views of one [n, 2F] output (the SwiGLU kernels take them).
@@ -190,7 +255,7 @@ def _forward(xf, cos, sin, W: dict, shape: LayerShape, layout, rows=None, lse=No
         g, u = gu[:, :F], gu[:, F:]
     else:
         g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
-    g, u = _lora(g, h2, W, "wg"), _lora(u, h2, W, "wu")
+    g, u = _lora(g, h2, W, "wg", drop, rows), _lora(u, h2, W, "wu", drop, rows)
     return Activations(rstd1, q, k, v, o, lse, x2, rstd2, g, u, q_lin, k_lin, rstd_q, rstd_k)
 
 
@@ -199,8 +264,8 @@ def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
     return t.new_empty(N, *t.shape[1:]).index_copy_(0, idx, t)
 
 
-def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layout, idx, local,
-              need, extra=None, kv_mask=None):  # fmt: skip
+def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, shape: LayerShape,
+              layout, idx, local, need, extra=None, kv_mask=None):  # fmt: skip
     """The compact backward of one layer. dy: [N, d] (the layer output's gradient);
     idx: the backward's rows [n] (None: every row); extra: the sampled filtered
     rows among them and their K/V-gradient weight (Plan.rows_for); local: the index through which the
@@ -222,12 +287,13 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
     # MLP: one kernel recomputes a = silu(g) u and writes [dg du] side by side.
     dy = select_rows(dy, idx)
     da = dy @ W["wd"]
-    if W["wd_lora_A"] is not None:  # (dY B) A joins da before the SwiGLU backward
-        da.addmm_(dy @ W["wd_lora_B"], W["wd_lora_A"])
+    m = drop.noise("wd", da, idx)
+    if W["wd_lora_A"] is not None:  # ((dY B) A) ∘ m joins da before the SwiGLU backward
+        _lora_dx(da, dy @ W["wd_lora_B"], W["wd_lora_A"], m)
     act, dgu = swiglu_backward_rows(da, a.g, a.u, local)
     if need["wd"]:
         dW["wd"] = dy.t() @ act
-    _lora_backward(dW, dy, act, W, "wd")
+    _lora_backward(dW, dy, act, W, "wd", m=m)
     h2 = rms_norm_apply_rows(a.x2, a.rstd2, W["post_norm"], local)
     if need["wg"] or need["wu"]:
         dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
@@ -236,8 +302,8 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         dh2 = dgu @ _cat(W["wg"], W["wu"])
     else:
         dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
-    _lora_backward(dW, dgu[:, :F], h2, W, "wg", dh2)
-    _lora_backward(dW, dgu[:, F:], h2, W, "wu", dh2)
+    _lora_backward(dW, dgu[:, :F], h2, W, "wg", dh2, drop.noise("wg", h2, idx))
+    _lora_backward(dW, dgu[:, F:], h2, W, "wu", dh2, drop.noise("wu", h2, idx))
     # The residual gradient dy is added inside the norm's backward.
     dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, a.x2, a.rstd2, W["post_norm"], local, dy)
 
@@ -245,7 +311,8 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
     o_rows = select_rows(a.o, local)
     if need["wo"]:
         dW["wo"] = dx2.t() @ o_rows
-    do = _lora_backward(dW, dx2, o_rows, W, "wo", dx2 @ W["wo"]).view(-1, H, D)
+    do = _lora_backward(dW, dx2, o_rows, W, "wo", dx2 @ W["wo"], drop.noise("wo", o_rows, idx))
+    do = do.view(-1, H, D)
     q, o = a.q, a.o
     if local is None and idx is not None:  # compact recompute: the kernels read q, o at idx
         q, o = _scatter(q, idx, N), _scatter(o, idx, N)
@@ -284,7 +351,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, shape: LayerShape, layo
         dh1 = torch.addmm(dh1, dqkv[:, H * D : (H + Hkv) * D], W["wk"])
         dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
     for p, dcols in zip(("wq", "wk", "wv"), dqkv.split([H * D, Hkv * D, Hkv * D], dim=1)):
-        _lora_backward(dW, dcols, h1, W, p, dh1)
+        _lora_backward(dW, dcols, h1, W, p, dh1, drop.noise(p, h1, idx))
     # The layer's one full-size write: dx of kept rows, zeros elsewhere.
     dx, dW["input_norm"] = rms_norm_backward_rows(
         dh1, xf, a.rstd1, W["input_norm"], idx, dx2, scatter=True
@@ -305,19 +372,21 @@ class DecoderLayerFunction(torch.autograd.Function):
     everything else for the kept rows (:func:`_forward` with ``rows``)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, plan: Plan, shape: LayerShape, recompute: bool, *weights):
+    def forward(ctx, x, cos, sin, plan: Plan, shape: LayerShape, recompute: bool, dropout: dict,
+                *weights):  # fmt: skip
         W = dict(zip(WEIGHT_NAMES, weights))
         B, L, d = x.shape
         N, D = B * L, shape.head_dim
         xf = x.reshape(N, d)
         cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
-        a = _forward(xf, cos2, sin2, W, shape, plan.layout)
+        drop = AdapterDropout(dropout)
+        a = _forward(xf, cos2, sin2, W, drop, shape, plan.layout)
         act = swiglu_forward(a.g, a.u)
-        y = _lora(_linear(act, W["wd"], a.x2), act, W, "wd")
+        y = _lora(_linear(act, W["wd"], a.x2), act, W, "wd", drop)
         # h1, h2 and the SwiGLU output are recomputed on kept rows in the backward.
         acts = (a.lse,) if recompute else tuple(getattr(a, f.name) for f in fields(a))
         ctx.save_for_backward(xf, cos2, sin2, *acts, *weights)
-        ctx.plan, ctx.shape, ctx.recompute = plan, shape, recompute
+        ctx.plan, ctx.shape, ctx.recompute, ctx.drop = plan, shape, recompute, drop
         return y.view(B, L, d)
 
     @staticmethod
@@ -328,22 +397,22 @@ class DecoderLayerFunction(torch.autograd.Function):
         if ctx.recompute:
             weights = rest[1:]
             W = dict(zip(WEIGHT_NAMES, weights))
-            a = _forward(xf, cos, sin, W, shape, plan.layout, idx, rest[0])
+            a = _forward(xf, cos, sin, W, ctx.drop, shape, plan.layout, idx, rest[0])
             local = None
         else:
             weights = rest[_N_ACTS:]
             W = dict(zip(WEIGHT_NAMES, weights))
             a, local = Activations(*rest[:_N_ACTS]), idx
-        need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[6:]))
+        need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[7:]))
         dx, dW = _backward(
-            dy.reshape(xf.shape), xf, cos, sin, a, W, shape, plan.layout, idx, local, need, extra,
-            plan.kv_mask_for(shape.layer_index),
-        )
+            dy.reshape(xf.shape), xf, cos, sin, a, W, ctx.drop, shape, plan.layout, idx, local,
+            need, extra, plan.kv_mask_for(shape.layer_index),
+        )  # fmt: skip
         grads = [
             dW[name].to(w.dtype) if w is not None and need[name] else None
             for name, w in zip(WEIGHT_NAMES, weights)
         ]
-        return (dx.view(dy.shape), None, None, None, None, None, *grads)
+        return (dx.view(dy.shape), None, None, None, None, None, None, *grads)
 
 
 def is_plain_linear(m) -> bool:
@@ -353,11 +422,13 @@ def is_plain_linear(m) -> bool:
 
 
 def projection_weights(m, where: str):
-    """(weight, bias, lora_A, lora_B, scaling) of a projection module: a plain
-    nn.Linear, or a peft LoRA layer around one (lora_* None without an active,
-    unmerged adapter). Raises for what the compact layer cannot compute exactly."""
+    """(weight, bias, lora_A, lora_B, scaling, dropout) of a projection module: a
+    plain nn.Linear, or a peft LoRA layer around one (lora_* None without an
+    active, unmerged adapter). dropout: the probability with which the adapter
+    drops its input elements in this call (0 in eval mode). Raises for what the
+    compact layer cannot compute exactly."""
     if is_plain_linear(m):
-        return m.weight, m.bias, None, None, None
+        return m.weight, m.bias, None, None, None, 0.0
     base = getattr(m, "base_layer", None)
     if base is None or not hasattr(m, "lora_A"):
         raise TypeError(
@@ -368,47 +439,60 @@ def projection_weights(m, where: str):
         raise TypeError(f"{where}: LoRA around a {type(base).__name__} is not supported "
                         "(quantized base layers are not)")  # fmt: skip
     if m.merged or m.disable_adapters:  # peft computes base_layer(x) alone then
-        return base.weight, base.bias, None, None, None
+        return base.weight, base.bias, None, None, None, 0.0
     active = [name for name in m.active_adapters if name in m.lora_A]
     if not active:
-        return base.weight, base.bias, None, None, None
+        return base.weight, base.bias, None, None, None, 0.0
     if len(active) > 1:
         raise NotImplementedError(f"{where}: several active LoRA adapters {active} are not supported")
     name = active[0]
     if m.use_dora.get(name) or name in getattr(m, "lora_variant", {}):
         raise NotImplementedError(f"{where}: DoRA and other LoRA variants are not supported (plain LoRA is)")
-    if m.training and not isinstance(m.lora_dropout[name], nn.Identity):
+    dropout = m.lora_dropout[name]
+    if type(dropout) not in (nn.Identity, nn.Dropout):
         raise NotImplementedError(
-            f"{where}: lora_dropout > 0 in training is not supported (the compact backward "
-            "recomputes adapter inputs and would need the dropout mask); use lora_dropout=0"
+            f"{where}: lora_dropout as a {type(dropout).__name__} is not supported (nn.Dropout is)"
         )
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if p >= 1:  # peft's adapter would see zeros: the adapter would do nothing
+        raise ValueError(f"{where}: lora_dropout must be below 1, got {p}")
     A, B = m.lora_A[name], m.lora_B[name]
     if not (is_plain_linear(A) and is_plain_linear(B)) or A.bias is not None or B.bias is not None:
         raise NotImplementedError(f"{where}: LoRA adapters with a bias (lora_bias) are not supported")
-    return base.weight, base.bias, A.weight, B.weight, m.scaling[name]
+    return base.weight, base.bias, A.weight, B.weight, m.scaling[name], p
 
 
-def layer_weights(layer) -> dict:
-    """The weights of a Llama-family decoder layer keyed by WEIGHT_NAMES (None where
-    absent), LoRA adapters included. Native and transformers layers use the same
+def layer_weights(layer) -> tuple[dict, dict]:
+    """(weights, dropout) of a Llama-family decoder layer: the weights keyed by
+    WEIGHT_NAMES (None where absent), LoRA adapters included; the adapters that
+    drop their input in this call, projection name -> probability
+    (:class:`AdapterDropout`). Native and transformers layers use the same
     attribute names."""
     w = dict(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight)
+    dropout = {}
     for p, (block, attr) in PROJECTIONS.items():
         module = getattr(getattr(layer, block), attr)
-        weight, bias, A, B, scaling = projection_weights(module, f"{block}.{attr}")
+        weight, bias, A, B, scaling, drop = projection_weights(module, f"{block}.{attr}")
         w.update({p: weight, f"{p}_lora_A": A, f"{p}_lora_B": None if B is None else B * scaling})
+        if drop > 0:
+            dropout[p] = drop
         if p in ("wq", "wk", "wv"):
             w["b" + p[1]] = bias
     a = layer.self_attn
     if hasattr(a, "q_norm"):
         w.update(q_norm=a.q_norm.weight, k_norm=a.k_norm.weight)
-    return w
+    return w, dropout
 
 
-def decoder_layer(x, cos, sin, plan: Plan, shape: LayerShape, weights: dict, recompute=False):
+# Not traced by torch.compile: a traced backward would read the plan as it was at
+# the forward, before the loss filled it (docs/design.md, "torch.compile").
+@torch.compiler.disable
+def decoder_layer(x, cos, sin, plan: Plan, shape: LayerShape, weights: dict, recompute=False,
+                  dropout: dict | None = None):  # fmt: skip
     """x: [B, L, d]; cos, sin: [B, L, head_dim]; weights keyed by WEIGHT_NAMES.
     recompute: activation checkpointing (save x and the attention lse, recompute
-    the rest in the backward, on the kept rows where the plan is compact)."""
+    the rest in the backward, on the kept rows where the plan is compact).
+    dropout: LoRA adapters' input dropout, projection name -> p (layer_weights)."""
     return DecoderLayerFunction.apply(
-        x, cos, sin, plan, shape, recompute, *(weights.get(n) for n in WEIGHT_NAMES)
+        x, cos, sin, plan, shape, recompute, dropout or {}, *(weights.get(n) for n in WEIGHT_NAMES)
     )

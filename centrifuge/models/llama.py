@@ -90,8 +90,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, plan: Plan):
         # Under autocast the fp32 master weights are cast here, differentiably,
         # so the layer computes in x.dtype and fp32 gradients reach the masters.
-        w = {k: None if v is None else v.to(x.dtype) for k, v in layer_weights(self).items()}
-        return decoder_layer(x, cos, sin, plan, self.shape, w, self.recompute)
+        w, dropout = layer_weights(self)
+        w = {k: None if v is None else v.to(x.dtype) for k, v in w.items()}
+        return decoder_layer(x, cos, sin, plan, self.shape, w, self.recompute, dropout)
 
 
 class Backbone(nn.Module):

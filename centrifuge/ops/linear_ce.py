@@ -122,6 +122,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dx.view_as(x), None if dw is None else dw.to(w.dtype), None, None, None
 
 
+# Not traced by torch.compile: a traced backward would read the plan as it was at
+# the forward, before the loss filled it (docs/design.md, "torch.compile").
+@torch.compiler.disable
 def linear_cross_entropy(x, w, targets, plan, ignore_index: int = IGNORE_INDEX):
     return LinearCrossEntropyFunction.apply(x, w, targets, plan, ignore_index)
 
@@ -165,6 +168,7 @@ class NormLinearCrossEntropyFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dnw.to(norm_w.dtype), dw, None, None, None, None
 
 
+@torch.compiler.disable  # as linear_cross_entropy
 def norm_linear_cross_entropy(x, norm_w, w, targets, plan, eps, ignore_index: int = IGNORE_INDEX):
     """(loss [B, L] float32, h [B, L, d] without gradient); see the Function."""
     return NormLinearCrossEntropyFunction.apply(x, norm_w, w, targets, plan, eps, ignore_index)

@@ -129,5 +129,8 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view_as(x), dw.to(w.dtype), None, None
 
 
+# Not traced by torch.compile: a traced backward would read the plan as it was at
+# the forward, before the loss filled it (docs/design.md, "torch.compile").
+@torch.compiler.disable
 def rms_norm(x, w, eps, plan):
     return RMSNormFunction.apply(x, w, eps, plan)

@@ -99,3 +99,46 @@ def test_lora_checkpointed_gradients_match_reference_semantics():
     out.plan.loss(out.token_loss, keep).backward()
     ours16 = worst_rel(adapter_grads(model), truth)
     assert ours16 < 2 * plain16 + 1e-3, f"bf16 LoRA + checkpointing {ours16:.2e} vs plain bf16 {plain16:.2e}"
+
+
+def test_lora_dropout_masks_on_cuda():
+    """lora_dropout on CUDA: the layer draws its masks from the CUDA default
+    generator and repeats the draws from the saved generator state in the
+    backward and the recompute. The reference runs peft's modules with their
+    dropout drawing by the layer's op (peft's own CUDA dropout is a fused kernel
+    with other draws) from the same seed, so both apply the same masks; a
+    reference from another seed shows what other masks would change."""
+    peft = pytest.importorskip("peft")
+    ids, kw = batch(seed=4, packed=True)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = build_model(CONFIGS["llama-gqa-d64"], dtype=torch.float32, device="cuda", seed=0)
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.1,
+                          init_lora_weights=False)  # fmt: skip
+    model = peft.get_peft_model(model, cfg).get_base_model()
+
+    def adapter_grads():
+        out = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    keep = None
+    for recompute in (False, True):
+        (model.activation_checkpointing_enable if recompute else model.activation_checkpointing_disable)()
+        torch.manual_seed(2)
+        out = model(ids, labels=ids, **kw)
+        keep = Selector("loss", 0.5)(out.token_loss, out.valid) if keep is None else keep
+        out.plan.loss(out.token_loss, keep).backward()
+        got = adapter_grads()
+        for module in drops:  # peft's dropout, drawn as the layer draws
+            module.forward = lambda x, p=module.p: x * x.new_empty(x.shape).bernoulli_(1 - p).div_(1 - p)
+        want = {}
+        for seed in (2, 3):
+            torch.manual_seed(seed)
+            reference_filtered_loss(model, ids, ids, keep, **kw).backward()
+            want[seed] = adapter_grads()
+        for module in drops:
+            del module.forward
+        same, other = worst_rel(got, want[2]), worst_rel(got, want[3])
+        assert same < 5e-3 and other > 10 * same, f"recompute={recompute}: {same:.2e} vs {other:.2e}"
