@@ -300,3 +300,20 @@ def test_trainer_with_peft_lora_and_gradient_checkpointing(tmp_path, monkeypatch
     assert is_patched(pm) and len(recomputed) == 2 * 2  # 2 steps x 2 layers
     for n, p in pm.named_parameters():
         assert torch.equal(p, before[n]) != ("lora_" in n), n
+
+
+def test_a_repeated_dropout_mask_that_differs_fails_loudly():
+    """The backward repeats the forward's draw from the saved generator state; a
+    state that does not reproduce it (another generator's) fails a device assert."""
+    from centrifuge.models.layer import AdapterDropout
+
+    x = torch.ones(16, 8, dtype=torch.float64)
+    drop = AdapterDropout({"wq": 0.5})
+    first = drop.noise("wq", x)
+    assert torch.equal(drop.noise("wq", x), first)  # repeated: the same mask
+    assert torch.equal(drop.noise("wq", x, torch.tensor([3, 5])), first[[3, 5]])
+    state, shape, kept = drop.states["wq"]
+    torch.manual_seed(12345)
+    drop.states["wq"] = (torch.get_rng_state(), shape, kept)
+    with pytest.raises(RuntimeError, match="repeated mask differs"):
+        drop.noise("wq", x)

@@ -104,7 +104,7 @@ class AdapterDropout:
 
     def __init__(self, p: dict[str, float]):
         self.p = p
-        self.states: dict[str, tuple[torch.Tensor, torch.Size]] = {}
+        self.states: dict[str, tuple[torch.Tensor, torch.Size, torch.Tensor]] = {}
 
     def noise(self, name: str, like: torch.Tensor, rows=None) -> torch.Tensor | None:
         """M/(1-p) for projection ``name``'s adapter input, at ``rows`` of the
@@ -117,13 +117,18 @@ class AdapterDropout:
             return None
         saved = self.states.get(name)
         if saved is None:
-            generator, shape = None, like.shape
-            self.states[name] = (_rng_state(like.device), shape)
+            state = _rng_state(like.device)
+            m = like.new_empty(like.shape).bernoulli_(1 - p).div_(1 - p)
+            # The number of kept entries: a repeated draw that disagrees (a
+            # generator that did not restore) fails a device assert, never a
+            # silently wrong gradient.
+            self.states[name] = (state, like.shape, (m != 0).sum())
         else:
+            state, shape, kept = saved
             generator = torch.Generator(like.device)
-            generator.set_state(saved[0])
-            shape = saved[1]
-        m = like.new_empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
+            generator.set_state(state)
+            m = like.new_empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
+            torch._assert_async((m != 0).sum() == kept, "lora_dropout: the repeated mask differs")
         return select_rows(m, rows)
 
 
