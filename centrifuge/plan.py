@@ -346,16 +346,20 @@ class Plan:
             self._context = context_rows(self.valid, self.layout)
         return self._context
 
-    def set_context(self, context: torch.Tensor) -> None:
+    def set_context(self, context: torch.Tensor, count: int | None = None) -> None:
         """Record the context rows ([B, L] bool, :func:`context_rows`): no loss, but
         in the backward set unless ``BackwardOptions.context`` is ``constant``.
-        A CPU mask is counted here, on the host; for a device mask the compact
-        path learns the count with one host sync."""
+        count: their number, when the caller knows it on the host. A CPU mask is
+        counted here; for a device mask without ``count`` the compact path learns
+        it with one host sync."""
         self.check_keep(context)
-        on_host = context.device.type == "cpu"
-        self.context_count = int(context.sum()) if on_host else None
+        if context.device.type == "cpu":
+            count = int(context.sum())  # free on the host
+        elif count is not None:
+            torch._assert_async(context.sum() == count, "context mask and context count disagree")
+        self.context_count = count
         # None at all (pretraining): the mask is never read, so no copy to the device.
-        self._context = context if self.context_count == 0 else context.to(self.layout.position_ids.device)
+        self._context = context if count == 0 else context.to(self.layout.position_ids.device)
 
     def _backward_context(self) -> torch.Tensor | None:
         """The context rows that join the backward set (None: none do)."""

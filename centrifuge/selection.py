@@ -41,10 +41,11 @@ def num_keep(n_valid: int, ratio: float) -> int:
     return min(n_valid, math.ceil(round(ratio * n_valid, 9)))
 
 
-def top_k_rows(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def top_k_rows(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Keep the ``k[i]`` highest-scoring valid entries of each row ``i``.
 
-    scores: [R, C] float, valid: [R, C] bool, k: [R] int64.
+    scores: [R, C] float, valid: [R, C] bool, k: [R] int64, or an int for every
+    row (no host-to-device copy: a captured step replays without one).
     Ties go to the earlier position; invalid entries are never chosen.
     Returns [R, C] bool.
     """
@@ -53,7 +54,8 @@ def top_k_rows(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> to
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     by_valid = torch.sort(valid.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True)
     order = order.gather(1, by_valid.indices)
-    rank_ok = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
+    rank = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    rank_ok = rank < (k if isinstance(k, int) else k[:, None])
     keep = torch.zeros_like(valid)
     keep.scatter_(1, order, rank_ok)
     return keep & valid
@@ -196,7 +198,7 @@ class Selector:
             raise ValueError("selection scores contain NaN (a NaN loss or reference loss)")
         if self.granularity == "batch":
             k = count if no_sync else num_keep(int(valid.sum()), self.ratio)
-            keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), torch.tensor([k], device=valid.device))
+            keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), k)
             return keep.view_as(valid)
         return top_k_rows(scores, valid, self._keep_per_row(valid))
 

@@ -106,12 +106,13 @@ def test_sft_labels_and_variants_time_supervised_fine_tuning():
     from centrifuge.plan import Layout, context_rows
 
     ids = torch.randint(0, 200, (3, 20), generator=torch.Generator().manual_seed(0))
-    labels, n_valid, context = SFTLabels(0.3)(ids)
+    labels, n_valid, context, n_context = SFTLabels(0.3)(ids)
     assert (labels[:, :6] == -100).all() and torch.equal(labels[:, 6:], ids[:, 6:])
     valid = torch.zeros(3, 20, dtype=torch.bool)
     valid[:, :-1] = labels[:, 1:] != -100
     assert n_valid == int(valid.sum())
     assert torch.equal(context, context_rows(valid, Layout.build(3, 20)))
+    assert n_context == int(context.sum())
     with pytest.raises(ValueError, match="prompt share"):
         SFTLabels(1.0)
 

@@ -54,6 +54,9 @@ def add_arguments(p) -> None:
                    help="time supervised fine-tuning: the first S of every row is a prompt "
                         "labelled -100 (plain SFT as dense; Centrifuge with the prompt in the "
                         "backward and, as centrifuge+context-constant, as constants); native steps only")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time every native step captured as CUDA graphs (-graph rows: the "
+                        "host issues one launch per forward and backward; CUDA only)")
     p.add_argument("--out-dir", "--out", dest="out", type=Path, default=Path("runs/bench"),
                    help="output directory")
 
@@ -64,7 +67,7 @@ def run(args) -> int:
         layers=args.layers, dtype=args.dtype, device=args.device, warmup=args.warmup,
         repeats=args.repeats, hf=args.hf, liger=args.liger, breakdown_ratio=args.breakdown_ratio,
         activation_checkpointing=args.activation_checkpointing, lora=args.lora, knobs=args.knobs,
-        prompt_share=args.prompt_share,
+        prompt_share=args.prompt_share, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
     layers = f"-{cfg.layers}l" if cfg.layers else ""
     if args.parallel:
@@ -88,7 +91,8 @@ def run(args) -> int:
     ckpt = "-ckpt" if cfg.activation_checkpointing else ""
     lora = f"-lora{cfg.lora}" if cfg.lora else ""
     sft = f"-sft{round(100 * cfg.prompt_share)}" if cfg.prompt_share else ""
-    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}{ckpt}{lora}{sft}"
+    graphs = "-graphs" if cfg.cuda_graphs else ""
+    stem = f"{cfg.preset}{layers}-s{cfg.seq_len}-b{cfg.batch}-{cfg.dtype}{peer}{ckpt}{lora}{sft}{graphs}"
     paths = write(result, args.out, stem)
     print(to_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
