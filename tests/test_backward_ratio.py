@@ -10,9 +10,10 @@ import torch
 
 from centrifuge.models import build_model, get_preset
 from centrifuge.models.reference import reference_filtered_loss, reference_token_loss
-from centrifuge.plan import BackwardOptions
+from centrifuge.plan import BackwardOptions, Layout, Plan, context_rows
 from centrifuge.selection import Selector
 from test_model_grads import assert_close, grads, make_batch
+from test_plan_selection import _syncs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -45,6 +46,34 @@ def test_ranked_rows_are_the_next_in_the_selection_order(method, granularity):
     # Without filtering nothing is left to rank.
     k_all, r_none = Selector("none").select(token_loss, valid, backward_ratio=1.0)
     assert k_all.equal(valid) and not r_none.any()
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sequence"])
+def test_host_counted_ranked_rows_do_not_sync(granularity):
+    """With the kept and backward counts from the host (as centrifuge train has
+    them), selection and plan gather kept + context + ranked rows without a sync."""
+    B, L = 3, 31
+    pos = torch.arange(L).repeat(B, 1)
+    pos[1, 12:] -= 12  # two documents in row 1
+    layout = Layout.build(B, L, position_ids=pos)
+    valid = ~layout.last_rows()
+    valid[:, :4] = False  # a prompt at the start of every row
+    context = context_rows(valid, layout)
+    token_loss = torch.rand(B, L, generator=torch.Generator().manual_seed(0))
+    sel = Selector("loss", 0.4, granularity)
+    n, nb = sel.count(valid), sel.count(valid, 0.7)
+    opts = BackwardOptions(backward_ratio=0.7)
+    plan = Plan(layout, opts)
+    plan.set_context(context)
+
+    def run():
+        run.keep, run.ranked = sel.select(token_loss, valid, count=n, backward_ratio=0.7, backward_count=nb)
+        plan.set_ranked(run.ranked, nb - n)
+        plan.set_keep(run.keep, n)
+
+    assert _syncs(run) == []
+    assert torch.equal(plan.rows_idx, torch.nonzero((run.keep | context | run.ranked).reshape(-1)).squeeze(1))
+    assert torch.equal(plan.keep_idx, torch.nonzero(run.keep.reshape(-1)).squeeze(1))
 
 
 def ranked_grads(model, ids, labels, opts, selector, host_counts=False, **kw):
