@@ -173,3 +173,14 @@ def test_bad_backward_ratio_fails_clearly():
     plain = model(ids, labels=labels)
     with pytest.raises(ValueError, match="only with BackwardOptions"):
         plain.plan.set_ranked(ranked)
+
+
+def test_the_hf_patch_refuses_backward_ratio():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from centrifuge import patch
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    with pytest.raises(ValueError, match="does not take backward_ratio"):
+        patch(LlamaForCausalLM(cfg), backward=BackwardOptions(backward_ratio=0.7))
