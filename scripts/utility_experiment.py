@@ -261,7 +261,8 @@ def knob_options(knob: str) -> dict:
     """TrainConfig fields of a knob spec."""
     o = BackwardOptions.parse(knob)
     weight = None if o.extra == 0 or math.isclose(o.weight, 1 / o.extra) else o.weight
-    return dict(backward_extra=o.extra, backward_extra_weight=weight, exact_layers=o.exact_layers)
+    return dict(backward_extra=o.extra, backward_extra_weight=weight, exact_layers=o.exact_layers,
+                backward_ratio=o.backward_ratio)
 
 
 def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path, eval_ds,
@@ -403,12 +404,15 @@ def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dic
     for name, mode in modes.items():
         model.zero_grad(set_to_none=True)
         o = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], backward=mode)
-        keep = Selector("rho1", s.headline_ratio)(o.token_loss, o.valid, ref)
+        rb = None if mode == "exact" else mode.backward_ratio
+        keep, ranked = Selector("rho1", s.headline_ratio).select(o.token_loss, o.valid, ref, backward_ratio=rb)
+        if ranked is not None:  # the rows ranked next join the backward (kv_weight holds them)
+            o.plan.set_ranked(ranked)
         o.plan.loss(o.token_loss, keep).backward()
         got = [p.grad.detach().clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
         # exact = ordinary autograd of the masked loss; amplified = K/V of filtered rows
-        # detached; a knob: K/V weights of the sampled rows, exact bottom layers
+        # detached; a knob: K/V weights of the sampled and ranked rows, exact bottom layers
         if mode != "exact":
             knob = dict(kv_weight=o.plan.kv_weight(keep), exact_layers=o.plan.options.exact_layers)
             loss = reference_filtered_loss(model, b["input_ids"], b["labels"], keep,

@@ -34,10 +34,11 @@ def test_bench_runs_every_variant_on_cpu():
 def test_bench_cli_writes_outputs(tmp_path):
     rc = main(["bench", "--preset", "tiny", "--seq-len", "16", "--batch", "1", "--ratios", "0.5",
                "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "fp32", "--no-hf",
-               "--knob", "extra=0.3", "--knob", "exact_layers=1", "--out", str(tmp_path)])  # fmt: skip
+               "--knob", "extra=0.3", "--knob", "exact_layers=1", "--knob", "backward_ratio=0.7",
+               "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0
     data = json.loads((tmp_path / "tiny-s16-b1-fp32.json").read_text())
-    knobs = {"centrifuge+extra0.3", "centrifuge+exact1"}
+    knobs = {"centrifuge+extra0.3", "centrifuge+exact1", "centrifuge+backward0.7"}
     assert {r["variant"] for r in data["rows"]} == {"dense", "masked", "centrifuge"} | knobs
     assert set(data["ratios"][0]["knobs"]) == knobs
     assert "| centrifuge+exact1 | 0.50 |" in (tmp_path / "tiny-s16-b1-fp32.md").read_text()
@@ -49,6 +50,8 @@ def test_bench_rejects_bad_ratio():
         BenchConfig(ratios=[0.0])
     with pytest.raises(ValueError, match="bad backward option"):
         BenchConfig(knobs=["extra:0.3"])
+    with pytest.raises(ValueError, match="every ratio must be at most 0.6 .* 0.7, 1 exceed"):
+        BenchConfig(ratios=[0.5, 0.7, 1.0], knobs=["backward_ratio=0.6"])
 
 
 def test_bench_activation_checkpointing_variants(tmp_path):

@@ -76,7 +76,13 @@ class BenchConfig:
         if self.lora is not None and self.lora < 1:
             raise ValueError(f"lora rank must be a positive integer, got {self.lora}")
         for spec in self.knobs:
-            BackwardOptions.parse(spec).check_layers(self.layers or n)
+            opts = BackwardOptions.parse(spec)
+            opts.check_layers(self.layers or n)
+            low = [r for r in self.ratios if r > (opts.backward_ratio or 1.0)]
+            if low:
+                raise ValueError(f"--knob {spec}: the backward set holds the kept rows, so every "
+                                 f"ratio must be at most {opts.backward_ratio:g} (give --ratios; "
+                                 f"{', '.join(f'{r:g}' for r in low)} exceed it)")  # fmt: skip
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         device = resolve_device(self.device)

@@ -88,6 +88,8 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         return out.plan.loss(out.token_loss, out.valid, n_valid)
 
     def filtered(mode):
+        rb = BackwardOptions.of(mode).backward_ratio
+
         def step(ids, ratio):
             labels, n_valid, context, n_context = sft(ids)
             out = model(ids, labels=labels, backward=mode)
@@ -95,7 +97,13 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
                 out.plan.set_context(context, n_context)  # counted on the host, as centrifuge train does
             selector = Selector("loss", ratio)
             count = _host_count(selector, n_valid)
-            keep = selector(out.token_loss, out.valid, count=count)
+            if rb is None:
+                keep = selector(out.token_loss, out.valid, count=count)
+            else:  # the rows ranked next join the backward, counted on the host too
+                n_b = None if count is None else num_keep(n_valid, rb)
+                keep, ranked = selector.select(out.token_loss, out.valid, count=count,
+                                               backward_ratio=rb, backward_count=n_b)  # fmt: skip
+                out.plan.set_ranked(ranked, None if count is None else n_b - count)
             return out.plan.loss(out.token_loss, keep, count)
 
         return step
