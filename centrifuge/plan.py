@@ -382,12 +382,16 @@ class Plan:
             self._context = context_rows(self.valid, self.layout)
         return self._context
 
-    def set_context(self, context: torch.Tensor, count: int | None = None) -> None:
+    def set_context(self, context: torch.Tensor | None, count: int | None = None) -> None:
         """Record the context rows ([B, L] bool, :func:`context_rows`): no loss, but
         in the backward set unless ``BackwardOptions.context`` is ``constant``.
         count: their number, when the caller knows it on the host. A CPU mask is
         counted here; for a device mask without ``count`` the compact path learns
-        it with one host sync."""
+        it with one host sync. None: the batch has none (pretraining labels), so
+        they are never derived from the labels on the device."""
+        if context is None:
+            self._context, self.context_count = None, 0
+            return
         self.check_keep(context)
         if context.device.type == "cpu":
             count = int(context.sum())  # free on the host

@@ -93,8 +93,7 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         def step(ids, ratio):
             labels, n_valid, context, n_context = sft(ids)
             out = model(ids, labels=labels, backward=mode)
-            if context is not None:
-                out.plan.set_context(context, n_context)  # counted on the host, as centrifuge train does
+            out.plan.set_context(context, n_context)  # known on the host, as centrifuge train knows it
             selector = Selector("loss", ratio)
             count = _host_count(selector, n_valid)
             if rb is None:
