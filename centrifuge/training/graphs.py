@@ -81,10 +81,6 @@ class CapturedMicroBatches:
         graph.backward()
         return outputs
 
-    def counts(self) -> dict:
-        """Captured signatures, micro-batches replayed, and those run eagerly."""
-        return dict(captured=len(self.steps), replayed=self.replays, eager=self.eager)
-
     def update(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Copy a batch's tensors into the fixed buffers; returns the buffers by name."""
         return self.inputs.update(**tensors)

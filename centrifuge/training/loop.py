@@ -469,5 +469,4 @@ class Trainer:
             initial_eval_loss=evals[0]["loss"] if evals and evals[0]["step"] == 0 else None,
             processes=self.ctx.world_size,
             parallel=self.run.parallel,
-            cuda_graphs=None if self.graphs is None else self.graphs.counts(),
         )
