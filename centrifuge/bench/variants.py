@@ -151,7 +151,7 @@ def graphed_variants(variants: list[Variant]) -> list[Variant]:
         steps: dict[tuple, GraphedStep] = {}
 
         def step(ids, ratio):
-            key = (ids.data_ptr(), tuple(ids.shape), ratio)
+            key = (ids.data_ptr(), tuple(ids.shape), ratio if v.filtered else None)
             if key not in steps:
                 steps[key] = GraphedStep(lambda: (v.loss(ids, ratio),), list(v.module.parameters()),
                                          pool=pool)  # fmt: skip
