@@ -1,8 +1,11 @@
 """The quality knobs of the amplified backward (``BackwardOptions``): sampled
-filtered rows with reweighted K/V gradients (``extra``, ``extra_weight``) and the
-exact backward in the bottom layers (``exact_layers``). Fast path against the
-reference semantics in float64; the unbiased estimator against the exact
-masked-loss gradient by averaging many samples."""
+filtered rows with reweighted K/V gradients (``extra``, ``extra_weight``), the
+exact backward in the bottom or top layers (``exact_layers``, ``exact_top``) and
+filtered rows' K/V gradients for the K/V projections (``kv_projections``). Fast
+path against the reference semantics in float64; the unbiased estimator against
+the exact masked-loss gradient by averaging many samples."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -39,9 +42,15 @@ def knob_grads(model, ids, labels, opts, ratio=0.4, **kw):
     keep = Selector("loss", ratio)(out.token_loss, out.valid)
     out.plan.loss(out.token_loss, keep).backward()
     ours = grads(model)
-    reference_filtered_loss(model, ids, labels, keep, kv_weight=out.plan.kv_weight(keep),
-                            exact_layers=opts.exact_layers, **kw).backward()  # fmt: skip
+    reference_filtered_loss(model, ids, labels, keep, **reference_knobs(out.plan, keep), **kw).backward()
     return out.plan, keep, ours, grads(model)
+
+
+def reference_knobs(plan, keep) -> dict:
+    """The reference semantics' arguments for a filled plan's knobs."""
+    o = plan.options
+    return dict(kv_weight=plan.kv_weight(keep), exact_layers=o.exact_layers, exact_top=o.exact_top,
+                kv_projections=o.kv_projections)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-qwen2", "tiny-qwen3"])
@@ -247,3 +256,119 @@ def test_hf_patched_knobs_match_native_reference(tmp_path):
     ref = grads(native)
     assert_close(native_grads, ref)
     assert_close(hf_grads, ref, tol=1e-9)  # same seed and shape: the same sampled rows
+
+
+# The new knobs on 3-layer models (room for a bottom, a compact and a top layer).
+KEY_KNOBS = {
+    "kvproj": dict(kv_projections=True),
+    "kvproj+extra0.4": dict(kv_projections=True, extra=0.4),
+    "top1": dict(exact_top=1),
+    "top1+bottom1+kvproj": dict(exact_top=1, exact_layers=1, kv_projections=True),
+    "top2+kvproj": dict(exact_top=2, kv_projections=True),
+}
+
+
+def three_layers(name, seed):
+    return build_model(dataclasses.replace(get_preset(name), num_layers=3), dtype=F64, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize("knob", list(KEY_KNOBS))
+@pytest.mark.parametrize("path", ["compact", "dense"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "checkpointed"])
+def test_top_exact_and_kv_projections_match_reference(name, knob, path, recompute):
+    spec = KEY_KNOBS[knob]
+    if path == "dense" and spec.get("extra"):
+        pytest.skip("sampled rows need the compact path")
+    model = three_layers(name, seed=4)
+    if recompute:
+        model.activation_checkpointing_enable()
+    ids, labels, kw = make_batch(seed=len(name) + len(knob), packed=True, padded=True)
+    opts = BackwardOptions(seed=7, path=path, **spec)
+    plan, keep, ours, ref = knob_grads(model, ids, labels, opts, **kw)
+    assert plan.compact == (path == "compact")
+    if opts.kv_projections and path == "compact":
+        key = plan.key_rows
+        assert key.idx.numel() > 0 and not keep.reshape(-1)[key.idx].any()
+        assert torch.equal(key.union[key.rows_pos], plan.rows_idx)
+        assert torch.equal(key.union[key.pos], key.idx)
+    assert_close(ours, ref)
+
+
+KV_PATH = ("k_proj", "v_proj", "k_norm", "input_layernorm")
+
+
+def test_kv_projections_reach_weights_not_the_residual_stream():
+    """kv_projections changes the gradients of the K/V projections, the k norms
+    and the input norms only, and no gradient enters a filtered row (the
+    embedding output's gradient is zero there): everything else is the
+    amplified gradient."""
+    model = three_layers("tiny-qwen3", seed=5)
+    ids, labels, kw = make_batch(seed=9, packed=True)
+    embedded = []
+    model.model.embed_tokens.register_forward_hook(lambda m, i, x: embedded.append(x) or x.retain_grad())
+    out = model(ids, labels=labels, **kw)
+    keep = Selector("random", 0.4, seed=2)(out.token_loss, out.valid)
+    out.plan.loss(out.token_loss, keep).backward()
+    amplified, dx_amplified = grads(model), embedded[-1].grad
+    out = model(ids, labels=labels, backward=BackwardOptions(kv_projections=True), **kw)
+    out.plan.loss(out.token_loss, keep).backward()
+    ours, dx = grads(model), embedded[-1].grad
+    assert dx[~keep].abs().max() == 0
+    torch.testing.assert_close(dx, dx_amplified, rtol=1e-10, atol=1e-14)
+    for name in amplified:
+        if any(s in name for s in KV_PATH):
+            assert (ours[name] - amplified[name]).abs().max() > 1e-3 * amplified[name].abs().max(), name
+        else:
+            torch.testing.assert_close(ours[name], amplified[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("spec", [dict(kv_projections=True), dict(exact_top=1),
+                                  dict(exact_top=1, exact_layers=1, kv_projections=True)])  # fmt: skip
+@pytest.mark.parametrize("path", ["compact", "dense"])
+def test_every_labelled_row_kept_gives_the_plain_gradient(spec, path):
+    """ρ = 1 (every labelled row kept, prompts as context rows): the knobs give
+    the plain model's gradient. The kept count is given, so the compact plan
+    gathers instead of taking the ρ = 1 shortcut to a dense plan."""
+    model = three_layers("tiny-gqa", seed=6)
+    ids, labels, kw = make_batch(seed=4, packed=True, padded=True)
+    token_loss, valid = reference_token_loss(model, ids, labels, None, **kw)
+    ((token_loss * valid).sum() / valid.sum()).backward()
+    plain = grads(model)
+    out = model(ids, labels=labels, backward=BackwardOptions(path=path, **spec), **kw)
+    out.plan.loss(out.token_loss, out.valid, count=int(out.valid.sum())).backward()
+    assert out.plan.compact == (path == "compact")
+    assert_close(grads(model), plain)
+
+
+def test_new_knobs_change_the_gradient():
+    """Neither knob is the amplified or the exact gradient in disguise. exact_top = 1
+    is the amplified gradient plus, in the top layer only, what kv_projections
+    adds there: a top layer's filtered rows get input gradient through their K/V
+    alone (no later layer reads them), and it stops at the boundary."""
+    model = three_layers("tiny-gqa", seed=2)
+    ids, labels, kw = make_batch(seed=5, packed=True)
+    keep = Selector("random", 0.4, seed=1)(*reference_token_loss(model, ids, labels, **kw))
+    token_loss, _ = reference_token_loss(model, ids, labels, None, **kw)
+    ((token_loss * keep).sum() / keep.sum()).backward()
+    exact = grads(model)
+    reference_filtered_loss(model, ids, labels, keep, **kw).backward()
+    amplified = grads(model)
+
+    def knob(**spec):
+        out = model(ids, labels=labels, backward=BackwardOptions(**spec), **kw)
+        out.plan.loss(out.token_loss, keep).backward()
+        return grads(model)
+
+    def differs(a, b, name):
+        return (a[name] - b[name]).abs().max() > 1e-3 * b[name].abs().max()
+
+    kvproj, top1, top2 = knob(kv_projections=True), knob(exact_top=1), knob(exact_top=2)
+    for ours, name in ((kvproj, "model.layers.0.self_attn.k_proj.weight"),
+                       (top2, "model.layers.0.mlp.up_proj.weight")):  # fmt: skip
+        assert differs(ours, exact, name) and differs(ours, amplified, name)
+    for name in exact:
+        want = kvproj if ".layers.2." in name else amplified
+        torch.testing.assert_close(top1[name], want[name], rtol=1e-10, atol=1e-14, msg=name)
+    assert differs(top1, amplified, "model.layers.2.self_attn.v_proj.weight")
+    assert_close(knob(exact_top=3), exact)  # every layer exact

@@ -6,7 +6,11 @@ the loss is averaged over kept rows. ``keep=None`` gives ordinary autograd of
 the same model: the masked-loss baseline that ``exact`` mode must reproduce.
 The knobs of :class:`centrifuge.plan.BackwardOptions`: ``kv_weight`` (per-row
 K/V gradient weights, ``Plan.kv_weight``: sampled filtered rows) replaces the
-0/1 mask in the attention layers, and the bottom ``exact_layers`` detach nothing.
+0/1 mask in the attention layers; the bottom ``exact_layers`` and the top
+``exact_top`` detach nothing, and the input of the lowest top exact layer is
+detached on the rows outside the backward set when a detaching layer lies
+below it; ``kv_projections`` computes the K/V of the rows outside the backward
+set from their detached layer input (live weights) instead of detaching them.
 Tests hold the compact backward to these gradients; nothing fast lives here.
 """
 
@@ -34,13 +38,20 @@ def reference_token_loss(
     kv_weight: torch.Tensor | None = None,
     exact_layers: int = 0,
     context: str = "backward",
+    exact_top: int = 0,
+    kv_projections: bool = False,
 ):
     """Returns (token_loss [B, L], valid [B, L]) computed with plain autograd.
 
     keep: [B, L] bool, K/V of rows outside ``keep`` and the context rows detached
     (None: nothing detached); context: ``constant`` detaches context rows too;
     kv_weight: [B, L] float, used instead of ``keep`` in the attention layers
-    (see ``attention_reference``); exact_layers: layers below it detach nothing."""
+    (see ``attention_reference``); exact_layers, exact_top: the bottom and top
+    layers that detach nothing; the input of layer ``num_layers - exact_top`` is
+    detached on the rows outside the backward set (weight 0) when the layer
+    below it detaches; kv_projections: in the detaching layers, the K/V of rows
+    outside the backward set are computed from the layer input detached (live
+    weights: norm, projections, k norm) and take gradient from every query."""
     c = model.config
     B, L = input_ids.shape
     layout = model.make_plan(input_ids, position_ids, attention_mask).layout
@@ -57,18 +68,32 @@ def reference_token_loss(
     cos, sin = rope_cos_sin(layout.position_ids, model.inv_freq, x.dtype)
     cos, sin = cos.reshape(B * L, -1), sin.reshape(B * L, -1)
     hd = c.head_dim
+    n_layers = len(model.model.layers)
+
+    def detaching(i):  # layer i detaches (or weights) K/V outside the backward set
+        return attn_keep is not None and exact_layers <= i < n_layers - exact_top
+
     for i, layer in enumerate(model.model.layers):
         a = layer.self_attn
+        if i > 0 and not detaching(i) and detaching(i - 1):  # the lowest top exact layer
+            x = torch.where(attn_keep[..., None] != 0, x, x.detach())
         h = rms_norm_reference(x, layer.input_layernorm.weight, c.rms_norm_eps)
         q = a.q_proj(h).view(B * L, c.num_heads, hd)
-        k = a.k_proj(h).view(B * L, c.num_kv_heads, hd)
-        v = a.v_proj(h).view(B, L, c.num_kv_heads, hd)
+        k, v = _key_value(a, h, c)
+        layer_keep = attn_keep if detaching(i) else None
+        if layer_keep is not None and kv_projections:
+            outside = (attn_keep == 0).reshape(B * L, 1, 1)
+            h_const = rms_norm_reference(x.detach(), layer.input_layernorm.weight, c.rms_norm_eps)
+            k_const, v_const = _key_value(a, h_const, c)
+            k, v = torch.where(outside, k_const, k), torch.where(outside, v_const, v)
+            # Every row live; the outside rows' own queries get no gradient anyway.
+            layer_keep = attn_keep.to(x.dtype).masked_fill(attn_keep == 0, 1.0)
         if c.qk_norm:
             q = rms_norm_reference(q, a.q_norm.weight, c.rms_norm_eps)
-            k = rms_norm_reference(k, a.k_norm.weight, c.rms_norm_eps)
         q = rope_reference(q, cos, sin).view(B, L, c.num_heads, hd)
         k = rope_reference(k, cos, sin).view(B, L, c.num_kv_heads, hd)
-        o = attention_reference(q, k, v, layout.segment_ids, None if i < exact_layers else attn_keep)
+        v = v.view(B, L, c.num_kv_heads, hd)
+        o = attention_reference(q, k, v, layout.segment_ids, layer_keep)
         x = x + a.o_proj(o.reshape(B, L, -1))
         h = rms_norm_reference(x, layer.post_attention_layernorm.weight, c.rms_norm_eps)
         m = layer.mlp
@@ -80,8 +105,17 @@ def reference_token_loss(
     return loss.view(B, L), valid
 
 
+def _key_value(attn, h, c):
+    """K (after the k norm, before RoPE) and V [B * L, Hkv, head_dim] of the normed input h."""
+    k = attn.k_proj(h).view(-1, c.num_kv_heads, c.head_dim)
+    v = attn.v_proj(h).view(-1, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+        k = rms_norm_reference(k, attn.k_norm.weight, c.rms_norm_eps)
+    return k, v
+
+
 def reference_filtered_loss(model, input_ids, labels, keep, **kw) -> torch.Tensor:
     """Mean over kept rows, K/V of filtered rows detached (or weighted: ``kv_weight``,
-    ``exact_layers``; ``context``) in the attention layers."""
+    ``exact_layers``, ``exact_top``, ``kv_projections``; ``context``) in the attention layers."""
     token_loss, _ = reference_token_loss(model, input_ids, labels, keep, **kw)
     return (token_loss * keep).sum() / keep.sum()
