@@ -218,9 +218,12 @@ def test_bad_options_fail_clearly():
         model(ids, labels=ids, backward=BackwardOptions(exact_layers=3))
 
 
-def test_hf_patched_knobs_match_native_reference(tmp_path):
+@pytest.mark.parametrize("opts", [dict(extra=0.4, exact_layers=1, seed=3),
+                                  dict(extra=0.4, exact_top=1, kv_projections=True, seed=3)])  # fmt: skip
+def test_hf_patched_knobs_match_native_reference(tmp_path, opts):
     """A patched transformers Llama with sampled rows and an exact bottom layer
-    draws the same rows as the native model and matches the reference semantics."""
+    (or an exact top layer and kv_projections) draws the same rows as the native
+    model and matches the reference semantics."""
     transformers = pytest.importorskip("transformers")
     from centrifuge import filtered_loss, patch
     from centrifuge.models import LlamaForCausalLM
@@ -239,7 +242,6 @@ def test_hf_patched_knobs_match_native_reference(tmp_path):
     keep = torch.rand(2, 15, generator=torch.Generator().manual_seed(4)) < 0.4
     keep &= ~layout.last_rows()
     keep[0, 6] = True
-    opts = dict(extra=0.4, exact_layers=1, seed=3)
 
     patch(hf, backward=BackwardOptions(**opts))
     logits = hf(ids, **kw).logits
@@ -251,8 +253,7 @@ def test_hf_patched_knobs_match_native_reference(tmp_path):
     out.plan.loss(out.token_loss, keep).backward()
     native_grads = grads(native)
     assert out.plan.sampled.any()
-    reference_filtered_loss(native, ids, labels, keep, kv_weight=out.plan.kv_weight(keep),
-                            exact_layers=1, **kw).backward()  # fmt: skip
+    reference_filtered_loss(native, ids, labels, keep, **reference_knobs(out.plan, keep), **kw).backward()
     ref = grads(native)
     assert_close(native_grads, ref)
     assert_close(hf_grads, ref, tol=1e-9)  # same seed and shape: the same sampled rows

@@ -77,22 +77,24 @@ def reference_token_loss(
         a = layer.self_attn
         if i > 0 and not detaching(i) and detaching(i - 1):  # the lowest top exact layer
             x = torch.where(attn_keep[..., None] != 0, x, x.detach())
-        h = rms_norm_reference(x, layer.input_layernorm.weight, c.rms_norm_eps)
-        q = a.q_proj(h).view(B * L, c.num_heads, hd)
-        k, v = _key_value(a, h, c)
+        w_in = layer.input_layernorm.weight
+        h = h_kv = rms_norm_reference(x, w_in, c.rms_norm_eps)
         layer_keep = attn_keep if detaching(i) else None
         if layer_keep is not None and kv_projections:
-            outside = (attn_keep == 0).reshape(B * L, 1, 1)
-            h_const = rms_norm_reference(x.detach(), layer.input_layernorm.weight, c.rms_norm_eps)
-            k_const, v_const = _key_value(a, h_const, c)
-            k, v = torch.where(outside, k_const, k), torch.where(outside, v_const, v)
-            # Every row live; the outside rows' own queries get no gradient anyway.
+            # K/V of rows outside the backward set from their detached input, with
+            # live weights; then every row is live in the attention (the outside
+            # rows' own queries get no gradient anyway).
+            outside = attn_keep[..., None] == 0
+            h_kv = torch.where(outside, rms_norm_reference(x.detach(), w_in, c.rms_norm_eps), h)
             layer_keep = attn_keep.to(x.dtype).masked_fill(attn_keep == 0, 1.0)
+        q = a.q_proj(h).view(B * L, c.num_heads, hd)
+        k = a.k_proj(h_kv).view(B * L, c.num_kv_heads, hd)
+        v = a.v_proj(h_kv).view(B, L, c.num_kv_heads, hd)
         if c.qk_norm:
             q = rms_norm_reference(q, a.q_norm.weight, c.rms_norm_eps)
+            k = rms_norm_reference(k, a.k_norm.weight, c.rms_norm_eps)
         q = rope_reference(q, cos, sin).view(B, L, c.num_heads, hd)
         k = rope_reference(k, cos, sin).view(B, L, c.num_kv_heads, hd)
-        v = v.view(B, L, c.num_kv_heads, hd)
         o = attention_reference(q, k, v, layout.segment_ids, layer_keep)
         x = x + a.o_proj(o.reshape(B, L, -1))
         h = rms_norm_reference(x, layer.post_attention_layernorm.weight, c.rms_norm_eps)
@@ -103,15 +105,6 @@ def reference_token_loss(
         h.reshape(B * L, -1), model.lm_head.weight, targets.reshape(-1), ignore_index
     )
     return loss.view(B, L), valid
-
-
-def _key_value(attn, h, c):
-    """K (after the k norm, before RoPE) and V [B * L, Hkv, head_dim] of the normed input h."""
-    k = attn.k_proj(h).view(-1, c.num_kv_heads, c.head_dim)
-    v = attn.v_proj(h).view(-1, c.num_kv_heads, c.head_dim)
-    if c.qk_norm:
-        k = rms_norm_reference(k, attn.k_norm.weight, c.rms_norm_eps)
-    return k, v
 
 
 def reference_filtered_loss(model, input_ids, labels, keep, **kw) -> torch.Tensor:
