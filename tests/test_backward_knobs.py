@@ -19,7 +19,7 @@ from centrifuge.ops.attention import (
     attention_forward_reference,
     attention_reference,
 )
-from centrifuge.plan import BackwardOptions, ExtraRows, Layout
+from centrifuge.plan import BackwardOptions, ExtraRows, Layout, Plan
 from centrifuge.selection import Selector
 from test_model_grads import assert_close, grads, make_batch
 from test_ops import _layout, _qkv
@@ -212,10 +212,34 @@ def test_bad_options_fail_clearly():
         BackwardOptions(exact_layers=-1)
     with pytest.raises(ValueError, match="mode 'exact'"):
         BackwardOptions("exact", extra=0.2)
+    with pytest.raises(ValueError, match="exact_top must be a non-negative integer"):
+        BackwardOptions(exact_top=1.5)
+    with pytest.raises(ValueError, match="kv_projections must be True or False"):
+        BackwardOptions(kv_projections="yes")
+    for knob in (dict(exact_top=1), dict(kv_projections=True)):
+        with pytest.raises(ValueError, match="mode 'exact'"):
+            BackwardOptions("exact", **knob)
     model = build_model(get_preset("tiny"), dtype=F64)
     ids = torch.zeros(1, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
         model(ids, labels=ids, backward=BackwardOptions(exact_layers=3))
+    with pytest.raises(ValueError, match="exact_top=3 exceeds the model's 2 layers"):
+        model(ids, labels=ids, backward=BackwardOptions(exact_top=3))
+    with pytest.raises(ValueError, match="overlap in the model's 2 layers"):
+        model(ids, labels=ids, backward=BackwardOptions(exact_layers=1, exact_top=2))
+    with pytest.raises(ValueError, match="needs the model's num_layers"):
+        Plan(Layout.build(1, 5), BackwardOptions(exact_top=1))
+
+
+def test_parse_and_describe_the_new_knobs():
+    opts = BackwardOptions.parse("exact_top=2,kv_projections=1,path=dense")
+    assert (opts.exact_top, opts.kv_projections, opts.path) == (2, True, "dense")
+    assert opts.describe() == "amplified+exacttop2+kvproj+dense"
+    assert BackwardOptions.parse("kv_projections=false").kv_projections is False
+    with pytest.raises(ValueError, match="'kv_projections=maybe'.*not a valid kv_projections"):
+        BackwardOptions.parse("kv_projections=maybe")
+    with pytest.raises(ValueError, match="exact_top=K, kv_projections=0|1"):
+        BackwardOptions.parse("exact_bottom=1")
 
 
 @pytest.mark.parametrize("opts", [dict(extra=0.4, exact_layers=1, seed=3),

@@ -34,10 +34,11 @@ def test_bench_runs_every_variant_on_cpu():
 def test_bench_cli_writes_outputs(tmp_path):
     rc = main(["bench", "--preset", "tiny", "--seq-len", "16", "--batch", "1", "--ratios", "0.5",
                "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "fp32", "--no-hf",
-               "--knob", "extra=0.3", "--knob", "exact_layers=1", "--out", str(tmp_path)])  # fmt: skip
+               "--knob", "extra=0.3", "--knob", "exact_layers=1", "--knob", "exact_top=1,kv_projections=1",
+               "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0
     data = json.loads((tmp_path / "tiny-s16-b1-fp32.json").read_text())
-    knobs = {"centrifuge+extra0.3", "centrifuge+exact1"}
+    knobs = {"centrifuge+extra0.3", "centrifuge+exact1", "centrifuge+exacttop1+kvproj"}
     assert {r["variant"] for r in data["rows"]} == {"dense", "masked", "centrifuge"} | knobs
     assert set(data["ratios"][0]["knobs"]) == knobs
     assert "| centrifuge+exact1 | 0.50 |" in (tmp_path / "tiny-s16-b1-fp32.md").read_text()

@@ -49,7 +49,9 @@ def add_arguments(p) -> None:
                    help="with --parallel: skip the one-GPU timing (models too large for one GPU)")
     p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="SPEC",
                    help="also time Centrifuge with a quality knob, e.g. extra=0.3, "
-                        "extra=0.5,extra_weight=1.5 or exact_layers=2 (repeatable)")
+                        "extra=0.5,extra_weight=1.5, exact_layers=2, exact_top=2 or "
+                        "kv_projections=1 (repeatable; keys: extra, extra_weight, exact_layers, "
+                        "exact_top, kv_projections, path, context)")
     p.add_argument("--prompt-share", type=float, default=0.0, metavar="S",
                    help="time supervised fine-tuning: the first S of every row is a prompt "
                         "labelled -100 (plain SFT as dense; Centrifuge with the prompt in the "

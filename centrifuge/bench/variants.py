@@ -69,8 +69,8 @@ class SFTLabels:
 def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
                     knobs: tuple[str, ...] = (), prompt_share: float = 0.0) -> list[Variant]:  # fmt: skip
     """dense, masked, centrifuge on the native model, and one Centrifuge variant
-    per knob spec (``BackwardOptions.parse``: e.g. ``extra=0.3`` or
-    ``exact_layers=2``); with ``checkpointing`` also each of them with activation
+    per knob spec (``BackwardOptions.parse``: e.g. ``extra=0.3``, ``exact_layers=2``
+    or ``kv_projections=1``); with ``checkpointing`` also each of them with activation
     checkpointing (``-ckpt``: the dense and masked steps recompute whole layers,
     Centrifuge's recompute runs on kept rows). ``prompt_share`` > 0 times
     supervised fine-tuning (:class:`SFTLabels`: dense = plain SFT), and adds

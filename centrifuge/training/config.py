@@ -18,7 +18,7 @@ from centrifuge.selection import GRANULARITIES, METHODS
 
 DTYPES = ("fp32", "bf16")
 # The backward's quality knobs: they act on filtered tokens only.
-KNOBS = ("backward_extra", "backward_extra_weight", "exact_layers")
+KNOBS = ("backward_extra", "backward_extra_weight", "exact_layers", "exact_top", "kv_projections")
 DEFAULT_MODEL = "mini"  # a byte-level preset that learns the built-in corpus in minutes on CPU
 
 
@@ -44,6 +44,10 @@ class TrainConfig:
                       the backward with probability backward_extra, its K/V gradient
                       from other rows weighted 1/p (unbiased) or backward_extra_weight;
                       the bottom exact_layers layers run the exact backward.
+    exact_top:        the top exact_top layers run the exact backward, the gradient
+                      stopped at filtered tokens below them (BackwardOptions ``exact_top``).
+    kv_projections:   filtered tokens' K/V gradients reach the K/V projections, not the
+                      residual stream (BackwardOptions ``kv_projections``).
     backward_path:    how ``amplified`` is computed (the gradients are the same):
                       ``compact`` (gathered kept rows), ``dense`` (full-size GEMMs,
                       filtered K/V gradients zeroed; small models) or ``auto``.
@@ -88,6 +92,8 @@ class TrainConfig:
     backward_extra: float = 0.0
     backward_extra_weight: float | None = None
     exact_layers: int = 0
+    exact_top: int = 0
+    kv_projections: bool = False
     backward_path: str = "auto"
     context_rows: str = "backward"
     seq_len: int = 256
@@ -189,7 +195,8 @@ class TrainConfig:
         seeds its sampling generator for every micro-batch)."""
         return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
                                self.exact_layers, seed=self.seed, path=self.backward_path,
-                               context=self.context_rows)  # fmt: skip
+                               context=self.context_rows, exact_top=self.exact_top,
+                               kv_projections=self.kv_projections)  # fmt: skip
 
     def tokens_per_step(self, processes: int = 1) -> int:
         """Tokens of one optimizer step over ``processes`` (torchrun) processes."""
