@@ -572,6 +572,13 @@ class Plan:
             w = w.masked_fill(self.sampled, self.options.weight)
         return w
 
+    def reference_knobs(self, keep: torch.Tensor) -> dict:
+        """The knobs of this filled plan as ``reference_filtered_loss`` takes them
+        (``centrifuge.models.reference``: the reference semantics)."""
+        o = self.options
+        return dict(kv_weight=self.kv_weight(keep), exact_layers=o.exact_layers, exact_top=o.exact_top,
+                    kv_projections=o.kv_projections)  # fmt: skip
+
     def loss(self, token_loss: torch.Tensor, keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """Mean of the kept rows' losses, and the plan filled for the backward.
 

@@ -16,10 +16,11 @@ from centrifuge.models import ModelConfig, build_model, get_preset
 from centrifuge.models.reference import reference_filtered_loss, reference_token_loss
 from centrifuge.ops.attention import (
     attention_backward,
+    attention_backward_key_rows,
     attention_forward_reference,
     attention_reference,
 )
-from centrifuge.plan import BackwardOptions, ExtraRows, Layout, Plan
+from centrifuge.plan import BackwardOptions, ExtraRows, Layout, Plan, _key_rows, precedes
 from centrifuge.selection import Selector
 from test_model_grads import assert_close, grads, make_batch
 from test_ops import _layout, _qkv
@@ -42,15 +43,8 @@ def knob_grads(model, ids, labels, opts, ratio=0.4, **kw):
     keep = Selector("loss", ratio)(out.token_loss, out.valid)
     out.plan.loss(out.token_loss, keep).backward()
     ours = grads(model)
-    reference_filtered_loss(model, ids, labels, keep, **reference_knobs(out.plan, keep), **kw).backward()
+    reference_filtered_loss(model, ids, labels, keep, **out.plan.reference_knobs(keep), **kw).backward()
     return out.plan, keep, ours, grads(model)
-
-
-def reference_knobs(plan, keep) -> dict:
-    """The reference semantics' arguments for a filled plan's knobs."""
-    o = plan.options
-    return dict(kv_weight=plan.kv_weight(keep), exact_layers=o.exact_layers, exact_top=o.exact_top,
-                kv_projections=o.kv_projections)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-qwen2", "tiny-qwen3"])
@@ -117,6 +111,44 @@ def test_attention_backward_extra_rows(seed, H, Hkv):
         torch.testing.assert_close(ours, ref.grad.reshape(B * L, -1, D)[idx], rtol=1e-12, atol=1e-12)
     _, dk_plain, _ = attention_backward(*args)
     assert (dk - dk_plain)[pos].abs().max() > 1e-3  # the sampled rows were reweighted
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2)])
+def test_attention_backward_key_rows(kernels, H, Hkv, monkeypatch):
+    """Op level: the backward rows' dQ, dK, dV and the key rows' dK, dV from the
+    backward rows' queries only, against autograd with the key rows' K/V live and
+    no output gradient on their queries; with sampled rows among the backward rows.
+    ``triton``: the CUDA dispatch (the Triton kernels, run by the interpreter on
+    CPU, float32)."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setattr(attn, "_gpu_kernels_available", lambda x: True)
+    dtype, tol = (F64, 1e-12) if kernels == "reference" else (torch.float32, 2e-5)
+    g = torch.Generator().manual_seed(H)
+    B, L, D = 2, 17, 8
+    layout = _layout(B, L, True, g)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in _qkv(B, L, H, Hkv, D, g))
+    u = torch.rand(B, L, generator=g)
+    keep, sampled = u < 0.3, (u >= 0.3) & (u < 0.45)
+    rows = keep | sampled
+    key = ~rows & precedes(rows, layout)
+    w = 2.0
+    weight = keep.to(dtype).masked_fill(sampled, w).masked_fill(key, 1.0)
+    o_ref = attention_reference(q, k, v, layout.segment_ids, weight)
+    idx = torch.nonzero(rows.reshape(-1)).squeeze(1)
+    do = torch.randn(idx.numel(), H, D, generator=g, dtype=F64).to(dtype)
+    o_ref.backward(torch.zeros(B * L, H, D, dtype=dtype).index_copy_(0, idx, do).view(B, L, H, D))
+    o, lse = attention_forward_reference(q.detach(), k.detach(), v.detach(), layout)
+    key_rows = _key_rows(rows, idx, layout)
+    extra = ExtraRows(torch.nonzero(sampled.reshape(-1)[idx]).squeeze(1), w)
+    dq, dk, dv, dk_key, dv_key = attention_backward_key_rows(
+        q.detach(), k.detach(), v.detach(), o, lse, do, layout, idx, key_rows, extra=extra
+    )  # fmt: skip
+    for ours, ref, at in ((dq, q, idx), (dk, k, idx), (dv, v, idx), (dk_key, k, key_rows.idx),
+                          (dv_key, v, key_rows.idx)):  # fmt: skip
+        torch.testing.assert_close(ours, ref.grad.reshape(B * L, -1, D)[at], rtol=tol, atol=tol)
+    assert dk_key.abs().max() > 1e-3
 
 
 def test_extra_rows_estimator_is_unbiased_and_the_diagonal_matters(monkeypatch):
@@ -277,7 +309,7 @@ def test_hf_patched_knobs_match_native_reference(tmp_path, opts):
     out.plan.loss(out.token_loss, keep).backward()
     native_grads = grads(native)
     assert out.plan.sampled.any()
-    reference_filtered_loss(native, ids, labels, keep, **reference_knobs(out.plan, keep), **kw).backward()
+    reference_filtered_loss(native, ids, labels, keep, **out.plan.reference_knobs(keep), **kw).backward()
     ref = grads(native)
     assert_close(native_grads, ref)
     assert_close(hf_grads, ref, tol=1e-9)  # same seed and shape: the same sampled rows
