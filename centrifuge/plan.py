@@ -64,12 +64,20 @@ class BackwardOptions:
                    same gradients, no gathers and no index syncs: cheaper for small
                    models); ``auto`` picks by the GEMM work per layer
                    (:func:`choose_path`). Sampled rows (``extra``) need ``compact``.
+    backward_ratio: ρ_b in (0, 1], at least the selection's keep ratio ρ (checked where
+                   both are known: :meth:`Selector.select`): the valid rows that the
+                   selection ranks next after the kept ones, up to ρ_b of them, join the
+                   backward set without a loss, as context rows do (their K/V gradient
+                   and everything through them flows as under a masked loss). The
+                   caller selects them (``Selector.select(..., backward_ratio=)``) and
+                   gives them to the plan (:meth:`Plan.set_ranked`). None: only the kept
+                   rows (and context rows). ρ_b = 1 is the exact masked-loss gradient.
     """
 
     def __init__(self, mode: str = "amplified", extra: float = 0.0,
                  extra_weight: float | None = None, exact_layers: int = 0, seed: int = 0,
                  path: str = "auto", context: str = "backward", exact_top: int = 0,
-                 kv_projections: bool = False):  # fmt: skip
+                 kv_projections: bool = False, backward_ratio: float | None = None):  # fmt: skip
         if mode not in BACKWARD_MODES:
             raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
         if path not in BACKWARD_PATHS:
@@ -96,14 +104,21 @@ class BackwardOptions:
                 raise ValueError(f"{name} must be a non-negative integer, got {k!r}")
         if not isinstance(kv_projections, bool):
             raise ValueError(f"kv_projections must be True or False, got {kv_projections!r}")
-        if mode == "exact" and (extra > 0 or exact_layers > 0 or exact_top > 0 or kv_projections):
+        if backward_ratio is not None:
+            backward_ratio = float(backward_ratio)
+            if not 0.0 < backward_ratio <= 1.0:
+                raise ValueError(f"backward_ratio must lie in (0, 1] (and be at least the keep "
+                                 f"ratio), got {backward_ratio}")  # fmt: skip
+        if mode == "exact" and (extra > 0 or exact_layers > 0 or exact_top > 0 or kv_projections
+                                or backward_ratio is not None):  # fmt: skip
             raise ValueError(
-                "backward extra / exact_layers / exact_top / kv_projections modify the amplified "
-                "backward; mode 'exact' is already the dense backward"
+                "backward extra / exact_layers / exact_top / kv_projections / backward_ratio "
+                "modify the amplified backward; mode 'exact' is already the dense backward"
             )
         self.mode, self.extra, self.exact_layers, self.seed = mode, extra, int(exact_layers), seed
         self.exact_top, self.kv_projections = int(exact_top), kv_projections
         self.path, self.context = path, context
+        self.backward_ratio = backward_ratio
         self.weight = (1.0 / extra if extra > 0 else 1.0) if extra_weight is None else extra_weight
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -138,16 +153,16 @@ class BackwardOptions:
     @classmethod
     def parse(cls, spec: str, seed: int = 0) -> "BackwardOptions":
         """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2,exact_top=1,
-        kv_projections=1,path=dense,context=constant"`` (any subset; ``""`` = plain
-        amplified), as the bench's ``--knob`` takes them."""
+        kv_projections=1,path=dense,context=constant,backward_ratio=0.7"`` (any subset;
+        ``""`` = plain amplified), as the bench's ``--knob`` takes them."""
         kw = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, value = item.partition("=")
             if not sep or key not in _PARSERS:
                 raise ValueError(
                     f"bad backward option {item!r} in {spec!r}: expected extra=P, extra_weight=W, "
-                    "exact_layers=K, exact_top=K, kv_projections=0|1, path=auto|compact|dense or "
-                    "context=backward|constant, separated by commas"
+                    "exact_layers=K, exact_top=K, kv_projections=0|1, path=auto|compact|dense, "
+                    "context=backward|constant or backward_ratio=R, separated by commas"
                 )
             try:
                 kw[key] = _PARSERS[key](value)
@@ -163,10 +178,12 @@ class BackwardOptions:
     def __repr__(self) -> str:
         return (f"BackwardOptions({self.mode!r}, extra={self.extra:g}, weight={self.weight:g}, "
                 f"exact_layers={self.exact_layers}, exact_top={self.exact_top}, "
-                f"kv_projections={self.kv_projections}, path={self.path!r}, context={self.context!r})")  # fmt: skip
+                f"kv_projections={self.kv_projections}, path={self.path!r}, context={self.context!r}, "
+                f"backward_ratio={self.backward_ratio})")  # fmt: skip
 
     def describe(self) -> str:
-        """Short label: ``amplified``, ``amplified+extra0.3``, ``amplified+exact2``, ..."""
+        """Short label: ``amplified``, ``amplified+extra0.3``, ``amplified+exact2``,
+        ``amplified+backward0.7``, ..."""
         s = self.mode
         if self.extra > 0:
             s += f"+extra{self.extra:g}"
@@ -182,6 +199,8 @@ class BackwardOptions:
             s += f"+{self.path}"
         if self.context != "backward":
             s += f"+context-{self.context}"
+        if self.backward_ratio is not None:
+            s += f"+backward{self.backward_ratio:g}"
         return s
 
 
@@ -195,7 +214,7 @@ def _flag(value: str) -> bool:
 
 # How BackwardOptions.parse reads each key's value.
 _PARSERS = {"extra": float, "extra_weight": float, "exact_layers": int, "exact_top": int,
-            "kv_projections": _flag, "path": str, "context": str}  # fmt: skip
+            "kv_projections": _flag, "path": str, "context": str, "backward_ratio": float}  # fmt: skip
 
 
 def select_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -374,7 +393,8 @@ class Plan:
     :meth:`set_keep` ran in ``amplified`` mode; it stays ``None`` (dense backward)
     in ``exact`` mode, where only the loss is masked. The LM head and final norm
     differentiate ``keep_idx``; decoder layers ask :meth:`rows_for`, which adds
-    the context rows (:meth:`set_context`) and the sampled filtered rows
+    the context rows (:meth:`set_context`), the rows ranked next
+    (:meth:`set_ranked`, ``BackwardOptions.backward_ratio``), the sampled filtered rows
     (``BackwardOptions.extra``) and returns no rows (dense) for the bottom
     ``exact_layers`` and the top ``exact_top``. num_layers: the model's decoder
     layers (needed for ``exact_top``).
@@ -400,11 +420,13 @@ class Plan:
         self.valid: torch.Tensor | None = None
         self._context: torch.Tensor | None = None  # [B, L] bool
         self.context_count: int | None = None  # its True entries, when known on the host
+        self.ranked: torch.Tensor | None = None  # [B, L] bool, rows ranked next (backward_ratio)
+        self.ranked_count: int | None = None  # its True entries, when known on the host
         self.kv_mask: torch.Tensor | None = None  # [B * L] bool, the dense path's backward rows
         self.keep_idx: torch.Tensor | None = None
         self.n_keep: int | None = None
         self.sampled: torch.Tensor | None = None  # [B, L] bool, filtered rows drawn into the backward
-        self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept + context + sampled rows
+        self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept, context, ranked, sampled rows
         self.extra: ExtraRows | None = None
         self.key_rows: KeyRows | None = None  # kv_projections on the compact path
 
@@ -414,7 +436,7 @@ class Plan:
 
     @property
     def compact(self) -> bool:
-        """True when the backward gathers its rows (kept, context and sampled ones)."""
+        """True when the backward gathers its rows (kept, context, ranked and sampled ones)."""
         return self.keep_idx is not None
 
     def check_keep(self, keep: torch.Tensor) -> None:
@@ -433,22 +455,49 @@ class Plan:
             self._context = context_rows(self.valid, self.layout)
         return self._context
 
-    def set_context(self, context: torch.Tensor) -> None:
+    def set_context(self, context: torch.Tensor, count: int | None = None) -> None:
         """Record the context rows ([B, L] bool, :func:`context_rows`): no loss, but
         in the backward set unless ``BackwardOptions.context`` is ``constant``.
-        A CPU mask is counted here, on the host; for a device mask the compact
-        path learns the count with one host sync."""
+        count: their number, when the caller knows it on the host. A CPU mask is
+        counted here; for a device mask without ``count`` the compact path learns
+        it with one host sync."""
         self.check_keep(context)
-        on_host = context.device.type == "cpu"
-        self.context_count = int(context.sum()) if on_host else None
+        if context.device.type == "cpu":
+            count = int(context.sum())  # free on the host
+        elif count is not None:
+            torch._assert_async(context.sum() == count, "context mask and context count disagree")
+        self.context_count = count
         # None at all (pretraining): the mask is never read, so no copy to the device.
-        self._context = context if self.context_count == 0 else context.to(self.layout.position_ids.device)
+        self._context = context if count == 0 else context.to(self.layout.position_ids.device)
 
-    def _backward_context(self) -> torch.Tensor | None:
-        """The context rows that join the backward set (None: none do)."""
-        if self.options.context != "backward" or self.context_count == 0:
-            return None
-        return self.context
+    def set_ranked(self, ranked: torch.Tensor, count: int | None = None) -> None:
+        """Record the valid rows the selection ranks next after the kept ones
+        ([B, L] bool, ``Selector.select(..., backward_ratio=)``): no loss, in the
+        backward set as context rows are (``BackwardOptions.backward_ratio``).
+        count: their number, known on the host (``Selector.count`` at the backward
+        ratio minus the kept count); without it the compact path counts them with
+        one host sync."""
+        if self.options.backward_ratio is None:
+            raise ValueError("ranked rows join the backward set only with "
+                             "BackwardOptions(backward_ratio=...)")  # fmt: skip
+        self.check_keep(ranked)
+        self.ranked, self.ranked_count = ranked, count
+
+    def _rows_without_loss(self) -> tuple[torch.Tensor | None, int | None]:
+        """(mask, count) of the rows in the backward set that carry no loss: the
+        context rows (unless ``context`` is ``constant``) and the rows ranked next.
+        Disjoint (context rows have no target, ranked rows do), so their counts
+        add. mask None: none; count None: not known on the host."""
+        parts = []
+        if self.options.context == "backward" and self.context_count != 0 and self.context is not None:
+            parts.append((self.context, self.context_count))
+        if self.ranked is not None and self.ranked_count != 0:
+            parts.append((self.ranked, self.ranked_count))
+        if not parts:
+            return None, 0
+        mask = parts[0][0] if len(parts) == 1 else parts[0][0] | parts[1][0]
+        counts = [n for _, n in parts]
+        return mask, None if None in counts else sum(counts)
 
     def set_keep(self, keep: torch.Tensor, count: int | None = None) -> None:
         """Record the kept rows. keep: [B, L] bool (never a context row).
@@ -468,8 +517,12 @@ class Plan:
             raise ValueError("the keep mask keeps no token: the filtered loss would be undefined")
         if self.mode != "amplified":
             return
-        ctx = self._backward_context()
-        rows = keep if ctx is None else keep | ctx
+        if self.options.backward_ratio is not None and self.ranked is None:
+            raise ValueError("BackwardOptions.backward_ratio needs the rows ranked next: "
+                             "Selector.select(..., backward_ratio=) gives them, Plan.set_ranked "
+                             "records them")  # fmt: skip
+        more, n_more = self._rows_without_loss()
+        rows = keep if more is None else keep | more
         if self.path == "dense":  # no row gathered: the layers zero filtered K/V gradients
             self.kv_mask = rows.reshape(-1)
             return
@@ -478,13 +531,15 @@ class Plan:
                                           rows.sum()]).tolist()  # fmt: skip
             if matter == 0:
                 return
-        elif ctx is None:
+        elif more is None:
             n_rows = count
         else:
-            n_ctx = self.context_count
-            n_rows = count + (int(ctx.sum()) if n_ctx is None else n_ctx)
+            n_rows = count + (int(more.sum()) if n_more is None else n_more)
+            # Host counts of disjoint sets: a ranked row that is also kept would
+            # misplace every index after it.
+            torch._assert_async(rows.sum() == n_rows, "kept, context and ranked rows overlap")
         self.keep_idx = _true_indices(keep.reshape(-1), self.n_keep)
-        self.rows_idx = self.keep_idx if ctx is None else _true_indices(rows.reshape(-1), n_rows)
+        self.rows_idx = self.keep_idx if more is None else _true_indices(rows.reshape(-1), n_rows)
         opts = self.options
         if opts.extra > 0:
             # Drawn over all B*L rows on the CPU generator: the stream advances by
@@ -532,9 +587,9 @@ class Plan:
 
     def kv_mask_for(self, layer_index: int) -> torch.Tensor | None:
         """[B * L] bool on the dense path: the rows whose K/V gradient decoder layer
-        ``layer_index`` keeps (kept and context rows; every other row's is zeroed,
-        which with the loss on the kept rows gives exactly the compact backward's
-        gradients). None: no mask (the compact path, exact mode, an exact layer,
+        ``layer_index`` keeps (the backward set: kept, context and ranked rows; every
+        other row's is zeroed, which with the loss on the kept rows gives exactly the
+        compact backward's gradients). None: no mask (the compact path, exact mode, an exact layer,
         or ``kv_projections``, which keeps every K/V gradient and masks the input
         gradient instead: :meth:`dx_mask_for`)."""
         if self.kv_mask is None or self.layer_exact(layer_index) or self.options.kv_projections:
@@ -563,11 +618,11 @@ class Plan:
 
     def kv_weight(self, keep: torch.Tensor) -> torch.Tensor:
         """[B, L] float64 per-row K/V gradient weights of the compact layers, the
-        reference semantics' input: 1 kept or context (in the backward set),
-        ``weight`` sampled, 0 elsewhere. keep: the [B, L] bool mask this plan was
-        filled with."""
-        ctx = self._backward_context()
-        w = (keep if ctx is None else keep | ctx).to(torch.float64)
+        reference semantics' input: 1 kept, context or ranked (in the backward
+        set), ``weight`` sampled, 0 elsewhere. keep: the [B, L] bool mask this plan
+        was filled with."""
+        more = self._rows_without_loss()[0]
+        w = (keep if more is None else keep | more).to(torch.float64)
         if self.sampled is not None:
             w = w.masked_fill(self.sampled, self.options.weight)
         return w

@@ -41,22 +41,20 @@ def num_keep(n_valid: int, ratio: float) -> int:
     return min(n_valid, math.ceil(round(ratio * n_valid, 9)))
 
 
-def top_k_rows(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep the ``k[i]`` highest-scoring valid entries of each row ``i``.
+def rank_rows(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each entry's place in the selection order of its row: valid entries first,
+    then by score descending, ties to the earlier position (deterministic even
+    when valid scores tie or are -inf). The top k of row ``i`` are its entries
+    of rank < k, and the next ones those of rank k, k + 1, ...
 
-    scores: [R, C] float, valid: [R, C] bool, k: [R] int64.
-    Ties go to the earlier position; invalid entries are never chosen.
-    Returns [R, C] bool.
+    scores: [R, C] float, valid: [R, C] bool. Returns [R, C] int64 ranks 0..C-1.
     """
-    # Two stable sorts give the order (valid first, then score descending, then
-    # position): deterministic even when valid scores tie or are -inf.
+    # Two stable sorts give the order.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     by_valid = torch.sort(valid.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True)
     order = order.gather(1, by_valid.indices)
-    rank_ok = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
-    keep = torch.zeros_like(valid)
-    keep.scatter_(1, order, rank_ok)
-    return keep & valid
+    places = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, places)
 
 
 @dataclass
@@ -102,15 +100,17 @@ class Selector:
     def needs_reference(self) -> bool:
         return self.method == "rho1"
 
-    def count(self, valid: torch.Tensor) -> int:
+    def count(self, valid: torch.Tensor, ratio: float | None = None) -> int:
         """How many rows :meth:`__call__` keeps given the valid mask ([B, L] bool),
         known before any loss exists: a training step normalizes its loss by the
-        kept rows of all its micro-batches (and processes) before running them."""
+        kept rows of all its micro-batches (and processes) before running them.
+        ratio: another ratio than ``self.ratio`` (a backward ratio, :meth:`select`)."""
         if not self.filters:
             return int(valid.sum())
+        ratio = self.ratio if ratio is None else ratio
         if self.granularity == "batch":
-            return num_keep(int(valid.sum()), self.ratio)
-        return sum(num_keep(int(n), self.ratio) for n in valid.sum(1).tolist())
+            return num_keep(int(valid.sum()), ratio)
+        return sum(num_keep(int(n), ratio) for n in valid.sum(1).tolist())
 
     def state_dict(self) -> dict:
         """The state of the generator ``random`` draws from, for exact resume;
@@ -174,11 +174,39 @@ class Selector:
         the CPU batch): with it the selection runs without a host sync, and NaN
         scores are caught by an asynchronous device assert instead of an
         exception. Returns the keep mask, [B, L] bool."""
+        return self.select(token_loss, valid, ref_loss, count)[0]
+
+    def select(
+        self,
+        token_loss: torch.Tensor,
+        valid: torch.Tensor,
+        ref_loss: torch.Tensor | None = None,
+        count: int | None = None,
+        backward_ratio: float | None = None,
+        backward_count: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keep, ranked): the keep mask of :meth:`__call__` and, given a
+        ``backward_ratio`` ρ_b >= ratio, the valid rows ranked next by the same
+        scores (the same random draw for ``random``): ranks ceil(ρ·n) ..
+        ceil(ρ_b·n) - 1 of the batch's n valid rows (``batch``), or of each row's
+        (``sequence``), so that keep | ranked is what ratio ρ_b would keep
+        (``BackwardOptions.backward_ratio``: they join the backward without a
+        loss). ranked is None without a backward ratio, and empty when nothing is
+        filtered. backward_count: :meth:`count` at ``backward_ratio``, needed with
+        ``count`` (no host sync). All masks [B, L] bool."""
         if valid.shape != token_loss.shape:
             raise ValueError(
                 f"valid mask has shape {tuple(valid.shape)}, token losses {tuple(token_loss.shape)}"
             )
         no_sync = count is not None
+        if backward_ratio is not None:
+            backward_ratio = check_ratio(backward_ratio)
+            if self.method != "none" and backward_ratio < self.ratio:
+                raise ValueError(f"backward ratio {backward_ratio} is below the keep ratio "
+                                 f"{self.ratio}: the backward set holds the kept rows")  # fmt: skip
+            if no_sync and backward_count is None:
+                raise ValueError("a selection with a host count and a backward ratio needs "
+                                 "backward_count (Selector.count at the backward ratio) too")  # fmt: skip
         if not (count if no_sync else bool(valid.any())):
             raise ValueError(
                 "the batch has no valid token (all labels are ignore_index, padding or "
@@ -187,7 +215,7 @@ class Selector:
         if not self.filters:
             if self.method == "rho1":
                 self.scores(token_loss, ref_loss)  # still validate the reference
-            return valid.clone()
+            return valid.clone(), None if backward_ratio is None else torch.zeros_like(valid)
         scores = self.scores(token_loss, ref_loss)
         nan = (torch.isnan(scores) & valid).any()
         if no_sync:
@@ -195,18 +223,24 @@ class Selector:
         elif nan:
             raise ValueError("selection scores contain NaN (a NaN loss or reference loss)")
         if self.granularity == "batch":
-            k = count if no_sync else num_keep(int(valid.sum()), self.ratio)
-            keep = top_k_rows(scores.reshape(1, -1), valid.reshape(1, -1), torch.tensor([k], device=valid.device))
-            return keep.view_as(valid)
-        return top_k_rows(scores, valid, self._keep_per_row(valid))
+            rank = rank_rows(scores.reshape(1, -1), valid.reshape(1, -1)).view_as(valid)
+            n = None if no_sync else int(valid.sum())
+            k = count if no_sync else num_keep(n, self.ratio)
+            kb = None if backward_ratio is None else backward_count if no_sync else num_keep(n, backward_ratio)
+        else:  # per row, from each row's valid count (looked up on the device)
+            rank = rank_rows(scores, valid)
+            k = self._keep_per_row(valid, self.ratio)[:, None]
+            kb = None if backward_ratio is None else self._keep_per_row(valid, backward_ratio)[:, None]
+        keep = (rank < k) & valid
+        return keep, None if kb is None else (rank >= k) & (rank < kb) & valid
 
-    def _keep_per_row(self, valid: torch.Tensor) -> torch.Tensor:
-        """[B] int64 :func:`num_keep` of every row's valid count, looked up on the
-        device in a table of all counts 0..L (made once per length, ratio and
-        device), so that no row count travels to the host."""
-        key = (valid.shape[1], self.ratio, valid.device)
+    def _keep_per_row(self, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+        """[B] int64 :func:`num_keep` at ``ratio`` of every row's valid count, looked
+        up on the device in a table of all counts 0..L (made once per length, ratio
+        and device), so that no row count travels to the host."""
+        key = (valid.shape[1], ratio, valid.device)
         if key not in self._row_counts:
-            counts = [num_keep(n, self.ratio) for n in range(valid.shape[1] + 1)]
+            counts = [num_keep(n, ratio) for n in range(valid.shape[1] + 1)]
             self._row_counts[key] = torch.tensor(counts, device=valid.device)
         return self._row_counts[key][valid.sum(1)]
 

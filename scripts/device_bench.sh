@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
 # matrix of docs/benchmarks.md. Usage:
-#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|profile|knobs|sft]
+#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|profile|knobs|sft|graphs]
 # (each mode but full fits one 10-minute device call; full = part1 + part2;
 # hf: the patched transformers model against native, plain and with Liger;
 # hf-1b: the same on llama3.2-1b; small: the amplified backward's compact and
 # dense paths where launches and host syncs weigh on the step; knobs: the price of
 # continued-full's quality knobs, for scripts/utility_experiment.py --prices;
-# sft: supervised fine-tuning steps, half of every row a prompt, both context semantics).
+# sft: supervised fine-tuning steps, half of every row a prompt, both context semantics;
+# graphs: steps captured as CUDA graphs against eager ones).
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -49,6 +50,13 @@ case "$mode" in
   sft)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 0.7 1.0 --no-hf --repeats 5 \
       --prompt-share 0.5 ;;
+  graphs)  # captured steps: their GPU tests, then host-bound shapes and tinyllama with and without graphs
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -15 | tee "$out/gpu-tests-graphs.log"
+    paths="--ratios 0.5 --no-hf --repeats 5 --cuda-graphs --knob path=compact"
+    bench --preset small --seq-len 512 --batch 16 $paths
+    bench --preset byte-110m --seq-len 512 --batch 16 $paths
+    bench --preset byte-110m --seq-len 2048 --batch 16 $paths
+    bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 --cuda-graphs ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)

@@ -6,13 +6,15 @@ masked-loss gradient, by parameter group and layer, before any training run.
         --select rho1 --ratio 0.5 --seq-len 2048 --batch-size 16 --device cuda --out diag.json
     python scripts/gradient_diagnosis.py --setting amplified= --setting bottom2=exact_layers=2 \\
         --setting top2=exact_top=2 --setting kvproj=kv_projections=1 \\
-        --setting sampled=extra=0.5,extra_weight=1.5 --samples 16
+        --setting sampled=extra=0.5,extra_weight=1.5 --setting next=backward_ratio=0.7 --samples 16
 
 Every setting runs on the same batches and keep masks (selected once, with the
 model's own loss or Rho-1's excess loss over ``--reference``). A setting is
 ``NAME=SPEC`` with SPEC as ``centrifuge bench --knob`` takes it
 (``BackwardOptions.parse``; an empty SPEC is the plain amplified backward).
-Sampled settings (``extra``) are averaged over ``--samples`` draws. The report:
+Sampled settings (``extra``) are averaged over ``--samples`` draws; a
+``backward_ratio`` setting adds the rows the same selection ranks next (its
+ratio must be at least ``--ratio``). The report:
 cosine similarity and relative error ``|g - g_exact| / |g_exact|`` over all
 parameters, per group (embedding, q, k, v, o, mlp, norms, lm_head) and per
 decoder layer; ``--out`` also keeps every group of every layer as JSON.
@@ -37,7 +39,8 @@ from centrifuge.selection import Selector  # noqa: E402
 
 DEFAULT_SETTINGS = ("amplified=", "exact_layers2=exact_layers=2", "exact_top2=exact_top=2",
                     "kv_projections=kv_projections=1", "context_constant=context=constant",
-                    "extra0.5_w1.5=extra=0.5,extra_weight=1.5")  # fmt: skip
+                    "extra0.5_w1.5=extra=0.5,extra_weight=1.5",
+                    "backward0.75=backward_ratio=0.75")  # fmt: skip
 GROUPS = ("all", "embedding", "q", "k", "v", "o", "mlp", "norms")
 
 
@@ -78,6 +81,10 @@ def main(argv=None) -> int:
     if args.select == "rho1" and args.reference is None:
         raise SystemExit("--select rho1 needs --reference (a checkpoint directory)")
     settings = parse_settings(args.setting or DEFAULT_SETTINGS)
+    for name, opts in settings.items():
+        if (opts.backward_ratio or 1.0) < args.ratio:
+            raise SystemExit(f"--setting {name}: backward_ratio {opts.backward_ratio:g} is below "
+                             f"--ratio {args.ratio:g} (the backward set holds the kept rows)")  # fmt: skip
     dtype = {"fp32": torch.float32, "fp64": torch.float64}[args.dtype]
     model = load_model(args.model, dtype, args.device)
     reference = None if args.reference is None else load_model(args.reference, dtype, args.device)
@@ -96,7 +103,10 @@ def main(argv=None) -> int:
         keep = selector(out.token_loss, out.valid, ref)
         exact = model_gradients(model, batch, keep, "exact")
         for name, opts in settings.items():
-            got = model_gradients(model, batch, keep, opts, args.samples if opts.extra > 0 else 1)
+            ranked = None
+            if opts.backward_ratio is not None:  # the same scores, ranked further
+                ranked = selector.select(out.token_loss, out.valid, ref, backward_ratio=opts.backward_ratio)[1]
+            got = model_gradients(model, batch, keep, opts, args.samples if opts.extra > 0 else 1, ranked)
             results[name].append(agreement(got, exact))
     mean = {name: {key: {m: sum(r[key][m] for r in runs) / len(runs) for m in ("cosine", "rel_error")}
                    for key in runs[0]} for name, runs in results.items()}  # fmt: skip

@@ -262,7 +262,8 @@ def knob_options(knob: str) -> dict:
     o = BackwardOptions.parse(knob)
     weight = None if o.extra == 0 or math.isclose(o.weight, 1 / o.extra) else o.weight
     return dict(backward_extra=o.extra, backward_extra_weight=weight, exact_layers=o.exact_layers,
-                exact_top=o.exact_top, kv_projections=o.kv_projections)
+                exact_top=o.exact_top, kv_projections=o.kv_projections,
+                backward_ratio=o.backward_ratio)
 
 
 def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path, eval_ds,
@@ -404,12 +405,16 @@ def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dic
     for name, mode in modes.items():
         model.zero_grad(set_to_none=True)
         o = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], backward=mode)
-        keep = Selector("rho1", s.headline_ratio)(o.token_loss, o.valid, ref)
+        rb = None if mode == "exact" else mode.backward_ratio
+        keep, ranked = Selector("rho1", s.headline_ratio).select(o.token_loss, o.valid, ref, backward_ratio=rb)
+        if ranked is not None:  # the rows ranked next join the backward (kv_weight holds them)
+            o.plan.set_ranked(ranked)
         o.plan.loss(o.token_loss, keep).backward()
         got = [p.grad.detach().clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
         # exact = ordinary autograd of the masked loss; amplified = K/V of filtered rows
-        # detached; a knob: its reference semantics (Plan.reference_knobs)
+        # detached; a knob: its reference semantics (Plan.reference_knobs: the K/V
+        # weights of the sampled and ranked rows, exact layers, kv_projections)
         if mode != "exact":
             loss = reference_filtered_loss(model, b["input_ids"], b["labels"], keep,
                                            position_ids=b["position_ids"],

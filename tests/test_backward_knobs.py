@@ -272,6 +272,9 @@ def test_parse_and_describe_the_new_knobs():
         BackwardOptions.parse("kv_projections=maybe")
     with pytest.raises(ValueError, match="exact_top=K, kv_projections=0|1"):
         BackwardOptions.parse("exact_bottom=1")
+    every = BackwardOptions.parse("exact_top=1,kv_projections=1,backward_ratio=0.7")
+    assert every.describe() == "amplified+exacttop1+kvproj+backward0.7"
+    assert "exact_top=1, kv_projections=True" in repr(every) and "backward_ratio=0.7" in repr(every)
 
 
 @pytest.mark.parametrize("opts", [dict(extra=0.4, exact_layers=1, seed=3),

@@ -83,6 +83,9 @@ def launched(tmp_path_factory, base, sft_file):
         # Random draws (selection, sampled extra rows) are seeded per micro-batch.
         "ddp_random_extra": dict(base, parallel="ddp", grad_accum=2, select="random",
                                  backward_extra=0.5),
+        # Rows ranked next (counted on the host per micro-batch); every 2nd step exact.
+        "ddp_ranked_schedule": dict(base, parallel="ddp", grad_accum=2, backward_ratio=0.8,
+                                    exact_every=2),
         # FSDP2 units re-gather the weights for the compact recompute in the backward.
         "fsdp_ckpt": dict(base, parallel="fsdp", grad_accum=2, activation_checkpointing=True),
         # 4 steps, saved at 2 and 4; then a copy of checkpoint-2 resumes to 4.
@@ -96,7 +99,7 @@ def launched(tmp_path_factory, base, sft_file):
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_ckpt", "ddp_random_extra",
-                                  "ddp_sft"])
+                                  "ddp_sft", "ddp_ranked_schedule"])
 def test_n_processes_equal_one_process_with_n_times_the_accumulation(launched, tmp_path, name):
     root, runs = launched
     single = dict(runs[name], parallel="auto", grad_accum=runs[name]["grad_accum"] * N,

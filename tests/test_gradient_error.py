@@ -51,6 +51,12 @@ def test_agreement_against_the_reference_and_the_exact_gradient():
     assert 0 < amplified["all"]["rel_error"] and amplified["all"]["cosine"] < 1
     # The LM head and final norm see only the kept rows' loss, exactly as exact does.
     assert amplified["lm_head"]["rel_error"] < 1e-12
+    # Rows ranked next join the backward: every valid row (ratio 1) is the exact gradient.
+    select = Selector("loss", 0.4)
+    result = diagnose(model, batch, keep, {r: BackwardOptions(backward_ratio=r) for r in (0.7, 1.0)},
+                      ranked=lambda r: select.select(out.token_loss, out.valid, backward_ratio=r)[1])  # fmt: skip
+    assert result[1.0]["all"]["rel_error"] < 1e-12
+    assert 0 < result[0.7]["all"]["rel_error"] < amplified["all"]["rel_error"]
 
 
 def test_diagnosis_script_writes_every_setting(tmp_path, capsys):
@@ -62,11 +68,13 @@ def test_diagnosis_script_writes_every_setting(tmp_path, capsys):
     assert script.main(["--model", "tiny", "--batches", "1", "--batch-size", "2", "--seq-len", "48",
                         "--setting", "amplified=", "--setting", "all_exact=exact_layers=2",
                         "--setting", "all_exact_top=exact_top=2", "--setting", "top1=exact_top=1",
-                        "--setting", "kvproj=kv_projections=1", "--out", str(out)]) == 0  # fmt: skip
+                        "--setting", "kvproj=kv_projections=1", "--setting", "all_rows=backward_ratio=1",
+                        "--out", str(out)]) == 0  # fmt: skip
     mean = json.loads(out.read_text())["mean"]
-    assert set(mean) == {"amplified", "all_exact", "all_exact_top", "top1", "kvproj"}
+    assert set(mean) == {"amplified", "all_exact", "all_exact_top", "top1", "kvproj", "all_rows"}
     for name in ("all_exact", "all_exact_top"):  # tiny has 2 layers: exact everywhere
         assert mean[name]["all"]["rel_error"] < 1e-5
+    assert mean["all_rows"]["all"]["rel_error"] < 1e-5  # every labelled row in the backward
     assert mean["amplified"]["all"]["rel_error"] > 1e-3
     # Both move the K/V gradients toward the exact ones and leave the MLP's as
     # they are: no filtered row's gradient reaches an MLP under either.

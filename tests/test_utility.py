@@ -330,12 +330,13 @@ def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
     monkeypatch.setattr(s, "equal_time", True)
     out, work = tmp_path / "out", tmp_path / "work"
     common = ["--scale", "continued-smoke", "--out", str(out), "--work", str(work), "--seeds", "0",
-              "--side-seeds", "--prune", "--knobs", "extra=0.3"]  # fmt: skip
+              "--side-seeds", "--prune", "--knobs", "extra=0.3", "backward_ratio=0.7"]  # fmt: skip
     assert ue.main(common + ["--runs", "cont-*"]) == 0
     first = json.loads((out / "results.json").read_text())
     names = {r["name"] for r in first["runs"]}
     assert names == {"cont-standard-s0", "cont-rho1-exact-r0.5-s0", "cont-rho1-centrifuge-r0.5-s0",
-                     "cont-rho1-centrifuge-eqtime-r0.5-s0", "cont-rho1-centrifuge+extra0.3-r0.5-s0"}  # fmt: skip
+                     "cont-rho1-centrifuge-eqtime-r0.5-s0", "cont-rho1-centrifuge+extra0.3-r0.5-s0",
+                     "cont-rho1-centrifuge+backward0.7-r0.5-s0"}  # fmt: skip
     by = {r["name"]: r for r in first["runs"]}
     # Equal time: the steps that Rho-1 exact's step time buys Centrifuge, from the same seed's runs.
     exact, amp = by["cont-rho1-exact-r0.5-s0"], by["cont-rho1-centrifuge-r0.5-s0"]
@@ -349,7 +350,7 @@ def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
     assert all(0.0 <= v["kept"] <= 1.0 and v["loss"] > 0 for v in by_type.values())
     assert "| kind | tokens | kept | standard | Rho-1 exact | Centrifuge |" in (out / "results.md").read_text()
     assert "stdlib docs" in first["meta"]["base"]["text"]
-    assert set(first["meta"]["gradient_check"]) == {"amplified", "exact", "extra=0.3"}
+    assert set(first["meta"]["gradient_check"]) == {"amplified", "exact", "extra=0.3", "backward_ratio=0.7"}
     assert max(first["meta"]["gradient_check"].values()) < 1e-5
     assert not list(work.glob("runs/*/checkpoint-*"))  # pruned
     assert (out / "runs" / "cont-standard-s0" / "metrics.jsonl").is_file()

@@ -42,6 +42,15 @@ def to_markdown(result: dict) -> str:
                   "| ρ | model | step | backward | peak |", "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {ratio:.2f} | {k.split('/')[0]} | {_fmt(v['step'], '.3f')} | "
                   f"{_fmt(v['backward'], '.3f')} | {_fmt(v.get('peak'), '.3f')} |" for ratio, k, v in hf]
+    graphs = [s for s in result["ratios"] if "cg/ag" in s]
+    if graphs:
+        lines += ["", "CUDA graphs (every step captured; below 1 = faster):", "",
+                  "| ρ | step cg/ag (dense) | backward cg/ag | step cg/bg (masked) | "
+                  "step cg/c (eager Centrifuge) | step ag/a (eager dense) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for s in graphs:
+            get = lambda k, f: _fmt(s.get(k, {}).get(f), ".3f")  # noqa: E731
+            lines.append(f"| {s['ratio']:.2f} | {get('cg/ag', 'step')} | {get('cg/ag', 'backward')} | "
+                         f"{get('cg/bg', 'step')} | {get('cg/c', 'step')} | {get('ag/a', 'step')} |")  # fmt: skip
     if "step_profile" in result:
         lines += ["", f"One step at ρ = {result['breakdown_ratio']} on the device: kernels launched, "
                   "host syncs, device idle time (span minus busy, profiled); host time to issue "

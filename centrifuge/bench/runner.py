@@ -13,6 +13,7 @@ import torch
 from centrifuge.bench.variants import (
     SFTLabels,
     Variant,
+    graphed_variants,
     hf_liger_variant,
     hf_masked_variant,
     hf_model,
@@ -55,6 +56,8 @@ class BenchConfig:
     # Supervised fine-tuning: this share of every row is a prompt labelled -100
     # (context rows); the native steps only.
     prompt_share: float = 0.0
+    # Also time every native step captured as CUDA graphs (``-graph`` rows).
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         """Every option checked before anything runs."""
@@ -73,12 +76,22 @@ class BenchConfig:
         if self.lora is not None and self.lora < 1:
             raise ValueError(f"lora rank must be a positive integer, got {self.lora}")
         for spec in self.knobs:
-            BackwardOptions.parse(spec).check_layers(self.layers or n)
+            opts = BackwardOptions.parse(spec)
+            opts.check_layers(self.layers or n)
+            low = [r for r in self.ratios if r > (opts.backward_ratio or 1.0)]
+            if low:
+                raise ValueError(f"--knob {spec}: the backward set holds the kept rows, so every "
+                                 f"ratio must be at most {opts.backward_ratio:g} (give --ratios; "
+                                 f"{', '.join(f'{r:g}' for r in low)} exceed it)")  # fmt: skip
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         device = resolve_device(self.device)
         if self.liger and device.type != "cuda":
             raise ValueError(f"--liger needs a CUDA device (Liger-Kernel's kernels run on GPUs), not {device}")
+        if self.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
+        if self.cuda_graphs and self.warmup < 1:
+            raise ValueError("--cuda-graphs needs --warmup 1 or more (the first round captures the steps)")
 
 
 class Timer:
@@ -164,7 +177,8 @@ def backward_breakdown(variant: Variant, ids, ratio: float) -> tuple[dict[str, f
 
 # Profiled for kernels, syncs and idle time (and every knob variant, centrifuge+...).
 PROFILED_STEPS = ("dense", "masked", "centrifuge", "hf-masked", "hf-patched",
-                  "hf-patched-labels", "hf-liger-masked", "hf-liger-patched")  # fmt: skip
+                  "hf-patched-labels", "hf-liger-masked", "hf-liger-patched",
+                  "dense-graph", "masked-graph", "centrifuge-graph")  # fmt: skip
 # Host ops that wait for the device: .item()/bool()/int() on a CUDA tensor, and
 # nonzero / boolean indexing (their output size lives on the device).
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
@@ -247,6 +261,8 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
     if cfg.lora:
         model = with_lora(model, cfg.lora)
     variants = native_variants(model, ckpt, tuple(cfg.knobs), cfg.prompt_share)
+    if cfg.cuda_graphs:
+        variants += graphed_variants(variants)
     if cfg.prompt_share:  # the HF peers time pretraining labels: not comparable
         return variants, config
 
@@ -299,7 +315,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         step = statistics.median(f + b for f, b in samples[(v.name, r)])
         rows.append(dict(variant=v.name, label=v.label, ratio=r if v.filtered else None,
                          forward_ms=fwd, backward_ms=bwd, step_ms=step,
-                         peak_gib=peak_memory_gib(v, ids, r)))  # fmt: skip
+                         # A replay allocates nothing: its memory is the captures' pool.
+                         peak_gib=None if v.name.endswith("-graph") else peak_memory_gib(v, ids, r)))  # fmt: skip
     result = dict(
         environment=environment(device),
         config=asdict(cfg),
@@ -333,6 +350,7 @@ def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
             continue
         entry = {"ratio": ratio}
         cc = by.get(("centrifuge-ckpt", ratio))
+        cg = by.get(("centrifuge-graph", ratio))
         for key, mine, other in (
             ("c/a", c, ("dense", None)), ("c/b", c, ("masked", ratio)),
             ("c/d", c, ("hf-masked", ratio)), ("c/liger", c, ("hf-liger-masked", ratio)),
@@ -343,6 +361,10 @@ def speedups(rows: list[dict], ratios: list[float]) -> list[dict]:
             # against Centrifuge without it (the price of the memory saved).
             ("cc/ac", cc, ("dense-ckpt", None)), ("cc/bc", cc, ("masked-ckpt", ratio)),
             ("cc/c", cc, ("centrifuge", ratio)),
+            # CUDA graphs: Centrifuge against dense and masked, all captured, and
+            # each captured step against its eager self.
+            ("cg/ag", cg, ("dense-graph", None)), ("cg/bg", cg, ("masked-graph", ratio)),
+            ("cg/c", cg, ("centrifuge", ratio)), ("ag/a", by.get(("dense-graph", None)), ("dense", None)),
         ):  # fmt: skip
             o = by.get(other)
             if o is not None and mine is not None:

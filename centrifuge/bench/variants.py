@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from centrifuge.cuda_graphs import GraphedStep
 from centrifuge.models import LlamaForCausalLM
 from centrifuge.models.config import ModelConfig
 from centrifuge.plan import BackwardOptions
@@ -23,6 +24,9 @@ class Variant:
     loss: Callable[[torch.Tensor, float], torch.Tensor]
     filtered: bool = True  # False: ratio does not apply (always all tokens)
     module: torch.nn.Module | None = None
+    # The step can be captured as CUDA graphs (graphed): no host sync, no copy
+    # from the host, no draw from a CPU generator.
+    capturable: bool = False
 
 
 def _host_count(selector: Selector, n_valid: int) -> int | None:
@@ -44,12 +48,13 @@ class SFTLabels:
         self.share = prompt_share
         self._cache: dict = {}
 
-    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-        """ids [B, L] -> (labels [B, L] on ids' device, labelled rows, CPU [B, L] bool
-        context rows or None without a prompt), made once per shape: a pretraining
-        step gets ``ids`` itself, with no extra launch or copy."""
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None, int]:
+        """ids [B, L] -> (labels [B, L], labelled rows, [B, L] bool context rows or
+        None without a prompt, context rows), on ids' device and made once per
+        shape, the counts known on the host: a pretraining step gets ``ids``
+        itself, and no step copies anything from the host."""
         if not self.share:
-            return ids, ids.shape[0] * (ids.shape[1] - 1), None
+            return ids, ids.shape[0] * (ids.shape[1] - 1), None, 0
         key = (tuple(ids.shape), ids.device)
         if key not in self._cache:
             B, L = ids.shape
@@ -59,11 +64,11 @@ class SFTLabels:
                                  f"in rows of {L} tokens")  # fmt: skip
             prompt = torch.zeros(B, L, dtype=torch.bool, device=ids.device)
             prompt[:, :P] = True
-            context = torch.zeros(B, L, dtype=torch.bool)
+            context = torch.zeros(B, L, dtype=torch.bool, device=ids.device)
             context[:, : P - 1] = True
-            self._cache[key] = (prompt, B * (L - P), context)
-        prompt, n_valid, context = self._cache[key]
-        return ids.masked_fill(prompt, -100), n_valid, context
+            self._cache[key] = (prompt, B * (L - P), context, B * (P - 1))
+        prompt, n_valid, context, n_context = self._cache[key]
+        return ids.masked_fill(prompt, -100), n_valid, context, n_context
 
 
 def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
@@ -78,27 +83,36 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
     sft = SFTLabels(prompt_share)
 
     def dense(ids, ratio):
-        out = model(ids, labels=sft(ids)[0], backward="exact")
-        return out.plan.loss(out.token_loss, out.valid)
+        labels, n_valid, _, _ = sft(ids)
+        out = model(ids, labels=labels, backward="exact")
+        return out.plan.loss(out.token_loss, out.valid, n_valid)
 
     def filtered(mode):
+        rb = BackwardOptions.of(mode).backward_ratio
+
         def step(ids, ratio):
-            labels, n_valid, context = sft(ids)
+            labels, n_valid, context, n_context = sft(ids)
             out = model(ids, labels=labels, backward=mode)
             if context is not None:
-                out.plan.set_context(context)  # counted on the host, as centrifuge train does
+                out.plan.set_context(context, n_context)  # counted on the host, as centrifuge train does
             selector = Selector("loss", ratio)
             count = _host_count(selector, n_valid)
-            keep = selector(out.token_loss, out.valid, count=count)
+            if rb is None:
+                keep = selector(out.token_loss, out.valid, count=count)
+            else:  # the rows ranked next join the backward, counted on the host too
+                n_b = None if count is None else num_keep(n_valid, rb)
+                keep, ranked = selector.select(out.token_loss, out.valid, count=count,
+                                               backward_ratio=rb, backward_count=n_b)  # fmt: skip
+                out.plan.set_ranked(ranked, None if count is None else n_b - count)
             return out.plan.loss(out.token_loss, keep, count)
 
         return step
 
     variants = [
         Variant("dense", "dense (no filtering)" if not prompt_share else "plain SFT (no filtering)",
-                dense, filtered=False, module=model),
-        Variant("masked", "masked-loss filtering", filtered("exact"), module=model),
-        Variant("centrifuge", "Centrifuge", filtered("amplified"), module=model),
+                dense, filtered=False, module=model, capturable=True),
+        Variant("masked", "masked-loss filtering", filtered("exact"), module=model, capturable=True),
+        Variant("centrifuge", "Centrifuge", filtered("amplified"), module=model, capturable=True),
     ]
     if prompt_share and "context=constant" not in knobs:
         knobs = (*knobs, "context=constant")
@@ -106,7 +120,12 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         opts = BackwardOptions.parse(spec)
         opts.check_layers(model.config.num_layers)
         name = "centrifuge" + opts.describe().removeprefix("amplified")
-        variants.append(Variant(name, f"Centrifuge, {spec}", filtered(opts), module=model))
+        # Sampled rows are drawn on a CPU generator and indexed with host syncs;
+        # kv_projections counts its key rows with a host sync on the compact path
+        # (which ``auto`` may pick).
+        key_rows_sync = opts.kv_projections and opts.path != "dense"
+        variants.append(Variant(name, f"Centrifuge, {spec}", filtered(opts), module=model,
+                                capturable=opts.extra == 0 and not key_rows_sync))  # fmt: skip
     if not checkpointing:
         return variants
 
@@ -118,10 +137,35 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         return run
 
     return [
-        Variant(v.name + suffix, v.label + label, recomputing(v.loss, on), v.filtered, model)
+        Variant(v.name + suffix, v.label + label, recomputing(v.loss, on), v.filtered, model,
+                v.capturable)
         for on, suffix, label in ((False, "", ""), (True, "-ckpt", " + checkpointing"))
         for v in variants
     ]
+
+
+def graphed_variants(variants: list[Variant]) -> list[Variant]:
+    """The capturable variants again, each step captured as two CUDA graphs
+    (forward, backward) on first use per input and ratio and replayed after
+    (``-graph``: the same kernels without the host issuing them one by one).
+    All captures share one memory pool: the bench runs one step at a time."""
+    pool = torch.cuda.graph_pool_handle()
+
+    def graphed(v: Variant) -> Variant:
+        steps: dict[tuple, GraphedStep] = {}
+
+        def step(ids, ratio):
+            key = (ids.data_ptr(), tuple(ids.shape), ratio)
+            if key not in steps:
+                steps[key] = GraphedStep(lambda: (v.loss(ids, ratio),), list(v.module.parameters()),
+                                         pool=pool)  # fmt: skip
+            graph = steps[key]
+            graph.forward()
+            return graph  # the timed backward() replays its backward graph
+
+        return Variant(v.name + "-graph", v.label + ", CUDA graphs", step, v.filtered, v.module)
+
+    return [graphed(v) for v in variants if v.capturable]
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

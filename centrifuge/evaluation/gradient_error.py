@@ -5,7 +5,8 @@ gradient error of a knob predict its quality gap?).
 A setting is a :class:`~centrifuge.plan.BackwardOptions` (``amplified`` with or
 without knobs, ``context="constant"``, ...). Its gradient is taken on the same
 batch and keep mask as the exact one (``backward="exact"``: the masked loss,
-dense backward); sampled settings (``extra``) are averaged over draws.
+dense backward); sampled settings (``extra``) are averaged over draws; a
+setting with a ``backward_ratio`` adds the rows the selection ranks next.
 """
 
 from __future__ import annotations
@@ -33,15 +34,20 @@ def parameter_group(name: str) -> tuple[str, int | None]:
     return "other", None if layer is None else int(layer.group(1))
 
 
-def model_gradients(model, batch: dict, keep: torch.Tensor, backward, samples: int = 1) -> dict:
+def model_gradients(model, batch: dict, keep: torch.Tensor, backward, samples: int = 1,
+                    ranked: torch.Tensor | None = None) -> dict:  # fmt: skip
     """{name: gradient} of the mean loss over ``keep`` ([B, L] bool) for one
     backward setting (``"exact"`` or BackwardOptions), averaged over ``samples``
     forwards (sampled knobs draw anew each time). batch: input_ids, labels and
-    optionally position_ids / attention_mask, as the native model takes them."""
+    optionally position_ids / attention_mask, as the native model takes them.
+    ranked: [B, L] bool, the rows ranked next, for a setting with a
+    ``backward_ratio`` (``Selector.select(..., backward_ratio=)``)."""
     model.zero_grad(set_to_none=True)
     kw = {k: batch[k] for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
     for _ in range(samples):
         out = model(batch["input_ids"], labels=batch["labels"], backward=backward, **kw)
+        if ranked is not None:
+            out.plan.set_ranked(ranked)
         (out.plan.loss(out.token_loss, keep) / samples).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -75,11 +81,15 @@ def agreement(got: dict, want: dict) -> dict:
 
 
 def diagnose(model, batch: dict, keep: torch.Tensor, settings: dict[str, BackwardOptions],
-             samples: int = 1) -> dict:  # fmt: skip
-    """{setting name: agreement with the exact gradient} for every setting."""
+             samples: int = 1, ranked=None) -> dict:  # fmt: skip
+    """{setting name: agreement with the exact gradient} for every setting.
+    ranked: for settings with a ``backward_ratio``, a function of it giving the
+    rows ranked next after ``keep`` ([B, L] bool; e.g. ``lambda r:
+    selector.select(token_loss, valid, backward_ratio=r)[1]``)."""
     exact = model_gradients(model, batch, keep, "exact")
     out = {}
     for name, opts in settings.items():
         n = samples if opts.extra > 0 else 1
-        out[name] = agreement(model_gradients(model, batch, keep, opts, n), exact)
+        more = None if opts.backward_ratio is None else ranked(opts.backward_ratio)
+        out[name] = agreement(model_gradients(model, batch, keep, opts, n, more), exact)
     return out

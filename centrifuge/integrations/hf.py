@@ -635,6 +635,12 @@ def patch(model, check_rows: bool = True, backward: BackwardOptions | None = Non
                 "patch(backward=...) takes amplified options; for the exact masked-loss "
                 "backward use the unpatched model"
             )
+        if backward.backward_ratio is not None:
+            raise ValueError(
+                "patch(backward=...) does not take backward_ratio: the rows ranked next come "
+                "from the selection, and the Hugging Face losses take none yet (the native "
+                "model and centrifuge train do)"
+            )
         backward.check_layers(len(model.model.layers))
     liger = _liger_ops(model)
     if liger:

@@ -1,8 +1,10 @@
 """The reference semantics, in plain differentiable PyTorch (docs/design.md).
 
-Every attention layer uses ``k = where(keep | context, k, k.detach())`` (same
-for v; context rows: no target, before a labelled row of their document) and
-the loss is averaged over kept rows. ``keep=None`` gives ordinary autograd of
+Every attention layer uses ``k = where(backward_set, k, k.detach())`` (same
+for v) with ``backward_set = keep | context | ranked`` (context rows: no target,
+before a labelled row of their document; ranked rows: those the selection ranks
+next, ``BackwardOptions.backward_ratio``), and the loss is averaged over the
+kept rows only. ``keep=None`` gives ordinary autograd of
 the same model: the masked-loss baseline that ``exact`` mode must reproduce.
 The knobs of :class:`centrifuge.plan.BackwardOptions`: ``kv_weight`` (per-row
 K/V gradient weights, ``Plan.kv_weight``: sampled filtered rows) replaces the
@@ -40,11 +42,13 @@ def reference_token_loss(
     context: str = "backward",
     exact_top: int = 0,
     kv_projections: bool = False,
+    ranked: torch.Tensor | None = None,
 ):
     """Returns (token_loss [B, L], valid [B, L]) computed with plain autograd.
 
     keep: [B, L] bool, K/V of rows outside ``keep`` and the context rows detached
     (None: nothing detached); context: ``constant`` detaches context rows too;
+    ranked: [B, L] bool rows without a loss whose K/V are not detached either;
     kv_weight: [B, L] float, used instead of ``keep`` in the attention layers
     (see ``attention_reference``); exact_layers, exact_top: the bottom and top
     layers that detach nothing; the input of layer ``num_layers - exact_top`` is
@@ -62,6 +66,8 @@ def reference_token_loss(
     attn_keep = keep
     if keep is not None and context == "backward":
         attn_keep = keep | context_rows(valid, layout)
+    if keep is not None and ranked is not None:
+        attn_keep = attn_keep | ranked
     if kv_weight is not None:
         attn_keep = kv_weight
     x = model.model.embed_tokens(input_ids)
@@ -108,7 +114,8 @@ def reference_token_loss(
 
 
 def reference_filtered_loss(model, input_ids, labels, keep, **kw) -> torch.Tensor:
-    """Mean over kept rows, K/V of filtered rows detached (or weighted: ``kv_weight``,
-    ``exact_layers``, ``exact_top``, ``kv_projections``; ``context``) in the attention layers."""
+    """Mean over kept rows, K/V of the rows outside the backward set detached (or
+    weighted: ``kv_weight``, ``exact_layers``, ``exact_top``, ``kv_projections``;
+    ``context``, ``ranked``) in the attention layers."""
     token_loss, _ = reference_token_loss(model, input_ids, labels, keep, **kw)
     return (token_loss * keep).sum() / keep.sum()

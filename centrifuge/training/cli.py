@@ -84,6 +84,15 @@ def add_arguments(p) -> None:
           "prompts): backward keeps them in the backward without a loss (plain SFT's gradient "
           "when every label is kept); constant treats them like filtered tokens (cheaper, "
           "another gradient)", choices=("backward", "constant"))
+    opt_g("--backward-ratio", "amplified only: the labelled tokens the selection ranks next after "
+          "the kept ones, up to this share (in [ratio, 1]), join the backward without a loss (as "
+          "SFT prompts do); 1 = the exact gradient; costs that share of the rows; none = the kept "
+          "tokens only", type=float, metavar="R")
+    opt_g("--exact-every", "amplified only: run the exact backward (masked loss, dense) on every "
+          "K-th optimizer step (steps K, 2K, ...), the amplified one on the others; 0 = never "
+          "(the metric exact_backward says which ran)", type=int, metavar="K")
+    opt_g("--exact-final", "amplified only: run the exact backward on the last share F of the "
+          "optimizer steps (the last ceil(F x steps)); 0 = none", type=float, metavar="F")
     g = p.add_argument_group("optimization")
     opt_g = lambda *a, **k: _opt(g, d, *a, **k)  # noqa: E731
     opt_g("--batch-size", "rows per micro-batch", type=int)

@@ -18,7 +18,8 @@ from centrifuge.selection import GRANULARITIES, METHODS
 
 DTYPES = ("fp32", "bf16")
 # The backward's quality knobs: they act on filtered tokens only.
-KNOBS = ("backward_extra", "backward_extra_weight", "exact_layers", "exact_top", "kv_projections")
+KNOBS = ("backward_extra", "backward_extra_weight", "exact_layers", "exact_top", "kv_projections",
+         "backward_ratio", "exact_every", "exact_final")
 DEFAULT_MODEL = "mini"  # a byte-level preset that learns the built-in corpus in minutes on CPU
 
 
@@ -48,6 +49,14 @@ class TrainConfig:
                       stopped at filtered tokens below them (BackwardOptions ``exact_top``).
     kv_projections:   filtered tokens' K/V gradients reach the K/V projections, not the
                       residual stream (BackwardOptions ``kv_projections``).
+    backward_ratio:   quality knob of ``amplified`` (BackwardOptions ``backward_ratio``), in
+                      [ratio, 1]: the labelled rows the selection ranks next after the kept
+                      ones, up to this share, join the backward without a loss (as context
+                      rows do); None = only the kept rows. 1 = the exact gradient.
+    exact_every, exact_final: a schedule of ``amplified``: the exact backward (masked loss,
+                      dense) on every exact_every-th optimizer step (0 = never) and on the
+                      last exact_final share of the steps (0 = none), the amplified one on
+                      the others; the metric ``exact_backward`` says which ran.
     backward_path:    how ``amplified`` is computed (the gradients are the same):
                       ``compact`` (gathered kept rows), ``dense`` (full-size GEMMs,
                       filtered K/V gradients zeroed; small models) or ``auto``.
@@ -96,6 +105,9 @@ class TrainConfig:
     kv_projections: bool = False
     backward_path: str = "auto"
     context_rows: str = "backward"
+    backward_ratio: float | None = None
+    exact_every: int = 0
+    exact_final: float = 0.0
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
@@ -159,6 +171,18 @@ class TrainConfig:
         need(self.backward in BACKWARD_MODES,
              f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         self.backward_options()  # raises on bad knobs
+        if self.backward_ratio is not None:
+            need(self.ratio <= self.backward_ratio <= 1.0,
+                 f"backward_ratio must lie in [ratio, 1] = [{self.ratio:g}, 1] (the backward set "
+                 f"holds the kept rows), got {self.backward_ratio}")  # fmt: skip
+        need(isinstance(self.exact_every, int) and not isinstance(self.exact_every, bool)
+             and self.exact_every >= 0,
+             f"exact_every must be a non-negative integer (0 = off), got {self.exact_every!r}")  # fmt: skip
+        need(0.0 <= self.exact_final <= 1.0,
+             f"exact_final must lie in [0, 1] (a share of the steps), got {self.exact_final}")
+        need(self.backward == "amplified" or not (self.exact_every or self.exact_final),
+             "exact_every / exact_final run the exact backward on some steps of an amplified run; "
+             "backward 'exact' runs it on every step already")  # fmt: skip
         knobs = [n for n in KNOBS if getattr(self, n) not in (0, None)]
         need(self.select != "none" or not knobs,
              f"{' and '.join(knobs)} {'act' if len(knobs) > 1 else 'acts'} on filtered tokens, "
@@ -196,7 +220,8 @@ class TrainConfig:
         return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
                                self.exact_layers, seed=self.seed, path=self.backward_path,
                                context=self.context_rows, exact_top=self.exact_top,
-                               kv_projections=self.kv_projections)  # fmt: skip
+                               kv_projections=self.kv_projections,
+                               backward_ratio=self.backward_ratio)  # fmt: skip
 
     def tokens_per_step(self, processes: int = 1) -> int:
         """Tokens of one optimizer step over ``processes`` (torchrun) processes."""

@@ -7,7 +7,9 @@ backward runs on kept rows only (``amplified``) or densely with a masked loss
 (``exact``). The step's loss is the sum of the kept rows' losses over all
 micro-batches and processes divided by their total count; that count follows
 from the labels before any forward runs (selection keeps ``ceil(ρ·n_valid)``),
-so it is all-reduced once per step and no micro-batch waits for another.
+so it is all-reduced once per step and no micro-batch waits for another. The
+steps that ``exact_every`` / ``exact_final`` name run the exact backward: the
+same model, given other backward options for those forwards.
 
 Data order: step ``s`` reads micro-batches ``s·M … s·M + M − 1`` of one seeded
 permutation per epoch (M = grad_accum × processes); process ``r`` takes
@@ -40,12 +42,12 @@ from centrifuge.distributed import gradient_sync, unsharded, uses_autocast
 from centrifuge.interrupt import DeferredStop, Interrupted
 from centrifuge.models.llama import shift_targets
 from centrifuge.ops.linear_ce import IGNORE_INDEX
-from centrifuge.plan import Layout, context_rows
+from centrifuge.plan import BackwardOptions, Layout, context_rows
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
-from centrifuge.training.schedule import WarmupCosine
+from centrifuge.training.schedule import ExactSchedule, WarmupCosine
 from centrifuge.training.progress import Progress
 from centrifuge.training.setup import Run
 
@@ -152,6 +154,8 @@ class Trainer:
         self.draws = torch.Generator()
         self.selector = Selector(cfg.select, cfg.ratio, cfg.granularity, seed=self.draws)
         self.backward = cfg.backward_options()
+        self.exact_steps = ExactSchedule(cfg.exact_every, cfg.exact_final, self.total)
+        self.exact_backward = BackwardOptions("exact")
         self.autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                          if uses_autocast(run.parallel, cfg.dtype) else contextlib.nullcontext())  # fmt: skip
         if run.resume_state is not None:
@@ -199,6 +203,8 @@ class Trainer:
         self.sched.load_state_dict(rs["scheduler"])
         self.sched.lr_lambdas[0] = WarmupCosine(self.cfg.warmup_steps, self.total,
                                                 self.cfg.min_lr_ratio)  # fmt: skip
+        # self.exact_steps follows self.total too: a run resumed with its own budget
+        # runs the exact backward on the steps the uninterrupted run would.
         self.counters.update({k: rs[k] for k in self.counters})
         rngs = rs["rng"]
         if len(rngs) == self.ctx.world_size:
@@ -224,6 +230,11 @@ class Trainer:
         batches = [run.train_ds.batch(rows) for rows in micro]
         kinds = [_row_kinds(b) for b in batches]
         counts = [self.selector.count(valid) for valid, _ in kinds]
+        exact = self.exact_steps(step)
+        backward = self.exact_backward if exact else self.backward
+        rb = backward.backward_ratio
+        # The rows ranked next (backward_ratio), counted on the host like the kept ones.
+        backward_counts = [None if rb is None else self.selector.count(valid, rb) for valid, _ in kinds]
         # Σ kept over micro-batches and processes; DDP/FSDP average gradients over
         # processes, so each process scales its kept-loss sums by N / Σ.
         total = torch.tensor(sum(counts), dtype=torch.float64, device=run.device)
@@ -232,7 +243,8 @@ class Trainer:
         # and stop requests (a signal seen by any process stops every one after this
         # step: one all-reduce carries them all).
         sums = torch.zeros(6, dtype=torch.float64, device=run.device)
-        for m, (rows, cpu, count, (_, context)) in enumerate(zip(micro, batches, counts, kinds)):
+        for m, (rows, cpu, count, (_, context), n_backward) in enumerate(
+                zip(micro, batches, counts, kinds, backward_counts)):  # fmt: skip
             self._seed_draws(step, index[m])
             b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
             with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
@@ -240,14 +252,17 @@ class Trainer:
                     # CPU position ids: the model builds the document layout on the
                     # host, without waiting for the device (Layout.build).
                     out = self.model(b["input_ids"], labels=b["labels"],
-                                     position_ids=cpu["position_ids"], backward=self.backward)  # fmt: skip
+                                     position_ids=cpu["position_ids"], backward=backward)  # fmt: skip
                 ref = run.reference(rows, b) if self.selector.needs_reference else None
                 # The counts from the CPU labels let the selection and the plan run
                 # without waiting for the device: the backward is queued behind the
                 # forward (the device asserts that the keep mask holds `count` rows).
                 host_count = count if self.selector.filters else None
-                keep = self.selector(out.token_loss, out.valid, ref, count=host_count)
+                keep, ranked = self.selector.select(out.token_loss, out.valid, ref, count=host_count,
+                                                    backward_ratio=rb, backward_count=n_backward)  # fmt: skip
                 out.plan.set_context(context)  # the same rows, counted on the host
+                if ranked is not None:
+                    out.plan.set_ranked(ranked, n_backward - count)
                 out.plan.set_keep(keep, host_count)
                 if host_count is None and out.plan.n_keep != count:
                     raise RuntimeError(f"selection kept {out.plan.n_keep} rows where {count} were "
@@ -280,7 +295,7 @@ class Trainer:
         return dict(kind="train", step=step + 1, loss=loss, loss_all=all_sum / max(valid, 1),
                     kept_fraction=kept / max(valid, 1), lr=lr, grad_norm=gnorm,
                     tokens_seen=c["tokens_seen"], tokens_kept=c["tokens_kept"],
-                    tokens_per_s=seen / dt, step_s=dt)  # fmt: skip
+                    tokens_per_s=seen / dt, step_s=dt, exact_backward=int(exact))  # fmt: skip
 
     def _clip_grad(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -33,7 +33,7 @@ from centrifuge.training.memory import check_memory
 # is compared as grad_accum x processes: the global batch of a step.
 RESUME_KEYS = ("seq_len", "batch_size", "select", "ratio", "granularity",
                "backward", "backward_extra", "backward_extra_weight", "exact_layers", "exact_top",
-               "kv_projections",
+               "kv_projections", "backward_ratio", "exact_every", "exact_final",
                "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "dtype", "seed", "reference", "reference_scores", "reference_steps")  # fmt: skip
 
@@ -145,9 +145,12 @@ def check_model_fits(mc: ModelConfig, cfg: TrainConfig, tokenizer, what: str = "
 def _option_diff(old: dict, cfg: TrainConfig) -> list[str]:
     """The options of ``RESUME_KEYS`` that differ from ``old``'s. Without selection
     the backward's knobs change nothing (a built-in reference of an earlier version
-    carries its run's)."""
+    carries its run's). An option that ``old`` lacks (saved by an earlier version)
+    had its default."""
     keys = [k for k in RESUME_KEYS if cfg.select != "none" or k not in KNOBS]
-    return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in keys if old.get(k) != getattr(cfg, k)]
+    defaults = TrainConfig().to_dict()
+    old = {k: old.get(k, defaults[k]) for k in keys}
+    return [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if old[k] != getattr(cfg, k)]
 
 
 def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, world: int,
@@ -292,6 +295,10 @@ def _backward_label(cfg: TrainConfig, mc, device: torch.device) -> str:
     if opts.mode == "amplified" and opts.path == "auto":
         path = opts.choose_path(cfg.batch_size * cfg.seq_len, mc.layer_parameters(), device.type)
         label += f" ({path} path)"
+    exact = ([f"every {cfg.exact_every} steps"] if cfg.exact_every else []) + (
+        [f"the last {100 * cfg.exact_final:g}% of steps"] if cfg.exact_final else [])  # fmt: skip
+    if exact:
+        label += ", exact backward " + " and ".join(exact)
     return label
 
 
@@ -365,6 +372,7 @@ def builtin_reference_config(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(
         cfg, select="none", ratio=1.0, reference=None, reference_scores=None, backward_extra=0.0,
         backward_extra_weight=None, exact_layers=0, exact_top=0, kv_projections=False,
+        backward_ratio=None, exact_every=0, exact_final=0.0,
         steps=cfg.reference_steps, max_tokens=None,
         eval_interval=0, save_interval=0, out_dir=str(out), resume=started, overwrite=not started,
         warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),

@@ -1,0 +1,99 @@
+"""GPU tests of captured steps (skipped without CUDA): the bench's native steps
+never wait for the host, and a step replayed from CUDA graphs gives the eager
+step's loss and gradients, on the batch it was captured with and on new
+batches copied into its inputs (other tokens, so other kept rows).
+
+    python -m pytest tests/gpu/test_cuda_graphs_gpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model_gpu import CONFIGS, worst_rel
+
+from centrifuge.bench.variants import native_variants
+from centrifuge.cuda_graphs import GraphedStep
+from centrifuge.models import build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def grads(model) -> dict:
+    return {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tokens(seed, B=3, L=257):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CONFIGS["llama-gqa-d64"].vocab_size, (B, L), generator=g).cuda()
+
+
+@pytest.mark.parametrize("prompt_share", [0.0, 0.3])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_native_steps_never_wait_for_the_host(name, prompt_share):
+    """A host sync inside a step would make its capture fail: CUDA's sync debug
+    mode turns each one into an error (dense, masked, Centrifuge, checkpointed,
+    the compact path (small models take the dense one) and an exact-layers knob; pretraining and SFT labels)."""
+    model = build_model(CONFIGS[name], dtype=torch.float32, device="cuda", seed=0)
+    ids = tokens(0)
+    for v in native_variants(model, True, ("exact_layers=1", "path=compact"), prompt_share):
+        v.loss(ids, 0.5).backward()  # caches and Triton compiles on the first call
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            v.loss(ids, 0.5).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_replayed_step_equals_the_eager_step(name, dtype):
+    """Every capturable bench step (with and without checkpointing, SFT labels),
+    captured on one batch, replayed on it and on two others."""
+    model = build_model(CONFIGS[name], dtype=dtype, device="cuda", seed=0)
+    params = list(model.parameters())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for share in (0.0, 0.3):
+        for v in native_variants(model, True, ("exact_layers=1", "path=compact"), share):
+            ids = tokens(1)
+            step = GraphedStep(lambda: (v.loss(ids, 0.5),), params)
+            model.zero_grad(set_to_none=True)
+            for seed in (1, 2, 3):
+                ids.copy_(tokens(seed))
+                loss = step.forward()[0].item()
+                step.backward()
+                got = grads(model)
+                model.zero_grad(set_to_none=True)
+                want_loss = v.loss(ids, 0.5)
+                want_loss.backward()
+                want = grads(model)
+                model.zero_grad(set_to_none=True)
+                assert loss == pytest.approx(want_loss.item(), rel=tol), (v.name, seed)
+                assert got.keys() == want.keys()
+                err = worst_rel(got, want)
+                assert err < tol, f"{v.name} share {share} seed {seed}: {err:.2e}"
+
+
+def test_accumulating_replays_sum_micro_batches():
+    """accumulate=True: replays add to the gradients, as eager micro-batches do,
+    and a capture in the middle of a step keeps what the step summed so far."""
+    model = build_model(CONFIGS["llama-gqa-d64"], dtype=torch.float32, device="cuda", seed=0)
+    params = list(model.parameters())
+    v = {v.name: v for v in native_variants(model)}["centrifuge"]
+    ids = tokens(1)
+    v.loss(ids, 0.5).backward()  # a first micro-batch, eager
+    first = grads(model)
+    step = GraphedStep(lambda: (v.loss(ids, 0.5),), params, accumulate=True)
+    assert worst_rel(grads(model), first) == 0
+    ids.copy_(tokens(2))
+    step.forward()
+    step.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    ids.copy_(tokens(1))
+    v.loss(ids, 0.5).backward()
+    ids.copy_(tokens(2))
+    v.loss(ids, 0.5).backward()
+    assert worst_rel(got, grads(model)) < 1e-5
