@@ -42,6 +42,14 @@ class BackwardOptions:
                    [1, 1/p] damps it (biased, lower variance).
     exact_layers:  the bottom k decoder layers run the exact (dense) backward; the
                    layers above stay compact.
+    exact_top:     the top k decoder layers run the exact (dense) backward; the
+                   gradient leaving them downwards is stopped on the rows outside the
+                   backward set (when a compact layer lies below), the layers below stay
+                   compact. Combines with ``exact_layers`` (together at most every layer).
+    kv_projections: in the compact layers, the K/V gradient that filtered rows receive
+                   from the backward rows' queries reaches the K/V projections (their
+                   weights, biases, LoRA adapters, the k norm and the input norm's weight)
+                   but not the residual stream: no gradient enters a filtered row.
     context:       what the backward does with *context rows*, real tokens that have
                    no loss by construction (label ``ignore_index`` on a prompt, system or
                    tool turn; :meth:`Plan.set_context`): ``backward`` (default) keeps them
@@ -68,8 +76,8 @@ class BackwardOptions:
 
     def __init__(self, mode: str = "amplified", extra: float = 0.0,
                  extra_weight: float | None = None, exact_layers: int = 0, seed: int = 0,
-                 path: str = "auto", context: str = "backward",
-                 backward_ratio: float | None = None):  # fmt: skip
+                 path: str = "auto", context: str = "backward", exact_top: int = 0,
+                 kv_projections: bool = False, backward_ratio: float | None = None):  # fmt: skip
         if mode not in BACKWARD_MODES:
             raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, got {mode!r}")
         if path not in BACKWARD_PATHS:
@@ -91,19 +99,24 @@ class BackwardOptions:
                 raise ValueError(
                     f"backward extra_weight must lie in [1, 1/p] = [1, {1 / extra:g}], got {extra_weight}"
                 )
-        if int(exact_layers) != exact_layers or exact_layers < 0:
-            raise ValueError(f"exact_layers must be a non-negative integer, got {exact_layers!r}")
+        for name, k in (("exact_layers", exact_layers), ("exact_top", exact_top)):
+            if isinstance(k, bool) or int(k) != k or k < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {k!r}")
+        if not isinstance(kv_projections, bool):
+            raise ValueError(f"kv_projections must be True or False, got {kv_projections!r}")
         if backward_ratio is not None:
             backward_ratio = float(backward_ratio)
             if not 0.0 < backward_ratio <= 1.0:
                 raise ValueError(f"backward_ratio must lie in (0, 1] (and be at least the keep "
                                  f"ratio), got {backward_ratio}")  # fmt: skip
-        if mode == "exact" and (extra > 0 or exact_layers > 0 or backward_ratio is not None):
+        if mode == "exact" and (extra > 0 or exact_layers > 0 or exact_top > 0 or kv_projections
+                                or backward_ratio is not None):  # fmt: skip
             raise ValueError(
-                "backward extra / exact_layers / backward_ratio modify the amplified backward; "
-                "mode 'exact' is already the dense backward"
+                "backward extra / exact_layers / exact_top / kv_projections / backward_ratio "
+                "modify the amplified backward; mode 'exact' is already the dense backward"
             )
         self.mode, self.extra, self.exact_layers, self.seed = mode, extra, int(exact_layers), seed
+        self.exact_top, self.kv_projections = int(exact_top), kv_projections
         self.path, self.context = path, context
         self.backward_ratio = backward_ratio
         self.weight = (1.0 / extra if extra > 0 else 1.0) if extra_weight is None else extra_weight
@@ -112,6 +125,19 @@ class BackwardOptions:
     def check_layers(self, num_layers: int) -> None:
         if self.exact_layers > num_layers:
             raise ValueError(f"exact_layers={self.exact_layers} exceeds the model's {num_layers} layers")
+        if self.exact_top > num_layers:
+            raise ValueError(f"exact_top={self.exact_top} exceeds the model's {num_layers} layers")
+        if self.exact_layers + self.exact_top > num_layers:
+            raise ValueError(
+                f"exact_layers={self.exact_layers} and exact_top={self.exact_top} overlap in the "
+                f"model's {num_layers} layers: together they may make at most every layer exact"
+            )
+
+    def layer_exact(self, layer_index: int, num_layers: int) -> bool:
+        """Whether decoder layer ``layer_index`` (of ``num_layers``) runs the exact
+        (dense) backward: one of the bottom ``exact_layers`` or the top ``exact_top``."""
+        top = self.exact_top > 0 and layer_index >= num_layers - self.exact_top
+        return layer_index < self.exact_layers or top
 
     def choose_path(self, tokens: int, layer_params: int, device_type: str = "cuda") -> str:
         """``compact`` or ``dense`` for a forward of ``tokens`` rows through decoder
@@ -126,20 +152,23 @@ class BackwardOptions:
 
     @classmethod
     def parse(cls, spec: str, seed: int = 0) -> "BackwardOptions":
-        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2,path=dense,
-        context=constant,backward_ratio=0.7"`` (any subset; ``""`` = plain amplified), as
-        the bench's ``--knob`` takes them."""
+        """Amplified options from ``"extra=0.3,extra_weight=1.5,exact_layers=2,exact_top=1,
+        kv_projections=1,path=dense,context=constant,backward_ratio=0.7"`` (any subset;
+        ``""`` = plain amplified), as the bench's ``--knob`` takes them."""
         kw = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("extra", "extra_weight", "exact_layers", "path", "context",
-                                      "backward_ratio"):  # fmt: skip
+            if not sep or key not in _PARSERS:
                 raise ValueError(
                     f"bad backward option {item!r} in {spec!r}: expected extra=P, extra_weight=W, "
-                    "exact_layers=K, path=auto|compact|dense, context=backward|constant or "
-                    "backward_ratio=R, separated by commas"
+                    "exact_layers=K, exact_top=K, kv_projections=0|1, path=auto|compact|dense, "
+                    "context=backward|constant or backward_ratio=R, separated by commas"
                 )
-            kw[key] = {"exact_layers": int, "path": str, "context": str}.get(key, float)(value)
+            try:
+                kw[key] = _PARSERS[key](value)
+            except ValueError:
+                raise ValueError(f"bad backward option {item!r} in {spec!r}: {value!r} is not "
+                                 f"a valid {key}") from None  # fmt: skip
         return cls("amplified", seed=seed, **kw)
 
     @classmethod
@@ -148,7 +177,8 @@ class BackwardOptions:
 
     def __repr__(self) -> str:
         return (f"BackwardOptions({self.mode!r}, extra={self.extra:g}, weight={self.weight:g}, "
-                f"exact_layers={self.exact_layers}, path={self.path!r}, context={self.context!r}, "
+                f"exact_layers={self.exact_layers}, exact_top={self.exact_top}, "
+                f"kv_projections={self.kv_projections}, path={self.path!r}, context={self.context!r}, "
                 f"backward_ratio={self.backward_ratio})")  # fmt: skip
 
     def describe(self) -> str:
@@ -161,6 +191,10 @@ class BackwardOptions:
                 s += f"(w{self.weight:g})"
         if self.exact_layers:
             s += f"+exact{self.exact_layers}"
+        if self.exact_top:
+            s += f"+exacttop{self.exact_top}"
+        if self.kv_projections:
+            s += "+kvproj"
         if self.path != "auto":
             s += f"+{self.path}"
         if self.context != "backward":
@@ -168,6 +202,19 @@ class BackwardOptions:
         if self.backward_ratio is not None:
             s += f"+backward{self.backward_ratio:g}"
         return s
+
+
+def _flag(value: str) -> bool:
+    """``1``/``true``/``yes`` or ``0``/``false``/``no`` (a knob spec's switch)."""
+    v = value.strip().lower()
+    if v not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(value)
+    return v in ("1", "true", "yes")
+
+
+# How BackwardOptions.parse reads each key's value.
+_PARSERS = {"extra": float, "extra_weight": float, "exact_layers": int, "exact_top": int,
+            "kv_projections": _flag, "path": str, "context": str, "backward_ratio": float}  # fmt: skip
 
 
 def select_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -196,6 +243,26 @@ class ExtraRows:
 
     pos: torch.Tensor
     weight: float
+
+
+@dataclass
+class KeyRows:
+    """Filtered rows whose K/V gradient reaches the K/V projections only
+    (``BackwardOptions.kv_projections``, compact path): the rows outside the
+    backward set that precede one of its rows in their document (the others get
+    no K/V gradient).
+
+    idx:      [m] sorted flat indices of those rows.
+    union:    [n + m] sorted flat indices of the backward rows and these: the
+              attention backward runs on them, these with a zero output gradient.
+    rows_pos: [n] positions of the backward rows (``Plan.rows_idx``) in union.
+    pos:      [m] positions of these rows in union.
+    """
+
+    idx: torch.Tensor
+    union: torch.Tensor
+    rows_pos: torch.Tensor
+    pos: torch.Tensor
 
 
 @dataclass
@@ -298,6 +365,18 @@ def precedes(mask: torch.Tensor, layout: Layout) -> torch.Tensor:
     return pos < last[doc]
 
 
+def _key_rows(rows: torch.Tensor, rows_idx: torch.Tensor, layout: Layout) -> KeyRows:
+    """:class:`KeyRows` of a backward set ``rows`` ([B, L] bool, flat indices
+    ``rows_idx``). One host sync learns their count."""
+    key = ~rows & precedes(rows, layout)
+    union = rows | key
+    m, n_union = torch.stack([key.sum(), union.sum()]).tolist()
+    union_idx = _true_indices(union.reshape(-1), n_union)
+    key_in_union = key.reshape(-1)[union_idx]
+    return KeyRows(_true_indices(key.reshape(-1), m), union_idx,
+                   _true_indices(~key_in_union, rows_idx.numel()), _true_indices(key_in_union, m))  # fmt: skip
+
+
 def context_rows(valid: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[B, L] bool: the context rows of a batch, rows without a target (an
     ``ignore_index`` label: prompt, system, tool turns) that precede a row with
@@ -317,14 +396,20 @@ class Plan:
     the context rows (:meth:`set_context`), the rows ranked next
     (:meth:`set_ranked`, ``BackwardOptions.backward_ratio``), the sampled filtered rows
     (``BackwardOptions.extra``) and returns no rows (dense) for the bottom
-    ``exact_layers``.
+    ``exact_layers`` and the top ``exact_top``. num_layers: the model's decoder
+    layers (needed for ``exact_top``).
     """
 
     def __init__(self, layout: Layout, mode: "str | BackwardOptions" = "amplified",
-                 path: str = "compact"):  # fmt: skip
+                 path: str = "compact", num_layers: int | None = None):  # fmt: skip
         self.options = BackwardOptions.of(mode)
         self.layout = layout
         self.mode = self.options.mode
+        if num_layers is None and self.options.exact_top > 0:
+            raise ValueError("a plan with exact_top needs the model's num_layers")
+        if num_layers is not None:
+            self.options.check_layers(num_layers)
+        self.num_layers = num_layers
         if path not in ("compact", "dense"):
             raise ValueError(f"a plan's path is 'compact' or 'dense' (choose_path), got {path!r}")
         if path == "dense" and self.options.extra > 0:
@@ -343,6 +428,7 @@ class Plan:
         self.sampled: torch.Tensor | None = None  # [B, L] bool, filtered rows drawn into the backward
         self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept, context, ranked, sampled rows
         self.extra: ExtraRows | None = None
+        self.key_rows: KeyRows | None = None  # kv_projections on the compact path
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -350,7 +436,7 @@ class Plan:
 
     @property
     def compact(self) -> bool:
-        """True when the backward gathers its rows (kept, context and sampled ones)."""
+        """True when the backward gathers its rows (kept, context, ranked and sampled ones)."""
         return self.keep_idx is not None
 
     def check_keep(self, keep: torch.Tensor) -> None:
@@ -469,6 +555,8 @@ class Plan:
             self.rows_idx = torch.nonzero(rows.reshape(-1)).squeeze(1)
             pos = torch.nonzero(self.sampled.reshape(-1)[self.rows_idx]).squeeze(1)
             self.extra = ExtraRows(pos, opts.weight)
+        if opts.kv_projections:
+            self.key_rows = _key_rows(rows, self.rows_idx, self.layout)
 
     def _filtered_rows_that_matter(self, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: rows outside the backward set ``rows`` that precede a kept
@@ -480,23 +568,57 @@ class Plan:
         the plan stays dense."""
         return ~rows & precedes(keep, self.layout)
 
+    def layer_exact(self, layer_index: int) -> bool:
+        """Whether decoder layer ``layer_index`` runs the exact backward (a bottom
+        ``exact_layers`` or top ``exact_top`` layer)."""
+        return self.options.layer_exact(layer_index, self.num_layers)
+
     def rows_for(self, layer_index: int) -> tuple[torch.Tensor | None, ExtraRows | None]:
         """(rows, extra) the backward of decoder layer ``layer_index`` runs on:
         rows [n] sorted flat indices (None: every row, dense), extra the sampled
         filtered rows among them (None: none)."""
-        if self.rows_idx is None or layer_index < self.options.exact_layers:
+        if self.rows_idx is None or self.layer_exact(layer_index):
             return None, None
         return self.rows_idx, self.extra
 
+    def key_rows_for(self, layer_index: int) -> KeyRows | None:
+        """The filtered rows whose K/V gradient decoder layer ``layer_index`` sends
+        to its K/V projections only (``kv_projections`` on the compact path);
+        None: none."""
+        if self.key_rows is None or self.layer_exact(layer_index):
+            return None
+        return self.key_rows
+
     def kv_mask_for(self, layer_index: int) -> torch.Tensor | None:
         """[B * L] bool on the dense path: the rows whose K/V gradient decoder layer
-        ``layer_index`` keeps (kept and context rows; every other row's is zeroed,
-        which with the loss on the kept rows gives exactly the compact backward's
-        gradients). None: no mask (the compact path, exact mode, or one of the
-        bottom exact layers)."""
-        if self.kv_mask is None or layer_index < self.options.exact_layers:
+        ``layer_index`` keeps (the backward set: kept, context and ranked rows; every
+        other row's is zeroed, which with the loss on the kept rows gives exactly the
+        compact backward's gradients). None: no mask (the compact path, exact mode, an exact layer,
+        or ``kv_projections``, which keeps every K/V gradient and masks the input
+        gradient instead: :meth:`dx_mask_for`)."""
+        if self.kv_mask is None or self.layer_exact(layer_index) or self.options.kv_projections:
             return None
         return self.kv_mask
+
+    def dx_mask_for(self, layer_index: int) -> torch.Tensor | None:
+        """[B * L] bool on the dense path: the rows whose input gradient leaves decoder
+        layer ``layer_index`` (every other row's is zeroed). Two layers need one: a
+        compact layer under ``kv_projections`` (filtered rows' K/V gradients reach
+        the weights, not the residual stream), and the lowest ``exact_top`` layer
+        when a compact layer lies below it (the gradient stops at filtered rows).
+        On the compact path the layer below reads its own rows only, so no mask is
+        needed. None: no mask."""
+        if self.kv_mask is None:
+            return None
+        if self.layer_exact(layer_index):
+            return self.kv_mask if self._top_boundary(layer_index) else None
+        return self.kv_mask if self.options.kv_projections else None
+
+    def _top_boundary(self, layer_index: int) -> bool:
+        """Layer ``layer_index`` is the lowest of the top exact layers and a compact
+        layer lies directly below it."""
+        top = self.options.exact_top
+        return top > 0 and layer_index == self.num_layers - top and layer_index > self.options.exact_layers
 
     def kv_weight(self, keep: torch.Tensor) -> torch.Tensor:
         """[B, L] float64 per-row K/V gradient weights of the compact layers, the
@@ -508,6 +630,13 @@ class Plan:
         if self.sampled is not None:
             w = w.masked_fill(self.sampled, self.options.weight)
         return w
+
+    def reference_knobs(self, keep: torch.Tensor) -> dict:
+        """The knobs of this filled plan as ``reference_filtered_loss`` takes them
+        (``centrifuge.models.reference``: the reference semantics)."""
+        o = self.options
+        return dict(kv_weight=self.kv_weight(keep), exact_layers=o.exact_layers, exact_top=o.exact_top,
+                    kv_projections=o.kv_projections)  # fmt: skip
 
     def loss(self, token_loss: torch.Tensor, keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """Mean of the kept rows' losses, and the plan filled for the backward.

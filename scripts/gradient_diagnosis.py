@@ -5,6 +5,7 @@ masked-loss gradient, by parameter group and layer, before any training run.
     python scripts/gradient_diagnosis.py --model runs/base --reference runs/reference \\
         --select rho1 --ratio 0.5 --seq-len 2048 --batch-size 16 --device cuda --out diag.json
     python scripts/gradient_diagnosis.py --setting amplified= --setting bottom2=exact_layers=2 \\
+        --setting top2=exact_top=2 --setting kvproj=kv_projections=1 \\
         --setting sampled=extra=0.5,extra_weight=1.5 --setting next=backward_ratio=0.7 --samples 16
 
 Every setting runs on the same batches and keep masks (selected once, with the
@@ -36,8 +37,10 @@ from centrifuge.models import LlamaForCausalLM, build_model, get_preset  # noqa:
 from centrifuge.plan import BackwardOptions  # noqa: E402
 from centrifuge.selection import Selector  # noqa: E402
 
-DEFAULT_SETTINGS = ("amplified=", "exact_layers2=exact_layers=2", "context_constant=context=constant",
-                    "extra0.5_w1.5=extra=0.5,extra_weight=1.5", "backward0.75=backward_ratio=0.75")  # fmt: skip
+DEFAULT_SETTINGS = ("amplified=", "exact_layers2=exact_layers=2", "exact_top2=exact_top=2",
+                    "kv_projections=kv_projections=1", "context_constant=context=constant",
+                    "extra0.5_w1.5=extra=0.5,extra_weight=1.5",
+                    "backward0.75=backward_ratio=0.75")  # fmt: skip
 GROUPS = ("all", "embedding", "q", "k", "v", "o", "mlp", "norms")
 
 

@@ -262,6 +262,7 @@ def knob_options(knob: str) -> dict:
     o = BackwardOptions.parse(knob)
     weight = None if o.extra == 0 or math.isclose(o.weight, 1 / o.extra) else o.weight
     return dict(backward_extra=o.extra, backward_extra_weight=weight, exact_layers=o.exact_layers,
+                exact_top=o.exact_top, kv_projections=o.kv_projections,
                 backward_ratio=o.backward_ratio)
 
 
@@ -412,11 +413,12 @@ def gradient_check(s: Scale, train_data: Path, scores: Path, cache: Path) -> dic
         got = [p.grad.detach().clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
         # exact = ordinary autograd of the masked loss; amplified = K/V of filtered rows
-        # detached; a knob: K/V weights of the sampled and ranked rows, exact bottom layers
+        # detached; a knob: its reference semantics (Plan.reference_knobs: the K/V
+        # weights of the sampled and ranked rows, exact layers, kv_projections)
         if mode != "exact":
-            knob = dict(kv_weight=o.plan.kv_weight(keep), exact_layers=o.plan.options.exact_layers)
             loss = reference_filtered_loss(model, b["input_ids"], b["labels"], keep,
-                                           position_ids=b["position_ids"], **knob)  # fmt: skip
+                                           position_ids=b["position_ids"],
+                                           **o.plan.reference_knobs(keep))  # fmt: skip
         else:
             from centrifuge.models.reference import reference_token_loss
 

@@ -5,6 +5,8 @@ selection at ρ_b; the fast paths against the reference semantics in float64
 (packed and padded batches with context rows); ρ_b = 1 against the exact
 masked-loss gradient."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -184,3 +186,34 @@ def test_the_hf_patch_refuses_backward_ratio():
                       num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
     with pytest.raises(ValueError, match="does not take backward_ratio"):
         patch(LlamaForCausalLM(cfg), backward=BackwardOptions(backward_ratio=0.7))
+
+
+@pytest.mark.parametrize("path", ["compact", "dense"])
+@pytest.mark.parametrize("knobs", [dict(kv_projections=True), dict(exact_top=1),
+                                   dict(exact_top=1, exact_layers=1, kv_projections=True)])  # fmt: skip
+def test_ranked_rows_are_in_the_backward_set_of_the_other_knobs(path, knobs):
+    """kv_projections and exact_top act on the rows outside the backward set:
+    ranked rows are inside it (full K/V gradient, no stop at the top layers'
+    boundary), and the fast paths match the reference semantics written with
+    ``ranked=`` directly, not through the plan's weights."""
+    model = build_model(dataclasses.replace(get_preset("tiny-gqa"), num_layers=3), dtype=F64, seed=3)
+    ids, labels, kw = make_batch(seed=6, packed=True, padded=True)
+    opts = BackwardOptions(path=path, backward_ratio=0.7, **knobs)
+    out = model(ids, labels=labels, backward=opts, **kw)
+    keep, ranked = Selector("loss", 0.3).select(out.token_loss, out.valid, backward_ratio=0.7)
+    out.plan.set_ranked(ranked)
+    out.plan.loss(out.token_loss, keep).backward()
+    ours = grads(model)
+    assert ranked.any() and out.plan.compact == (path == "compact")
+    if out.plan.key_rows is not None:  # kv_projections, compact: no ranked row takes that path
+        assert not (keep | ranked).reshape(-1)[out.plan.key_rows.idx].any()
+    written = dict(ranked=ranked, exact_layers=opts.exact_layers, exact_top=opts.exact_top,
+                   kv_projections=opts.kv_projections)  # fmt: skip
+    reference_filtered_loss(model, ids, labels, keep, **written, **kw).backward()
+    ref = grads(model)
+    assert_close(ours, ref)
+    # Without the ranked rows in the backward set the same knobs give another gradient.
+    reference_filtered_loss(model, ids, labels, keep, **{**written, "ranked": None}, **kw).backward()
+    other = grads(model)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert (ref[name] - other[name]).abs().max() > 1e-3 * ref[name].abs().max()

@@ -34,11 +34,12 @@ def test_bench_runs_every_variant_on_cpu():
 def test_bench_cli_writes_outputs(tmp_path):
     rc = main(["bench", "--preset", "tiny", "--seq-len", "16", "--batch", "1", "--ratios", "0.5",
                "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "fp32", "--no-hf",
-               "--knob", "extra=0.3", "--knob", "exact_layers=1", "--knob", "backward_ratio=0.7",
-               "--out", str(tmp_path)])  # fmt: skip
+               "--knob", "extra=0.3", "--knob", "exact_layers=1", "--knob", "exact_top=1,kv_projections=1",
+               "--knob", "backward_ratio=0.7", "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0
     data = json.loads((tmp_path / "tiny-s16-b1-fp32.json").read_text())
-    knobs = {"centrifuge+extra0.3", "centrifuge+exact1", "centrifuge+backward0.7"}
+    knobs = {"centrifuge+extra0.3", "centrifuge+exact1", "centrifuge+exacttop1+kvproj",
+             "centrifuge+backward0.7"}
     assert {r["variant"] for r in data["rows"]} == {"dense", "masked", "centrifuge"} | knobs
     assert set(data["ratios"][0]["knobs"]) == knobs
     assert "| centrifuge+exact1 | 0.50 |" in (tmp_path / "tiny-s16-b1-fp32.md").read_text()
@@ -127,3 +128,19 @@ def test_sft_labels_and_variants_time_supervised_fine_tuning():
     dense = variants["dense"].loss(ids, 1.0).item()
     plain = model(ids, labels=labels)
     assert dense == pytest.approx((plain.token_loss.sum() / plain.valid.sum()).item(), rel=1e-12)
+
+
+def test_knob_variants_with_a_host_sync_are_not_captured():
+    """A knob variant is captured as CUDA graphs only when its step never waits
+    for the host: sampled rows (a CPU draw) and kv_projections on a path that may
+    be compact (the key rows are counted with a host sync) are not."""
+    import torch
+
+    from centrifuge.bench.variants import native_variants
+    from centrifuge.models import build_model
+
+    model = build_model(get_preset("tiny"), dtype=torch.float64, seed=0)
+    specs = {"exact_top=1": True, "backward_ratio=0.7": True, "kv_projections=1,path=dense": True,
+             "extra=0.3": False, "kv_projections=1": False, "kv_projections=1,path=compact": False}
+    variants = native_variants(model, knobs=tuple(specs))[3:]
+    assert [v.capturable for v in variants] == list(specs.values())

@@ -89,6 +89,8 @@ BENCH = ["bench", "--model", "tiny", "--seq-len", "16", "--batch-size", "1", "--
     ([*TRAIN, "--reference", "{d}/missing"], "reference model '{d}/missing' does not exist"),
     ([*TRAIN, "--reference-scores", "{d}/missing"], "no reference-score store at {d}/missing"),
     ([*TRAIN, "--select", "loss", "--exact-layers", "99"], "exact_layers=99 exceeds the model's 2 layers"),
+    ([*TRAIN, "--select", "loss", "--exact-top", "2", "--exact-layers", "1"],
+     "exact_layers=1 and exact_top=2 overlap in the model's 2 layers"),
     ([*TRAIN, "--select", "loss", "--parallel", "ddp"], "parallel 'ddp' needs several processes"),
     ([*TRAIN, "--select", "none", "--backward-extra", "0.3"], "select 'none' filters none"),
     ([*TRAIN, "--select", "loss", "--model", "{d}/truncated", "--tokenizer", "byte"],

@@ -67,10 +67,18 @@ def test_diagnosis_script_writes_every_setting(tmp_path, capsys):
     out = tmp_path / "diag.json"
     assert script.main(["--model", "tiny", "--batches", "1", "--batch-size", "2", "--seq-len", "48",
                         "--setting", "amplified=", "--setting", "all_exact=exact_layers=2",
-                        "--setting", "all_rows=backward_ratio=1", "--out", str(out)]) == 0  # fmt: skip
+                        "--setting", "all_exact_top=exact_top=2", "--setting", "top1=exact_top=1",
+                        "--setting", "kvproj=kv_projections=1", "--setting", "all_rows=backward_ratio=1",
+                        "--out", str(out)]) == 0  # fmt: skip
     mean = json.loads(out.read_text())["mean"]
-    assert set(mean) == {"amplified", "all_exact", "all_rows"}
-    assert mean["all_exact"]["all"]["rel_error"] < 1e-5  # tiny has 2 layers: exact everywhere
+    assert set(mean) == {"amplified", "all_exact", "all_exact_top", "top1", "kvproj", "all_rows"}
+    for name in ("all_exact", "all_exact_top"):  # tiny has 2 layers: exact everywhere
+        assert mean[name]["all"]["rel_error"] < 1e-5
     assert mean["all_rows"]["all"]["rel_error"] < 1e-5  # every labelled row in the backward
     assert mean["amplified"]["all"]["rel_error"] > 1e-3
+    # Both move the K/V gradients toward the exact ones and leave the MLP's as
+    # they are: no filtered row's gradient reaches an MLP under either.
+    for name in ("top1", "kvproj"):
+        assert mean[name]["k"]["rel_error"] < mean["amplified"]["k"]["rel_error"]
+        assert mean[name]["mlp"]["rel_error"] == pytest.approx(mean["amplified"]["mlp"]["rel_error"])
     assert "| amplified |" in capsys.readouterr().out

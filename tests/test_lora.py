@@ -83,7 +83,10 @@ def test_hf_lora_grads_match_reference(family, order, checkpointing):
         torch.testing.assert_close(g, want[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_native_lora_and_frozen_weights_match_reference():
+@pytest.mark.parametrize("knobs", [{}, dict(kv_projections=True), dict(kv_projections=True, path="dense")],
+                         ids=["amplified", "kv_projections", "kv_projections-dense"])  # fmt: skip
+def test_native_lora_and_frozen_weights_match_reference(knobs):
+    """kv_projections: the filtered rows' K/V gradients reach the K/V adapters too."""
     model = build_model(get_preset("tiny-qwen3"), dtype=torch.float64, seed=2)
     pm = lora(model)
     base = pm.get_base_model()
@@ -91,11 +94,11 @@ def test_native_lora_and_frozen_weights_match_reference():
     ids, labels, kw = make_batch(seed=4, packed=True)
     for recompute in (False, True):
         (base.activation_checkpointing_enable if recompute else base.activation_checkpointing_disable)()
-        out = base(ids, labels=labels, **kw)
+        out = base(ids, labels=labels, backward=BackwardOptions(**knobs), **kw)
         keep = Selector("loss", 0.4)(out.token_loss, out.valid)
         out.plan.loss(out.token_loss, keep).backward()
         got = trainable_grads(base)
-        reference_filtered_loss(base, ids, labels, keep, **kw).backward()
+        reference_filtered_loss(base, ids, labels, keep, kv_projections=bool(knobs), **kw).backward()
         want = trainable_grads(base)
         for name, g in got.items():
             torch.testing.assert_close(g, want[name], rtol=1e-10, atol=1e-12, msg=name)
@@ -131,11 +134,15 @@ def test_hf_lora_dropout_matches_peft(path, checkpointing):
     assert not torch.allclose(results[3][name], results[4][name])  # the masks matter
 
 
-@pytest.mark.parametrize("backward", ["amplified", "exact"])
+@pytest.mark.parametrize("backward", ["amplified", "exact", "kv_projections"])
 def test_native_lora_dropout_matches_peft(backward):
     """The native model under peft with lora_dropout=0.1: gradients equal plain
     autograd through peft's modules run from the same seed, on a compact
-    (amplified) and a dense (exact) plan, with and without recompute."""
+    (amplified; with kv_projections the filtered rows' K/V adapter gradients use
+    the forward's masks too) and a dense (exact) plan, with and without recompute."""
+    kv_projections = backward == "kv_projections"
+    if kv_projections:
+        backward = BackwardOptions(kv_projections=True)
     pm = lora(build_model(get_preset("tiny-qwen3"), dtype=torch.float64, seed=2), lora_dropout=0.1)
     base = pm.get_base_model()
     ids, labels, kw = make_batch(seed=6, packed=True)
@@ -151,7 +158,7 @@ def test_native_lora_dropout_matches_peft(backward):
             token_loss, _ = reference_token_loss(base, ids, labels, None, **kw)
             ((token_loss * keep).sum() / keep.sum()).backward()
         else:
-            reference_filtered_loss(base, ids, labels, keep, **kw).backward()
+            reference_filtered_loss(base, ids, labels, keep, kv_projections=kv_projections, **kw).backward()
         want = trainable_grads(base)
         for name, g in got.items():
             torch.testing.assert_close(g, want[name], rtol=1e-10, atol=1e-12, msg=name)

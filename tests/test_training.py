@@ -75,6 +75,7 @@ class Crash(RuntimeError):
     dict(select="random", backward="amplified", grad_accum=2, granularity="sequence"),
     dict(select="loss", backward="exact", grad_clip=0.0),
     dict(select="loss", backward_extra=0.5, exact_layers=1),  # the sampling generator resumes too
+    dict(select="loss", exact_top=1, kv_projections=True),
 ])  # fmt: skip
 def test_resume_is_exact(tmp_path, data_file, cache, variant):
     straight = train(tiny(tmp_path / "a", data_file, cache, steps=6, **variant), progress=False)
@@ -204,6 +205,10 @@ def test_empty_data_and_bad_options(tmp_path, cache):
                       (dict(reference="a", reference_scores="b"), "either"),
                       (dict(backward_extra=1.5), "extra"), (dict(exact_layers=-1), "exact_layers"),
                       (dict(backward="exact", exact_layers=1), "mode 'exact'"),
+                      (dict(backward="exact", kv_projections=True), "mode 'exact'"),
+                      (dict(exact_top=-1), "exact_top"), (dict(kv_projections=1), "kv_projections"),
+                      (dict(select="none", exact_top=1, kv_projections=True),
+                       "exact_top and kv_projections act on filtered tokens"),
                       (dict(select="none", exact_layers=1), "exact_layers acts on filtered tokens"),
                       (dict(select="none", backward_extra=0.3, backward_extra_weight=2.0),
                        "backward_extra and backward_extra_weight act on filtered tokens")]:  # fmt: skip

@@ -49,16 +49,19 @@ def add_arguments(p) -> None:
                    help="with --parallel: skip the one-GPU timing (models too large for one GPU)")
     p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="SPEC",
                    help="also time Centrifuge with a quality knob, e.g. extra=0.3, "
-                        "extra=0.5,extra_weight=1.5, exact_layers=2 or backward_ratio=0.7 (the rows "
-                        "ranked next, up to that share, in the backward without a loss; every "
-                        "ratio at most it) (repeatable)")
+                        "extra=0.5,extra_weight=1.5, exact_layers=2, exact_top=2, "
+                        "kv_projections=1 or backward_ratio=0.7 (the rows ranked next, up to that "
+                        "share, in the backward without a loss; every ratio at most it) "
+                        "(repeatable; keys: extra, extra_weight, exact_layers, exact_top, "
+                        "kv_projections, path, context, backward_ratio)")
     p.add_argument("--prompt-share", type=float, default=0.0, metavar="S",
                    help="time supervised fine-tuning: the first S of every row is a prompt "
                         "labelled -100 (plain SFT as dense; Centrifuge with the prompt in the "
                         "backward and, as centrifuge+context-constant, as constants); native steps only")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time every native step captured as CUDA graphs (-graph rows: the "
-                        "host issues one launch per forward and backward; CUDA only)")
+                        "host issues one launch per forward and backward; CUDA only); knobs with "
+                        "a host sync (extra, kv_projections off path=dense) are not captured")
     p.add_argument("--out-dir", "--out", dest="out", type=Path, default=Path("runs/bench"),
                    help="output directory")
 

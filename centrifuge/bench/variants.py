@@ -74,8 +74,8 @@ class SFTLabels:
 def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
                     knobs: tuple[str, ...] = (), prompt_share: float = 0.0) -> list[Variant]:  # fmt: skip
     """dense, masked, centrifuge on the native model, and one Centrifuge variant
-    per knob spec (``BackwardOptions.parse``: e.g. ``extra=0.3`` or
-    ``exact_layers=2``); with ``checkpointing`` also each of them with activation
+    per knob spec (``BackwardOptions.parse``: e.g. ``extra=0.3``, ``exact_layers=2``
+    or ``kv_projections=1``); with ``checkpointing`` also each of them with activation
     checkpointing (``-ckpt``: the dense and masked steps recompute whole layers,
     Centrifuge's recompute runs on kept rows). ``prompt_share`` > 0 times
     supervised fine-tuning (:class:`SFTLabels`: dense = plain SFT), and adds
@@ -119,9 +119,12 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         opts = BackwardOptions.parse(spec)
         opts.check_layers(model.config.num_layers)
         name = "centrifuge" + opts.describe().removeprefix("amplified")
-        # Sampled rows are drawn on a CPU generator and indexed with host syncs.
+        # Sampled rows are drawn on a CPU generator and indexed with host syncs;
+        # kv_projections counts its key rows with a host sync on the compact path
+        # (which ``auto`` may pick).
+        key_rows_sync = opts.kv_projections and opts.path != "dense"
         variants.append(Variant(name, f"Centrifuge, {spec}", filtered(opts), module=model,
-                                capturable=opts.extra == 0))  # fmt: skip
+                                capturable=opts.extra == 0 and not key_rows_sync))  # fmt: skip
     if not checkpointing:
         return variants
 

@@ -72,8 +72,9 @@ class HFPlan(Plan):
     """
 
     def __init__(self, layout: Layout, attention_mask: torch.Tensor | None,
-                 backward: BackwardOptions | None = None, path: str = "compact"):  # fmt: skip
-        super().__init__(layout, backward or "amplified", path)
+                 backward: BackwardOptions | None = None, path: str = "compact",
+                 num_layers: int | None = None):  # fmt: skip
+        super().__init__(layout, backward or "amplified", path, num_layers)
         self.attention_mask = attention_mask
         self.keep: torch.Tensor | None = None
         self.asynchronous = False  # checks as device asserts (filled with a host count)
@@ -432,7 +433,8 @@ def _causal_lm_call(model, state: _PatchState, original, *args, **kwargs):
     layout = layout_for(B, L, ref.device, mask, a.get("position_ids"))
     _check_compact_call(model, a, B, L, layout)
     path = state.backward.choose_path(B * L, state.layer_params, ref.device.type)
-    plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool(), state.backward, path)
+    plan = HFPlan(layout, None if mask is None else mask.to(ref.device).bool(), state.backward, path,
+                  len(model.model.layers))
     # A training forward needs no cache; without one transformers also
     # isolates packed documents, as the layout above does.
     a["use_cache"] = False

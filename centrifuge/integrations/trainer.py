@@ -62,7 +62,8 @@ def row_counts(selector: Selector, batch: dict, ignore_index: int = IGNORE_INDEX
 
 
 def _same_options(a: BackwardOptions, b: BackwardOptions) -> bool:
-    fields = ("mode", "extra", "weight", "exact_layers", "seed", "path", "context")
+    fields = ("mode", "extra", "weight", "exact_layers", "exact_top", "kv_projections", "seed", "path",
+              "context", "backward_ratio")
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 

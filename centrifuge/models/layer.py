@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from centrifuge.ops.attention import attention_backward, attention_forward
+from centrifuge.ops.attention import attention_backward, attention_backward_key_rows, attention_forward
 from centrifuge.ops.attention_recompute import attention_forward_rows
 from centrifuge.ops.rmsnorm import rms_norm_apply_rows, rms_norm_backward_rows, rms_norm_forward
 from centrifuge.ops.rope import rope_backward_rows, rope_forward
@@ -264,13 +264,18 @@ def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, lay
     return Activations(rstd1, q, k, v, o, lse, x2, rstd2, g, u, q_lin, k_lin, rstd_q, rstd_k)
 
 
-def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
-    """Rows idx of a full-size [N, ...] buffer; other rows are never read."""
-    return t.new_empty(N, *t.shape[1:]).index_copy_(0, idx, t)
+def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int, zeros: bool = False) -> torch.Tensor:
+    """Rows idx of a full-size [N, ...] buffer; other rows are never read (with
+    ``zeros``, they may be: zero-filled)."""
+    return (t.new_zeros if zeros else t.new_empty)(N, *t.shape[1:]).index_copy_(0, idx, t)
+
+
+def _add(dW: dict, name: str, g: torch.Tensor) -> None:
+    dW[name] = g if name not in dW else dW[name] + g
 
 
 def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, shape: LayerShape,
-              layout, idx, local, need, extra=None, kv_mask=None):  # fmt: skip
+              layout, idx, local, need, extra=None, kv_mask=None, key_rows=None, dx_mask=None):  # fmt: skip
     """The compact backward of one layer. dy: [N, d] (the layer output's gradient);
     idx: the backward's rows [n] (None: every row); extra: the sampled filtered
     rows among them and their K/V-gradient weight (Plan.rows_for); local: the index through which the
@@ -278,6 +283,10 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     read: idx when they were saved full size, None when they are compact.
     kv_mask: [N] bool, the dense path of the amplified backward (idx None): the
     K/V gradients of rows outside it are zeroed (Plan.kv_mask_for).
+    key_rows: filtered rows whose K/V gradient from the rows idx reaches the K/V
+    projections only (Plan.key_rows_for: ``kv_projections`` on the compact path).
+    dx_mask: [N] bool, rows whose input gradient leaves the layer, zeros elsewhere
+    (Plan.dx_mask_for: the dense path).
     need: weight name -> whether it wants a gradient (frozen weights, e.g. under
     LoRA, get no weight-gradient GEMM). Returns dx [N, d] (zeros outside idx)
     and the weight gradients by name."""
@@ -320,11 +329,14 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     do = do.view(-1, H, D)
     q, o = a.q, a.o
     if local is None and idx is not None:  # compact recompute: the kernels read q, o at idx
-        q, o = _scatter(q, idx, N), _scatter(o, idx, N)
-    dq, dk, dv = attention_backward(
-        q.view(B, L, H, D), a.k.view(B, L, Hkv, D), a.v.view(B, L, Hkv, D),
-        o.view(B, L, H, D), a.lse, do, layout, idx, extra=extra,
-    )  # fmt: skip
+        # (and at the key rows, whose queries add nothing but must be finite)
+        q, o = _scatter(q, idx, N, key_rows is not None), _scatter(o, idx, N, key_rows is not None)
+    attn = (q.view(B, L, H, D), a.k.view(B, L, Hkv, D), a.v.view(B, L, Hkv, D), o.view(B, L, H, D),
+            a.lse, do, layout, idx)  # fmt: skip
+    if key_rows is None:
+        dq, dk, dv = attention_backward(*attn, extra=extra)
+    else:
+        dq, dk, dv, dk_keys, dv_keys = attention_backward_key_rows(*attn, key_rows, extra=extra)
     if kv_mask is not None:  # filtered keys stay constants: no gradient reaches their rows
         m = kv_mask.to(dk.dtype)[:, None, None]
         dk, dv = dk * m, dv * m
@@ -361,7 +373,39 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     dx, dW["input_norm"] = rms_norm_backward_rows(
         dh1, xf, a.rstd1, W["input_norm"], idx, dx2, scatter=True
     )
+    if key_rows is not None:
+        _key_rows_backward(dW, dk_keys, dv_keys, xf, cos, sin, a, W, drop, shape, key_rows.idx, need)
+    if dx_mask is not None:
+        dx = dx * dx_mask.to(dx.dtype)[:, None]
     return dx, dW
+
+
+def _key_rows_backward(dW, dk, dv, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout,
+                       shape: LayerShape, rows, need) -> None:  # fmt: skip
+    """Adds to dW what the K/V gradients dk, dv [m, Hkv, D] of the filtered rows
+    ``rows`` ([m] flat indices) give the K/V projections (weights, biases, LoRA
+    adapters), the k norm and the input norm's weight (``kv_projections``). No
+    input gradient: those rows' residual stream gets none. The GEMMs have
+    M = m and N = Hkv * D (small under GQA)."""
+    m, Hkv, D = dk.shape
+    dk = rope_backward_rows(dk, cos, sin, rows)
+    if W["k_norm"] is not None:
+        dk, dkn = rms_norm_backward_rows(dk, a.k_lin, a.rstd_k, W["k_norm"], rows)
+        _add(dW, "k_norm", dkn)
+    dk, dv = dk.reshape(m, Hkv * D), dv.reshape(m, Hkv * D)
+    h1 = rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], rows)
+    dh1 = torch.addmm(dk @ W["wk"], dv, W["wv"])
+    for p, dcols in (("wk", dk), ("wv", dv)):
+        if need[p]:
+            _add(dW, p, dcols.t() @ h1)
+        if W["b" + p[1]] is not None and need["b" + p[1]]:
+            _add(dW, "b" + p[1], dcols.sum(0))
+        lora = {}
+        _lora_backward(lora, dcols, h1, W, p, dh1, drop.noise(p, h1, rows))
+        for name, g in lora.items():
+            _add(dW, name, g)
+    _, dw = rms_norm_backward_rows(dh1, xf, a.rstd1, W["input_norm"], rows)
+    _add(dW, "input_norm", dw)
 
 
 _N_ACTS = len(fields(Activations))
@@ -398,7 +442,8 @@ class DecoderLayerFunction(torch.autograd.Function):
     def backward(ctx, dy):
         xf, cos, sin, *rest = ctx.saved_tensors
         plan, shape = ctx.plan, ctx.shape
-        idx, extra = plan.rows_for(shape.layer_index)  # idx None: dense backward, every row
+        i = shape.layer_index
+        idx, extra = plan.rows_for(i)  # idx None: dense backward, every row
         if ctx.recompute:
             weights = rest[1:]
             W = dict(zip(WEIGHT_NAMES, weights))
@@ -411,7 +456,7 @@ class DecoderLayerFunction(torch.autograd.Function):
         need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[7:]))
         dx, dW = _backward(
             dy.reshape(xf.shape), xf, cos, sin, a, W, ctx.drop, shape, plan.layout, idx, local,
-            need, extra, plan.kv_mask_for(shape.layer_index),
+            need, extra, plan.kv_mask_for(i), plan.key_rows_for(i), plan.dx_mask_for(i),
         )  # fmt: skip
         grads = [
             dW[name].to(w.dtype) if w is not None and need[name] else None

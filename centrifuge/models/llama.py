@@ -162,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
         backward.check_layers(self.config.num_layers)
         layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
         path = backward.choose_path(B * L, self.config.layer_parameters(), input_ids.device.type)
-        return Plan(layout, backward, path)
+        return Plan(layout, backward, path, self.config.num_layers)
 
     def hidden_states(
         self, input_ids: torch.Tensor, plan: Plan, final_norm: bool = True

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from centrifuge.plan import Layout
+from centrifuge.plan import ExtraRows, Layout
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -267,3 +267,24 @@ def attention_backward(
             raise ValueError("extra (sampled) rows need a compact backward (keep_idx)")
         dk, dv = _reweight_extra_rows(q, k, v, o, lse, do, keep_idx, dk, dv, extra, scale)
     return dq, dk, dv
+
+
+def attention_backward_key_rows(
+    q, k, v, o, lse, do, layout: Layout, keep_idx, key_rows, scale: float | None = None, extra=None
+):
+    """:func:`attention_backward` on the rows ``keep_idx``, plus the dK, dV that
+    the filtered rows ``key_rows.idx`` (a :class:`centrifuge.plan.KeyRows`) receive
+    from the queries of ``keep_idx`` (``BackwardOptions.kv_projections``).
+
+    The backward runs on the union of both with a zero output gradient on the
+    key rows: a query with dO = 0 has Delta = 0, so it adds nothing to any dK or
+    dV, and the kernels stay as they are. q, o must be finite on the key rows
+    (they are read). Returns dq, dk, dv [n, ., D] of keep_idx and dk, dv
+    [m, Hkv, D] of the key rows."""
+    n_union = key_rows.union.numel()
+    do_union = do.new_zeros(n_union, *do.shape[1:]).index_copy_(0, key_rows.rows_pos, do)
+    if extra is not None:  # sampled rows' positions, from keep_idx to the union
+        extra = ExtraRows(key_rows.rows_pos[extra.pos], extra.weight)
+    dq, dk, dv = attention_backward(q, k, v, o, lse, do_union, layout, key_rows.union, scale, extra)
+    rows, keys = key_rows.rows_pos, key_rows.pos
+    return dq[rows], dk[rows], dv[rows], dk[keys], dv[keys]

@@ -71,6 +71,11 @@ def add_arguments(p) -> None:
           "(default 1/P; smaller damps the noise, with some bias)", type=float, metavar="W")
     opt_g("--exact-layers", "amplified only: the bottom K decoder layers run the exact (dense) "
           "backward", type=int, metavar="K")
+    opt_g("--exact-top", "amplified only: the top K decoder layers run the exact (dense) "
+          "backward; below them the gradient stops at filtered tokens", type=int, metavar="K")
+    opt_g("--kv-projections", "amplified only: filtered tokens' K/V gradients (from kept "
+          "queries) train the K/V projections and norms, without reaching the tokens' residual "
+          "stream", action="store_true")
     opt_g("--backward-path", "amplified only: how its backward is computed, same gradients: "
           "compact (gathered kept rows), dense (full-size GEMMs, filtered K/V gradients zeroed: "
           "small models) or auto (by the GEMM work per layer)",

@@ -18,8 +18,8 @@ from centrifuge.selection import GRANULARITIES, METHODS
 
 DTYPES = ("fp32", "bf16")
 # The backward's quality knobs: they act on filtered tokens only.
-KNOBS = ("backward_extra", "backward_extra_weight", "exact_layers", "backward_ratio", "exact_every",
-         "exact_final")
+KNOBS = ("backward_extra", "backward_extra_weight", "exact_layers", "exact_top", "kv_projections",
+         "backward_ratio", "exact_every", "exact_final")
 DEFAULT_MODEL = "mini"  # a byte-level preset that learns the built-in corpus in minutes on CPU
 
 
@@ -45,6 +45,10 @@ class TrainConfig:
                       the backward with probability backward_extra, its K/V gradient
                       from other rows weighted 1/p (unbiased) or backward_extra_weight;
                       the bottom exact_layers layers run the exact backward.
+    exact_top:        the top exact_top layers run the exact backward, the gradient
+                      stopped at filtered tokens below them (BackwardOptions ``exact_top``).
+    kv_projections:   filtered tokens' K/V gradients reach the K/V projections, not the
+                      residual stream (BackwardOptions ``kv_projections``).
     backward_ratio:   quality knob of ``amplified`` (BackwardOptions ``backward_ratio``), in
                       [ratio, 1]: the labelled rows the selection ranks next after the kept
                       ones, up to this share, join the backward without a loss (as context
@@ -97,6 +101,8 @@ class TrainConfig:
     backward_extra: float = 0.0
     backward_extra_weight: float | None = None
     exact_layers: int = 0
+    exact_top: int = 0
+    kv_projections: bool = False
     backward_path: str = "auto"
     context_rows: str = "backward"
     backward_ratio: float | None = None
@@ -213,7 +219,9 @@ class TrainConfig:
         seeds its sampling generator for every micro-batch)."""
         return BackwardOptions(self.backward, self.backward_extra, self.backward_extra_weight,
                                self.exact_layers, seed=self.seed, path=self.backward_path,
-                               context=self.context_rows, backward_ratio=self.backward_ratio)  # fmt: skip
+                               context=self.context_rows, exact_top=self.exact_top,
+                               kv_projections=self.kv_projections,
+                               backward_ratio=self.backward_ratio)  # fmt: skip
 
     def tokens_per_step(self, processes: int = 1) -> int:
         """Tokens of one optimizer step over ``processes`` (torchrun) processes."""

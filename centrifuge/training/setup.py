@@ -32,8 +32,8 @@ from centrifuge.training.memory import check_memory
 # (anything that changes the data order, the updates or the model). grad_accum
 # is compared as grad_accum x processes: the global batch of a step.
 RESUME_KEYS = ("seq_len", "batch_size", "select", "ratio", "granularity",
-               "backward", "backward_extra", "backward_extra_weight", "exact_layers",
-               "backward_ratio", "exact_every", "exact_final",
+               "backward", "backward_extra", "backward_extra_weight", "exact_layers", "exact_top",
+               "kv_projections", "backward_ratio", "exact_every", "exact_final",
                "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "dtype", "seed", "reference", "reference_scores", "reference_steps")  # fmt: skip
 
@@ -371,7 +371,8 @@ def builtin_reference_config(cfg: TrainConfig) -> TrainConfig:
     started = not cfg.overwrite and (out / ckpt_io.LATEST).is_file()
     return dataclasses.replace(
         cfg, select="none", ratio=1.0, reference=None, reference_scores=None, backward_extra=0.0,
-        backward_extra_weight=None, exact_layers=0, backward_ratio=None, exact_every=0, exact_final=0.0,
+        backward_extra_weight=None, exact_layers=0, exact_top=0, kv_projections=False,
+        backward_ratio=None, exact_every=0, exact_final=0.0,
         steps=cfg.reference_steps, max_tokens=None,
         eval_interval=0, save_interval=0, out_dir=str(out), resume=started, overwrite=not started,
         warmup_steps=min(cfg.warmup_steps, cfg.reference_steps // 4),

@@ -55,7 +55,9 @@ def test_attention_extra_rows_triton(H, Hkv, D, dtype):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("knob", ["extra=0.3", "extra=0.5,extra_weight=1.5", "exact_layers=1",
-                                  "extra=0.3,exact_layers=2"])  # fmt: skip
+                                  "extra=0.3,exact_layers=2", "kv_projections=1", "exact_top=1",
+                                  "extra=0.3,kv_projections=1,exact_top=1",
+                                  "kv_projections=1,path=dense"])  # fmt: skip
 def test_model_gradients_with_knobs(name, knob):
     ids, kw = batch(seed=len(name) + len(knob), packed=True)
     model64 = build_model(CONFIGS[name], dtype=torch.float64, device="cuda", seed=0)
@@ -63,7 +65,7 @@ def test_model_gradients_with_knobs(name, knob):
     out = model64(ids, labels=ids, backward=opts, **kw)  # draws the sampled rows
     keep = Selector("loss", 0.4)(out.token_loss, out.valid)
     out.plan.set_keep(keep)
-    ref_kw = dict(kv_weight=out.plan.kv_weight(keep), exact_layers=opts.exact_layers, **kw)
+    ref_kw = dict(out.plan.reference_knobs(keep), **kw)
     reference_filtered_loss(model64, ids, ids, keep, **ref_kw).backward()
     truth = grads(model64)
     errors = {}
