@@ -320,6 +320,9 @@ class Plan:
         self.sampled: torch.Tensor | None = None  # [B, L] bool, filtered rows drawn into the backward
         self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept + context + sampled rows
         self.extra: ExtraRows | None = None
+        # Values derived from the filled plan, computed once for all layers (the
+        # row split of tensor parallelism, models/tensor_parallel.py).
+        self.derived: dict = {}
 
     @property
     def shape(self) -> tuple[int, int]:

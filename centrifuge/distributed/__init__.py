@@ -7,6 +7,7 @@ from centrifuge.distributed.parallelize import (
     PARALLEL_MODES, RESHARD_MODES, choose_parallel, choose_reshard, gradient_sync, parallelize,
     unsharded, uses_autocast,
 )
+from centrifuge.distributed.tensor_parallel import reduce_replicated_grads
 
 __all__ = ["DistContext", "init_distributed", "shutdown_distributed", "PARALLEL_MODES", "RESHARD_MODES", "choose_parallel",
-           "choose_reshard", "gradient_sync", "parallelize", "unsharded", "uses_autocast"]
+           "choose_reshard", "gradient_sync", "parallelize", "reduce_replicated_grads", "unsharded", "uses_autocast"]

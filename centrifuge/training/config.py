@@ -65,6 +65,9 @@ class TrainConfig:
                       decoder layer + the root), or "auto" (DDP while the replicated
                       weights, gradients and optimizer state fit in half a GPU, else FSDP);
                       one process: "auto" or "none".
+    tp:               tensor parallelism (with sequence parallelism) of the native model
+                      over groups of tp consecutive processes; the processes / tp
+                      data-parallel replicas are "parallel"'s (FSDP with tp > 1).
     fsdp_reshard:     FSDP: "off" keeps each layer's gathered weights from forward to
                       backward (faster), "on" gathers them again (less memory), "auto"
                       off while they take at most a quarter of a GPU.
@@ -104,6 +107,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"
     parallel: str = "auto"
+    tp: int = 1
     fsdp_reshard: str = "auto"
     seed: int = 0
     eval_interval: int = 100
@@ -161,7 +165,7 @@ class TrainConfig:
         need(not (self.resume and self.overwrite), "give either resume or overwrite, not both")
         need(not (self.reference and self.reference_scores),
              "give either reference or reference_scores, not both")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows", "tp"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  f"{name} must be a positive integer, got {v!r}")
