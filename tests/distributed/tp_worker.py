@@ -1,8 +1,9 @@
 """Run under ``torchrun`` by tests/test_tensor_parallel.py: one step of the native
 model (float64, CPU) under tensor parallelism over ``tp`` processes (and FSDP2
-over the processes / tp replicas), for every case in argv[3] (JSON); rank 0
-saves each case's full gradients to argv[1] (a torch file: a list of dicts).
-argv[2]: tp. The test runs :func:`step` in one process for the reference."""
+over the processes / tp replicas), for every case in argv[2] (JSON; its "tp"
+key, 2 when absent); rank 0 saves each case's full gradients to argv[1] (a
+torch file: a list of dicts). The test runs :func:`step` in one process for
+the reference."""
 
 import json
 import sys
@@ -71,10 +72,10 @@ def main() -> None:
     from centrifuge.distributed import init_distributed, parallelize, reduce_replicated_grads
     from centrifuge.distributed import shutdown_distributed
 
-    out, tp, cases = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    ctx = init_distributed("cpu", tp)
+    out, cases = sys.argv[1], json.loads(sys.argv[2])
     grads = []
     for case in cases:
+        ctx = init_distributed("cpu", case.get("tp", 2))
         model = parallelize(model_for(case), ctx, "fsdp" if ctx.dp_size > 1 else "none", "fp32")
         step(model, case, ctx.dp_rank, ctx.dp_size)
         reduce_replicated_grads(model)

@@ -1,0 +1,146 @@
+"""Tensor parallelism with sequence parallelism (torchrun, gloo, CPU): the native
+model split over 2 (and 4) processes gives one process's gradients in float64
+for the amplified and exact backward, the quality knobs, activation
+checkpointing, packed and padded rows, GQA, Qwen2 biases and Qwen3 q/k norms,
+also with FSDP2 over the replicas (2-D); ``centrifuge train --tp 2`` trains one
+process's weights, its checkpoint loads in transformers and resumes on one
+process; bad layouts are refused with a clear message."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from centrifuge.training import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import WORKER, assert_same_weights, failed, weights  # noqa: E402
+
+sys.path.pop(0)
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
+
+TP_WORKER = Path(__file__).parent / "distributed" / "tp_worker.py"
+
+
+def torchrun(script: Path, nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(script), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tp_worker():
+    sys.path.insert(0, str(TP_WORKER.parent))
+    try:
+        import tp_worker
+    finally:
+        sys.path.pop(0)
+    return tp_worker
+
+
+def assert_one_process_gradients(got: list[dict], cases: list[dict]) -> None:
+    w = _tp_worker()
+    for case, g in zip(cases, got, strict=True):
+        model = w.model_for(case)
+        w.step(model, case)
+        want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert g.keys() == want.keys(), case
+        for n in want:
+            torch.testing.assert_close(g[n], want[n], rtol=1e-9, atol=1e-12,
+                                       msg=lambda m: f"{case} {n}: {m}")  # fmt: skip
+
+
+TWO = [
+    {},  # amplified, compact backward, prompts as context rows
+    {"backward": "exact"},
+    {"recompute": True, "batch": "packed"},
+    {"recompute": True, "batch": "padded", "backward": "exact"},
+    {"model": "tiny-gqa", "batch": "packed", "extra": 0.5},  # sampled filtered rows
+    {"model": "tiny-qwen2", "exact_layers": 1, "batch": "padded"},  # biases, tied embeddings
+    {"model": "tiny-qwen3", "recompute": True},  # q/k norms (replicated over heads)
+]
+FOUR = [
+    {"tp": 4, "batch": "packed"},
+    {"tp": 2, "recompute": True, "batch": "padded"},  # 2 replicas x tp 2, FSDP2 over replicas
+    {"tp": 2, "model": "tiny-qwen3", "batch": "packed"},
+]
+
+
+@pytest.mark.parametrize("nproc,cases", [(2, TWO), (4, FOUR)], ids=["tp2", "tp4-and-tp2xfsdp2"])
+def test_tensor_parallel_gives_one_process_gradients(tmp_path, nproc, cases):
+    out = tmp_path / "grads.pt"
+    proc = torchrun(TP_WORKER, nproc, str(out), json.dumps(cases))
+    assert proc.returncode == 0, failed(proc)
+    assert_one_process_gradients(torch.load(out), cases)
+
+
+def test_heads_not_divisible_are_refused(tmp_path):
+    proc = torchrun(TP_WORKER, 4, str(tmp_path / "g.pt"), json.dumps([{"tp": 4, "model": "tiny-gqa"}]))
+    assert proc.returncode != 0
+    assert "splits the key/value heads (2): choose a tp that divides 2" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_file, sft_file, cache):
+    """One launch of ``centrifuge train --tp 2`` on 2 processes (one replica)."""
+    root = tmp_path_factory.mktemp("tp")
+    base = dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=48,
+                batch_size=2, grad_accum=2, steps=3, warmup_steps=1, lr=1e-2, eval_interval=0,
+                eval_rows=4, save_interval=0, cache_dir=cache, device="cpu", tp=2)  # fmt: skip
+    runs = {
+        "ckpt": dict(base, activation_checkpointing=True),
+        "sft": dict(base, data=[str(sft_file)], seq_len=192),  # prompts: context rows
+        # 4 steps, saved at 2 and 4: checkpoint-2 resumes on one process.
+        "long": dict(base, steps=4, save_interval=2, grad_accum=1),
+    }
+    for name, cfg in runs.items():
+        cfg["out_dir"] = str(root / name)
+    proc = torchrun(WORKER, 2, json.dumps(list(runs.values())))
+    assert proc.returncode == 0, failed(proc)
+    return root, runs
+
+
+@pytest.mark.parametrize("name", ["ckpt", "sft"])
+def test_train_tp_equals_one_process(trained, tmp_path, name):
+    root, runs = trained
+    single = dict(runs[name], tp=1, out_dir=str(tmp_path / "single"))
+    train(TrainConfig(**single), progress=False)
+    assert_same_weights(weights(root / name), weights(tmp_path / "single"))
+    metrics = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+               for d in (root / name, tmp_path / "single")]  # fmt: skip
+    for a, b in zip(*metrics, strict=True):
+        if a["kind"] == "train":
+            assert a["tokens_kept"] == b["tokens_kept"] and a["tokens_seen"] == b["tokens_seen"]
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_tp_checkpoint_resumes_on_one_process_and_loads_in_transformers(trained, tmp_path):
+    root, runs = trained
+    long_dir = root / "long"
+    assert (long_dir / "checkpoint-2" / "dcp").is_dir()  # the optimizer state, sharded by DCP
+    single = tmp_path / "single"
+    single.mkdir()
+    subprocess.run(["cp", "-r", str(long_dir / "checkpoint-2"), str(single)], check=True)
+    (single / "latest").write_text("checkpoint-2\n")
+    train(TrainConfig(**dict(runs["long"], out_dir=str(single), resume=True, tp=1)), progress=False)
+    assert_same_weights(weights(long_dir), weights(single))
+    transformers = pytest.importorskip("transformers")
+    ckpt = long_dir / "checkpoint-4"
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    full = weights(long_dir)
+    assert_same_weights({k: v for k, v in model.state_dict().items() if k in full}, full, atol=0)
+
+
+def test_tp_needs_torchrun(tmp_path, data_file, cache):
+    cfg = TrainConfig(model="tiny", data=[str(data_file)], steps=1, cache_dir=cache, device="cpu",
+                      tp=2, out_dir=str(tmp_path / "x"))  # fmt: skip
+    with pytest.raises(ValueError, match="needs 2 x N processes"):
+        train(cfg, progress=False)
