@@ -81,10 +81,17 @@ def test_tensor_parallel_gives_one_process_gradients(tmp_path, nproc, cases):
     assert_one_process_gradients(torch.load(out), cases)
 
 
-def test_heads_not_divisible_are_refused(tmp_path):
-    proc = torchrun(TP_WORKER, 4, str(tmp_path / "g.pt"), json.dumps([{"tp": 4, "model": "tiny-gqa"}]))
-    assert proc.returncode != 0
-    assert "splits the key/value heads (2): choose a tp that divides 2" in proc.stderr
+def test_unsupported_models_are_refused():
+    from centrifuge.distributed.tensor_parallel import check_tensor_parallel
+    from centrifuge.models import build_model, get_preset
+
+    with pytest.raises(ValueError, match=r"splits the key/value heads \(2\): choose a tp that divides 2"):
+        check_tensor_parallel(build_model(get_preset("tiny-gqa")), 4)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    with pytest.raises(TypeError, match="supports Centrifuge's native model"):
+        check_tensor_parallel(transformers.LlamaForCausalLM(cfg), 2)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +104,8 @@ def trained(tmp_path_factory, data_file, sft_file, cache):
     runs = {
         "ckpt": dict(base, activation_checkpointing=True),
         "sft": dict(base, data=[str(sft_file)], seq_len=192),  # prompts: context rows
+        # The built-in corpus: evaluation decodes answers (rows padded to a multiple of tp).
+        "corpus": dict(base, data=None, steps=1, eval_problems=3),
         # 4 steps, saved at 2 and 4: checkpoint-2 resumes on one process.
         "long": dict(base, steps=4, save_interval=2, grad_accum=1),
     }
@@ -107,7 +116,7 @@ def trained(tmp_path_factory, data_file, sft_file, cache):
     return root, runs
 
 
-@pytest.mark.parametrize("name", ["ckpt", "sft"])
+@pytest.mark.parametrize("name", ["ckpt", "sft", "corpus"])
 def test_train_tp_equals_one_process(trained, tmp_path, name):
     root, runs = trained
     single = dict(runs[name], tp=1, out_dir=str(tmp_path / "single"))
@@ -120,6 +129,9 @@ def test_train_tp_equals_one_process(trained, tmp_path, name):
             assert a["tokens_kept"] == b["tokens_kept"] and a["tokens_seen"] == b["tokens_seen"]
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        else:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["accuracy"] == b["accuracy"]
 
 
 def test_tp_checkpoint_resumes_on_one_process_and_loads_in_transformers(trained, tmp_path):
@@ -144,3 +156,16 @@ def test_tp_needs_torchrun(tmp_path, data_file, cache):
                       tp=2, out_dir=str(tmp_path / "x"))  # fmt: skip
     with pytest.raises(ValueError, match="needs 2 x N processes"):
         train(cfg, progress=False)
+
+
+def test_data_parallel_modes_under_tp():
+    from centrifuge.distributed import DistContext, choose_parallel
+
+    two_replicas = DistContext(rank=0, world_size=4, tp=2)
+    assert choose_parallel("auto", two_replicas, 10**6) == "fsdp"
+    with pytest.raises(ValueError, match="'ddp' is not supported with tensor parallelism"):
+        choose_parallel("ddp", two_replicas, 10**6)
+    one_replica = DistContext(rank=1, world_size=2, tp=2)
+    assert choose_parallel("auto", one_replica, 10**6) == "none"
+    with pytest.raises(ValueError, match="needs several processes"):
+        choose_parallel("fsdp", one_replica, 10**6)

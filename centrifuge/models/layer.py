@@ -26,12 +26,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from centrifuge.models.tensor_parallel import RowSplit, TPGroup
 from centrifuge.ops.attention import attention_backward, attention_forward
 from centrifuge.ops.attention_recompute import attention_forward_rows
 from centrifuge.ops.rmsnorm import rms_norm_apply_rows, rms_norm_backward_rows, rms_norm_forward
 from centrifuge.ops.rope import rope_backward_rows, rope_forward
 from centrifuge.ops.swiglu import swiglu_backward_rows, swiglu_forward
-from centrifuge.models.tensor_parallel import RowSplit, TPGroup
 from centrifuge.plan import Plan, select_rows
 
 # The projections: weight name -> (submodule, attribute) in a decoder layer.

@@ -269,7 +269,8 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         sums[4] = sum(run.train_ds.real_tokens(rows) for rows in micro)
-        sums[:5] *= counted
+        if not counted:
+            sums[:5] = 0
         sums[5] = self.stop is not None and self.stop.signum is not None
         loss_sum, all_sum, valid, kept, seen, stops = ctx.all_reduce_sum(sums).tolist()
         self.stop_requested = stops > 0

@@ -209,6 +209,9 @@ def check(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str 
         initial = LlamaForCausalLM.from_pretrained(model_dir)
     if resume_state is not None:
         _check_resume(resume_state, cfg, mc, resume_path, ctx.dp_size, progress)
+    if cfg.seq_len % ctx.tp:  # every micro-batch, evaluation's shorter last one included
+        raise ValueError(f"tensor parallelism splits every micro-batch's rows over its {ctx.tp} "
+                         f"ranks: seq_len {cfg.seq_len} must be a multiple of tp")  # fmt: skip
     parallel = choose_parallel(cfg.parallel, ctx, mc.num_parameters())
     check_memory(mc, cfg, ctx.device, ctx.world_size if parallel == "fsdp" else ctx.tp)
 
