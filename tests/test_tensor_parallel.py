@@ -4,7 +4,7 @@ for the amplified and exact backward, the quality knobs, activation
 checkpointing, packed and padded rows, GQA, Qwen2 biases and Qwen3 q/k norms,
 also with FSDP2 over the replicas (2-D); ``centrifuge train --tp 2`` trains one
 process's weights, its checkpoint loads in transformers and resumes on one
-process; bad layouts are refused with a clear message."""
+process and on tp 2 x FSDP2; bad layouts are refused with a clear message."""
 
 import json
 import subprocess
@@ -64,6 +64,7 @@ TWO = [
     {"recompute": True, "batch": "padded", "backward": "exact"},
     {"model": "tiny-gqa", "batch": "packed", "extra": 0.5},  # sampled filtered rows
     {"model": "tiny-qwen2", "exact_layers": 1, "batch": "padded"},  # biases, tied embeddings
+    {"context": "constant", "batch": "packed"},  # prompts outside the backward set
     {"model": "tiny-qwen3", "recompute": True},  # q/k norms (replicated over heads)
 ]
 FOUR = [
@@ -106,8 +107,8 @@ def trained(tmp_path_factory, data_file, sft_file, cache):
         "sft": dict(base, data=[str(sft_file)], seq_len=192),  # prompts: context rows
         # The built-in corpus: evaluation decodes answers (rows padded to a multiple of tp).
         "corpus": dict(base, data=None, steps=1, eval_problems=3),
-        # 4 steps, saved at 2 and 4: checkpoint-2 resumes on one process.
-        "long": dict(base, steps=4, save_interval=2, grad_accum=1),
+        # 4 steps, saved at 2 and 4: checkpoint-2 resumes on other layouts.
+        "long": dict(base, steps=4, save_interval=2),
     }
     for name, cfg in runs.items():
         cfg["out_dir"] = str(root / name)
@@ -134,19 +135,30 @@ def test_train_tp_equals_one_process(trained, tmp_path, name):
             assert a["accuracy"] == b["accuracy"]
 
 
-def test_tp_checkpoint_resumes_on_one_process_and_loads_in_transformers(trained, tmp_path):
+def _resume_copy(long_dir: Path, to: Path) -> Path:
+    to.mkdir()
+    subprocess.run(["cp", "-r", str(long_dir / "checkpoint-2"), str(to)], check=True)
+    (to / "latest").write_text("checkpoint-2\n")
+    return to
+
+
+def test_tp_checkpoint_resumes_on_other_layouts_and_loads_in_transformers(trained, tmp_path):
+    """checkpoint-2 of tp 2 (one replica, 2 micro-batches a step) continues on one
+    process and on tp 2 x 2 FSDP2 replicas (1 micro-batch each) to the weights of
+    the uninterrupted run: DCP reshards the optimizer state."""
     root, runs = trained
     long_dir = root / "long"
     assert (long_dir / "checkpoint-2" / "dcp").is_dir()  # the optimizer state, sharded by DCP
-    single = tmp_path / "single"
-    single.mkdir()
-    subprocess.run(["cp", "-r", str(long_dir / "checkpoint-2"), str(single)], check=True)
-    (single / "latest").write_text("checkpoint-2\n")
+    single = _resume_copy(long_dir, tmp_path / "single")
     train(TrainConfig(**dict(runs["long"], out_dir=str(single), resume=True, tp=1)), progress=False)
     assert_same_weights(weights(long_dir), weights(single))
+    four = _resume_copy(long_dir, tmp_path / "four")
+    proc = torchrun(WORKER, 4, json.dumps([dict(runs["long"], out_dir=str(four), resume=True,
+                                                grad_accum=1)]))  # fmt: skip
+    assert proc.returncode == 0, failed(proc)
+    assert_same_weights(weights(long_dir), weights(four))
     transformers = pytest.importorskip("transformers")
-    ckpt = long_dir / "checkpoint-4"
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    model = transformers.AutoModelForCausalLM.from_pretrained(long_dir / "checkpoint-4")
     full = weights(long_dir)
     assert_same_weights({k: v for k, v in model.state_dict().items() if k in full}, full, atol=0)
 

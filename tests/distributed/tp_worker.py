@@ -60,7 +60,7 @@ def step(model, case: dict, replica: int = 0, replicas: int = 1) -> None:
     selector = Selector("loss", 0.5, "batch")
     every = batches(case)
     total = sum(selector.count(_valid(b)) for b in every)
-    knobs = {k: case[k] for k in ("extra", "exact_layers") if k in case}
+    knobs = {k: case[k] for k in ("extra", "exact_layers", "context") if k in case}
     backward = BackwardOptions(case.get("backward", "amplified"), seed=1, **knobs)
     for b in every[replica::replicas]:
         out = model(**b, backward=backward)
