@@ -4,7 +4,8 @@ for the amplified and exact backward, the quality knobs, activation
 checkpointing, packed and padded rows, GQA, Qwen2 biases and Qwen3 q/k norms,
 also with FSDP2 over the replicas (2-D); ``centrifuge train --tp 2`` trains one
 process's weights, its checkpoint loads in transformers and resumes on one
-process and on tp 2 x FSDP2; bad layouts are refused with a clear message."""
+process and on tp 2 x FSDP2; two torchrun "nodes" (--nnodes 2 on localhost) run
+FSDP2 and tp x FSDP2; bad layouts are refused with a clear message."""
 
 import json
 import subprocess
@@ -96,12 +97,17 @@ def test_unsupported_models_are_refused():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_file, sft_file, cache):
+def small_run(data_file, cache):
+    return dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=48,
+                batch_size=2, steps=3, warmup_steps=1, lr=1e-2, eval_interval=0, eval_rows=4,
+                save_interval=0, cache_dir=cache, device="cpu")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_run, sft_file):
     """One launch of ``centrifuge train --tp 2`` on 2 processes (one replica)."""
     root = tmp_path_factory.mktemp("tp")
-    base = dict(model="tiny", data=[str(data_file)], select="loss", ratio=0.5, seq_len=48,
-                batch_size=2, grad_accum=2, steps=3, warmup_steps=1, lr=1e-2, eval_interval=0,
-                eval_rows=4, save_interval=0, cache_dir=cache, device="cpu", tp=2)  # fmt: skip
+    base = dict(small_run, grad_accum=2, tp=2)
     runs = {
         "ckpt": dict(base, activation_checkpointing=True),
         "sft": dict(base, data=[str(sft_file)], seq_len=192),  # prompts: context rows
@@ -181,3 +187,33 @@ def test_data_parallel_modes_under_tp():
     assert choose_parallel("auto", one_replica, 10**6) == "none"
     with pytest.raises(ValueError, match="needs several processes"):
         choose_parallel("fsdp", one_replica, 10**6)
+
+
+def test_two_nodes_fsdp_and_tp_x_fsdp_equal_one_process(small_run, tmp_path):
+    """Two torchrun launchers (--nnodes 2, rendezvous on localhost), 2 processes
+    each: FSDP2 over 4 replicas, then tp 2 inside each "node" x FSDP2 across
+    them; each trains what one process with the replicas' accumulation trains."""
+    import os
+    import socket
+
+    runs = {"fsdp": dict(small_run, parallel="fsdp", grad_accum=1),
+            "tp_fsdp": dict(small_run, tp=2, grad_accum=1, activation_checkpointing=True)}  # fmt: skip
+    for name, cfg in runs.items():
+        cfg["out_dir"] = str(tmp_path / name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                               f"--node-rank={r}", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                               f"--master-port={port}", str(WORKER), json.dumps(list(runs.values()))],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]  # fmt: skip
+    for p in nodes:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    for name, cfg in runs.items():
+        replicas = 4 // cfg.get("tp", 1)
+        single = dict(cfg, parallel="auto", tp=1, grad_accum=replicas, out_dir=str(tmp_path / f"{name}-one"))
+        train(TrainConfig(**single), progress=False)
+        assert_same_weights(weights(tmp_path / name), weights(tmp_path / f"{name}-one"))
