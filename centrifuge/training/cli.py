@@ -158,8 +158,10 @@ def format_summary(s: dict) -> str:
                 f"larger budget: centrifuge train --resume --out-dir {s['out_dir']} --steps N, "
                 f"N > {s['steps']}; the learning-rate schedule then follows N)")  # fmt: skip
     else:
+        modes = (([s["parallel"]] if s.get("parallel", "none") != "none" else [])
+                 + ([f"tp {s['tp']}"] if s.get("tp", 1) > 1 else []))  # fmt: skip
         head = (f"done: {s['steps']} steps in {s['wall_s']:.1f} s"
-                + (f" ({s['processes']} processes, {s['parallel']})" if s.get("processes", 1) > 1 else ""))  # fmt: skip
+                + (f" ({s['processes']} processes, {', '.join(modes)})" if s.get("processes", 1) > 1 else ""))  # fmt: skip
     lines = [
         head,
         f"  tokens seen      {s['tokens_seen']:,}  (kept {s['tokens_kept']:,}, "
