@@ -44,9 +44,9 @@ def choose_parallel(mode: str, ctx: DistContext, n_params: int) -> str:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
     if ctx.dp_size == 1:
         if mode in ("ddp", "fsdp"):
-            raise ValueError(f"parallel {mode!r} needs several processes (data-parallel replicas): "
-                             f"start the run with torchrun --nproc-per-node N (N >= 2; with tp > 1, "
-                             f"N = tp x replicas)")  # fmt: skip
+            raise ValueError(f"parallel {mode!r} needs several processes (data-parallel "
+                             "replicas): start the run with torchrun --nproc-per-node N (N >= 2; "
+                             "with tp > 1, N = tp x replicas)")  # fmt: skip
         return "none"
     if mode == "none":
         raise ValueError(f"parallel 'none' with {ctx.dp_size} data-parallel processes would train "

@@ -44,9 +44,9 @@ def check_tensor_parallel(model, tp: int) -> None:
     (a patched transformers model is not supported under tensor parallelism),
     heads, KV heads and the MLP width divisible by tp, no LoRA adapters."""
     if not isinstance(model, LlamaForCausalLM):
-        raise TypeError(f"tensor parallelism supports Centrifuge's native model (centrifuge train), "
-                        f"not a {type(model).__name__}: train a patched transformers model with "
-                        "DDP or FSDP")  # fmt: skip
+        raise TypeError(f"tensor parallelism supports Centrifuge's native model (centrifuge "
+                        f"train), not a {type(model).__name__}: train a patched transformers "
+                        "model with DDP or FSDP")  # fmt: skip
     c = model.config
     for what, n in (("attention heads", c.num_heads), ("key/value heads", c.num_kv_heads),
                     ("intermediate_size", c.intermediate_size)):  # fmt: skip
@@ -68,7 +68,7 @@ def apply_tensor_parallel(model: LlamaForCausalLM, mesh) -> LlamaForCausalLM:
     for layer in model.model.layers:
         plan = dict(_LAYER_PLAN)
         if hasattr(layer.self_attn, "q_norm"):  # per head: the same weights on every rank
-            plan.update({"self_attn.q_norm": SequenceParallel(), "self_attn.k_norm": SequenceParallel()})
+            plan.update({f"self_attn.{n}": SequenceParallel() for n in ("q_norm", "k_norm")})
         parallelize_module(layer, mesh, plan)
         s = layer.shape
         layer.shape = dataclasses.replace(s, num_heads=s.num_heads // tp,

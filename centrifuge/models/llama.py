@@ -190,7 +190,8 @@ class LlamaForCausalLM(nn.Module):
             if not final_norm:
                 return x
             rows_plan = plan if self.tp is None else self.tp.local_plan(plan)
-            return rms_norm(x, local(self.model.norm.weight).to(dtype), self.config.rms_norm_eps, rows_plan)
+            norm_w = local(self.model.norm.weight).to(dtype)
+            return rms_norm(x, norm_w, self.config.rms_norm_eps, rows_plan)
 
     def forward(
         self,
@@ -231,7 +232,8 @@ class LlamaForCausalLM(nn.Module):
         # Final norm fused with the LM head: the backward reads the kept rows
         # once and no normalized copy of the hidden states is saved. The
         # returned ``hidden`` is for inspection (it carries no gradient).
-        norm_w, head_w = local(self.model.norm.weight).to(x.dtype), local(self.lm_head.weight).to(x.dtype)
+        norm_w = local(self.model.norm.weight).to(x.dtype)
+        head_w = local(self.lm_head.weight).to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             if self.tp is None:
                 token_loss, h = norm_linear_cross_entropy(
