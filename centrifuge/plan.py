@@ -429,6 +429,9 @@ class Plan:
         self.rows_idx: torch.Tensor | None = None  # sorted flat indices: kept, context, ranked, sampled rows
         self.extra: ExtraRows | None = None
         self.key_rows: KeyRows | None = None  # kv_projections on the compact path
+        # Values derived from the filled plan, computed once for all layers (the
+        # row split of tensor parallelism, models/tensor_parallel.py).
+        self.derived: dict = {}
 
     @property
     def shape(self) -> tuple[int, int]:

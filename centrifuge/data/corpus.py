@@ -244,7 +244,11 @@ def answer_accuracy(model, tokenizer, problems: list[Problem], device="cpu",
     was_training = model.training
     model.eval()
     correct = 0
-    weight = model.lm_head.weight
+    from centrifuge.models.tensor_parallel import local
+
+    weight = local(model.lm_head.weight)  # replicated under tensor parallelism
+    # Tensor parallelism splits a forward's rows evenly over its ranks.
+    multiple = 1 if getattr(model, "tp", None) is None else model.tp.size
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         prompts = [tokenizer.encode(p.prompt) for p in chunk]
@@ -253,6 +257,7 @@ def answer_accuracy(model, tokenizer, problems: list[Problem], device="cpu",
         L = max(len(s) for s in seqs)
         if L > model.config.max_position_embeddings:
             raise ValueError(f"a problem has {L} tokens, more than the model supports")
+        L = -(-L // multiple) * multiple
         ids = torch.full((len(seqs), L), tokenizer.eos_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
         for i, s in enumerate(seqs):

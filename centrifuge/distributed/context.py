@@ -20,11 +20,28 @@ from centrifuge.device import resolve_device
 @dataclass(frozen=True)
 class DistContext:
     """rank, world_size: this process and the number of processes;
-    device: the device this process computes on (``cuda:LOCAL_RANK`` on GPUs)."""
+    device: the device this process computes on (``cuda:LOCAL_RANK`` on GPUs);
+    tp: tensor-parallel ranks, consecutive processes that split each layer and
+    read the same micro-batches; mesh: the 2-D DeviceMesh ("dp", "tp") when tp > 1."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    tp: int = 1
+    mesh: object = None
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: processes that read different micro-batches."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
 
     @property
     def is_main(self) -> bool:
@@ -65,14 +82,20 @@ def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device: str = "auto") -> DistContext:
+def init_distributed(device: str = "auto", tp: int = 1) -> DistContext:
     """Join the process group torchrun set up (once per process) and pick this
     process's device: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` when CUDA is
     there (NCCL), else the CPU (gloo). A plain ``python`` start gives a
-    one-process context on ``device``."""
+    one-process context on ``device``. tp > 1: tensor parallelism over groups
+    of tp consecutive processes (a 2-D mesh: data-parallel x tensor-parallel)."""
     if not _launched_by_torchrun():
+        if tp != 1:
+            raise ValueError(f"tensor parallelism over {tp} ranks needs {tp} x N processes: start "
+                             f"the run with torchrun --nproc-per-node {tp}")  # fmt: skip
         return DistContext(device=resolve_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if tp < 1 or world % tp:
+        raise ValueError(f"tp {tp} must divide the {world} processes (tp x data-parallel replicas)")
     local = int(os.environ.get("LOCAL_RANK", 0))
     kind = resolve_device(device).type
     if kind == "cuda":
@@ -88,7 +111,12 @@ def init_distributed(device: str = "auto") -> DistContext:
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=dev if kind == "cuda" else None)
-    return DistContext(rank, world, dev)
+    mesh = None
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(dev.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return DistContext(rank, world, dev, tp, mesh)
 
 
 def shutdown_distributed() -> None:

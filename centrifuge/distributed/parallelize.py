@@ -31,22 +31,31 @@ _DDP_MEMORY_SHARE = 0.5
 
 
 def choose_parallel(mode: str, ctx: DistContext, n_params: int) -> str:
-    """The mode a run uses: ``none`` for one process; with several, the given
-    one, or for ``auto`` DDP while the replicated training state fits
-    comfortably, else FSDP. Why DDP first: on small models FSDP2's per-layer
-    hooks and collectives dominate (measured 4.6x DDP's step time on the
-    ``small`` preset, 2 H200s), while on tinyllama-1.1b both keep the one-GPU
-    Centrifuge/dense ratio (DDP 0.682, FSDP2 0.671, one GPU 0.669)."""
+    """The mode of the data-parallel dimension: ``none`` for one replica (one
+    process, or only tensor-parallel ranks); with several, the given one, or for
+    ``auto`` DDP while the replicated training state fits comfortably, else
+    FSDP. Why DDP first: on small models FSDP2's per-layer hooks and
+    collectives dominate (measured 4.6x DDP's step time on the ``small``
+    preset, 2 H200s), while on tinyllama-1.1b both keep the one-GPU
+    Centrifuge/dense ratio (DDP 0.682, FSDP2 0.671, one GPU 0.669). Under
+    tensor parallelism the replicas are FSDP's (the 2-D layout; DDP does not
+    take DTensor weights)."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
-    if not ctx.distributed:
+    if ctx.dp_size == 1:
         if mode in ("ddp", "fsdp"):
-            raise ValueError(f"parallel {mode!r} needs several processes: start the run with "
-                             "torchrun --nproc-per-node N (N >= 2)")  # fmt: skip
+            raise ValueError(f"parallel {mode!r} needs several processes (data-parallel "
+                             "replicas): start the run with torchrun --nproc-per-node N (N >= 2; "
+                             "with tp > 1, N = tp x replicas)")  # fmt: skip
         return "none"
     if mode == "none":
-        raise ValueError(f"parallel 'none' with {ctx.world_size} processes would train "
-                         f"{ctx.world_size} independent models: use ddp, fsdp or auto")  # fmt: skip
+        raise ValueError(f"parallel 'none' with {ctx.dp_size} data-parallel processes would train "
+                         f"{ctx.dp_size} independent models: use ddp, fsdp or auto")  # fmt: skip
+    if ctx.tp > 1:
+        if mode == "ddp":
+            raise ValueError("parallel 'ddp' is not supported with tensor parallelism (tp > 1): "
+                             "use fsdp (or auto) for the data-parallel dimension")  # fmt: skip
+        return "fsdp"
     if mode != "auto":
         return mode
     if ctx.device.type == "cuda":
@@ -76,11 +85,17 @@ def parallelize(model: nn.Module, ctx: DistContext, mode: str, dtype: str,
                 reshard_after_forward: bool = False) -> nn.Module:  # fmt: skip
     """Wrap ``model`` for ``mode``: a native LlamaForCausalLM, or a transformers
     causal LM of the same family (``centrifuge.patch`` it first), on ``ctx.device``.
-    reshard_after_forward (FSDP): see :func:`choose_reshard`.
+    reshard_after_forward (FSDP): see :func:`choose_reshard`. With ``ctx.tp`` > 1
+    the native model is first split over the mesh's ``tp`` dimension
+    (:mod:`centrifuge.distributed.tensor_parallel`), and FSDP shards over ``dp``.
 
     Returns the module to call in the training step: a DDP wrapper, or the
     model itself, sharded in place, for FSDP. Build the optimizer afterwards,
     from the returned module's parameters."""
+    if ctx.tp > 1:
+        from centrifuge.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, ctx.mesh["tp"])
     if mode == "none":
         return model
     if mode == "ddp":
@@ -100,12 +115,13 @@ def parallelize(model: nn.Module, ctx: DistContext, mode: str, dtype: str,
         # A decoder layer returns its Function's output as a [B, L, d] view; nothing
         # modifies it in place, which is what FSDP2's warning about views is for.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        mesh = None if ctx.mesh is None else ctx.mesh["dp"]
         layers = list(model.model.layers)
         for i, layer in enumerate(layers):
             # The last layer's weights are the first the backward needs: keep them.
-            fully_shard(layer, mp_policy=mp,
+            fully_shard(layer, mesh=mesh, mp_policy=mp,
                         reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
         return model
     raise ValueError(f"unknown parallel mode {mode!r}")
 

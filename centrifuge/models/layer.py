@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from centrifuge.models.tensor_parallel import RowSplit, TPGroup
 from centrifuge.ops.attention import attention_backward, attention_backward_key_rows, attention_forward
 from centrifuge.ops.attention_recompute import attention_forward_rows
 from centrifuge.ops.rmsnorm import rms_norm_apply_rows, rms_norm_backward_rows, rms_norm_forward
@@ -53,11 +54,15 @@ WEIGHT_NAMES = (
 
 @dataclass(frozen=True)
 class LayerShape:
+    """num_heads, num_kv_heads: this rank's heads (all of them without tensor
+    parallelism); tp: the tensor-parallel group (None: one rank, no collective)."""
+
     num_heads: int
     num_kv_heads: int
     head_dim: int
     eps: float
     layer_index: int = 0  # position in the stack: Plan.rows_for(layer_index) picks the rows
+    tp: TPGroup | None = None
 
 
 def _linear(x, w, b=None):
@@ -204,8 +209,22 @@ class Activations:
     rstd_k: torch.Tensor | None = None
 
 
+def _residual_out(y, x, W: dict, w: str, split: RowSplit | None):
+    """x + y Wᵀ for the weight named w: in the GEMM's epilogue on one rank; under
+    tensor parallelism y Wᵀ is a partial sum over the ranks' shards of W,
+    reduce-scattered onto the rows' owners before the residual joins."""
+    if split is None:
+        return _linear(y, W[w], x)
+    return split.reduce(y @ W[w].t()).add_(x)
+
+
+def _gathered(t, split: RowSplit | None):
+    """Every rank's rows of a sequence-parallel tensor (t itself on one rank)."""
+    return t if split is None else split.gather(t)
+
+
 def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, layout, rows=None,
-             lse=None) -> Activations:  # fmt: skip
+             lse=None, splits=None) -> Activations:  # fmt: skip
     """The layer up to the MLP's gate/up projections (the caller adds ``a Wd``).
 
     xf: [N, d]; cos, sin: [N, head_dim]. rows=None: every row (the forward, and
@@ -213,10 +232,14 @@ def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, lay
     norm and K/V for every row (the attention backward reads every key), the
     rest for the kept rows only, the attention output from the forward's saved
     ``lse`` ([B, H, L]) in one pass over the keys.
+    splits: tensor parallelism, (every row, ``rows``) as RowSplits; xf is then
+    this rank's [N/tp, d] rows and x2, rstd2 come back for its rows of ``rows``.
     """
     B, L = layout.shape
     N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    every, kept = splits or (None, None)
     h1, rstd1 = rms_norm_forward(xf, W["input_norm"], shape.eps)
+    h1 = _gathered(h1, every)
     q_lin = k_lin = rstd_q = rstd_k = None
     if _fuse_qkv(W) and rows is None:
         # One GEMM against [Wq; Wk; Wv] (the K/V projections alone are skinny,
@@ -250,9 +273,11 @@ def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, lay
     else:
         o = attention_forward_rows(q, kb, vb, lse, layout, rows)
     o = o.reshape(-1, H * D)
-    x2 = _linear(o, W["wo"], select_rows(xf, rows))  # residual add inside the GEMM
+    residual = select_rows(xf, rows if kept is None else kept.local)
+    x2 = _residual_out(o, residual, W, "wo", kept)  # residual add inside the GEMM
     x2 = _lora(x2, o, W, "wo", drop, rows)
     h2, rstd2 = rms_norm_forward(x2, W["post_norm"], shape.eps)
+    h2 = _gathered(h2, kept)
     if PERF["fused_gate_up"]:
         # g, u: column views of one [n, 2F] output (the SwiGLU kernels take them).
         gu = h2 @ _cat(W["wg"], W["wu"]).t()
@@ -275,7 +300,8 @@ def _add(dW: dict, name: str, g: torch.Tensor) -> None:
 
 
 def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, shape: LayerShape,
-              layout, idx, local, need, extra=None, kv_mask=None, key_rows=None, dx_mask=None):  # fmt: skip
+              layout, idx, local, need, extra=None, kv_mask=None, key_rows=None, dx_mask=None,
+              split=None, compact=False):  # fmt: skip
     """The compact backward of one layer. dy: [N, d] (the layer output's gradient);
     idx: the backward's rows [n] (None: every row); extra: the sampled filtered
     rows among them and their K/V-gradient weight (Plan.rows_for); local: the index through which the
@@ -289,7 +315,11 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     (Plan.dx_mask_for: the dense path).
     need: weight name -> whether it wants a gradient (frozen weights, e.g. under
     LoRA, get no weight-gradient GEMM). Returns dx [N, d] (zeros outside idx)
-    and the weight gradients by name."""
+    and the weight gradients by name.
+    split: tensor parallelism, the RowSplit of idx: dy, xf, rstd1 (and x2, rstd2
+    unless ``compact``, the recompute's) are this rank's rows; the row-wise
+    parts (norms, residuals) run on its rows of idx, and the GEMMs of its
+    weight shards on all of idx, gathered (the kept rows only under Centrifuge)."""
     B, L = layout.shape
     N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
     F = a.g.shape[1]
@@ -298,8 +328,12 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     # gathered copies on CUDA); only dY, o and the kernels' compact outputs
     # are [n_keep, .] buffers, and they feed the GEMMs (M = n_keep).
 
+    # Row-wise (sequence-parallel) reads: this rank's rows of idx.
+    own = idx if split is None else split.local
+    own_saved = None if compact else own  # how x2, rstd2 are read
     # MLP: one kernel recomputes a = silu(g) u and writes [dg du] side by side.
-    dy = select_rows(dy, idx)
+    dy_own = select_rows(dy, own)
+    dy = _gathered(dy_own, split)
     da = dy @ W["wd"]
     m = drop.noise("wd", da, idx)
     if W["wd_lora_A"] is not None:  # ((dY B) A) ∘ m joins da before the SwiGLU backward
@@ -308,7 +342,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     if need["wd"]:
         dW["wd"] = dy.t() @ act
     _lora_backward(dW, dy, act, W, "wd", m=m)
-    h2 = rms_norm_apply_rows(a.x2, a.rstd2, W["post_norm"], local)
+    h2 = _gathered(rms_norm_apply_rows(a.x2, a.rstd2, W["post_norm"], own_saved), split)
     if need["wg"] or need["wu"]:
         dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
         dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
@@ -318,8 +352,12 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
         dh2 = torch.addmm(dgu[:, :F] @ W["wg"], dgu[:, F:], W["wu"])
     _lora_backward(dW, dgu[:, :F], h2, W, "wg", dh2, drop.noise("wg", h2, idx))
     _lora_backward(dW, dgu[:, F:], h2, W, "wu", dh2, drop.noise("wu", h2, idx))
+    if split is not None:
+        dh2 = split.reduce(dh2)
     # The residual gradient dy is added inside the norm's backward.
-    dx2, dW["post_norm"] = rms_norm_backward_rows(dh2, a.x2, a.rstd2, W["post_norm"], local, dy)
+    dx2_own, dW["post_norm"] = rms_norm_backward_rows(dh2, a.x2, a.rstd2, W["post_norm"], own_saved,
+                                                      dy_own)  # fmt: skip
+    dx2 = _gathered(dx2_own, split)
 
     # Attention: dQ for kept queries over all keys, dK/dV for kept keys only.
     o_rows = select_rows(a.o, local)
@@ -355,7 +393,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
         dq_out.copy_(dq)
         dk_out.copy_(dk)
     dqkv[:, (H + Hkv) * D :].copy_(dv.reshape(n, Hkv * D))
-    h1 = rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], idx)
+    h1 = _gathered(rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], own), split)
     if need["wq"] or need["wk"] or need["wv"]:
         dqkv_w = dqkv.t() @ h1
         dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])
@@ -369,9 +407,11 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
         dh1 = torch.addmm(dh1, dqkv[:, (H + Hkv) * D :], W["wv"])
     for p, dcols in zip(("wq", "wk", "wv"), dqkv.split([H * D, Hkv * D, Hkv * D], dim=1)):
         _lora_backward(dW, dcols, h1, W, p, dh1, drop.noise(p, h1, idx))
+    if split is not None:
+        dh1 = split.reduce(dh1)
     # The layer's one full-size write: dx of kept rows, zeros elsewhere.
     dx, dW["input_norm"] = rms_norm_backward_rows(
-        dh1, xf, a.rstd1, W["input_norm"], idx, dx2, scatter=True
+        dh1, xf, a.rstd1, W["input_norm"], own, dx2_own, scatter=True
     )
     if key_rows is not None:
         _key_rows_backward(dW, dk_keys, dv_keys, xf, cos, sin, a, W, drop, shape, key_rows.idx, need)
@@ -424,19 +464,20 @@ class DecoderLayerFunction(torch.autograd.Function):
     def forward(ctx, x, cos, sin, plan: Plan, shape: LayerShape, recompute: bool, dropout: dict,
                 *weights):  # fmt: skip
         W = dict(zip(WEIGHT_NAMES, weights))
-        B, L, d = x.shape
-        N, D = B * L, shape.head_dim
-        xf = x.reshape(N, d)
-        cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
+        d, D = x.shape[-1], shape.head_dim
+        xf = x.reshape(-1, d)
+        cos2, sin2 = cos.reshape(-1, D), sin.reshape(-1, D)
         drop = AdapterDropout(dropout)
-        a = _forward(xf, cos2, sin2, W, drop, shape, plan.layout)
+        every = None if shape.tp is None else shape.tp.split(plan, None)
+        splits = None if every is None else (every, every)
+        a = _forward(xf, cos2, sin2, W, drop, shape, plan.layout, splits=splits)
         act = swiglu_forward(a.g, a.u)
-        y = _lora(_linear(act, W["wd"], a.x2), act, W, "wd", drop)
+        y = _lora(_residual_out(act, a.x2, W, "wd", every), act, W, "wd", drop)
         # h1, h2 and the SwiGLU output are recomputed on kept rows in the backward.
         acts = (a.lse,) if recompute else tuple(getattr(a, f.name) for f in fields(a))
         ctx.save_for_backward(xf, cos2, sin2, *acts, *weights)
         ctx.plan, ctx.shape, ctx.recompute, ctx.drop = plan, shape, recompute, drop
-        return y.view(B, L, d)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -444,10 +485,14 @@ class DecoderLayerFunction(torch.autograd.Function):
         plan, shape = ctx.plan, ctx.shape
         i = shape.layer_index
         idx, extra = plan.rows_for(i)  # idx None: dense backward, every row
+        split = splits = None
+        if shape.tp is not None:
+            split = shape.tp.split(plan, idx)
+            splits = (shape.tp.split(plan, None), split)
         if ctx.recompute:
             weights = rest[1:]
             W = dict(zip(WEIGHT_NAMES, weights))
-            a = _forward(xf, cos, sin, W, ctx.drop, shape, plan.layout, idx, rest[0])
+            a = _forward(xf, cos, sin, W, ctx.drop, shape, plan.layout, idx, rest[0], splits)
             local = None
         else:
             weights = rest[_N_ACTS:]
@@ -456,7 +501,8 @@ class DecoderLayerFunction(torch.autograd.Function):
         need = dict(zip(WEIGHT_NAMES, ctx.needs_input_grad[7:]))
         dx, dW = _backward(
             dy.reshape(xf.shape), xf, cos, sin, a, W, ctx.drop, shape, plan.layout, idx, local,
-            need, extra, plan.kv_mask_for(i), plan.key_rows_for(i), plan.dx_mask_for(i),
+            need, extra, plan.kv_mask_for(i), plan.key_rows_for(i), plan.dx_mask_for(i), split,
+            ctx.recompute,
         )  # fmt: skip
         grads = [
             dW[name].to(w.dtype) if w is not None and need[name] else None

@@ -22,6 +22,7 @@ from torch import nn
 from centrifuge.io import give_default_mode
 from centrifuge.models.config import ModelConfig
 from centrifuge.models.layer import LayerShape, decoder_layer, layer_weights
+from centrifuge.models.tensor_parallel import local
 from centrifuge.ops.linear_ce import IGNORE_INDEX, norm_linear_cross_entropy
 from centrifuge.ops.rmsnorm import rms_norm
 from centrifuge.ops.rope import inv_frequencies, rope_cos_sin
@@ -39,7 +40,8 @@ def shift_targets(labels: torch.Tensor, layout: Layout, ignore_index: int = IGNO
 @dataclass
 class CausalLMOutput:
     """token_loss: [B, L] float32 (0 on invalid rows), valid: [B, L] bool,
-    plan: the forward's Plan (fill it through ``plan.loss``)."""
+    plan: the forward's Plan (fill it through ``plan.loss``); hidden: [B, L, d]
+    (under tensor parallelism, in a forward with labels: this rank's [N/tp, d] rows)."""
 
     token_loss: torch.Tensor
     valid: torch.Tensor
@@ -91,7 +93,7 @@ class DecoderLayer(nn.Module):
         # Under autocast the fp32 master weights are cast here, differentiably,
         # so the layer computes in x.dtype and fp32 gradients reach the masters.
         w, dropout = layer_weights(self)
-        w = {k: None if v is None else v.to(x.dtype) for k, v in w.items()}
+        w = {k: None if v is None else local(v).to(x.dtype) for k, v in w.items()}
         return decoder_layer(x, cos, sin, plan, self.shape, w, self.recompute, dropout)
 
 
@@ -113,6 +115,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Tensor parallelism (centrifuge.distributed.tensor_parallel sets it): the
+        # ranks' group; the residual stream then holds this rank's rows only.
+        self.tp = None
         inv = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
         self.reset_parameters()
@@ -168,8 +173,13 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, plan: Plan, final_norm: bool = True
     ) -> torch.Tensor:
         """[B, L] token ids -> [B, L, d] final hidden states (after the last norm;
-        before it with ``final_norm=False``, which the fused LM head wants)."""
-        x = self.model.embed_tokens(input_ids)
+        before it with ``final_norm=False``, which the fused LM head wants).
+        Under tensor parallelism: this rank's rows, [N/tp, d] of the flat N = B·L."""
+        if self.tp is None:
+            x = self.model.embed_tokens(input_ids)
+        else:  # the replicated table, looked up for this rank's rows only
+            x = nn.functional.embedding(self.tp.rows(input_ids.reshape(-1)),
+                                        local(self.model.embed_tokens.weight))  # fmt: skip
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         x = x.to(dtype)
@@ -179,7 +189,9 @@ class LlamaForCausalLM(nn.Module):
                 x = layer(x, cos, sin, plan)
             if not final_norm:
                 return x
-            return rms_norm(x, self.model.norm.weight.to(dtype), self.config.rms_norm_eps, plan)
+            rows_plan = plan if self.tp is None else self.tp.local_plan(plan)
+            norm_w = local(self.model.norm.weight).to(dtype)
+            return rms_norm(x, norm_w, self.config.rms_norm_eps, rows_plan)
 
     def forward(
         self,
@@ -204,7 +216,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         plan = self.make_plan(input_ids, position_ids, attention_mask, backward)
         if labels is None:
-            return CausalLMOutput(None, None, plan, self.hidden_states(input_ids, plan))
+            h = self.hidden_states(input_ids, plan)
+            if self.tp is not None:  # every rank's rows (for inspection, without gradient)
+                h = self.tp.every(input_ids.numel()).gather(h.detach()).view(*input_ids.shape, -1)
+            return CausalLMOutput(None, None, plan, h)
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}"
@@ -217,18 +232,29 @@ class LlamaForCausalLM(nn.Module):
         # Final norm fused with the LM head: the backward reads the kept rows
         # once and no normalized copy of the hidden states is saved. The
         # returned ``hidden`` is for inspection (it carries no gradient).
+        norm_w = local(self.model.norm.weight).to(x.dtype)
+        head_w = local(self.lm_head.weight).to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            token_loss, h = norm_linear_cross_entropy(
-                x, self.model.norm.weight.to(x.dtype), self.lm_head.weight.to(x.dtype),
-                targets, plan, self.config.rms_norm_eps, ignore_index,
-            )  # fmt: skip
+            if self.tp is None:
+                token_loss, h = norm_linear_cross_entropy(
+                    x, norm_w, head_w, targets, plan, self.config.rms_norm_eps, ignore_index
+                )
+            else:
+                # Sequence-parallel LM head: each rank its own rows against the whole
+                # vocabulary; the per-row losses are all-gathered, so that every rank
+                # selects from every row's loss (the same plan everywhere).
+                own_loss, h = norm_linear_cross_entropy(
+                    x, norm_w, head_w, self.tp.rows(targets.reshape(-1)), self.tp.local_plan(plan),
+                    self.config.rms_norm_eps, ignore_index,
+                )  # fmt: skip
+                token_loss = self.tp.gather_loss(own_loss).view(targets.shape)
         return CausalLMOutput(token_loss, valid, plan, h)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, **kw) -> torch.Tensor:
         """[B, L, vocab] logits in float32 (float64 for a float64 model)."""
         h = self.forward(input_ids, **kw).hidden
-        logits = h @ self.lm_head.weight.to(h.dtype).t()
+        logits = h @ local(self.lm_head.weight).to(h.dtype).t()
         return logits.to(torch.promote_types(h.dtype, torch.float32))
 
     # --- checkpoints in Hugging Face layout ----------------------------------

@@ -112,6 +112,9 @@ def add_arguments(p) -> None:
     opt_g("--parallel", "under torchrun: ddp, fsdp (FSDP2, sharded weights, gradients and "
           "optimizer state) or auto (ddp while the training state fits in half a GPU, else "
           "fsdp)", choices=PARALLEL_MODES)
+    opt_g("--tp", "tensor parallelism (with sequence parallelism) over groups of N consecutive "
+          "processes under torchrun: each layer's heads and MLP split N ways; the processes / N "
+          "data-parallel replicas use fsdp", type=int, metavar="N")
     opt_g("--fsdp-reshard", "FSDP: off keeps each layer's gathered weights from forward to "
           "backward (faster), on gathers them again (less memory), auto: off while they take "
           "at most a quarter of a GPU", choices=RESHARD_MODES)
@@ -169,8 +172,10 @@ def format_summary(s: dict) -> str:
                 f"larger budget: centrifuge train --resume --out-dir {s['out_dir']} --steps N, "
                 f"N > {s['steps']}; the learning-rate schedule then follows N)")  # fmt: skip
     else:
+        modes = (([s["parallel"]] if s.get("parallel", "none") != "none" else [])
+                 + ([f"tp {s['tp']}"] if s.get("tp", 1) > 1 else []))  # fmt: skip
         head = (f"done: {s['steps']} steps in {s['wall_s']:.1f} s"
-                + (f" ({s['processes']} processes, {s['parallel']})" if s.get("processes", 1) > 1 else ""))  # fmt: skip
+                + (f" ({s['processes']} processes, {', '.join(modes)})" if s.get("processes", 1) > 1 else ""))  # fmt: skip
     lines = [
         head,
         f"  tokens seen      {s['tokens_seen']:,}  (kept {s['tokens_kept']:,}, "
@@ -205,9 +210,11 @@ def continue_command(cfg: TrainConfig) -> str:
     launch = f"torchrun --nproc-per-node {local}"
     if world > local:
         launch += f" --nnodes {world // local} --node-rank K --rdzv-endpoint HOST:PORT"
-    one = f"centrifuge {resume} --grad-accum {cfg.grad_accum * world}"
+    one = f"centrifuge {resume} --grad-accum {cfg.grad_accum * (world // cfg.tp)}"
     if cfg.parallel in ("ddp", "fsdp"):
         one += " --parallel auto"
+    if cfg.tp > 1:
+        one += " --tp 1"
     return (f"continue with: {launch} -m centrifuge.cli {resume}"
             + (" (on every node K)" if world > local else "") + f"\n  or on one process: {one}")  # fmt: skip
 

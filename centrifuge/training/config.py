@@ -78,6 +78,9 @@ class TrainConfig:
                       decoder layer + the root), or "auto" (DDP while the replicated
                       weights, gradients and optimizer state fit in half a GPU, else FSDP);
                       one process: "auto" or "none".
+    tp:               tensor parallelism (with sequence parallelism) of the native model
+                      over groups of tp consecutive processes; the processes / tp
+                      data-parallel replicas are "parallel"'s (FSDP with tp > 1).
     fsdp_reshard:     FSDP: "off" keeps each layer's gathered weights from forward to
                       backward (faster), "on" gathers them again (less memory), "auto"
                       off while they take at most a quarter of a GPU.
@@ -122,6 +125,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"
     parallel: str = "auto"
+    tp: int = 1
     fsdp_reshard: str = "auto"
     seed: int = 0
     eval_interval: int = 100
@@ -191,7 +195,7 @@ class TrainConfig:
         need(not (self.resume and self.overwrite), "give either resume or overwrite, not both")
         need(not (self.reference and self.reference_scores),
              "give either reference or reference_scores, not both")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "reference_steps", "eval_rows", "tp"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  f"{name} must be a positive integer, got {v!r}")
@@ -213,6 +217,10 @@ class TrainConfig:
              f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         need(self.fsdp_reshard in RESHARD_MODES,
              f"fsdp_reshard must be one of {RESHARD_MODES}, got {self.fsdp_reshard!r}")
+        # Both read or mask full-size rows inside a layer, where tensor parallelism
+        # holds only this rank's share of them.
+        need(self.tp == 1 or not (self.exact_top or self.kv_projections),
+             "exact_top and kv_projections are not supported under tensor parallelism (tp > 1) yet")
 
     def backward_options(self) -> BackwardOptions:
         """A fresh :class:`BackwardOptions` of these options (the training loop

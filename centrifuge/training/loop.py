@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )  # fmt: skip
 
-from centrifuge.distributed import gradient_sync, unsharded, uses_autocast
+from centrifuge.distributed import gradient_sync, reduce_replicated_grads, unsharded, uses_autocast
 from centrifuge.interrupt import DeferredStop, Interrupted
 from centrifuge.models.llama import shift_targets
 from centrifuge.ops.linear_ce import IGNORE_INDEX
@@ -140,9 +140,11 @@ class Trainer:
         self.stop_requested = False  # a process saw a signal during the last step
         self.out: Progress | None = None  # while fit runs
         self.ctx, self.model = run.ctx, run.model
-        self.total = cfg.total_steps(self.ctx.world_size)
+        # Tensor-parallel ranks read the same micro-batches: the data is split
+        # over the data-parallel replicas (dp_size, dp_rank) only.
+        self.total = cfg.total_steps(self.ctx.dp_size)
         self.order = DataOrder(len(run.train_ds), cfg.batch_size,
-                               cfg.grad_accum * self.ctx.world_size, cfg.seed)  # fmt: skip
+                               cfg.grad_accum * self.ctx.dp_size, cfg.seed)  # fmt: skip
         self.opt = _optimizer(self.model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, WarmupCosine(cfg.warmup_steps, self.total, cfg.min_lr_ratio))
@@ -167,7 +169,7 @@ class Trainer:
     @property
     def sharded(self) -> bool:
         """The optimizer state lives in shards (FSDP): saved with DCP."""
-        return self.run.parallel == "fsdp"
+        return self.run.parallel == "fsdp" or self.ctx.tp > 1
 
     def save(self, step: int) -> Path:
         """A checkpoint of the state after ``step`` steps (every process calls it)."""
@@ -177,6 +179,7 @@ class Trainer:
             scheduler=self.sched.state_dict(), data=self.order.position(step),
             config=self.cfg.to_dict(), model_config=self.run.model_config_dict,
             data_fingerprint=self.run.train_ds.fingerprint, world_size=self.ctx.world_size,
+            data_parallel=self.ctx.dp_size,
             rng=self.ctx.gather(_rng_state()),
             **dict(self.counters, step=step),
         )  # fmt: skip
@@ -225,7 +228,7 @@ class Trainer:
         Returns the step's metrics (summed over processes)."""
         cfg, ctx, run = self.cfg, self.ctx, self.run
         t0 = time.perf_counter()
-        index = [m * ctx.world_size + ctx.rank for m in range(cfg.grad_accum)]
+        index = [m * ctx.dp_size + ctx.dp_rank for m in range(cfg.grad_accum)]
         micro = [self.order.rows(step, i) for i in index]
         batches = [run.train_ds.batch(rows) for rows in micro]
         kinds = [_row_kinds(b) for b in batches]
@@ -235,10 +238,12 @@ class Trainer:
         rb = backward.backward_ratio
         # The rows ranked next (backward_ratio), counted on the host like the kept ones.
         backward_counts = [None if rb is None else self.selector.count(valid, rb) for valid, _ in kinds]
-        # Σ kept over micro-batches and processes; DDP/FSDP average gradients over
-        # processes, so each process scales its kept-loss sums by N / Σ.
-        total = torch.tensor(sum(counts), dtype=torch.float64, device=run.device)
-        scale = (ctx.world_size / ctx.all_reduce_sum(total)).float()
+        # Σ kept over micro-batches and replicas; DDP/FSDP average gradients over
+        # the N replicas, so each process scales its kept-loss sums by N / Σ. The
+        # tensor-parallel ranks of a replica hold the same sums: one of them counts.
+        counted = ctx.tp_rank == 0
+        total = torch.tensor(sum(counts) * counted, dtype=torch.float64, device=run.device)
+        scale = (ctx.dp_size / ctx.all_reduce_sum(total)).float()
         # kept loss, all loss, valid, kept; tokens seen (not padding: prompts count too)
         # and stop requests (a signal seen by any process stops every one after this
         # step: one all-reduce carries them all).
@@ -272,12 +277,15 @@ class Trainer:
             tl = out.token_loss.detach().double()
             sums[:4] += torch.stack([kept_loss.detach().double(), (tl * out.valid).sum(),
                                      out.valid.sum().double(), keep.sum().double()])  # fmt: skip
+        reduce_replicated_grads(run.module)
         gnorm = self._clip_grad()
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         sums[4] = sum(run.train_ds.real_tokens(rows) for rows in micro)
+        if not counted:
+            sums[:5] = 0
         sums[5] = self.stop is not None and self.stop.signum is not None
         loss_sum, all_sum, valid, kept, seen, stops = ctx.all_reduce_sum(sums).tolist()
         self.stop_requested = stops > 0
@@ -418,4 +426,5 @@ class Trainer:
             initial_eval_loss=evals[0]["loss"] if evals and evals[0]["step"] == 0 else None,
             processes=self.ctx.world_size,
             parallel=self.run.parallel,
+            tp=self.ctx.tp,
         )

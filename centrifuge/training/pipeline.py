@@ -23,7 +23,7 @@ def train(cfg: TrainConfig, progress: bool = True, callback=None) -> dict:
     wall_s, final_train_loss, eval_loss, eval_accuracy, checkpoint, metrics, plot, ...
     """
     t_start = time.perf_counter()
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.tp)
     shown = progress and ctx.is_main
     checked = setup.check(cfg, ctx, progress=shown)  # writes nothing
     setup.begin(checked)

@@ -157,7 +157,7 @@ def _check_resume(state: dict, cfg: TrainConfig, mc: ModelConfig, ckpt: Path, wo
                   progress: bool) -> None:  # fmt: skip
     old = state.get("config", {})
     diff = _option_diff(old, cfg)
-    old_world = state.get("world_size", 1)
+    old_world = state.get("data_parallel", state.get("world_size", 1))
     if old.get("grad_accum", 1) * old_world != cfg.grad_accum * world:
         diff.append(f"grad_accum x processes: {old.get('grad_accum')} x {old_world} -> "
                     f"{cfg.grad_accum} x {world} (keep the product, the micro-batches of a step)")  # fmt: skip
@@ -212,9 +212,12 @@ def check(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str 
     if model_dir is not None and resume_state is None:
         initial = LlamaForCausalLM.from_pretrained(model_dir)
     if resume_state is not None:
-        _check_resume(resume_state, cfg, mc, resume_path, ctx.world_size, progress)
+        _check_resume(resume_state, cfg, mc, resume_path, ctx.dp_size, progress)
+    if cfg.seq_len % ctx.tp:  # every micro-batch, evaluation's shorter last one included
+        raise ValueError(f"tensor parallelism splits every micro-batch's rows over its {ctx.tp} "
+                         f"ranks: seq_len {cfg.seq_len} must be a multiple of tp")  # fmt: skip
     parallel = choose_parallel(cfg.parallel, ctx, mc.num_parameters())
-    check_memory(mc, cfg, ctx.device, ctx.world_size if parallel == "fsdp" else 1)
+    check_memory(mc, cfg, ctx.device, ctx.world_size if parallel == "fsdp" else ctx.tp)
 
     # Rank 0 tokenizes into the shared cache first; the others then read it.
     train_ds = eval_ds = None
@@ -261,7 +264,8 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
     parallel = checked.parallel
     wrapped = parallelize(model, ctx, parallel, cfg.dtype,
                           reshard_after_forward=choose_reshard(cfg.fsdp_reshard, ctx, n_params))  # fmt: skip
-    where = (f"{ctx.world_size} processes ({parallel}, {ctx.device.type})" if ctx.distributed
+    modes = ([parallel] if ctx.dp_size > 1 else []) + ([f"tp {ctx.tp}"] if ctx.tp > 1 else [])
+    where = (f"{ctx.world_size} processes ({', '.join(modes)}, {ctx.device.type})" if ctx.distributed
              else str(ctx.device))  # fmt: skip
     backward = _backward_label(cfg, mc, ctx.device)
     train_ds, label = checked.train_ds, checked.label
@@ -347,7 +351,7 @@ def _reference(cfg: TrainConfig, ctx: DistContext, mc: ModelConfig, train_ds, to
         return Reference(builtin=check(sub, ctx, progress, split="clean", label="reference"))
     ckpt = ckpt_io.resolve(sub.out_dir)
     state = ckpt_io.load_trainer_state(ckpt)
-    if state.get("step", 0) < sub.total_steps(ctx.world_size):  # interrupted: continue it
+    if state.get("step", 0) < sub.total_steps(ctx.dp_size):  # interrupted: continue it
         return Reference(builtin=check(sub, ctx, progress, split="clean", label="reference"))
     # Finished: used as it is, on any number of processes.
     diff = _option_diff(state.get("config", {}), sub)
