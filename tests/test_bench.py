@@ -144,3 +144,13 @@ def test_knob_variants_with_a_host_sync_are_not_captured():
              "extra=0.3": False, "kv_projections=1": False, "kv_projections=1,path=compact": False}
     variants = native_variants(model, knobs=tuple(specs))[3:]
     assert [v.capturable for v in variants] == list(specs.values())
+
+
+def test_cuda_graphs_need_a_gpu_and_a_warmup_round():
+    import torch
+
+    with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):
+        BenchConfig(preset="tiny", device="cpu", cuda_graphs=True)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--warmup 1 or more"):
+            BenchConfig(preset="tiny", device="cuda", cuda_graphs=True, warmup=0)
