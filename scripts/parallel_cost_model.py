@@ -82,7 +82,7 @@ class Hardware:
     gemm_bwd: float
     attn_bwd: float
     nvlink: float = 360.0  # NCCL all-gather/reduce-scatter bus bandwidth, 8 x H200, NVLink 4 (stated)
-    fsdp_intra: float = 100.0  # FSDP2 collectives overlapped with compute, one node (stated, see docs)
+    fsdp_intra: float = 100.0  # FSDP2 collectives inside a node (stated, not measured)
     fsdp_inter: float = 40.0  # one 400 Gb/s NIC per GPU at ~80% (stated, not measured here)
     capacity_gib: float = 139.0  # usable of an H200's 141 GB
 
