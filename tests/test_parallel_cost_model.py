@@ -30,7 +30,8 @@ def test_activation_bytes_by_hand(pcm):
 def test_tp_collectives_by_hand(pcm):
     # Compute made free: what is left is the TP bytes of docs/parallelism.md at 1 GB/s.
     hw = pcm.Hardware(1e15, 1e15, 1e15, 1e15, nvlink=1.0)
-    c = get_preset("tiny")  # d = 64, 2 layers, vocabulary 512, untied
+    c = get_preset("tiny")
+    assert (c.hidden_size, c.num_layers, c.vocab_size, c.tie_word_embeddings) == (64, 2, 512, False)
     lay = pcm.Layout("tiny", 1024, 1, rho=0.25, tp=2)
     s = pcm.step_time(lay, hw)
     row = (2 - 1) / 2 * 64 * 2 / 1e9  # seconds per gathered row: (tp-1)/tp · d · 2 B
@@ -41,7 +42,6 @@ def test_tp_collectives_by_hand(pcm):
     ckpt = pcm.step_time(pcm.Layout("tiny", 1024, 1, rho=0.25, tp=2, ckpt=True), hw)
     assert ckpt["dense"] - s["dense"] == pytest.approx(2 * 3 * 1024 * row, rel=1e-6)
     assert ckpt["centrifuge"] - s["centrifuge"] == pytest.approx(2 * (1 + 2 * 0.25) * 1024 * row, rel=1e-6)
-    assert c.num_layers == 2
 
 
 def test_fsdp_exposure(pcm):
