@@ -220,3 +220,16 @@ def test_two_nodes_fsdp_and_tp_x_fsdp_equal_one_process(small_run, tmp_path):
         single = dict(cfg, parallel="auto", tp=1, grad_accum=replicas, out_dir=str(tmp_path / f"{name}-one"))
         train(TrainConfig(**single), progress=False)
         assert_same_weights(weights(tmp_path / name), weights(tmp_path / f"{name}-one"))
+
+
+def test_reshard_auto_counts_a_tensor_parallel_shard(monkeypatch):
+    """fsdp_reshard auto keeps the gathered weights while they fit a quarter of
+    a GPU: under tp a rank gathers 1/tp of them (70B at tp 8: 17.5 GB of 141)."""
+    from types import SimpleNamespace
+
+    from centrifuge.distributed import DistContext, choose_reshard
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=141e9))
+    gpu = torch.device("cuda", 0)
+    assert choose_reshard("auto", DistContext(rank=0, world_size=16, device=gpu), int(70e9))
+    assert not choose_reshard("auto", DistContext(rank=0, world_size=16, tp=8, device=gpu), int(70e9))

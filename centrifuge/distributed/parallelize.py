@@ -71,13 +71,14 @@ def choose_reshard(reshard: str, ctx: DistContext, n_params: int) -> bool:
     the reduce-scatters hide behind the (shorter) compact backward — measured
     on 2 H200s, tinyllama-1.1b: Centrifuge/dense 0.671 (one GPU: 0.669) against
     0.743 with ``on``, at 21.1 instead of 17.4 GiB. ``auto``: off while those
-    weights (2 bytes per parameter) take at most a quarter of a GPU."""
+    weights (2 bytes per parameter) take at most a quarter of a GPU; under
+    tensor parallelism a rank gathers its 1/tp share of them."""
     if reshard not in RESHARD_MODES:
         raise ValueError(f"fsdp_reshard must be one of {RESHARD_MODES}, got {reshard!r}")
     if reshard != "auto":
         return reshard == "on"
     if ctx.device.type == "cuda":
-        return 2 * n_params > 0.25 * torch.cuda.get_device_properties(ctx.device).total_memory
+        return 2 * n_params / ctx.tp > 0.25 * torch.cuda.get_device_properties(ctx.device).total_memory
     return False
 
 
