@@ -594,14 +594,18 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
             continue
         mine = [by[method, ratio, sd] for sd in seeds]
         exact = [by["rho1-exact", ratio, sd] for sd in seeds]
-        std = [by["standard", 1.0, sd]["eval_loss"] for sd in seeds]
-        share = [(b - m["eval_loss"]) / (b - e["eval_loss"]) for m, e, b in zip(mine, exact, std)
-                 if b > e["eval_loss"]]  # a share exists where Rho-1 beat standard  # fmt: skip
+        shares = gain_shares(by, method, ratio)
+        share = list(shares.values())
+        amplified = gain_shares(by, "rho1-centrifuge", ratio)
+        # Paired by seed: the variant's share minus the plain amplified backward's.
+        gained = [shares[sd] - amplified[sd] for sd in shares if sd in amplified]
+        vs_amplified = ("—" if method == "rho1-centrifuge" or not gained else
+                        f"{fmt(gained, 0, 100)} {interval95(gained)}")  # fmt: skip
         delta = [m["eval_loss"] - e["eval_loss"] for m, e in zip(mine, exact)]
         time_ratio = [m["ms_per_step"] / e["ms_per_step"] for m, e in zip(mine, exact)]
         train_ratio = [steady_s(m, m["steps"]) / steady_s(e, e["steps"]) for m, e in zip(mine, exact)]
         row = (f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {percent(share)} | "
-               f"{interval95(share)} | "
+               f"{interval95(share)} | {vs_amplified} | "
                f"{fmt(time_ratio, 2)} | {fmt(train_ratio, 2)} |")  # fmt: skip
         if prices:
             price = prices["prices"].get(method)
@@ -613,20 +617,36 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
             "Every Centrifuge variant, paired by seed: Δ loss against Rho-1 exact, its share of "
             "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact), "
             "over the seeds where Rho-1 exact beat standard, with the 95% interval of its mean: "
-            "Student's t over those seeds), "
+            "Student's t over those seeds), the share minus the amplified backward's (paired by "
+            "seed: mean ± std in points, and its 95% interval), "
             "its step time and its training time (steps × median step time) over Rho-1 exact's "
             "on this device "
             f"({EQUAL_TIME}: Centrifuge given Rho-1 exact's training time, so more steps).",
             "",
-            "| variant | ρ | seeds | Δ − exact | share of the gain | 95% interval | step time / exact | "
-            "training time / exact |" + (" backward / dense ¹ | step / dense ¹ |" if prices else ""),
-            "|---|---|---|---|---|---|---|---|" + ("---|---|" if prices else ""),
+            "| variant | ρ | seeds | Δ − exact | share of the gain | 95% interval | share − amplified's | "
+            "step time / exact | training time / exact |"
+            + (" backward / dense ¹ | step / dense ¹ |" if prices else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prices else ""),
             *rows,
         ]
         if prices:
             lines += ["", f"¹ `centrifuge bench` ({prices['setting']}, {prices['device']}, ρ = {ratio:g}; "
                       f"{prices['source']}): the variant's time over dense training's."]
     return lines
+
+
+def gain_shares(by: dict, method: str, ratio: float) -> dict:
+    """{pair key: share of Rho-1 exact's gain over standard training} of
+    ``method`` at ``ratio``, ``by`` keyed (method, ratio, pair key): (standard −
+    method) / (standard − exact), for the keys with all three runs where Rho-1
+    exact beat standard (elsewhere there is no gain to share)."""
+    out = {}
+    for m, r, key in by:
+        if m == method and r == ratio and ("rho1-exact", ratio, key) in by and ("standard", 1.0, key) in by:
+            b, e = by["standard", 1.0, key]["eval_loss"], by["rho1-exact", ratio, key]["eval_loss"]
+            if b > e:
+                out[key] = (b - by[m, r, key]["eval_loss"]) / (b - e)
+    return dict(sorted(out.items()))
 
 
 def type_table(results: list[dict], ratio: float) -> list[str]:
