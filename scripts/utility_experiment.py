@@ -19,10 +19,30 @@ On the built-in corpus (math word problems with noise spans) it
    perplexity, answer accuracy), and writes results.json, results.md and
    curves.png to the output directory.
 
-Quality knobs (``--knobs``: ``BackwardOptions.parse`` specs such as
-``extra=0.3`` or ``exact_layers=2``) add Rho-1 Centrifuge runs with that knob at
-the headline ρ and seeds; the report gives every Centrifuge variant's share of
-Rho-1 exact's gain over standard training and its step time over Rho-1 exact's.
+Quality knobs (``--knobs``: ``BackwardOptions.parse`` specs, as ``centrifuge
+bench --knob`` takes them: ``extra=0.5,extra_weight=1.5``, ``exact_layers=2``
+(bottom layers exact), ``exact_top=2`` (top layers exact), ``kv_projections=1``
+(filtered rows' K/V gradient reaches the K/V projections), ``backward_ratio=0.75``
+(the rows ranked next join the backward without a loss)) add Rho-1 Centrifuge
+runs with that knob at the headline ρ and seeds; the report gives every
+Centrifuge variant's share of Rho-1 exact's gain over standard training (mean ±
+std over seeds and the 95% interval of the mean) and its step time over Rho-1
+exact's. The schedules ``--exact-every`` / ``--exact-final`` are ``centrifuge
+train`` options, not knobs of this script.
+
+    python scripts/utility_experiment.py --scale continued-full --inits base --seeds 0 1 2 3 4 \\
+        --side-seeds --knobs extra=0.5,extra_weight=1.5 backward_ratio=0.75 exact_top=2 \\
+        kv_projections=1 --prune --out runs/knobs    # ≥ 5 seeds from the base, one GPU
+
+Gradient diagnosis on the trained base (``scripts/gradient_diagnosis.py``): a
+run-list glob that matches nothing (``--runs none``) builds only the base, the
+reference and the scores, then the diagnosis reads them from ``--work``:
+
+    python scripts/utility_experiment.py --scale continued-full --inits base --runs none --work W
+    python scripts/gradient_diagnosis.py --model W/base/checkpoint-750 \\
+        --reference W/reference/checkpoint-150 --data W/train.jsonl --select rho1 --ratio 0.5 \\
+        --seq-len 2048 --batch-size 4 --batches 4 --setting amplified= --setting top2=exact_top=2 \\
+        --setting kvproj=kv_projections=1 --setting next0.75=backward_ratio=0.75 --out diag.json
 
 Continued training (scales whose ``inits`` hold ``base``, the setting of Rho-1
 and of the Centrifuge paper): first a *base* model is pretrained on general
@@ -453,6 +473,24 @@ def percent(shares: list[float]) -> str:
     return fmt(shares, 0, 100) + "%" if shares else "—"
 
 
+# Student's t 97.5% quantiles for 1..30 degrees of freedom (beyond: the normal's).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def interval95(shares: list[float]) -> str:
+    """95% confidence interval of the mean of ``shares`` (the seeds' shares of a
+    gain, paired runs) as "[lo, hi]%", Student's t over the seeds ("—": fewer
+    than two)."""
+    if len(shares) < 2:
+        return "—"
+    m, sd = mean_std(shares)
+    n = len(shares)
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.960) * sd / math.sqrt(n)
+    return f"[{100 * (m - half):.0f}, {100 * (m + half):.0f}]%"
+
+
 def groups(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
     g: dict[tuple[str, float], list[dict]] = {}
     for r in results:
@@ -556,13 +594,18 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
             continue
         mine = [by[method, ratio, sd] for sd in seeds]
         exact = [by["rho1-exact", ratio, sd] for sd in seeds]
-        std = [by["standard", 1.0, sd]["eval_loss"] for sd in seeds]
-        share = [(b - m["eval_loss"]) / (b - e["eval_loss"]) for m, e, b in zip(mine, exact, std)
-                 if b > e["eval_loss"]]  # a share exists where Rho-1 beat standard  # fmt: skip
+        shares = gain_shares(by, method, ratio)
+        share = list(shares.values())
+        amplified = gain_shares(by, "rho1-centrifuge", ratio)
+        # Paired by seed: the variant's share minus the plain amplified backward's.
+        gained = [shares[sd] - amplified[sd] for sd in shares if sd in amplified]
+        vs_amplified = ("—" if method == "rho1-centrifuge" or not gained else
+                        f"{fmt(gained, 0, 100)} {interval95(gained)}")  # fmt: skip
         delta = [m["eval_loss"] - e["eval_loss"] for m, e in zip(mine, exact)]
         time_ratio = [m["ms_per_step"] / e["ms_per_step"] for m, e in zip(mine, exact)]
         train_ratio = [steady_s(m, m["steps"]) / steady_s(e, e["steps"]) for m, e in zip(mine, exact)]
         row = (f"| {method} | {ratio:g} | {len(seeds)} | {fmt(delta)} | {percent(share)} | "
+               f"{interval95(share)} | {vs_amplified} | "
                f"{fmt(time_ratio, 2)} | {fmt(train_ratio, 2)} |")  # fmt: skip
         if prices:
             price = prices["prices"].get(method)
@@ -573,20 +616,37 @@ def init_tables(results: list[dict], prices: dict | None = None) -> list[str]:
             "",
             "Every Centrifuge variant, paired by seed: Δ loss against Rho-1 exact, its share of "
             "Rho-1 exact's gain over standard training ((standard − variant) / (standard − exact), "
-            "over the seeds where Rho-1 exact beat standard), "
+            "over the seeds where Rho-1 exact beat standard, with the 95% interval of its mean: "
+            "Student's t over those seeds), the share minus the amplified backward's (paired by "
+            "seed: mean ± std in points, and its 95% interval), "
             "its step time and its training time (steps × median step time) over Rho-1 exact's "
             "on this device "
             f"({EQUAL_TIME}: Centrifuge given Rho-1 exact's training time, so more steps).",
             "",
-            "| variant | ρ | seeds | Δ − exact | share of the gain | step time / exact | training time / exact |"
+            "| variant | ρ | seeds | Δ − exact | share of the gain | 95% interval | share − amplified's | "
+            "step time / exact | training time / exact |"
             + (" backward / dense ¹ | step / dense ¹ |" if prices else ""),
-            "|---|---|---|---|---|---|---|" + ("---|---|" if prices else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prices else ""),
             *rows,
         ]
         if prices:
             lines += ["", f"¹ `centrifuge bench` ({prices['setting']}, {prices['device']}, ρ = {ratio:g}; "
                       f"{prices['source']}): the variant's time over dense training's."]
     return lines
+
+
+def gain_shares(by: dict, method: str, ratio: float) -> dict:
+    """{pair key: share of Rho-1 exact's gain over standard training} of
+    ``method`` at ``ratio``, ``by`` keyed (method, ratio, pair key): (standard −
+    method) / (standard − exact), for the keys with all three runs where Rho-1
+    exact beat standard (elsewhere there is no gain to share)."""
+    out = {}
+    for m, r, key in by:
+        if m == method and r == ratio and ("rho1-exact", ratio, key) in by and ("standard", 1.0, key) in by:
+            b, e = by["standard", 1.0, key]["eval_loss"], by["rho1-exact", ratio, key]["eval_loss"]
+            if b > e:
+                out[key] = (b - by[m, r, key]["eval_loss"]) / (b - e)
+    return dict(sorted(out.items()))
 
 
 def type_table(results: list[dict], ratio: float) -> list[str]:
@@ -713,9 +773,13 @@ def plot_curves(results: list[dict], s: Scale, out: Path, suffix: str = "") -> l
 
 
 # --- main ---------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Option defaults, and the docstring's commands as written."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=HelpFormatter)  # the docstring: how to rerun each table
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke")
     p.add_argument("--out", type=Path, default=None, help="output directory (none: runs/utility-<scale>)")
     p.add_argument("--device", default=None, help="override the scale's device")
@@ -727,7 +791,8 @@ def parse_args(argv=None):
                    help="seconds; runs that would start after it are skipped (and listed)")
     p.add_argument("--knobs", nargs="*", default=None, metavar="SPEC",
                    help="override the scale's quality knobs (BackwardOptions.parse specs, e.g. "
-                        "extra=0.3 exact_layers=2; none: no knob runs)")
+                        "extra=0.5,extra_weight=1.5 exact_layers=2 exact_top=2 kv_projections=1 "
+                        "backward_ratio=0.75; none: no knob runs)")
     p.add_argument("--equal-time", action="store_true",
                    help="also train Rho-1 Centrifuge for Rho-1 exact's training time at the headline "
                         "ρ (on by default in the full scales)")

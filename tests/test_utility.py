@@ -248,9 +248,15 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
                 for sd, v in ((0, 0.7), (1, 0.85))]  # fmt: skip
     md = ue.to_markdown(results, s, dict(device="cpu"))
     # shares: (1.0 − 0.7) / (1.0 − 0.7) = 100%, (1.2 − 0.85) / (1.2 − 0.8) = 87.5%;
+    # 95% interval: 0.9375 ± t(1 df) 12.706 × 0.0884 / √2 = [14, 173]%; minus the amplified
+    # backward's shares (0.25 / 0.3, 0.3 / 0.4): +0.167, +0.125, so 15 ± 3 points, [−12, 41]%;
     # training time (steps × median step time) 2400/3000 and 2520/3000.
-    assert ("| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | 0.80 ± 0.00 | "
-            "0.82 ± 0.03 |") in md
+    assert ("| rho1-centrifuge+extra0.3 | 0.5 | 2 | 0.0250 ± 0.0354 | 94 ± 9% | [14, 173]% | "
+            "15 ± 3 [-12, 41]% | 0.80 ± 0.00 | 0.82 ± 0.03 |") in md
+    assert "| rho1-centrifuge | 0.5 | 2 | 0.0750 ± 0.0354 | 79 ± 6% | [26, 132]% | — |" in md
+    # Five seeds: 0.8 ± t(4 df) 2.776 × 0.0791 / √5 = [70, 90]%; one seed has no interval.
+    assert ue.interval95([0.7, 0.8, 0.9, 0.75, 0.85]) == "[70, 90]%"
+    assert ue.interval95([0.8]) == "—"
     # Where Rho-1 exact did not beat standard there is no gain to share.
     worse = [dict(r, eval_loss=2.0) if r["method"] == "rho1-exact" else r for r in results]
     md_worse = ue.to_markdown(worse, s, {"device": "cpu"})
@@ -270,7 +276,7 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
     prices = ue.bench_prices(tmp_path / "bench.json", 0.5)
     assert prices["prices"]["rho1-centrifuge+extra0.5w1.5"] == dict(step=0.87, backward=0.82)
     md = ue.to_markdown(results, s, dict(device="cpu", prices=prices))
-    assert "| 94 ± 9% | 0.80 ± 0.00 | 0.82 ± 0.03 | 0.700 | 0.800 |" in md
+    assert "| [14, 173]% | 15 ± 3 [-12, 41]% | 0.80 ± 0.00 | 0.82 ± 0.03 | 0.700 | 0.800 |" in md
     assert "| rho1-centrifuge | 0.5 | 2 | 0.0750 ± 0.0354 |" in md and "| 0.510 | 0.660 |" in md
     with pytest.raises(SystemExit, match="no Centrifuge timing"):
         ue.bench_prices(tmp_path / "bench.json", 0.3)
