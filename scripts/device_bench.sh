@@ -51,7 +51,9 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 0.7 1.0 --no-hf --repeats 5 \
       --prompt-share 0.5 ;;
   graphs)  # captured steps: their GPU tests, then host-bound shapes and tinyllama with and without graphs
-    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -15 | tee "$out/gpu-tests-graphs.log"
+    # the whole log comes back (a failure's traceback is what the next call needs)
+    python3 -m pytest -p no:cacheprovider -o addopts="" -q --tb=short tests/gpu/test_cuda_graphs_gpu.py \
+      > "$out/gpu-tests-graphs.log" 2>&1; tail -5 "$out/gpu-tests-graphs.log"
     paths="--ratios 0.5 --no-hf --repeats 5 --cuda-graphs --knob path=compact"
     bench --preset small --seq-len 512 --batch 16 $paths
     bench --preset byte-110m --seq-len 512 --batch 16 $paths
