@@ -24,11 +24,12 @@ bench --knob`` takes them: ``extra=0.5,extra_weight=1.5``, ``exact_layers=2``
 (bottom layers exact), ``exact_top=2`` (top layers exact), ``kv_projections=1``
 (filtered rows' K/V gradient reaches the K/V projections), ``backward_ratio=0.75``
 (the rows ranked next join the backward without a loss)) add Rho-1 Centrifuge
-runs with that knob at the headline ρ and seeds; the report gives every
-Centrifuge variant's share of Rho-1 exact's gain over standard training (mean ±
-std over seeds and the 95% interval of the mean) and its step time over Rho-1
-exact's. The schedules ``--exact-every`` / ``--exact-final`` are ``centrifuge
-train`` options, not knobs of this script.
+runs with that knob at the headline ρ and seeds; so do the exact-backward
+schedules of ``centrifuge train`` (``exact_every=4``: every 4th step exact;
+``exact_final=0.2``: the last 20% of the steps), alone or with a knob in one
+spec. The report gives every Centrifuge variant's share of Rho-1 exact's gain
+over standard training (mean ± std over seeds and the 95% interval of the mean)
+and its step time over Rho-1 exact's.
 
     python scripts/utility_experiment.py --scale continued-full --inits base --seeds 0 1 2 3 4 \\
         --side-seeds --knobs extra=0.5,extra_weight=1.5 backward_ratio=0.75 exact_top=2 \\
@@ -170,9 +171,35 @@ class RunSpec:
 EQUAL_TIME = "rho1-centrifuge-eqtime"
 
 
+# Schedule keys of a knob spec: centrifuge train options (the exact backward on
+# some steps), not BackwardOptions; their suffix in a run's name.
+SCHEDULES = {"exact_every": (int, "+every{}"), "exact_final": (float, "+final{:g}")}
+
+
+def split_knob(knob: str) -> tuple[str, dict]:
+    """(BackwardOptions spec, schedule options) of a knob spec:
+    ``exact_every=4,kv_projections=1`` -> ``("kv_projections=1", {"exact_every": 4})``."""
+    items = [i.strip() for i in knob.split(",") if i.strip()]
+    schedule = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key in SCHEDULES:
+            try:
+                schedule[key] = v = SCHEDULES[key][0](value)
+            except ValueError:
+                v = None
+            if v is None or not (v >= 1 if key == "exact_every" else 0 < v <= 1):
+                raise ValueError(f"bad schedule option {item!r} in {knob!r}: exact_every=K takes "
+                                 "K >= 1, exact_final=F takes F in (0, 1]")  # fmt: skip
+    return ",".join(i for i in items if i.partition("=")[0] not in SCHEDULES), schedule
+
+
 def knob_method(knob: str) -> str:
-    """``extra=0.5,extra_weight=1.5`` -> ``rho1-centrifuge+extra0.5w1.5``."""
-    desc = BackwardOptions.parse(knob).describe().removeprefix("amplified")
+    """``extra=0.5,extra_weight=1.5`` -> ``rho1-centrifuge+extra0.5w1.5``;
+    ``exact_every=4`` -> ``rho1-centrifuge+every4``."""
+    spec, schedule = split_knob(knob)
+    desc = BackwardOptions.parse(spec).describe().removeprefix("amplified")
+    desc += "".join(SCHEDULES[k][1].format(v) for k, v in schedule.items())
     return "rho1-centrifuge" + desc.replace("(", "").replace(")", "")
 
 
@@ -278,12 +305,13 @@ def evaluate_checkpoint(path: Path, eval_ds, s: Scale, reference=None) -> dict:
 
 
 def knob_options(knob: str) -> dict:
-    """TrainConfig fields of a knob spec."""
-    o = BackwardOptions.parse(knob)
+    """TrainConfig fields of a knob spec (its schedule options included)."""
+    spec, schedule = split_knob(knob)
+    o = BackwardOptions.parse(spec)
     weight = None if o.extra == 0 or math.isclose(o.weight, 1 / o.extra) else o.weight
     return dict(backward_extra=o.extra, backward_extra_weight=weight, exact_layers=o.exact_layers,
                 exact_top=o.exact_top, kv_projections=o.kv_projections,
-                backward_ratio=o.backward_ratio)
+                backward_ratio=o.backward_ratio, **schedule)
 
 
 def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache: Path, eval_ds,

@@ -387,3 +387,18 @@ def test_general_prose_is_the_stdlib_documentation():
     assert any(d.startswith("JSON (JavaScript Object Notation)") for d in docs)  # json/__init__.py
     assert "antigravity" not in sys.modules  # parsed, never imported
     assert prose.fingerprint().endswith("stdlib docs")
+
+
+def test_schedule_knobs_become_train_options(monkeypatch):
+    """--knobs takes centrifuge train's exact-backward schedules, alone or with a
+    BackwardOptions knob; bad values fail before any training."""
+    ue = _experiment_module(monkeypatch)
+    knob_method, knob_options = ue.knob_method, ue.knob_options
+
+    assert knob_method("exact_every=4") == "rho1-centrifuge+every4"
+    assert knob_method("kv_projections=1,exact_final=0.2") == "rho1-centrifuge+kvproj+final0.2"
+    opts = knob_options("exact_final=0.2,backward_ratio=0.7")
+    assert opts["exact_final"] == 0.2 and opts["backward_ratio"] == 0.7 and "exact_every" not in opts
+    for bad in ("exact_every=0", "exact_final=1.5", "exact_every=x"):
+        with pytest.raises(ValueError, match="bad schedule option"):
+            knob_options(bad)
