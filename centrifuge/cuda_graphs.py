@@ -37,6 +37,8 @@ class GraphedStep:
         caller zeroes them in place between steps).
     pool: a memory pool shared with other captured steps that never run
         interleaved (``torch.cuda.graph_pool_handle()``), None for a private one.
+        In a shared pool a step's outputs (and gradients it writes fresh) are
+        valid until another step of the pool replays: read them before.
     warmup: eager runs before capture on a side stream (Triton compiles and
         every lazily built cache fills there, outside the graph).
     """
