@@ -7,11 +7,12 @@ count from the CPU labels (``Selector.count``), the document layout built on
 the host — nothing in the step waits for the device, so the whole step can be
 recorded once and replayed with one launch per graph.
 
-What a captured step needs: its inputs at fixed addresses (a replay reads
-whatever they hold); no host sync and no host-to-device copy from pageable
-memory inside it; random draws on the device's generator (the CPU generators of
-``random`` selection and of the sampled extra rows cannot be replayed). The
-callers capture only steps that meet them (``Variant.capturable`` in the bench).
+What a captured step needs, and where it falls back: its inputs live at fixed
+addresses (the caller copies each batch into them, :class:`StaticInputs`); no
+host sync and no host-to-device copy from pageable memory inside it; random
+draws on the device's generator (the CPU generators of ``random`` selection and
+of the sampled extra rows cannot be replayed). The callers check those
+conditions and run eagerly otherwise, saying so once.
 """
 
 from __future__ import annotations
@@ -81,3 +82,24 @@ class GraphedStep:
         if not self.accumulate:
             for p, g in zip(self.params, self.grads):
                 p.grad = g
+
+
+class StaticInputs:
+    """Device buffers at fixed addresses that a captured step reads: each batch
+    is copied into them before a replay. ``update`` takes tensors of the shapes
+    and dtypes of the first call (CPU or device); returns the buffers by name."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def update(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        for name, t in tensors.items():
+            buf = self.buffers.get(name)
+            if buf is None:
+                self.buffers[name] = buf = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            elif buf.shape != t.shape or buf.dtype != t.dtype:
+                raise ValueError(f"{name} changed from {tuple(buf.shape)} {buf.dtype} to "
+                                 f"{tuple(t.shape)} {t.dtype}: a captured step has fixed shapes")  # fmt: skip
+            buf.copy_(t, non_blocking=True)
+        return dict(self.buffers)
