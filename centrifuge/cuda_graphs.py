@@ -34,8 +34,9 @@ class GraphedStep:
     accumulate: False — each backward writes fresh gradients (the captured
         tensors are attached to ``p.grad`` after every replay, as an eager
         backward after ``zero_grad(set_to_none=True)`` would); True — it adds to
-        the ``p.grad`` tensors that exist at capture (gradient accumulation: the
-        caller zeroes them in place between steps).
+        ``p.grad`` (allocated here if None), the same tensors for every step
+        captured this way (gradient accumulation: the caller zeroes them in
+        place, ``zero_grad(set_to_none=False)``, and never replaces them).
     pool: a memory pool shared with other captured steps that never run
         interleaved (``torch.cuda.graph_pool_handle()``), None for a private one.
         In a shared pool a step's outputs (and gradients it writes fresh) are
@@ -56,8 +57,11 @@ class GraphedStep:
             for _ in range(warmup):
                 forward()[0].backward()
         torch.cuda.current_stream().wait_stream(side)
-        for p in self.params:  # allocated outside the pool: they outlive every replay
-            p.grad = torch.zeros_like(p) if accumulate else None
+        for p in self.params:
+            if not accumulate:
+                p.grad = None  # the capture allocates them, in the pool
+            elif p.grad is None:  # outside the pool: they outlive every replay
+                p.grad = torch.zeros_like(p)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=pool):
             self.outputs = forward()
@@ -65,11 +69,12 @@ class GraphedStep:
             self.outputs[0].backward()
         self.grads = [p.grad for p in self.params]
         for p, g in zip(self.params, pending):  # capturing ran nothing: restore the sums
-            if accumulate:
-                if g is not None:
-                    p.grad.copy_(g)
-            else:
+            if not accumulate:
                 p.grad = g
+            elif g is None:
+                p.grad.zero_()
+            else:
+                p.grad.copy_(g)
 
     def forward(self) -> tuple:
         """Replay the forward; returns the captured output tensors (now refilled)."""

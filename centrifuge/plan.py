@@ -344,6 +344,19 @@ class Layout:
         max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
         return Layout(position_ids.contiguous().to(device), segment_ids.to(device), cu.to(device), max_seqlen)
 
+    def padded(self, capacity: int) -> "Layout":
+        """This layout with ``cu_seqlens`` padded to ``capacity`` entries by empty
+        documents at the end and ``max_seqlen`` set to the row length: the same
+        attention, with sizes that depend on the batch's shape and ``capacity``
+        alone, so that one captured step (CUDA graphs) serves every batch with at
+        most ``capacity - 1`` documents. Kernels skip the empty documents."""
+        n = self.cu_seqlens.numel()
+        if capacity < n:
+            raise ValueError(f"capacity {capacity} below the layout's {n} document bounds")
+        B, L = self.shape
+        cu = torch.cat([self.cu_seqlens, self.cu_seqlens[-1:].expand(capacity - n)])
+        return Layout(self.position_ids, self.segment_ids, cu, L)
+
     def last_rows(self) -> torch.Tensor:
         """[B, L] bool: the last row of every segment (it has no next token)."""
         last = torch.ones_like(self.segment_ids, dtype=torch.bool)

@@ -150,7 +150,8 @@ class LlamaForCausalLM(nn.Module):
     gradient_checkpointing_enable = activation_checkpointing_enable
     gradient_checkpointing_disable = activation_checkpointing_disable
 
-    def make_plan(self, input_ids, position_ids=None, attention_mask=None, backward="amplified"):
+    def make_plan(self, input_ids, position_ids=None, attention_mask=None, backward="amplified",
+                  layout: Layout | None = None):  # fmt: skip
         B, L = input_ids.shape
         if L > self.config.max_position_embeddings:
             raise ValueError(
@@ -165,7 +166,12 @@ class LlamaForCausalLM(nn.Module):
             )
         backward = BackwardOptions.of(backward)
         backward.check_layers(self.config.num_layers)
-        layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
+        if layout is None:
+            layout = Layout.build(B, L, input_ids.device, position_ids, attention_mask)
+        elif position_ids is not None or attention_mask is not None:
+            raise ValueError("give a layout or position_ids / attention_mask, not both")
+        elif layout.shape != (B, L):
+            raise ValueError(f"layout has shape {layout.shape}, input_ids {(B, L)}")
         path = backward.choose_path(B * L, self.config.layer_parameters(), input_ids.device.type)
         return Plan(layout, backward, path, self.config.num_layers)
 
@@ -201,6 +207,7 @@ class LlamaForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         backward: str | BackwardOptions = "amplified",
         ignore_index: int = IGNORE_INDEX,
+        layout: Layout | None = None,
     ) -> CausalLMOutput:
         """input_ids, labels: [B, L] int64, labels unshifted (HF convention:
         ``labels = input_ids`` with ``ignore_index`` where no loss is wanted).
@@ -211,10 +218,12 @@ class LlamaForCausalLM(nn.Module):
         backward: ``amplified`` (Centrifuge), ``exact`` (masked-loss baseline), or
         a :class:`~centrifuge.plan.BackwardOptions` that lets some gradient reach
         filtered rows (sampled rows, exact bottom layers). Pass the same options
-        object every step: it holds the sampling generator."""
+        object every step: it holds the sampling generator. layout: the batch's
+        :class:`~centrifuge.plan.Layout`, built beforehand (a captured step reads
+        one at fixed addresses, :meth:`Layout.padded`), instead of position_ids."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        plan = self.make_plan(input_ids, position_ids, attention_mask, backward)
+        plan = self.make_plan(input_ids, position_ids, attention_mask, backward, layout)
         if labels is None:
             h = self.hidden_states(input_ids, plan)
             if self.tp is not None:  # every rank's rows (for inspection, without gradient)

@@ -72,6 +72,10 @@ class TrainConfig:
     dtype:            fp32, or bf16 autocast (fp32 master weights).
     activation_checkpointing: decoder layers keep only their input and recompute
                       the rest in the backward (on kept rows with ``amplified``).
+    cuda_graphs:      replay micro-batches from CUDA graphs, one capture per shape (kept,
+                      context and document counts; centrifuge.training.graphs): the host
+                      no longer issues every kernel. One CUDA process; random selection
+                      and sampled extra rows run eagerly, and say so.
     device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...; under
                       torchrun every process takes cuda:LOCAL_RANK (or the CPU).
     parallel:         several processes (torchrun): "ddp", "fsdp" (FSDP2, one unit per
@@ -123,6 +127,7 @@ class TrainConfig:
     max_tokens: int | None = None
     dtype: str = "fp32"
     activation_checkpointing: bool = False
+    cuda_graphs: bool = False
     device: str = "auto"
     parallel: str = "auto"
     tp: int = 1
@@ -213,6 +218,7 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(isinstance(self.activation_checkpointing, bool),
              f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
+        need(isinstance(self.cuda_graphs, bool), f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         need(self.parallel in PARALLEL_MODES,
              f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         need(self.fsdp_reshard in RESHARD_MODES,

@@ -46,6 +46,7 @@ from centrifuge.plan import BackwardOptions, Layout, context_rows
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
+from centrifuge.training.graphs import CapturedMicroBatches, why_not_captured
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
 from centrifuge.training.schedule import ExactSchedule, WarmupCosine
 from centrifuge.training.progress import Progress
@@ -121,14 +122,15 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _row_kinds(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, L] bool valid, [B, L] bool context) rows of a (CPU) batch: the rows that
-    carry a loss and the context rows (no label, before a labelled row), as the
-    model's forward will find them, known before the forward runs."""
+def _row_kinds(batch: dict) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+    """([B, L] bool valid, [B, L] bool context rows, layout) of a (CPU) batch: the
+    rows that carry a loss and the context rows (no label, before a labelled
+    row), as the model's forward will find them, known before the forward runs;
+    the document layout on the host."""
     B, L = batch["labels"].shape
     layout = Layout.build(B, L, "cpu", batch["position_ids"])
     valid = shift_targets(batch["labels"], layout) != IGNORE_INDEX
-    return valid, context_rows(valid, layout)
+    return valid, context_rows(valid, layout), layout
 
 
 class Trainer:
@@ -160,6 +162,15 @@ class Trainer:
         self.exact_backward = BackwardOptions("exact")
         self.autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
                          if uses_autocast(run.parallel, cfg.dtype) else contextlib.nullcontext())  # fmt: skip
+        self.graphs: CapturedMicroBatches | None = None
+        if cfg.cuda_graphs:
+            if run.device.type != "cuda":
+                raise ValueError(f"--cuda-graphs needs a CUDA device; this run is on {run.device}")
+            why = why_not_captured(self.ctx.world_size, cfg.select, self.backward)
+            if why is None:
+                self.graphs = CapturedMicroBatches(self.model.parameters(), run.device)
+            elif self.ctx.is_main:
+                print(f"[{run.label}] --cuda-graphs: {why}; the steps run eagerly")
         if run.resume_state is not None:
             self.load_state(run.resume_state, run.resume_path)
         else:
@@ -232,12 +243,12 @@ class Trainer:
         micro = [self.order.rows(step, i) for i in index]
         batches = [run.train_ds.batch(rows) for rows in micro]
         kinds = [_row_kinds(b) for b in batches]
-        counts = [self.selector.count(valid) for valid, _ in kinds]
+        counts = [self.selector.count(valid) for valid, _, _ in kinds]
         exact = self.exact_steps(step)
         backward = self.exact_backward if exact else self.backward
         rb = backward.backward_ratio
         # The rows ranked next (backward_ratio), counted on the host like the kept ones.
-        backward_counts = [None if rb is None else self.selector.count(valid, rb) for valid, _ in kinds]
+        backward_counts = [None if rb is None else self.selector.count(valid, rb) for valid, _, _ in kinds]
         # Σ kept over micro-batches and replicas; DDP/FSDP average gradients over
         # the N replicas, so each process scales its kept-loss sums by N / Σ. The
         # tensor-parallel ranks of a replica hold the same sums: one of them counts.
@@ -248,41 +259,31 @@ class Trainer:
         # and stop requests (a signal seen by any process stops every one after this
         # step: one all-reduce carries them all).
         sums = torch.zeros(6, dtype=torch.float64, device=run.device)
-        for m, (rows, cpu, count, (_, context), n_backward) in enumerate(
+        for m, (rows, cpu, count, (_, context, layout), n_backward) in enumerate(
                 zip(micro, batches, counts, kinds, backward_counts)):  # fmt: skip
             self._seed_draws(step, index[m])
-            b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
             with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
-                with self.autocast:
+                out = None
+                if self.graphs is not None:
+                    out = self._captured_micro_batch(rows, cpu, layout, context, count, n_backward,
+                                                     backward, scale)  # fmt: skip
+                if out is None:
+                    b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
+                    ref = run.reference(rows, b) if self.selector.needs_reference else None
                     # CPU position ids: the model builds the document layout on the
                     # host, without waiting for the device (Layout.build).
-                    out = self.model(b["input_ids"], labels=b["labels"],
-                                     position_ids=cpu["position_ids"], backward=backward)  # fmt: skip
-                ref = run.reference(rows, b) if self.selector.needs_reference else None
-                # The counts from the CPU labels let the selection and the plan run
-                # without waiting for the device: the backward is queued behind the
-                # forward (the device asserts that the keep mask holds `count` rows).
-                host_count = count if self.selector.filters else None
-                keep, ranked = self.selector.select(out.token_loss, out.valid, ref, count=host_count,
-                                                    backward_ratio=rb, backward_count=n_backward)  # fmt: skip
-                out.plan.set_context(context)  # the same rows, counted on the host
-                if ranked is not None:
-                    out.plan.set_ranked(ranked, n_backward - count)
-                out.plan.set_keep(keep, host_count)
-                if host_count is None and out.plan.n_keep != count:
-                    raise RuntimeError(f"selection kept {out.plan.n_keep} rows where {count} were "
-                                       "expected from the labels")  # fmt: skip
-                kept_loss = (out.token_loss * keep).sum()
-                (kept_loss * scale).backward()
-            tl = out.token_loss.detach().double()
-            sums[:4] += torch.stack([kept_loss.detach().double(), (tl * out.valid).sum(),
-                                     out.valid.sum().double(), keep.sum().double()])  # fmt: skip
+                    loss, out = self._micro_batch(b["input_ids"], b["labels"],
+                                                  dict(position_ids=cpu["position_ids"]), ref, context,
+                                                  None, count, n_backward, backward, scale)  # fmt: skip
+                    loss.backward()
+            sums[:4] += out
         reduce_replicated_grads(run.module)
         gnorm = self._clip_grad()
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        # Captured steps accumulate into the gradient tensors they were captured with.
+        self.opt.zero_grad(set_to_none=self.graphs is None)
         sums[4] = sum(run.train_ds.real_tokens(rows) for rows in micro)
         if not counted:
             sums[:5] = 0
@@ -304,6 +305,56 @@ class Trainer:
                     kept_fraction=kept / max(valid, 1), lr=lr, grad_norm=gnorm,
                     tokens_seen=c["tokens_seen"], tokens_kept=c["tokens_kept"],
                     tokens_per_s=seen / dt, step_s=dt, exact_backward=int(exact))  # fmt: skip
+
+    def _micro_batch(self, ids, labels, where: dict, ref, context, n_context, count, n_backward,
+                     backward, scale) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A micro-batch's forward, selection and plan: (its kept-loss sum times
+        ``scale``, to differentiate; [4] float64 kept-loss sum, all-loss sum, valid
+        and kept rows). where: ``position_ids`` (CPU) or a prebuilt ``layout``;
+        context: [B, L] bool context rows (n_context: their count, for a device
+        mask); count, n_backward: the kept and backward rows, from the CPU labels."""
+        with self.autocast:
+            out = self.model(ids, labels=labels, backward=backward, **where)
+        # The counts from the CPU labels let the selection and the plan run without
+        # waiting for the device: the backward is queued behind the forward (the
+        # device asserts that the keep mask holds `count` rows). A captured step
+        # always passes them (a selection keeping every row then goes compact).
+        host_count = count if self.selector.filters or "layout" in where else None
+        keep, ranked = self.selector.select(out.token_loss, out.valid, ref, count=host_count,
+                                            backward_ratio=backward.backward_ratio,
+                                            backward_count=n_backward)  # fmt: skip
+        out.plan.set_context(context, n_context)
+        if ranked is not None:
+            out.plan.set_ranked(ranked, n_backward - count)
+        out.plan.set_keep(keep, host_count)
+        if host_count is None and out.plan.n_keep != count:
+            raise RuntimeError(f"selection kept {out.plan.n_keep} rows where {count} were "
+                               "expected from the labels")  # fmt: skip
+        kept_loss = (out.token_loss * keep).sum()
+        tl = out.token_loss.detach().double()
+        sums = torch.stack([kept_loss.detach().double(), (tl * out.valid).sum(),
+                            out.valid.sum().double(), keep.sum().double()])  # fmt: skip
+        return kept_loss * scale, sums
+
+    def _captured_micro_batch(self, rows, cpu: dict, layout: Layout, context, count, n_backward,
+                              backward, scale) -> torch.Tensor | None:  # fmt: skip
+        """:meth:`_micro_batch` and its backward replayed from CUDA graphs: the
+        [4] sums, or None where the batch is not captured (run it eagerly)."""
+        graphs, run = self.graphs, self.run
+        cap, static_layout = graphs.layout(layout)
+        n_context = int(context.sum())
+        b = graphs.update(input_ids=cpu["input_ids"], labels=cpu["labels"], context=context, scale=scale)
+        ref = None
+        if self.selector.needs_reference:  # computed eagerly (a store or another model), then copied
+            ref = graphs.update(ref=run.reference(rows, dict(b, position_ids=static_layout.position_ids)))["ref"]
+        signature = (count, n_context, n_backward, cap, id(backward))  # a run's options objects live on
+        sums = graphs.run(signature, lambda: self._micro_batch(
+            b["input_ids"], b["labels"], dict(layout=static_layout), ref, b["context"], n_context, count,
+            n_backward, backward, b["scale"]))  # fmt: skip
+        if graphs.note is not None:
+            self.out.write(f"[{run.label}] {graphs.note}")
+            graphs.note = None
+        return None if sums is None else sums[1]
 
     def _clip_grad(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -97,3 +97,53 @@ def test_accumulating_replays_sum_micro_batches():
     ids.copy_(tokens(2))
     v.loss(ids, 0.5).backward()
     assert worst_rel(got, grads(model)) < 1e-5
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(select="loss"),
+    dict(select="loss", grad_accum=2, activation_checkpointing=True, backward_path="compact"),
+    dict(select="loss", exact_every=2, backward_ratio=0.7),
+    dict(select="rho1", reference="self"),
+    dict(select="loss", backward="exact"),
+    dict(select="loss", sft=True),
+])  # fmt: skip
+def test_captured_training_equals_eager(tmp_path, data_file, sft_file, cache, kw):
+    """centrifuge train --cuda-graphs trains what the eager loop trains (packed
+    documents, so the layouts and kept counts vary from batch to batch; SFT data,
+    so the context counts vary too): the same losses and weights, a resumed
+    captured run included."""
+    from centrifuge.training import TrainConfig, train
+    from centrifuge.training.metrics import read_metrics
+
+    kw = dict(kw)
+    data = sft_file if kw.pop("sft", False) else data_file
+    if kw.get("reference") == "self":  # a reference model: a short plain run on the same data
+        ref = TrainConfig(model="tiny", data=[str(data)], select="none", seq_len=64, batch_size=4,
+                          steps=2, eval_interval=0, save_interval=0, cache_dir=cache, device="cuda",
+                          out_dir=str(tmp_path / "ref"))  # fmt: skip
+        kw["reference"] = train(ref, progress=False)["checkpoint"]
+    common = dict(model="tiny", data=[str(data)], ratio=0.5, seq_len=64, batch_size=4, steps=6,
+                  warmup_steps=2, lr=1e-2, eval_interval=0, eval_rows=4, save_interval=3, cache_dir=cache,
+                  device="cuda", **kw)  # fmt: skip
+    eager = train(TrainConfig(out_dir=str(tmp_path / "eager"), **common), progress=False)
+    captured = train(TrainConfig(out_dir=str(tmp_path / "graphs"), cuda_graphs=True, **common), progress=False)
+    resumed_dir = tmp_path / "resumed"
+    train(TrainConfig(out_dir=str(resumed_dir), cuda_graphs=True, **dict(common, steps=3)), progress=False)
+    resumed = train(TrainConfig(out_dir=str(resumed_dir), cuda_graphs=True, resume=True, **common),
+                    progress=False)  # fmt: skip
+    losses = {}
+    for name, s in (("eager", eager), ("graphs", captured), ("resumed", resumed)):
+        losses[name] = [r["loss"] for r in read_metrics(s["metrics"]) if r["kind"] == "train"]
+    assert losses["graphs"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert losses["resumed"] == pytest.approx(losses["eager"], rel=1e-4)
+    want = _weights(tmp_path / "eager" / "checkpoint-6")
+    for run in ("graphs", "resumed"):
+        got = _weights(tmp_path / run / "checkpoint-6")
+        err = max(((got[k].double() - want[k].double()).norm() / want[k].double().norm()).item() for k in want)
+        assert err < 1e-4, f"{run}: {err:.2e}"
