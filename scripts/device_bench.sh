@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Run on the device machine from the repo root: the GPU tests and the benchmark
 # matrix of docs/benchmarks.md. Usage:
-#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|profile|knobs|sft|graphs]
+#   scripts/device_bench.sh OUT_DIR [quick|tests|part1|part2|full|hf|hf-1b|small|profile|knobs|sft|graphs|graphs-train]
 # (each mode but full fits one 10-minute device call; full = part1 + part2;
 # hf: the patched transformers model against native, plain and with Liger;
 # hf-1b: the same on llama3.2-1b; small: the amplified backward's compact and
 # dense paths where launches and host syncs weigh on the step; knobs: the price of
 # continued-full's quality knobs, for scripts/utility_experiment.py --prices;
 # sft: supervised fine-tuning steps, half of every row a prompt, both context semantics;
-# graphs: steps captured as CUDA graphs against eager ones).
+# graphs: steps captured as CUDA graphs against eager ones; graphs-train: the same in centrifuge train).
 set -uo pipefail
 out=${1:?output dir}; mode=${2:-full}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -59,6 +59,10 @@ case "$mode" in
     bench --preset byte-110m --seq-len 512 --batch 16 $paths
     bench --preset byte-110m --seq-len 2048 --batch 16 $paths
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 --cuda-graphs ;;
+  graphs-train)  # centrifuge train's own step, eager and captured, next to the bench's
+    python3 scripts/train_step_times.py /tmp/train-times --model byte-110m --seq-len 512 --batch-size 16 \
+      2>&1 | grep -v "^\[" | tee "$out/train-step-times.md"
+    cp /tmp/train-times/train-step-times.json "$out/" ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)

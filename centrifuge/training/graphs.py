@@ -30,6 +30,8 @@ def why_not_captured(world_size: int, select: str, backward) -> str | None:
         return "random selection draws on a CPU generator, which a replay cannot repeat"
     if backward.extra > 0:
         return "sampled extra rows (backward extra) are drawn on a CPU generator and indexed with host syncs"
+    if backward.kv_projections and backward.path != "dense":
+        return "kv_projections on the compact path counts its key rows with a host sync"
     return None
 
 
@@ -80,6 +82,10 @@ class CapturedMicroBatches:
         outputs = graph.forward()
         graph.backward()
         return outputs
+
+    def counts(self) -> dict:
+        """Captured signatures, micro-batches replayed, and those run eagerly."""
+        return dict(captured=len(self.steps), replayed=self.replays, eager=self.eager)
 
     def update(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Copy a batch's tensors into the fixed buffers; returns the buffers by name."""

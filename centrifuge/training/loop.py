@@ -478,4 +478,5 @@ class Trainer:
             processes=self.ctx.world_size,
             parallel=self.run.parallel,
             tp=self.ctx.tp,
+            cuda_graphs=None if self.graphs is None else self.graphs.counts(),
         )

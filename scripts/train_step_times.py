@@ -1,0 +1,69 @@
+"""Step times of ``centrifuge train`` itself, eager and with --cuda-graphs: dense
+(no selection), masked-loss filtering and Centrifuge, one run after another in
+one process (the loop's own ``step_s``, median over the steps after the first
+``--skip``, which hold the captures).
+
+    python scripts/train_step_times.py OUT_DIR --model byte-110m --seq-len 512 --batch-size 16
+
+Writes OUT_DIR/train-step-times.json and prints a Markdown table with the
+ratios the bench reports (c/a: Centrifuge over dense, c/b: over masked), eager
+and captured, for comparison with ``centrifuge bench --cuda-graphs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from centrifuge.training import TrainConfig, train  # noqa: E402
+from centrifuge.training.metrics import read_metrics  # noqa: E402
+
+VARIANTS = {"dense": dict(select="none"), "masked": dict(backward="exact"), "centrifuge": {}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--model", default="byte-110m")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--skip", type=int, default=20, help="steps left out of the median (captures, warm-up)")
+    p.add_argument("--dtype", default="bf16")
+    args = p.parse_args(argv)
+    rows = {}
+    for graphs in (False, True):
+        for name, kw in VARIANTS.items():
+            cfg = TrainConfig(model=args.model, select=kw.get("select", "loss"), ratio=args.ratio,
+                              backward=kw.get("backward", "amplified"), seq_len=args.seq_len,
+                              batch_size=args.batch_size, steps=args.steps, warmup_steps=5,
+                              dtype=args.dtype, eval_interval=0, save_interval=0, eval_problems=0,
+                              out_dir=str(args.out / f"{name}{'-graphs' if graphs else ''}"),
+                              overwrite=True, cuda_graphs=graphs)  # fmt: skip
+            s = train(cfg, progress=False)
+            times = [r["step_s"] for r in read_metrics(s["metrics"]) if r["kind"] == "train"][args.skip :]
+            rows[(name, graphs)] = dict(step_ms=1e3 * statistics.median(times), cuda_graphs=s["cuda_graphs"])
+    result = dict(config=vars(args) | {"out": str(args.out)},
+                  rows=[dict(variant=n, graphs=g, **r) for (n, g), r in rows.items()])  # fmt: skip
+    (args.out / "train-step-times.json").write_text(json.dumps(result, indent=2))
+    print(f"{args.model}, {args.batch_size} x {args.seq_len}, ρ = {args.ratio}, {args.dtype}, "
+          f"median step of steps {args.skip + 1}..{args.steps}\n")
+    print("| | dense ms | masked ms | Centrifuge ms | c/a | c/b | captured signatures |")
+    print("|---|---|---|---|---|---|---|")
+    for graphs in (False, True):
+        a, b, c = (rows[(n, graphs)]["step_ms"] for n in VARIANTS)
+        sig = rows[("centrifuge", graphs)]["cuda_graphs"]
+        print(f"| {'CUDA graphs' if graphs else 'eager'} | {a:.1f} | {b:.1f} | {c:.1f} | {c / a:.3f} | "
+              f"{c / b:.3f} | {sig['captured'] if sig else '—'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
