@@ -252,7 +252,8 @@ class Trainer:
                 zip(micro, batches, counts, kinds, backward_counts)):  # fmt: skip
             self._seed_draws(step, index[m])
             b = {k: v.to(run.device, non_blocking=True) for k, v in cpu.items()}
-            with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
+            last = m == cfg.grad_accum - 1 or run.sync_every_micro_batch
+            with gradient_sync(self.model, last=last):
                 with self.autocast:
                     # CPU position ids: the model builds the document layout on the
                     # host, without waiting for the device (Layout.build).
