@@ -78,6 +78,8 @@ def launched(tmp_path_factory, base, sft_file):
         "ddp": dict(base, parallel="ddp", grad_accum=2),
         "fsdp": dict(base, parallel="fsdp", grad_accum=2),
         "fsdp_exact": dict(base, parallel="fsdp", grad_accum=2, backward="exact"),
+        # Gradients reduce-scattered after every micro-batch (kept sharded in between).
+        "fsdp_sync_every": dict(base, parallel="fsdp", grad_accum=2, fsdp_grad_sync="every"),
         # Prompt/completion data: the prompts are context rows in the compact backward.
         "ddp_sft": dict(base, data=[str(sft_file)], seq_len=192, parallel="ddp", grad_accum=2),
         # Random draws (selection, sampled extra rows) are seeded per micro-batch.
@@ -98,8 +100,8 @@ def launched(tmp_path_factory, base, sft_file):
     return root, runs
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_ckpt", "ddp_random_extra",
-                                  "ddp_sft", "ddp_ranked_schedule"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_exact", "fsdp_sync_every", "fsdp_ckpt",
+                                  "ddp_random_extra", "ddp_sft", "ddp_ranked_schedule"])
 def test_n_processes_equal_one_process_with_n_times_the_accumulation(launched, tmp_path, name):
     root, runs = launched
     single = dict(runs[name], parallel="auto", grad_accum=runs[name]["grad_accum"] * N,

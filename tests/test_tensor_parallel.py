@@ -222,14 +222,22 @@ def test_two_nodes_fsdp_and_tp_x_fsdp_equal_one_process(small_run, tmp_path):
         assert_same_weights(weights(tmp_path / name), weights(tmp_path / f"{name}-one"))
 
 
-def test_reshard_auto_counts_a_tensor_parallel_shard(monkeypatch):
+def test_fsdp_auto_choices_count_a_tensor_parallel_shard(monkeypatch):
     """fsdp_reshard auto keeps the gathered weights while they fit a quarter of
-    a GPU: under tp a rank gathers 1/tp of them (70B at tp 8: 17.5 GB of 141)."""
+    a GPU: under tp a rank gathers 1/tp of them (70B at tp 8: 17.5 GB of 141).
+    fsdp_grad_sync auto keeps unsharded fp32 gradients between micro-batches
+    while they fit a tenth of a GPU (70B at tp 8: 35 GB, so it syncs every one;
+    at tp 8 with 8B parameters, 4 GB: only the last)."""
     from types import SimpleNamespace
 
-    from centrifuge.distributed import DistContext, choose_reshard
+    from centrifuge.distributed import DistContext, choose_grad_sync, choose_reshard
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=141e9))
     gpu = torch.device("cuda", 0)
-    assert choose_reshard("auto", DistContext(rank=0, world_size=16, device=gpu), int(70e9))
-    assert not choose_reshard("auto", DistContext(rank=0, world_size=16, tp=8, device=gpu), int(70e9))
+    flat, tp8 = DistContext(rank=0, world_size=16, device=gpu), DistContext(rank=0, world_size=16, tp=8, device=gpu)
+    assert choose_reshard("auto", flat, int(70e9)) and not choose_reshard("auto", tp8, int(70e9))
+    assert choose_grad_sync("auto", tp8, int(70e9), "fsdp") and not choose_grad_sync("auto", tp8, int(8e9), "fsdp")
+    assert not choose_grad_sync("auto", flat, int(70e9), "ddp")  # DDP holds whole gradients anyway
+    assert choose_grad_sync("every", flat, 1, "fsdp") and not choose_grad_sync("last", tp8, int(70e9), "fsdp")
+    with pytest.raises(ValueError, match="fsdp_grad_sync must be one of"):
+        choose_grad_sync("sometimes", flat, 1, "fsdp")

@@ -6,11 +6,11 @@ calls in here; the model knows only the tensor-parallel group its layers are giv
 
 from centrifuge.distributed.context import DistContext, init_distributed, shutdown_distributed
 from centrifuge.distributed.parallelize import (
-    PARALLEL_MODES, RESHARD_MODES, choose_parallel, choose_reshard, gradient_sync, parallelize,
-    unsharded, uses_autocast,
+    GRAD_SYNC_MODES, PARALLEL_MODES, RESHARD_MODES, choose_grad_sync, choose_parallel, choose_reshard,
+    gradient_sync, parallelize, unsharded, uses_autocast,
 )
 from centrifuge.distributed.tensor_parallel import reduce_replicated_grads
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "PARALLEL_MODES",
-           "RESHARD_MODES", "choose_parallel", "choose_reshard", "gradient_sync", "parallelize",
+__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "GRAD_SYNC_MODES",
+           "PARALLEL_MODES", "RESHARD_MODES", "choose_grad_sync", "choose_parallel", "choose_reshard", "gradient_sync", "parallelize",
            "reduce_replicated_grads", "unsharded", "uses_autocast"]

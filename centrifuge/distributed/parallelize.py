@@ -24,6 +24,7 @@ from centrifuge.distributed.context import DistContext
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 RESHARD_MODES = ("auto", "on", "off")
+GRAD_SYNC_MODES = ("auto", "every", "last")
 
 # auto picks FSDP once parameters, gradients and AdamW's two moments (16 bytes
 # per fp32 parameter) would take more than this share of one GPU's memory.
@@ -79,6 +80,26 @@ def choose_reshard(reshard: str, ctx: DistContext, n_params: int) -> bool:
         return reshard == "on"
     if ctx.device.type == "cuda":
         return 2 * n_params / ctx.tp > 0.25 * torch.cuda.get_device_properties(ctx.device).total_memory
+    return False
+
+
+def choose_grad_sync(grad_sync: str, ctx: DistContext, n_params: int, mode: str) -> bool:
+    """Whether FSDP reduce-scatters the gradients after every micro-batch (True)
+    or only after a step's last one. ``last`` moves the fewest bytes, but FSDP2
+    then keeps unsharded fp32 gradients between micro-batches (4 bytes per
+    parameter of a rank's tensor-parallel share: 35 GB at 70B and tp = 8);
+    ``every`` keeps them sharded at one reduce-scatter per micro-batch. ``auto``:
+    ``last`` while those gradients take at most a tenth of a GPU (tinyllama-1.1b:
+    4.4 GB), which leaves the memory to activations on the models that need it. Other modes
+    than FSDP reduce after the last micro-batch."""
+    if grad_sync not in GRAD_SYNC_MODES:
+        raise ValueError(f"fsdp_grad_sync must be one of {GRAD_SYNC_MODES}, got {grad_sync!r}")
+    if mode != "fsdp":
+        return False
+    if grad_sync != "auto":
+        return grad_sync == "every"
+    if ctx.device.type == "cuda":
+        return 4 * n_params / ctx.tp > 0.1 * torch.cuda.get_device_properties(ctx.device).total_memory
     return False
 
 

@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from centrifuge.data.formats import FORMATS
-from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
+from centrifuge.distributed import GRAD_SYNC_MODES, PARALLEL_MODES, RESHARD_MODES
 from centrifuge.selection import GRANULARITIES, METHODS
 from centrifuge.training.config import DTYPES, TrainConfig, read_config_file
 from centrifuge.training.rundir import MAY_CHANGE, resume_config
@@ -120,6 +120,10 @@ def add_arguments(p) -> None:
     opt_g("--fsdp-reshard", "FSDP: off keeps each layer's gathered weights from forward to "
           "backward (faster), on gathers them again (less memory), auto: off while they take "
           "at most a quarter of a GPU", choices=RESHARD_MODES)
+    opt_g("--fsdp-grad-sync", "FSDP with --grad-accum > 1: last reduce-scatters the gradients "
+          "after a step's last micro-batch (fewest bytes, unsharded gradients in between), every "
+          "after each (sharded gradients), auto: last while they take at most a tenth of a GPU",
+          choices=GRAD_SYNC_MODES)
     opt_g("--seed", "seed of initialization, data order, selection and the built-in corpus",
           type=int)
     g = p.add_argument_group("evaluation, checkpoints, output")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from centrifuge.data.formats import FORMATS
-from centrifuge.distributed import PARALLEL_MODES, RESHARD_MODES
+from centrifuge.distributed import GRAD_SYNC_MODES, PARALLEL_MODES, RESHARD_MODES
 from centrifuge.plan import BACKWARD_MODES, BackwardOptions
 from centrifuge.selection import GRANULARITIES, METHODS
 
@@ -88,6 +88,10 @@ class TrainConfig:
     fsdp_reshard:     FSDP: "off" keeps each layer's gathered weights from forward to
                       backward (faster), "on" gathers them again (less memory), "auto"
                       off while they take at most a quarter of a GPU.
+    fsdp_grad_sync:   FSDP with grad_accum > 1: "last" reduce-scatters the gradients after
+                      a step's last micro-batch (fewest bytes; unsharded fp32 gradients
+                      between micro-batches), "every" after each one (sharded gradients),
+                      "auto" last while those gradients take at most a tenth of a GPU.
     eval_interval, save_interval: in steps (0 = only at the end).
     out_dir, resume:  output directory; resume = True continues the run in ``out_dir``
                       (from ``latest``, or from the start if it was interrupted before
@@ -132,6 +136,7 @@ class TrainConfig:
     parallel: str = "auto"
     tp: int = 1
     fsdp_reshard: str = "auto"
+    fsdp_grad_sync: str = "auto"
     seed: int = 0
     eval_interval: int = 100
     save_interval: int = 200
@@ -223,6 +228,8 @@ class TrainConfig:
              f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         need(self.fsdp_reshard in RESHARD_MODES,
              f"fsdp_reshard must be one of {RESHARD_MODES}, got {self.fsdp_reshard!r}")
+        need(self.fsdp_grad_sync in GRAD_SYNC_MODES,
+             f"fsdp_grad_sync must be one of {GRAD_SYNC_MODES}, got {self.fsdp_grad_sync!r}")
         # Both read or mask full-size rows inside a layer, where tensor parallelism
         # holds only this rank's share of them.
         need(self.tp == 1 or not (self.exact_top or self.kv_projections),

@@ -262,7 +262,8 @@ class Trainer:
         for m, (rows, cpu, count, (_, context, layout), n_backward) in enumerate(
                 zip(micro, batches, counts, kinds, backward_counts)):  # fmt: skip
             self._seed_draws(step, index[m])
-            with gradient_sync(self.model, last=m == cfg.grad_accum - 1):
+            last = m == cfg.grad_accum - 1 or run.sync_every_micro_batch
+            with gradient_sync(self.model, last=last):
                 out = None
                 if self.graphs is not None:
                     out = self._captured_micro_batch(rows, cpu, layout, context, count, n_backward,

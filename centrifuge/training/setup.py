@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from centrifuge.distributed import DistContext, choose_parallel, choose_reshard, parallelize
+from centrifuge.distributed import (
+    DistContext, choose_grad_sync, choose_parallel, choose_reshard, parallelize,
+)
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.scoring.checkpoint import resolve_checkpoint
 from centrifuge.training import checkpoint as ckpt_io
@@ -87,6 +89,7 @@ class Run:
     model_config_dict: dict
     label: str
     title: str
+    sync_every_micro_batch: bool = False  # FSDP reduce-scatters after each micro-batch
 
     @property
     def device(self) -> torch.device:
@@ -277,7 +280,8 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
                    + (f"; resuming from {checked.resume_path}" if checked.resume_path else ""))  # fmt: skip
     title = f"{cfg.model} · {cfg.select}" + (f" ρ={cfg.ratio:g} · {backward}" if cfg.select != "none" else "")
     return Run(wrapped, model, ctx, parallel, train_ds, checked.eval_ds, reference, desc,
-               checked.resume_state, checked.resume_path, mc.to_hf_dict(), label, title)  # fmt: skip
+               checked.resume_state, checked.resume_path, mc.to_hf_dict(), label, title,
+               choose_grad_sync(cfg.fsdp_grad_sync, ctx, n_params, parallel))  # fmt: skip
 
 
 def _data_label(cfg: TrainConfig, ds, split: str) -> str:
