@@ -14,8 +14,8 @@ Per GPU and micro-batch of N = batch x seq tokens per tensor-parallel group:
   rates (kept-row GEMMs are still >= thousands of rows; the kept-query
   recompute attention at the backward's attention rate).
 * TP collectives: the bytes of docs/parallelism.md (forward 4Nc, backward
-  6Nc dense / 6n̂c, recompute 3Nc / (N + 2n̂)c per layer, n̂ = ρN: kept rows
-  spread evenly) at a stated NVLink bus bandwidth, on the critical path (the
+  6Nc dense / 6n̂c, or 4Nc / 4n̂c after a recompute, which costs 3Nc /
+  (N + 2n̂)c per layer, n̂ = ρN: kept rows spread evenly) at a stated NVLink bus bandwidth, on the critical path (the
   layer Function issues them in line).
 * FSDP2 over dp: per layer an all-gather of the bf16 shard (forward; again in
   the backward when resharding) and a reduce-scatter of the fp32 gradient,
@@ -219,9 +219,12 @@ def step_time(lay: Layout, hw: Hardware, c=None) -> dict:
     cb = (tp - 1) / tp * c.hidden_size * 2 / (hw.nvlink * GB)  # seconds per gathered row
     fwd_layer = t(f["forward"], fwd_rate) + 4 * n * cb
     kept = lay.rho * n
+    # The backward's collectives: 6 row sets, 4 after a recompute (it reads the
+    # h1 and h2 that the recompute gathered).
+    sets = 4 if lay.ckpt else 6
     layer_bwd = {
-        "dense": t(f["backward_dense"], bwd_rate) + 6 * n * cb,
-        "centrifuge": t(f["backward_compact"], bwd_rate) + 6 * kept * cb,
+        "dense": t(f["backward_dense"], bwd_rate) + sets * n * cb,
+        "centrifuge": t(f["backward_compact"], bwd_rate) + sets * kept * cb,
     }
     if lay.ckpt:
         layer_bwd["dense"] += t(f["recompute_dense"], fwd_rate) + 3 * n * cb

@@ -61,8 +61,10 @@ def assert_one_process_gradients(got: list[dict], cases: list[dict]) -> None:
 TWO = [
     {},  # amplified, compact backward, prompts as context rows
     {"backward": "exact"},
+    {"batch": "packed"},
     {"recompute": True, "batch": "packed"},
     {"recompute": True, "batch": "padded", "backward": "exact"},
+    {"batch": "padded", "backward": "exact"},
     {"model": "tiny-gqa", "batch": "packed", "extra": 0.5},  # sampled filtered rows
     {"model": "tiny-qwen2", "exact_layers": 1, "batch": "padded"},  # biases, tied embeddings
     {"context": "constant", "batch": "packed"},  # prompts outside the backward set
@@ -80,7 +82,17 @@ def test_tensor_parallel_gives_one_process_gradients(tmp_path, nproc, cases):
     out = tmp_path / "grads.pt"
     proc = torchrun(TP_WORKER, nproc, str(out), json.dumps(cases))
     assert proc.returncode == 0, failed(proc)
-    assert_one_process_gradients(torch.load(out), cases)
+    saved = torch.load(out)
+    assert_one_process_gradients(saved["grads"], cases)
+    if nproc == 2:
+        # The recompute gathers the normalized rows it needs (every row's input,
+        # its rows' post-attention norm) once, and the backward reads them: no
+        # more all-gathers than a backward from saved activations, compact or dense.
+        key = lambda case: json.dumps(case, sort_keys=True)  # noqa: E731
+        gathers = dict(zip(map(key, cases), saved["backward_gathers"]))
+        for case in ({"batch": "packed"}, {"batch": "padded", "backward": "exact"}):
+            saved_acts = gathers[key(case)]
+            assert saved_acts > 0 and gathers[key(dict(case, recompute=True))] == saved_acts, case
 
 
 def test_unsupported_models_are_refused():

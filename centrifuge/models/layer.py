@@ -191,7 +191,10 @@ class Activations:
     rstd_q cover the rows the forward computed them for: every row, or only the
     kept rows when the backward recomputed them (see :func:`_forward`).
     q: [n, H, D], k, v: [N, Hkv, D] (after RoPE), o: [n, H*D], lse: [B, H, L],
-    x2: [n, d], g, u: [n, F]; q_lin, k_lin: projections before the q/k norms."""
+    x2: [n, d], g, u: [n, F]; q_lin, k_lin: projections before the q/k norms.
+    h1, h2: the recompute under tensor parallelism only, the normalized rows it
+    gathered from the ranks (h1: every row, [N, d]; h2: the rows it computed,
+    [n, d]), which the backward then reads instead of gathering them again."""
 
     rstd1: torch.Tensor
     q: torch.Tensor
@@ -207,6 +210,8 @@ class Activations:
     k_lin: torch.Tensor | None = None
     rstd_q: torch.Tensor | None = None
     rstd_k: torch.Tensor | None = None
+    h1: torch.Tensor | None = None
+    h2: torch.Tensor | None = None
 
 
 def _residual_out(y, x, W: dict, w: str, split: RowSplit | None):
@@ -238,6 +243,7 @@ def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, lay
     B, L = layout.shape
     N, H, Hkv, D = B * L, shape.num_heads, shape.num_kv_heads, shape.head_dim
     every, kept = splits or (None, None)
+    recomputing = lse is not None  # the backward's recompute (the forward computes lse)
     h1, rstd1 = rms_norm_forward(xf, W["input_norm"], shape.eps)
     h1 = _gathered(h1, every)
     q_lin = k_lin = rstd_q = rstd_k = None
@@ -286,7 +292,8 @@ def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, lay
     else:
         g, u = h2 @ W["wg"].t(), h2 @ W["wu"].t()
     g, u = _lora(g, h2, W, "wg", drop, rows), _lora(u, h2, W, "wu", drop, rows)
-    return Activations(rstd1, q, k, v, o, lse, x2, rstd2, g, u, q_lin, k_lin, rstd_q, rstd_k)
+    gathered = (h1, h2) if splits is not None and recomputing else (None, None)
+    return Activations(rstd1, q, k, v, o, lse, x2, rstd2, g, u, q_lin, k_lin, rstd_q, rstd_k, *gathered)
 
 
 def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int, zeros: bool = False) -> torch.Tensor:
@@ -342,7 +349,8 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     if need["wd"]:
         dW["wd"] = dy.t() @ act
     _lora_backward(dW, dy, act, W, "wd", m=m)
-    h2 = _gathered(rms_norm_apply_rows(a.x2, a.rstd2, W["post_norm"], own_saved), split)
+    h2 = a.h2 if a.h2 is not None else _gathered(rms_norm_apply_rows(a.x2, a.rstd2, W["post_norm"],
+                                                                      own_saved), split)  # fmt: skip
     if need["wg"] or need["wu"]:
         dgu_w = dgu.t() @ h2  # [2F, d]: dWg over dWu
         dW["wg"], dW["wu"] = dgu_w[:F], dgu_w[F:]
@@ -393,7 +401,10 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
         dq_out.copy_(dq)
         dk_out.copy_(dk)
     dqkv[:, (H + Hkv) * D :].copy_(dv.reshape(n, Hkv * D))
-    h1 = _gathered(rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], own), split)
+    if a.h1 is not None:
+        h1 = select_rows(a.h1, idx)
+    else:
+        h1 = _gathered(rms_norm_apply_rows(xf, a.rstd1, W["input_norm"], own), split)
     if need["wq"] or need["wk"] or need["wv"]:
         dqkv_w = dqkv.t() @ h1
         dW["wq"], dW["wk"], dW["wv"] = dqkv_w.split([H * D, Hkv * D, Hkv * D])

@@ -2,7 +2,8 @@
 model (float64, CPU) under tensor parallelism over ``tp`` processes (and FSDP2
 over the processes / tp replicas), for every case in argv[2] (JSON; its "tp"
 key, 2 when absent); rank 0 saves each case's full gradients to argv[1] (a
-torch file: a list of dicts). The test runs :func:`step` in one process for
+torch file: ``grads``, a list of dicts, and ``backward_gathers``, the all-gathers
+each case's backward calls made on rank 0). The test runs :func:`step` in one process for
 the reference."""
 
 import json
@@ -65,7 +66,29 @@ def step(model, case: dict, replica: int = 0, replicas: int = 1) -> None:
     for b in every[replica::replicas]:
         out = model(**b, backward=backward)
         keep = selector(out.token_loss.detach(), out.valid)
-        (out.plan.loss(out.token_loss, keep) * out.plan.n_keep / total * replicas).backward()
+        with _counting_gathers():
+            (out.plan.loss(out.token_loss, keep) * out.plan.n_keep / total * replicas).backward()
+
+
+BACKWARD_GATHERS = [0]  # all-gathers inside backward() calls (the recompute's included)
+
+
+class _counting_gathers:
+    """Counts torch.distributed.all_gather_into_tensor calls while inside (none on one process)."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.dist, self.original = dist, dist.all_gather_into_tensor
+
+        def counted(*a, **k):
+            BACKWARD_GATHERS[0] += 1
+            return self.original(*a, **k)
+
+        dist.all_gather_into_tensor = counted
+
+    def __exit__(self, *exc):
+        self.dist.all_gather_into_tensor = self.original
 
 
 def main() -> None:
@@ -73,16 +96,18 @@ def main() -> None:
     from centrifuge.distributed import shutdown_distributed
 
     out, cases = sys.argv[1], json.loads(sys.argv[2])
-    grads = []
+    grads, gathers = [], []
     for case in cases:
         ctx = init_distributed("cpu", case.get("tp", 2))
         model = parallelize(model_for(case), ctx, "fsdp" if ctx.dp_size > 1 else "none", "fp32")
+        BACKWARD_GATHERS[0] = 0
         step(model, case, ctx.dp_rank, ctx.dp_size)
+        gathers.append(BACKWARD_GATHERS[0])
         reduce_replicated_grads(model)
         g = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         grads.append(g)
     if ctx.is_main:
-        torch.save(grads, out)
+        torch.save(dict(grads=grads, backward_gathers=gathers), out)
     shutdown_distributed()
 
 
