@@ -6,7 +6,10 @@ chosen by an environment variable that Triton reads when it is first imported,
 so it must be set here, before any test module imports triton.
 """
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +120,20 @@ def chat_tokenizer(tmp_path_factory):
         return d
 
     return make
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """``load_script("name")`` imports scripts/name.py as the module ``name`` (the
+    scripts are no package), registered in sys.modules for the test only (their
+    dataclasses look their module up there)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, mod)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -1,9 +1,7 @@
 """The gradient diagnosis: a backward setting's gradient against the exact
 masked-loss gradient, by parameter group (float64, CPU)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -59,11 +57,8 @@ def test_agreement_against_the_reference_and_the_exact_gradient():
     assert 0 < result[0.7]["all"]["rel_error"] < amplified["all"]["rel_error"]
 
 
-def test_diagnosis_script_writes_every_setting(tmp_path, capsys):
-    path = Path(__file__).parents[1] / "scripts" / "gradient_diagnosis.py"
-    spec = importlib.util.spec_from_file_location("gradient_diagnosis", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_diagnosis_script_writes_every_setting(tmp_path, capsys, load_script):
+    script = load_script("gradient_diagnosis")
     out = tmp_path / "diag.json"
     assert script.main(["--model", "tiny", "--batches", "1", "--batch-size", "2", "--seq-len", "48",
                         "--setting", "amplified=", "--setting", "all_exact=exact_layers=2",

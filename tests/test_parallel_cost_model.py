@@ -1,23 +1,14 @@
 """scripts/parallel_cost_model.py: its arithmetic on hand-computed cases, the
 calibration's solve, and the measured one-GPU tinyllama step it must reproduce."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from centrifuge.models import get_preset
 
 
-@pytest.fixture(scope="module")
-def pcm():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "parallel_cost_model.py"
-    spec = importlib.util.spec_from_file_location("parallel_cost_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["parallel_cost_model"] = mod  # dataclasses look it up
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def pcm(load_script):
+    return load_script("parallel_cost_model")
 
 
 def test_activation_bytes_by_hand(pcm):

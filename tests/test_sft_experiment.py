@@ -3,10 +3,7 @@ against unpacked references, and the whole experiment at a micro scale (the
 ρ = 1 Centrifuge run reproduces plain SFT; the report is written; finished
 runs are reused)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def se(monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sft_experiment.py"
-    spec = importlib.util.spec_from_file_location("sft_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "sft_experiment", mod)  # dataclasses look it up
-    spec.loader.exec_module(mod)
-    return mod
+def se(load_script):
+    return load_script("sft_experiment")
 
 
 def test_instruction_sets_are_disjoint_and_mostly_prompt(se, monkeypatch):

@@ -211,22 +211,9 @@ def test_training_with_stored_scores_equals_training_with_the_reference_model(
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
-def _experiment_module(monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "utility_experiment.py"
-    spec = importlib.util.spec_from_file_location("utility_experiment", path)
-    ue = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "utility_experiment", ue)  # dataclasses look it up
-    spec.loader.exec_module(ue)
-    return ue
-
-
-def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
+def test_experiment_plan_and_paired_report(monkeypatch, load_script, tmp_path):
     """The experiment's run list (headline first) and its paired statistics."""
-    ue = _experiment_module(monkeypatch)
+    ue = load_script("utility_experiment")
     s = ue.SCALES["smoke"]
     runs = ue.plan_runs(s)
     names = [r.name for r in runs]
@@ -282,12 +269,12 @@ def test_experiment_plan_and_paired_report(monkeypatch, tmp_path):
         ue.bench_prices(tmp_path / "bench.json", 0.3)
 
 
-def test_experiment_shards_and_merge(monkeypatch, tmp_path):
+def test_experiment_shards_and_merge(monkeypatch, load_script, tmp_path):
     """One process per GPU: every run in exactly one shard, each seed of an init
     whole in one (its runs pair only with runs from the same rebuilt base);
     --merge reports the shards as one experiment and refuses shards of other
     settings."""
-    ue = _experiment_module(monkeypatch)
+    ue = load_script("utility_experiment")
     s = ue.SCALES["continued-full"]
     runs = ue.plan_runs(s)
     shards = [ue.shard_runs(runs, k, 3) for k in range(3)]
@@ -322,12 +309,12 @@ def test_experiment_shards_and_merge(monkeypatch, tmp_path):
         ue.parse_shard("2/2")
 
 
-def test_continued_training_mode_end_to_end(monkeypatch, tmp_path):
+def test_continued_training_mode_end_to_end(monkeypatch, load_script, tmp_path):
     """The continued-training pipeline at miniature size: base on general text,
     reference from the base, runs from the base (with knobs) and from scratch,
     checkpoints pruned, results in --out; a second call with --runs reuses the
     base and reports the first call's runs."""
-    ue = _experiment_module(monkeypatch)
+    ue = load_script("utility_experiment")
     s = ue.SCALES["continued-smoke"]
     tiny = dict(steps=3, ref_steps=2, base_steps=3, train_docs=30, clean_docs=30, base_corpus_docs=10,
                 eval_rows=2, eval_problems=3, seq_len=64, batch_size=2, warmup=1, evals=1)  # fmt: skip
@@ -389,10 +376,10 @@ def test_general_prose_is_the_stdlib_documentation():
     assert prose.fingerprint().endswith("stdlib docs")
 
 
-def test_schedule_knobs_become_train_options(monkeypatch):
+def test_schedule_knobs_become_train_options(load_script):
     """--knobs takes centrifuge train's exact-backward schedules, alone or with a
     BackwardOptions knob; bad values fail before any training."""
-    ue = _experiment_module(monkeypatch)
+    ue = load_script("utility_experiment")
     knob_method, knob_options = ue.knob_method, ue.knob_options
 
     assert knob_method("exact_every=4") == "rho1-centrifuge+every4"
