@@ -22,15 +22,19 @@ bench() {
   python3 -m centrifuge.cli bench --out $res "$@" 2>&1 | grep -v "bench rounds"
   tar -czf "$out/bench-$mode.tar.gz" -C $res .
 }
-gpu_tests() { python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$out/gpu-tests.log"; }
+# The whole log comes back (a failure's traceback is what the next call needs); the
+# device image has pytest-xdist, and four workers share the GPU's memory comfortably.
+gpu_tests() {
+  python3 -m pytest -p no:cacheprovider -o addopts="" -q --tb=short -n "${GPU_TEST_WORKERS:-4}" "${@:-tests/gpu}" \
+    > "$out/gpu-tests.log" 2>&1; tail -5 "$out/gpu-tests.log"
+}
 case "$mode" in
   quick)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5 ;;
   tests)
     gpu_tests ;;
   hf)
-    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_hf_gpu.py tests/gpu/test_rowwise_gpu.py \
-      tests/gpu/test_step_gpu.py 2>&1 | tail -15 | tee "$out/gpu-tests-hf.log"
+    gpu_tests tests/gpu/test_hf_gpu.py tests/gpu/test_rowwise_gpu.py tests/gpu/test_step_gpu.py
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --repeats 5
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --liger --ratios 0.5 --repeats 5 ;;
   small)  # the compact and dense paths of the amplified backward across GEMM work per layer
@@ -51,9 +55,7 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 0.7 1.0 --no-hf --repeats 5 \
       --prompt-share 0.5 ;;
   graphs)  # captured steps: their GPU tests, then host-bound shapes and tinyllama with and without graphs
-    # the whole log comes back (a failure's traceback is what the next call needs)
-    python3 -m pytest -p no:cacheprovider -o addopts="" -q --tb=short tests/gpu/test_cuda_graphs_gpu.py \
-      > "$out/gpu-tests-graphs.log" 2>&1; tail -5 "$out/gpu-tests-graphs.log"
+    gpu_tests tests/gpu/test_cuda_graphs_gpu.py
     paths="--ratios 0.5 --no-hf --repeats 5 --cuda-graphs --knob path=compact"
     bench --preset small --seq-len 512 --batch 16 $paths
     bench --preset byte-110m --seq-len 512 --batch 16 $paths
