@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from centrifuge.ops import clear_step_caches
+
 
 class GraphedStep:
     """``forward`` (inputs to ``(loss, *outputs)``) and ``loss.backward()``, captured
@@ -63,10 +65,12 @@ class GraphedStep:
             elif p.grad is None:  # outside the pool: they outlive every replay
                 p.grad = torch.zeros_like(p)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        clear_step_caches()  # built inside the capture, not read from the warm-up's batch
         with torch.cuda.graph(self.fwd, pool=pool):
             self.outputs = forward()
         with torch.cuda.graph(self.bwd, pool=self.fwd.pool()):
             self.outputs[0].backward()
+        clear_step_caches()  # their tensors now belong to the pool and change with every replay
         self.grads = [p.grad for p in self.params]
         for p, g in zip(self.params, pending):  # capturing ran nothing: restore the sums
             if not accumulate:

@@ -50,7 +50,8 @@ case "$mode" in
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 1.0 --no-hf --repeats 5 ;;
   knobs)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 \
-      --knob exact_layers=2 --knob exact_layers=4 --knob exact_layers=6 --knob extra=0.5,extra_weight=1.5 ;;
+      --knob exact_layers=2 --knob exact_top=1 --knob exact_top=2 --knob kv_projections=1 \
+      --knob backward_ratio=0.6 --knob backward_ratio=0.75 --knob extra=0.5,extra_weight=1.5 ;;
   sft)
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 0.7 1.0 --no-hf --repeats 5 \
       --prompt-share 0.5 ;;

@@ -362,6 +362,11 @@ def _all_rows(n: int, device) -> torch.Tensor:
 _all_rows_cache: dict = {}
 
 
+def clear_bounds_cache() -> None:
+    """Forget the cached bounds (see :func:`centrifuge.ops.clear_step_caches`)."""
+    _bounds_cache[:] = [None, None, None]
+
+
 def _cached_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
     k, c, bounds = _bounds_cache
     if k is keep_idx and c is cu_seqlens:

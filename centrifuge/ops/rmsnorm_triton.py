@@ -103,6 +103,11 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
 _inv_cache: list = [None, None, None]
 
 
+def clear_inverse_cache() -> None:
+    """Forget the cached inverse (see :func:`centrifuge.ops.clear_step_caches`)."""
+    _inv_cache[:] = [None, None, None]
+
+
 def _inverse_index(idx: torch.Tensor, N: int) -> torch.Tensor:
     """[N] int32: the compact position of each kept row in ``idx``, -1 elsewhere."""
     key, version, inv = _inv_cache

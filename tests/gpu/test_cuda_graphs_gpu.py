@@ -76,6 +76,66 @@ def test_replayed_step_equals_the_eager_step(name, dtype):
                 assert err < tol, f"{v.name} share {share} seed {seed}: {err:.2e}"
 
 
+def packed_positions(seed, B=2, L=160, docs=3) -> torch.Tensor:
+    """[B, L] CPU position ids of ``docs`` documents per row at random bounds (the
+    same number of documents, so the same number of rows with a target)."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.empty(B, L, dtype=torch.long)
+    for b in range(B):
+        cuts = sorted(torch.randperm(L - 2, generator=g)[: docs - 1].add(1).tolist())
+        for start, end in zip([0, *cuts], [*cuts, L]):
+            pos[b, start:end] = torch.arange(end - start)
+    return pos
+
+
+@pytest.mark.parametrize("path", ["dense", "compact"])
+def test_replays_follow_the_new_document_bounds(path):
+    """Packed rows whose document bounds change from batch to batch, copied into
+    fixed buffers as ``centrifuge train --cuda-graphs`` does: every replay attends
+    within its own batch's documents. (The backward's per-row bounds are cached
+    per step; a capture that read the warm-up's entry replayed stale bounds.)"""
+    from centrifuge.cuda_graphs import StaticInputs
+    from centrifuge.plan import BackwardOptions, Layout
+    from centrifuge.selection import Selector
+
+    model = build_model(CONFIGS["llama-gqa-d64"], dtype=torch.float32, device="cuda", seed=0)
+    params = list(model.parameters())
+    options, selector = BackwardOptions.parse(f"path={path}"), Selector("loss", 0.5)
+    inputs = StaticInputs(torch.device("cuda"))
+
+    def batch(seed):
+        pos = packed_positions(seed)
+        layout = Layout.build(*pos.shape, "cpu", pos).padded(8)
+        ids = tokens(seed, *pos.shape)
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        valid[:, :-1] &= pos[:, 1:] != 0  # a document's last row has no target
+        valid[:, -1] = False
+        b = inputs.update(ids=ids, pos=layout.position_ids, seg=layout.segment_ids, cu=layout.cu_seqlens)
+        return b, selector.count(valid), layout.max_seqlen
+
+    def loss(b, count, max_seqlen):
+        out = model(b["ids"], labels=b["ids"], backward=options,
+                    layout=Layout(b["pos"], b["seg"], b["cu"], max_seqlen))  # fmt: skip
+        keep, _ = selector.select(out.token_loss, out.valid, count=count)
+        out.plan.set_keep(keep, count)
+        return ((out.token_loss * keep).sum(),)
+
+    b, count, max_seqlen = batch(1)
+    step = GraphedStep(lambda: loss(b, count, max_seqlen), params)
+    for seed in (2, 3, 1):
+        assert batch(seed)[1:] == (count, max_seqlen)
+        got_loss = step.forward()[0].item()
+        step.backward()
+        got = grads(model)
+        model.zero_grad(set_to_none=True)
+        want_loss = loss(b, count, max_seqlen)[0]
+        want_loss.backward()
+        want = grads(model)
+        model.zero_grad(set_to_none=True)
+        assert got_loss == pytest.approx(want_loss.item(), rel=1e-5)
+        assert worst_rel(got, want) < 1e-5, f"seed {seed}: {worst_rel(got, want):.2e}"
+
+
 def test_accumulating_replays_sum_micro_batches():
     """accumulate=True: replays add to the gradients, as eager micro-batches do,
     and a capture in the middle of a step keeps what the step summed so far."""
