@@ -71,6 +71,24 @@ class Crash(RuntimeError):
     pass
 
 
+def test_resume_with_a_larger_budget_follows_the_new_schedule(tmp_path, data_file, cache):
+    """A 3-step run resumed with --steps 6 trains what a 6-step run trains, in
+    every parameter group: with 2 warm-up steps the two schedules agree on the
+    first 3 steps, and the resumed steps must follow the 6-step one (the saved
+    optimizer state holds the 3-step run's last lr)."""
+    kw = dict(steps=6, save_interval=3, warmup_steps=2, lr=1e-2)
+    train(tiny(tmp_path / "a", data_file, cache, **kw), progress=False)
+    train(tiny(tmp_path / "b", data_file, cache, **dict(kw, steps=3)), progress=False)
+    train(tiny(tmp_path / "b", data_file, cache, resume=True, **kw), progress=False)
+    wa = _weights(tmp_path / "a" / "run" / "checkpoint-6")
+    wb = _weights(tmp_path / "b" / "run" / "checkpoint-6")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la, lb = ([r["lr"] for r in read_metrics(tmp_path / d / "run" / "metrics.jsonl") if r["kind"] == "train"]
+              for d in "ab")  # fmt: skip
+    assert la == lb
+
+
 @pytest.mark.parametrize("variant", [
     dict(select="random", backward="amplified", grad_accum=2, granularity="sequence"),
     dict(select="loss", backward="exact", grad_clip=0.0),

@@ -215,8 +215,13 @@ class Trainer:
                      no_dist=not self.ctx.distributed)  # fmt: skip
             set_optimizer_state_dict(self.model, self.opt, sharded["optimizer"])
         self.sched.load_state_dict(rs["scheduler"])
-        self.sched.lr_lambdas[0] = WarmupCosine(self.cfg.warmup_steps, self.total,
-                                                self.cfg.min_lr_ratio)  # fmt: skip
+        # The saved schedule is the old run's (its total steps); a resumed run
+        # follows its own budget, in every parameter group. The optimizer state
+        # brought the old run's next lr: set this run's.
+        schedule = WarmupCosine(self.cfg.warmup_steps, self.total, self.cfg.min_lr_ratio)
+        self.sched.lr_lambdas = [schedule] * len(self.opt.param_groups)
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
+            group["lr"] = base * schedule(self.sched.last_epoch)
         # self.exact_steps follows self.total too: a run resumed with its own budget
         # runs the exact backward on the steps the uninterrupted run would.
         self.counters.update({k: rs[k] for k in self.counters})
