@@ -187,3 +187,21 @@ def test_dispatch_on_cpu_is_the_reference():
     q, k, v, o, lse, do, layout, idx = args
     for a, b in zip(attention_backward(*args), attention_backward_reference(*args)):
         assert torch.equal(a, b)
+
+
+def test_cached_bounds_follow_a_rewritten_buffer():
+    """The per-step bounds cache keys on tensor identity; document bounds copied
+    into the same buffer (CUDA graphs' fixed inputs) must not return the previous
+    batch's bounds."""
+    from centrifuge.ops.attention_triton import _cached_bounds, clear_bounds_cache, kept_row_bounds
+
+    clear_bounds_cache()
+    idx = torch.arange(12)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    first = _cached_bounds(idx, cu)
+    assert _cached_bounds(idx, cu) is first  # the layers of one step share them
+    cu.copy_(torch.tensor([0, 8, 12], dtype=torch.int32))
+    got, want = _cached_bounds(idx, cu), kept_row_bounds(idx, cu)
+    assert torch.equal(got.doc_start, want.doc_start) and torch.equal(got.kept_end, want.kept_end)
+    assert not torch.equal(got.doc_start, first.doc_start)
+    clear_bounds_cache()

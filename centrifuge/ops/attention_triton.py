@@ -347,8 +347,10 @@ def block_order(keep_idx: torch.Tensor, bounds: KeptRowBounds, kind: str, block:
 
 
 # Every decoder layer of a step calls the backward with the same keep_idx and
-# layout: compute their bounds once. Holding the tensors keeps `is` meaningful.
-_bounds_cache: list = [None, None, None]
+# layout: compute their bounds once. Holding the tensors keeps `is` meaningful;
+# their versions tell a fixed buffer rewritten with the next batch (CUDA graphs'
+# inputs, the dense path's one keep index).
+_bounds_cache: list = [None, None, None, None]
 
 
 def _all_rows(n: int, device) -> torch.Tensor:
@@ -364,15 +366,15 @@ _all_rows_cache: dict = {}
 
 def clear_bounds_cache() -> None:
     """Forget the cached bounds (see :func:`centrifuge.ops.clear_step_caches`)."""
-    _bounds_cache[:] = [None, None, None]
+    _bounds_cache[:] = [None, None, None, None]
 
 
 def _cached_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
-    k, c, bounds = _bounds_cache
-    if k is keep_idx and c is cu_seqlens:
+    k, c, versions, bounds = _bounds_cache
+    if k is keep_idx and c is cu_seqlens and versions == (k._version, c._version):
         return bounds
     bounds = kept_row_bounds(keep_idx, cu_seqlens)
-    _bounds_cache[:] = [keep_idx, cu_seqlens, bounds]
+    _bounds_cache[:] = [keep_idx, cu_seqlens, (keep_idx._version, cu_seqlens._version), bounds]
     return bounds
 
 
