@@ -46,7 +46,7 @@ from centrifuge.plan import BackwardOptions, Layout, context_rows
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
-from centrifuge.training.graphs import CapturedMicroBatches, why_not_captured
+from centrifuge.training.graphs import CapturedMicroBatches, use_compact_path, why_not_captured
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
 from centrifuge.training.schedule import ExactSchedule, WarmupCosine
 from centrifuge.training.progress import Progress
@@ -169,6 +169,7 @@ class Trainer:
             why = why_not_captured(self.ctx.world_size, cfg.select, self.backward)
             if why is None:
                 self.graphs = CapturedMicroBatches(self.model.parameters(), run.device)
+                use_compact_path(self.backward)
             elif self.ctx.is_main:
                 print(f"[{run.label}] --cuda-graphs: {why}; the steps run eagerly")
         if run.resume_state is not None:

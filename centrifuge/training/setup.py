@@ -28,6 +28,7 @@ from centrifuge.scoring.checkpoint import resolve_checkpoint
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training import rundir
 from centrifuge.training.config import KNOBS, TrainConfig
+from centrifuge.training.graphs import use_compact_path, why_not_captured
 from centrifuge.training.memory import check_memory
 
 # Options that must match between a checkpoint and the run resuming from it
@@ -270,7 +271,9 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
     modes = ([parallel] if ctx.dp_size > 1 else []) + ([f"tp {ctx.tp}"] if ctx.tp > 1 else [])
     where = (f"{ctx.world_size} processes ({', '.join(modes)}, {ctx.device.type})" if ctx.distributed
              else str(ctx.device))  # fmt: skip
-    backward = _backward_label(cfg, mc, ctx.device)
+    captured = (cfg.cuda_graphs and ctx.device.type == "cuda"
+                and why_not_captured(ctx.world_size, cfg.select, cfg.backward_options()) is None)  # fmt: skip
+    backward = _backward_label(cfg, mc, ctx.device, captured)
     train_ds, label = checked.train_ds, checked.label
     _say(progress, f"[{label}] model {cfg.model} ({n_params / 1e6:.2f}M parameters) on {where}; "
                    f"data: {len(train_ds)} rows x {cfg.seq_len} tokens ({_data_label(cfg, train_ds, checked.split)})"
@@ -295,14 +298,17 @@ def _data_label(cfg: TrainConfig, ds, split: str) -> str:
     return label
 
 
-def _backward_label(cfg: TrainConfig, mc, device: torch.device) -> str:
+def _backward_label(cfg: TrainConfig, mc, device: torch.device, captured: bool) -> str:
     """``amplified``, ``exact``, ... and, where ``auto`` chooses, the path it takes
-    for this run's micro-batches (``amplified (dense path)``)."""
+    for this run's micro-batches (``amplified (dense path)``; captured: CUDA
+    graphs replay the steps, ``use_compact_path``)."""
     opts = cfg.backward_options()
     label = opts.describe()
     if opts.mode == "amplified" and opts.path == "auto":
+        if captured:
+            use_compact_path(opts)
         path = opts.choose_path(cfg.batch_size * cfg.seq_len, mc.layer_parameters(), device.type)
-        label += f" ({path} path)"
+        label += f" ({path} path{', CUDA graphs' if captured else ''})"
     exact = ([f"every {cfg.exact_every} steps"] if cfg.exact_every else []) + (
         [f"the last {100 * cfg.exact_final:g}% of steps"] if cfg.exact_final else [])  # fmt: skip
     if exact:
