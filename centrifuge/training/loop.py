@@ -152,6 +152,7 @@ class Trainer:
             self.opt, WarmupCosine(cfg.warmup_steps, self.total, cfg.min_lr_ratio))
         self.counters = dict(step=0, tokens_seen=0, tokens_kept=0, valid_seen=0, train_time=0.0,
                              recent=[])  # fmt: skip
+        self._ahead: tuple | None = None  # (step, _host_batches(step)) prepared during the step before
         # The random draws of a micro-batch: the selection's (``random``) from
         # ``draws``, the backward's sampled rows from the options' generator, both
         # seeded for each micro-batch (``_seed_draws``).
@@ -240,21 +241,30 @@ class Trainer:
         self.draws.manual_seed(int(a))
         self.backward.generator.manual_seed(int(b))
 
+    def _host_batches(self, step: int) -> tuple:
+        """The host's part of ``step``, before any device work: (micro-batch indices,
+        their rows, CPU batches, row kinds, kept counts, backward counts, exact?)."""
+        cfg, ctx = self.cfg, self.ctx
+        index = [m * ctx.dp_size + ctx.dp_rank for m in range(cfg.grad_accum)]
+        micro = [self.order.rows(step, i) for i in index]
+        batches = [self.run.train_ds.batch(rows) for rows in micro]
+        kinds = [_row_kinds(b) for b in batches]
+        counts = [self.selector.count(valid) for valid, _, _ in kinds]
+        exact = self.exact_steps(step)
+        rb = (self.exact_backward if exact else self.backward).backward_ratio
+        # The rows ranked next (backward_ratio), counted on the host like the kept ones.
+        backward_counts = [None if rb is None else self.selector.count(valid, rb) for valid, _, _ in kinds]
+        return index, micro, batches, kinds, counts, backward_counts, exact
+
     def train_step(self, step: int) -> dict:
         """Forward and backward of every micro-batch of ``step``, then the update.
         Returns the step's metrics (summed over processes)."""
         cfg, ctx, run = self.cfg, self.ctx, self.run
         t0 = time.perf_counter()
-        index = [m * ctx.dp_size + ctx.dp_rank for m in range(cfg.grad_accum)]
-        micro = [self.order.rows(step, i) for i in index]
-        batches = [run.train_ds.batch(rows) for rows in micro]
-        kinds = [_row_kinds(b) for b in batches]
-        counts = [self.selector.count(valid) for valid, _, _ in kinds]
-        exact = self.exact_steps(step)
+        ahead, self._ahead = self._ahead, None
+        host = ahead[1] if ahead is not None and ahead[0] == step else self._host_batches(step)
+        index, micro, batches, kinds, counts, backward_counts, exact = host
         backward = self.exact_backward if exact else self.backward
-        rb = backward.backward_ratio
-        # The rows ranked next (backward_ratio), counted on the host like the kept ones.
-        backward_counts = [None if rb is None else self.selector.count(valid, rb) for valid, _, _ in kinds]
         # Σ kept over micro-batches and replicas; DDP/FSDP average gradients over
         # the N replicas, so each process scales its kept-loss sums by N / Σ. The
         # tensor-parallel ranks of a replica hold the same sums: one of them counts.
@@ -294,8 +304,13 @@ class Trainer:
         sums[4] = sum(run.train_ds.real_tokens(rows) for rows in micro)
         if not counted:
             sums[:5] = 0
+        # The next step's host work runs while the device finishes this one
+        # (the read below is the step's one wait for the device).
+        if step + 1 < self.total:
+            self._ahead = (step + 1, self._host_batches(step + 1))
         sums[5] = self.stop is not None and self.stop.signum is not None
         loss_sum, all_sum, valid, kept, seen, stops = ctx.all_reduce_sum(sums).tolist()
+        gnorm = float(gnorm)  # computed by now: no wait
         self.stop_requested = stops > 0
         dt = time.perf_counter() - t0
         loss = loss_sum / kept
@@ -363,7 +378,9 @@ class Trainer:
             graphs.note = None
         return None if sums is None else sums[1]
 
-    def _clip_grad(self) -> float:
+    def _clip_grad(self) -> torch.Tensor:
+        """Clip the gradients in place; returns their total norm (a device scalar,
+        read after the step's sync)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
@@ -371,7 +388,7 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
 
     def evaluate(self, step: int, log: MetricsLog | None) -> dict | None:
         """Held-out loss (and answer accuracy) of the model. Every process runs
