@@ -110,5 +110,7 @@ class StaticInputs:
             elif buf.shape != t.shape or buf.dtype != t.dtype:
                 raise ValueError(f"{name} changed from {tuple(buf.shape)} {buf.dtype} to "
                                  f"{tuple(t.shape)} {t.dtype}: a captured step has fixed shapes")  # fmt: skip
+            if t.device.type == "cpu" and self.device.type == "cuda":
+                t = t.pin_memory()  # from pageable memory the copy would wait for the device
             buf.copy_(t, non_blocking=True)
         return dict(self.buffers)
