@@ -74,8 +74,9 @@ class TrainConfig:
                       the rest in the backward (on kept rows with ``amplified``).
     cuda_graphs:      replay micro-batches from CUDA graphs, one capture per shape (kept,
                       context and document counts; centrifuge.training.graphs): the host
-                      no longer issues every kernel. One CUDA process; random selection
-                      and sampled extra rows run eagerly, and say so.
+                      no longer issues every kernel, and ``backward_path`` ``auto`` takes
+                      the compact path. One CUDA process; random selection and sampled
+                      extra rows run eagerly, and say so.
     device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...; under
                       torchrun every process takes cuda:LOCAL_RANK (or the CPU).
     parallel:         several processes (torchrun): "ddp", "fsdp" (FSDP2, one unit per
