@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--skip", type=int, default=20, help="steps left out of the median (captures, warm-up)")
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--data", nargs="+", default=None, help="training data files (default: the built-in corpus)")
+    p.add_argument("--cache-dir", default=None, help="token cache directory (centrifuge train's default if unset)")
     p.add_argument("--modes", nargs="+", choices=("eager", "graphs"), default=["eager", "graphs"],
                    help="run the loop eagerly, captured, or both")
     args = p.parse_args(argv)
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
                               backward=kw.get("backward", "amplified"), seq_len=args.seq_len,
                               batch_size=args.batch_size, steps=args.steps, warmup_steps=5,
                               dtype=args.dtype, eval_interval=0, save_interval=0, eval_problems=0,
+                              data=args.data, cache_dir=args.cache_dir,
                               out_dir=str(args.out / f"{name}{'-graphs' if graphs else ''}"),
                               overwrite=True, cuda_graphs=graphs)  # fmt: skip
             s = train(cfg, progress=False)

@@ -438,3 +438,18 @@ def test_chat_records_with_a_templated_tokenizer(tmp_path, cache, chat_tokenizer
     steps = [ds.batch(DataOrder(len(ds), 2, 1, 0).rows(step, 0)) for step in range(2)]
     assert s["tokens_kept"] == sum(int(_completion_targets(b).sum()) for b in steps)
     assert load_tokenizer(s["checkpoint"]).chat_template == template
+
+
+def test_train_step_times_script_reports_the_loop_ratios(tmp_path, data_file, cache, load_script, capsys):
+    """scripts/train_step_times.py runs centrifuge train's dense, masked and
+    Centrifuge steps and reports their ratios (eager here: the CPU has no graphs)."""
+    script = load_script("train_step_times")
+    assert script.main([str(tmp_path), "--model", "tiny", "--seq-len", "32", "--batch-size", "2",
+                        "--steps", "3", "--skip", "1", "--dtype", "fp32", "--modes", "eager",
+                        "--data", str(data_file), "--cache-dir", cache]) == 0
+    rows = json.loads((tmp_path / "train-step-times.json").read_text())["rows"]
+    assert [(r["variant"], r["graphs"]) for r in rows] == [("dense", False), ("masked", False), ("centrifuge", False)]
+    assert all(r["step_ms"] > 0 for r in rows)
+    table = capsys.readouterr().out
+    c_over_a = rows[2]["step_ms"] / rows[0]["step_ms"]
+    assert f"| eager | {rows[0]['step_ms']:.1f} |" in table and f"{c_over_a:.3f}" in table
