@@ -115,8 +115,8 @@ def _set_rng_state(st: dict) -> None:
 
 def _optimizer(model, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only. fused: one kernel pass over the
-    parameters instead of the foreach implementation's eight (on one GPU; the
-    sharded parameters of FSDP2 and TP keep foreach, which the tests cover)."""
+    parameters instead of the foreach implementation's eight (used on one GPU;
+    several processes keep foreach, the implementation their tests cover)."""
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() lists a tied weight once
         (decay if p.dim() >= 2 else no_decay).append(p)
