@@ -205,3 +205,36 @@ def test_cached_bounds_follow_a_rewritten_buffer():
     assert torch.equal(got.doc_start, want.doc_start) and torch.equal(got.kept_end, want.kept_end)
     assert not torch.equal(got.doc_start, first.doc_start)
     clear_bounds_cache()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("config", [SMALL, UNEVEN], ids=["small", "uneven"])
+def test_key_rows_match_the_zero_gradient_union(seed, packed, config):
+    """kv_projections' key rows (filtered rows before a kept row of their
+    document) as a second key set of the dK/dV kernel: the kept rows' gradients
+    are unchanged, and the key rows get what the reference gives them when it
+    runs on the union of both with a zero output gradient on the key rows."""
+    from centrifuge.ops.attention import attention_backward_key_rows
+    from centrifuge.plan import KeyRows, precedes
+
+    q, k, v, o, lse, do, layout, idx = inputs(seed, B=2, L=37, H=4, Hkv=2, D=16, packed=packed, ratio=0.4)
+    keep = torch.zeros(2 * 37, dtype=torch.bool)
+    keep[idx] = True
+    keys = torch.nonzero(precedes(keep.view(2, 37), layout).flatten() & ~keep).squeeze(1)
+    assert keys.numel() > 0
+    union = torch.cat([idx, keys]).sort().values
+    key_rows = KeyRows(keys, union, torch.searchsorted(union, idx), torch.searchsorted(union, keys))
+    want = attention_backward_key_rows(q, k, v, o, lse, do, layout, idx, key_rows)
+    got = attention_backward_triton(q, k, v, o, lse, do, layout, idx, config=config, key_idx=keys)
+    for name, a, b in zip(("dq", "dk", "dv", "dk keys", "dv keys"), got, want):
+        assert a.shape == b.shape, name
+        assert rel(a, b) < TOL, f"{name}: relative error {rel(a, b):.2e}"
+
+
+def test_key_rows_without_kept_queries_get_zeros():
+    q, k, v, o, lse, _, layout, _ = inputs(3, B=1, L=20, H=2, Hkv=1, D=16, packed=False, ratio=0.5)
+    none = torch.zeros(0, dtype=torch.long)
+    got = attention_backward_triton(q, k, v, o, lse, torch.zeros(0, 2, 16), layout, none, config=SMALL,
+                                    key_idx=torch.tensor([2, 5]))  # fmt: skip
+    assert got[3].shape == (2, 1, 16) and not got[3].any() and not got[4].any()

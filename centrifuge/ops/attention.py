@@ -276,11 +276,20 @@ def attention_backward_key_rows(
     the filtered rows ``key_rows.idx`` (a :class:`centrifuge.plan.KeyRows`) receive
     from the queries of ``keep_idx`` (``BackwardOptions.kv_projections``).
 
-    The backward runs on the union of both with a zero output gradient on the
-    key rows: a query with dO = 0 has Delta = 0, so it adds nothing to any dK or
-    dV, and the kernels stay as they are. q, o must be finite on the key rows
-    (they are read). Returns dq, dk, dv [n, ., D] of keep_idx and dk, dv
-    [m, Hkv, D] of the key rows."""
+    On CUDA the Triton kernels run the key rows as a second set of keys over the
+    kept queries (no work for their queries). The reference runs the backward on
+    the union of both with a zero output gradient on the key rows: a query with
+    dO = 0 has Delta = 0, so it adds nothing to any dK or dV; q, o must then be
+    finite on the key rows (they are read). Returns dq, dk, dv [n, ., D] of
+    keep_idx and dk, dv [m, Hkv, D] of the key rows."""
+    if _gpu_kernels_available(q):  # the kernels take the key rows as a second key set
+        from centrifuge.ops import attention_triton as at
+
+        dq, dk, dv, dk_keys, dv_keys = at.attention_backward_triton(
+            q, k, v, o, lse, do, layout, keep_idx, scale, key_idx=key_rows.idx)
+        if extra is not None:
+            dk, dv = _reweight_extra_rows(q, k, v, o, lse, do, keep_idx, dk, dv, extra, scale)
+        return dq, dk, dv, dk_keys, dv_keys
     n_union = key_rows.union.numel()
     do_union = do.new_zeros(n_union, *do.shape[1:]).index_copy_(0, key_rows.rows_pos, do)
     if extra is not None:  # sampled rows' positions, from keep_idx to the union

@@ -166,7 +166,7 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, cols, kend, start, q_hi,
+    dk, dv, k, v, qfirst, kend, start, q_hi,
     QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok, qk_scale,
     H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
     PREC: tl.constexpr,
@@ -191,7 +191,7 @@ def _dkdv_tile(
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
     p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
     if MASK:
-        visible = (rows[None, :] >= cols[:, None]) & (rows[None, :] < kend[:, None])
+        visible = (rows[None, :] >= qfirst[:, None]) & (rows[None, :] < kend[:, None])
         p_t = tl.where(visible, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -202,55 +202,66 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    QK, K, V, DO, LSEK, DELTA, KEEP, KEPT_END, ORDER, DK, DV,
-    n_keep, qk_scale, sm_scale,
+    QK, K, V, DO, LSEK, DELTA, KEYS, QFIRST, KEY_END, ORDER, DK, DV,
+    n_keys, qk_scale, sm_scale,
     stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
     stride_dks, stride_dkn, stride_dkh, stride_dvs, stride_dvn, stride_dvh,
     H: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr,
+    KEYS_KEPT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N consecutive kept keys x one KV head x one of SPLIT
-    slices of its query-head group; loops over those heads and over the kept
-    queries that see the keys. With SPLIT > 1 (more programs in flight when
-    there are few KV heads) each slice either adds its float32 sum atomically
-    into DK, DV ([n, Hkv, D] float32, zeroed; ATOMIC) or writes it to its own
-    slice of DK, DV ([SPLIT, n, Hkv, D] float32) for the wrapper to add up."""
+    """One program: BLOCK_N consecutive keys x one KV head x one of SPLIT slices
+    of its query-head group; loops over those heads and over the kept queries
+    that see the keys. Keys: KEYS [n_keys] sorted flat rows; key c is seen by
+    the kept queries QFIRST[c] <= i < KEY_END[c] (kept index space). KEYS_KEPT:
+    the keys are the kept rows themselves (QFIRST[c] = c, not read). With
+    SPLIT > 1 (more programs in flight when there are few KV heads) each slice
+    either adds its float32 sum atomically into DK, DV ([n, Hkv, D] float32,
+    zeroed; ATOMIC) or writes it to its own slice of DK, DV ([SPLIT, n, Hkv, D]
+    float32) for the wrapper to add up."""
     pid_n = tl.load(ORDER + tl.program_id(0))
     hk = tl.program_id(1) // SPLIT
     part = tl.program_id(1) % SPLIT
     first = pid_n * BLOCK_N
     cols = first + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_keep
+    col_ok = cols < n_keys
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m2 = col_ok[:, None] & d_ok[None, :]
-    kf = tl.load(KEEP + cols, mask=col_ok, other=0).to(tl.int64)
-    kend = tl.load(KEPT_END + cols, mask=col_ok, other=0)
+    kf = tl.load(KEYS + cols, mask=col_ok, other=0).to(tl.int64)
+    kend = tl.load(KEY_END + cols, mask=col_ok, other=0)
     k = tl.load(K + kf[:, None] * stride_kn + hk * stride_kh + offs_d[None, :], mask=m2, other=0.0)
     v = tl.load(V + kf[:, None] * stride_vn + hk * stride_vh + offs_d[None, :], mask=m2, other=0.0)
-    last = tl.minimum(first + BLOCK_N, n_keep) - 1
-    q_hi = tl.load(KEPT_END + last)  # one past the last kept query any key here is seen by
-    kend_min = tl.load(KEPT_END + first)
-    # Query tiles start at `first` (the diagonal). Masked: tiles that start before
-    # the block's last key, and tiles that reach past the first key's document.
-    n_tiles = tl.cdiv(q_hi - first, BLOCK_M)
-    full_lo = tl.minimum(tl.cdiv(last - first, BLOCK_M), n_tiles)
-    full_hi = tl.maximum(full_lo, tl.minimum((kend_min - first) // BLOCK_M, n_tiles))
+    last = tl.minimum(first + BLOCK_N, n_keys) - 1
+    if KEYS_KEPT:  # a kept key is its own first query (the diagonal)
+        qfirst = cols
+        q_lo = first
+        q_last = last
+    else:  # sorted keys: their first queries are sorted too
+        qfirst = tl.load(QFIRST + cols, mask=col_ok, other=0)
+        q_lo = tl.load(QFIRST + first)
+        q_last = tl.load(QFIRST + last)
+    q_hi = tl.load(KEY_END + last)  # one past the last kept query any key here is seen by
+    kend_min = tl.load(KEY_END + first)
+    # Query tiles start at q_lo. Masked: tiles that start before the block's last
+    # key's first query, and tiles that reach past the first key's document.
+    n_tiles = tl.cdiv(q_hi - q_lo, BLOCK_M)
+    full_lo = tl.minimum(tl.cdiv(q_last - q_lo, BLOCK_M), n_tiles)
+    full_hi = tl.maximum(full_lo, tl.minimum((kend_min - q_lo) // BLOCK_M, n_tiles))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GROUPS // SPLIT):
         h = hk * GROUPS + part * (GROUPS // SPLIT) + g
         for t in range(0, full_lo):
-            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
+            dk, dv = _dkdv_tile(dk, dv, k, v, qfirst, kend, q_lo + t * BLOCK_M, q_hi,
                                 QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok,
                                 qk_scale, H, D, BLOCK_M, True, PREC)  # fmt: skip
         for t in range(full_lo, full_hi):
-            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
+            dk, dv = _dkdv_tile(dk, dv, k, v, qfirst, kend, q_lo + t * BLOCK_M, q_hi,
                                 QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok,
                                 qk_scale, H, D, BLOCK_M, False, PREC)  # fmt: skip
         for t in range(full_hi, n_tiles):
-            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kend, first + t * BLOCK_M, q_hi,
+            dk, dv = _dkdv_tile(dk, dv, k, v, qfirst, kend, q_lo + t * BLOCK_M, q_hi,
                                 QK, DO, LSEK, DELTA, h, stride_don, stride_doh, offs_d, d_ok,
                                 qk_scale, H, D, BLOCK_M, True, PREC)  # fmt: skip
     c64 = cols.to(tl.int64)[:, None]
@@ -412,9 +423,21 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def key_row_bounds(key_idx: torch.Tensor, keep_idx: torch.Tensor, cu_seqlens: torch.Tensor):
+    """For filtered rows ``key_idx`` ([m] sorted flat indices, none in ``keep_idx``):
+    ([m] int32 first kept query that sees each, [m] int32 kept rows before the end
+    of its document), in the kept index space of ``keep_idx`` ([n] sorted)."""
+    cu = cu_seqlens.to(device=key_idx.device, dtype=key_idx.dtype)
+    doc = torch.searchsorted(cu, key_idx, right=True) - 1
+    first = torch.searchsorted(keep_idx, key_idx)
+    end = torch.searchsorted(keep_idx, cu[doc + 1])
+    return first.to(torch.int32), end.to(torch.int32)
+
+
 def attention_backward_triton(
     q, k, v, o, lse, do, layout: Layout, keep_idx: torch.Tensor | None,
     scale: float | None = None, config: BackwardConfig | None = None,
+    key_idx: torch.Tensor | None = None,
 ):  # fmt: skip
     """Filtered attention backward with the Triton kernels (same contract as
     ``attention_backward_reference``).
@@ -423,6 +446,10 @@ def attention_backward_triton(
     lse: [B, H, L] float32, any strides; do: [n, H, D] for the kept rows
     ``keep_idx`` ([n] sorted flat indices into B*L; None = every row).
     Returns dq [n, H, D], dk [n, Hkv, D], dv [n, Hkv, D] in the input dtype.
+    key_idx: [m] sorted flat indices of filtered rows (``kv_projections``' key
+    rows) whose K/V gradient from the kept queries is wanted too: then also
+    returns their dk, dv [m, Hkv, D] (one more dK/dV launch over the kept
+    queries' compact rows; the filtered rows' queries are never read).
     """
     _check_inputs(q, k, v, o, lse, do, layout, keep_idx)
     B, L, H, D = q.shape
@@ -432,11 +459,14 @@ def attention_backward_triton(
     if keep_idx is None:
         keep_idx = _all_rows(N, q.device)
     n = keep_idx.numel()
+    m = 0 if key_idx is None else key_idx.numel()
     dq = torch.empty(n, H, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(n, Hkv, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(n, Hkv, D, device=q.device, dtype=v.dtype)
-    if n == 0:
-        return dq, dk, dv
+    key_grads = () if key_idx is None else (torch.empty(m, Hkv, D, device=q.device, dtype=k.dtype),
+                                            torch.empty(m, Hkv, D, device=q.device, dtype=v.dtype))  # fmt: skip
+    if n == 0:  # no kept query: the key rows get no gradient
+        return (dq, dk, dv, *(g.zero_() for g in key_grads))
     cfg = config or default_config(D, q.dtype)
     bounds = _cached_bounds(keep_idx, layout.cu_seqlens)
     q3, k3, v3, o3 = _rows_view(q), _rows_view(k), _rows_view(v), _rows_view(o)
@@ -461,36 +491,48 @@ def attention_backward_triton(
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, PREC=prec,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )  # fmt: skip
-    order = block_order(keep_idx, bounds, "kv", cfg.kv_block_n)
-    split = cfg.kv_split or _split_for(groups, order.numel() * Hkv)
-    if groups % split:
-        raise ValueError(f"kv_split={split} must divide the query heads per KV head ({groups})")
-    atomic = split > 1 and cfg.kv_atomic
-    if split == 1:
-        dk_out, dv_out = dk, dv
-        strides = (0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1))
-    elif atomic:
-        f32 = dk.dtype == torch.float32
-        dk_out = dk.zero_() if f32 else torch.zeros(n, Hkv, D, device=q.device, dtype=torch.float32)
-        dv_out = dv.zero_() if f32 else torch.zeros(n, Hkv, D, device=q.device, dtype=torch.float32)
-        strides = (0, dk_out.stride(0), dk_out.stride(1), 0, dv_out.stride(0), dv_out.stride(1))
-    else:
-        dk_out = torch.empty(split, n, Hkv, D, device=q.device, dtype=torch.float32)
-        dv_out = torch.empty_like(dk_out)
-        strides = dk_out.stride()[:3] + dv_out.stride()[:3]
-    _dkdv_kernel[(order.numel(), Hkv * split)](
-        q_kept, k3, v3, do, lse_kept, delta, keep_idx, bounds.kept_end, order, dk_out, dv_out,
-        n, qk_scale, scale,
-        k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), do.stride(0), do.stride(1),
-        *strides,
-        H=H, GROUPS=groups, SPLIT=split, ATOMIC=atomic, D=D, BLOCK_D=block_d,
-        BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, PREC=prec,
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
-    )  # fmt: skip
-    if split > 1 and dk_out is not dk:
-        dk.copy_(dk_out if atomic else dk_out.sum(0))
-        dv.copy_(dv_out if atomic else dv_out.sum(0))
-    return dq, dk, dv
+
+    def dkdv(keys, qfirst, key_end, order, dk, dv):
+        """One dK/dV launch over ``keys`` (qfirst None: the kept rows themselves)."""
+        n_keys = keys.numel()
+        split = cfg.kv_split or _split_for(groups, order.numel() * Hkv)
+        if groups % split:
+            raise ValueError(f"kv_split={split} must divide the query heads per KV head ({groups})")
+        atomic = split > 1 and cfg.kv_atomic
+        if split == 1:
+            dk_out, dv_out = dk, dv
+            strides = (0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1))
+        elif atomic:
+            f32 = dk.dtype == torch.float32
+            dk_out = dk.zero_() if f32 else torch.zeros(n_keys, Hkv, D, device=q.device, dtype=torch.float32)
+            dv_out = dv.zero_() if f32 else torch.zeros(n_keys, Hkv, D, device=q.device, dtype=torch.float32)
+            strides = (0, dk_out.stride(0), dk_out.stride(1), 0, dv_out.stride(0), dv_out.stride(1))
+        else:
+            dk_out = torch.empty(split, n_keys, Hkv, D, device=q.device, dtype=torch.float32)
+            dv_out = torch.empty_like(dk_out)
+            strides = dk_out.stride()[:3] + dv_out.stride()[:3]
+        _dkdv_kernel[(order.numel(), Hkv * split)](
+            q_kept, k3, v3, do, lse_kept, delta, keys, keys if qfirst is None else qfirst, key_end,
+            order, dk_out, dv_out, n_keys, qk_scale, scale,
+            k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), do.stride(0), do.stride(1),
+            *strides,
+            H=H, GROUPS=groups, SPLIT=split, ATOMIC=atomic, KEYS_KEPT=qfirst is None, D=D,
+            BLOCK_D=block_d, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, PREC=prec,
+            num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        )  # fmt: skip
+        if split > 1 and dk_out is not dk:
+            dk.copy_(dk_out if atomic else dk_out.sum(0))
+            dv.copy_(dv_out if atomic else dv_out.sum(0))
+
+    dkdv(keep_idx, None, bounds.kept_end, block_order(keep_idx, bounds, "kv", cfg.kv_block_n), dk, dv)
+    if m:
+        qfirst, key_end = key_row_bounds(key_idx, keep_idx, layout.cu_seqlens)
+        firsts = torch.arange(0, m, cfg.kv_block_n, device=q.device)
+        lasts = (firsts + cfg.kv_block_n - 1).clamp(max=m - 1)
+        work = key_end[lasts].long() - qfirst[firsts].long()  # longest first, as block_order
+        order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+        dkdv(key_idx, qfirst, key_end, order, *key_grads)
+    return (dq, dk, dv, *key_grads)
 
 
 # --------------------------------------------------------------------------- #

@@ -53,6 +53,38 @@ def test_attention_extra_rows_triton(H, Hkv, D, dtype):
         assert rel(ours[pos], want[pos]) < 3e-2  # the corrected rows themselves
 
 
+@pytest.mark.parametrize("H,Hkv,D", [(8, 8, 64), (16, 4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_key_rows_triton(H, Hkv, D, dtype):
+    """kv_projections' key rows on the Triton kernels (a second key set of the
+    dK/dV kernel over the kept queries) against float64 autograd: the key rows'
+    K/V gradient from the kept queries' output gradient, the kept rows' as
+    without them."""
+    from centrifuge.ops.attention import attention_backward_key_rows
+    from centrifuge.plan import KeyRows, precedes
+
+    B, L = 2, 777
+    g = torch.Generator(device="cuda").manual_seed(H + D + 1)
+    layout = packed_layout(B, L, seed=4, min_doc=50, max_doc=400, device="cuda")
+    q, k, v = (torch.randn(B, L, h, D, device="cuda", dtype=dtype, generator=g) for h in (H, Hkv, Hkv))
+    keep = torch.rand(B, L, device="cuda", generator=g) < 0.4
+    idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    keys = torch.nonzero((precedes(keep, layout) & ~keep).reshape(-1)).squeeze(1)
+    union = torch.cat([idx, keys]).sort().values
+    key_rows = KeyRows(keys, union, torch.searchsorted(union, idx), torch.searchsorted(union, keys))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o64 = attention_reference(q64, k64, v64, layout.segment_ids)  # every K/V differentiable
+    do = torch.randn(idx.numel(), H, D, device="cuda", dtype=dtype, generator=g)
+    do_full = torch.zeros(B * L, H, D, device="cuda", dtype=torch.float64)
+    o64.backward(do_full.index_copy_(0, idx, do.double()).view(B, L, H, D))
+    o, lse = attention_forward(q, k, v, layout)
+    dq, dk, dv, dk_keys, dv_keys = attention_backward_key_rows(q, k, v, o, lse, do, layout, idx, key_rows)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-3  # fp32 runs IEEE dots
+    for ours, ref, rows in ((dq, q64, idx), (dk, k64, idx), (dv, v64, idx), (dk_keys, k64, keys),
+                            (dv_keys, v64, keys)):  # fmt: skip
+        assert rel(ours, ref.grad.reshape(B * L, -1, D)[rows]) < tol
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("knob", ["extra=0.3", "extra=0.5,extra_weight=1.5", "exact_layers=1",
                                   "extra=0.3,exact_layers=2", "kv_projections=1", "exact_top=1",
