@@ -17,8 +17,8 @@ import pytest
 
 # Pointer arguments by name and element type; the other non-constexpr arguments
 # are int32 sizes and strides, except the float scalars.
-I64 = ("KEEP", "IDX", "INV", "T")
-I32 = ("DOC_START", "KEPT_END", "ORDER")
+I64 = ("KEEP", "KEYS", "IDX", "INV", "T")
+I32 = ("DOC_START", "KEPT_END", "KEY_END", "QFIRST", "ORDER")
 F32 = ("LSE", "LSEK", "DELTA", "RSTD", "LOSS", "SCALE", "DWP")
 FLOATS = ("qk_scale", "sm_scale", "eps")
 # Upper-case names that are sizes, not pointers, by kernel family.
@@ -46,8 +46,9 @@ def cases(dtype: str):
         kv = dict(common, H=16, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n,
                   num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)  # fmt: skip
         out += [(at._dq_kernel, dict(dq, H=16)), (ar._o_kernel, dq),
-                (at._dkdv_kernel, dict(kv, SPLIT=2, ATOMIC=True)),
-                (at._dkdv_kernel, dict(kv, SPLIT=1, ATOMIC=False))]  # fmt: skip
+                (at._dkdv_kernel, dict(kv, SPLIT=2, ATOMIC=True, KEYS_KEPT=True)),
+                (at._dkdv_kernel, dict(kv, SPLIT=1, ATOMIC=False, KEYS_KEPT=True)),
+                (at._dkdv_kernel, dict(kv, SPLIT=2, ATOMIC=True, KEYS_KEPT=False))]  # fmt: skip
     for flag in (False, True):
         out += [(rms._rms_apply_kernel, dict(HAS_IDX=flag, BLOCK=2048)),
                 (rms._rms_backward_kernel, dict(HAS_IDX=flag, SCATTER=flag, HAS_RES=flag, BLOCK=2048)),
