@@ -12,7 +12,9 @@ Typical step::
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,12 +126,13 @@ class LlamaForCausalLM(nn.Module):
 
     def reset_parameters(self, std: float = 0.02) -> None:
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, std=std)
+            init_parameter(name, p, std)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the non-persistent ``inv_freq`` ([head_dim / 2] float32) on
+        ``device``: after a build on the meta device, which leaves it unset."""
+        c = self.config
+        self.inv_freq = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device=device)
 
     def activation_checkpointing_enable(self) -> None:
         """Activation checkpointing in every decoder layer (transformers' names,
@@ -299,7 +302,7 @@ class LlamaForCausalLM(nn.Module):
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        model.reset_buffers()
         return model
 
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
@@ -320,9 +323,42 @@ class LlamaForCausalLM(nn.Module):
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def init_parameter(name: str, p: torch.Tensor, std: float = 0.02) -> None:
+    """The initialization of the parameter called ``name``, in place: ones for
+    norm weights, zeros for biases, else N(0, std) from torch's default generator."""
+    if name.endswith("norm.weight") or "layernorm" in name:
+        nn.init.ones_(p)
+    elif name.endswith(".bias"):
+        nn.init.zeros_(p)
+    else:
+        nn.init.normal_(p, std=std)
+
+
 def build_model(config: ModelConfig, dtype=torch.float32, device="cpu", seed: int | None = None):
     if seed is not None:
         torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
+def initial_parameters(config: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """``build_model(config, seed=seed)``'s parameters, bit for bit, one at a
+    time and without building the model: (name, full float32 CPU tensor) in
+    ``named_parameters()`` order (a tied embedding once). Only the tensor the
+    caller holds is allocated (and, while it is drawn, one module's worth).
+
+    The stream of torch's default generator is replayed as the construction
+    draws it: first each nn.Linear's and nn.Embedding's own initialization in
+    their constructors (overwritten, but it moves the generator), then
+    :meth:`LlamaForCausalLM.reset_parameters`; the generator ends where
+    ``build_model`` leaves it."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)  # shapes and names only: no draws
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and next(m.parameters(recurse=False), None) is not None:
+            copy.deepcopy(m).to_empty(device="cpu").reset_parameters()
+    for name, p in model.named_parameters():
+        full = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+        init_parameter(name, full)
+        yield name, full
+        del full  # before the next one is drawn (the caller should drop its own reference)

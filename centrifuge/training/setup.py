@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from centrifuge.distributed import (
-    DistContext, choose_grad_sync, choose_parallel, choose_reshard, parallelize,
+    DistContext, choose_grad_sync, choose_parallel, choose_reshard, materialize, parallelize,
 )
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
 from centrifuge.scoring.checkpoint import resolve_checkpoint
@@ -256,18 +256,27 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
     losses. ``reference_checkpoint``: the built-in reference's, once trained."""
     cfg, ctx, mc = checked.cfg, checked.ctx, checked.mc
     reference, desc = _reference_losses(checked, reference_checkpoint)
+    parallel = checked.parallel
+    # A fresh model that FSDP or tensor parallelism splits is built on the meta
+    # device and split there; each process then allocates and fills its own shards.
+    on_meta = (checked.resume_state is None and checked.initial is None
+               and (parallel == "fsdp" or ctx.tp > 1))  # fmt: skip
     if checked.resume_state is not None:
         model = LlamaForCausalLM.from_pretrained(checked.resume_path).to(ctx.device)
     elif checked.initial is not None:
         model = checked.initial.to(ctx.device)
+    elif on_meta:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(mc)
     else:
         model = build_model(mc, device=ctx.device, seed=cfg.seed)
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
-    n_params = sum(p.numel() for p in model.parameters())
-    parallel = checked.parallel
+    n_params = sum(p.numel() for p in model.parameters())  # meta tensors have sizes too
     wrapped = parallelize(model, ctx, parallel, cfg.dtype,
                           reshard_after_forward=choose_reshard(cfg.fsdp_reshard, ctx, n_params))  # fmt: skip
+    if on_meta:
+        materialize(model, ctx.device, cfg.seed)
     modes = ([parallel] if ctx.dp_size > 1 else []) + ([f"tp {ctx.tp}"] if ctx.tp > 1 else [])
     where = (f"{ctx.world_size} processes ({', '.join(modes)}, {ctx.device.type})" if ctx.distributed
              else str(ctx.device))  # fmt: skip
