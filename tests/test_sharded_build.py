@@ -107,4 +107,4 @@ def test_materialize_takes_a_meta_model():
     from centrifuge.distributed import materialize
 
     with pytest.raises(ValueError, match="built on the meta device"):
-        materialize(build_model(get_preset("tiny")), torch.device("cpu"), 0)
+        materialize(build_model(get_preset("tiny")), torch.device("cpu"), [])
