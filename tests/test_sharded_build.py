@@ -246,8 +246,14 @@ def test_damaged_model_dir_fails_in_check_under_a_split_run(tmp_path, checkpoint
         assert not (tmp_path / "out").exists()
 
 
-def test_materialize_takes_a_meta_model():
+def test_materialize_takes_a_meta_model_and_every_parameter():
     from centrifuge.distributed import materialize
+    from centrifuge.models.llama import initial_parameters
 
     with pytest.raises(ValueError, match="built on the meta device"):
         materialize(build_model(get_preset("tiny")), torch.device("cpu"), [])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(get_preset("tiny"))
+    some = [(n, t) for n, t in initial_parameters(model.config, 0) if "layers.1." not in n]
+    with pytest.raises(ValueError, match=r"gave no tensor for \['model.layers.1"):
+        materialize(model, torch.device("cpu"), some)
