@@ -1,11 +1,16 @@
-"""A fresh model that FSDP2 or tensor parallelism splits is built on the meta
-device and each process fills only its own shards (torchrun, gloo, CPU): the
-gathered weights equal one process's ``build_model`` bit for bit (FSDP2, tp 2,
-tp 2 x FSDP2; untied, tied with biases, q/k norms), and no process holds more
-than its shards plus three full parameters' bytes during the build, while a DDP build
-(whole, as before) holds the whole model."""
+"""A model that FSDP2 or tensor parallelism splits is built on the meta device
+and each process fills only its own shards (torchrun, gloo, CPU): the gathered
+weights equal one process's bit for bit — ``build_model``'s for a fresh run,
+the whole checkpoint's (``from_pretrained``) for ``--resume`` and ``--model
+DIR`` (FSDP2, tp 2, tp 2 x FSDP2; untied, tied with biases, q/k norms; a model
+directory in bf16 over two files) — and no process holds more than its shards
+plus three full parameters' bytes during the build, nor reads a model
+directory's tensors in ``check``, while a DDP run (whole, as before) holds the
+whole model. A damaged or mismatched model directory still fails in ``check``."""
 
+import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,7 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from centrifuge.models import build_model, get_preset
+from centrifuge.distributed import DistContext
+from centrifuge.models import LlamaForCausalLM, build_model, get_preset
+from centrifuge.models.llama import checkpoint_parameters
+from centrifuge.training import TrainConfig, setup, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import failed  # noqa: E402
@@ -28,30 +36,37 @@ BUILD_WORKER = Path(__file__).parent / "distributed" / "build_worker.py"
 
 def _builds(tmp_path, nproc: int, configs: list[dict]) -> list[dict]:
     for i, c in enumerate(configs):
-        c["out_dir"] = str(tmp_path / f"run{i}")
+        c.setdefault("out_dir", str(tmp_path / f"run{i}"))
     out = tmp_path / "built.pt"
     proc = torchrun(BUILD_WORKER, nproc, str(out), json.dumps(configs))
     assert proc.returncode == 0, failed(proc)
     return torch.load(out)
 
 
-def _assert_one_process_weights(built: dict, cfg: dict) -> None:
-    want = build_model(get_preset(cfg["model"]), seed=cfg["seed"]).state_dict()
-    want.pop("lm_head.weight") if get_preset(cfg["model"]).tie_word_embeddings else None
+def _assert_weights(built: dict, want: LlamaForCausalLM, cfg: dict) -> None:
+    want = dict(want.named_parameters())  # a tied embedding once, as the worker's
     got = built["weights"]
     assert got.keys() == want.keys(), cfg
     for k in want:
         assert torch.equal(got[k], want[k]), f"{cfg['model']} tp {cfg.get('tp', 1)}: {k} differs"
 
 
+def _assert_one_process_weights(built: dict, cfg: dict) -> None:
+    _assert_weights(built, build_model(get_preset(cfg["model"]), seed=cfg["seed"]), cfg)
+
+
+def _whole(built: dict) -> int:
+    """Bytes of the whole model's fp32 weights."""
+    return 4 * sum(v.numel() for v in built["weights"].values())
+
+
 def _assert_sharded_memory(built: dict, cfg: dict) -> None:
     """Beyond its own shards a process holds at most three full parameters' bytes
-    at once (the drawn one, and while it is split, its parts: a strided 2-D split
-    copies all of them); a whole model would not fit that bound."""
+    at once (the drawn or read one, and while it is split, its parts: a strided
+    2-D split copies all of them); a whole model would not fit that bound."""
     for r in built["ranks"]:
         bound = r["local"] + 3 * r["largest"]
-        whole = 4 * get_preset(cfg["model"]).num_parameters()
-        assert bound < whole, "the model is too small for the check to tell a whole build"
+        assert bound < _whole(built), "the model is too small for the check to tell a whole build"
         assert r["peak"] <= bound, (cfg, r)
 
 
@@ -74,8 +89,7 @@ def test_two_processes_fsdp_and_tp(tmp_path, base):
     for b, cfg in zip(built[:2], configs[:2]):
         _assert_sharded_memory(b, cfg)
     # The counter sees a whole build: DDP's processes each hold every weight.
-    whole = 4 * sum(v.numel() for v in built[-1]["weights"].values())
-    assert all(r["peak"] >= whole for r in built[-1]["ranks"])
+    assert all(r["peak"] >= _whole(built[-1]) for r in built[-1]["ranks"])
 
 
 def test_tp_times_fsdp(tmp_path, base):
@@ -103,8 +117,143 @@ def test_initial_parameters_are_build_models(name):
         assert t.dtype == torch.float32 and torch.equal(t, want[n]), n
 
 
-def test_materialize_takes_a_meta_model():
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, data_file, cache):
+    """Weights to load, none of them a fresh initialization of the runs' seeds:
+    ``runs``: a one-process run of 1 step (grad_accum 2) per model, to resume;
+    ``dirs``: model directories — ``mini`` (fp32, one file, seed 22) and
+    ``tiny-qwen3`` (tied; bf16, over two files, the second also holding the tied
+    ``lm_head.weight``, which a load ignores; seed 21)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    base = dict(data=[str(data_file)], select="loss", seq_len=32, batch_size=2, steps=1,
+                grad_accum=2, cache_dir=cache, device="cpu", save_interval=0, eval_interval=0)  # fmt: skip
+    runs = {}
+    for name, seed in (("mini", 3), ("tiny-qwen2", 5)):
+        runs[name] = root / f"run-{name}"
+        train(TrainConfig(**dict(base, model=name, seed=seed, out_dir=str(runs[name]))), progress=False)
+    mini = root / "mini"
+    build_model(get_preset("mini"), seed=22).save_pretrained(mini)
+    qwen3 = root / "qwen3"
+    model = build_model(get_preset("tiny-qwen3"), seed=21)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.save_pretrained(qwen3, state_dict=state)  # config.json; lm_head dropped
+    from safetensors.torch import save_file
+
+    (qwen3 / "model.safetensors").unlink()
+    names = list(state)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    save_file({k: state[k] for k in first}, str(qwen3 / "model-00001-of-00002.safetensors"))
+    save_file({k: state[k].clone() for k in second} | {"lm_head.weight": state["lm_head.weight"].clone()},
+              str(qwen3 / "model-00002-of-00002.safetensors"))  # fmt: skip
+    return dict(runs=runs, dirs={"mini": mini, "tiny-qwen3": qwen3}, base=base)
+
+
+def _resume_copy(run: Path, to: Path) -> str:
+    shutil.copytree(run, to)
+    return str(to)
+
+
+def _whole_load(path: Path) -> LlamaForCausalLM:
+    """One process's load of a checkpoint (a run's latest) or model directory."""
+    latest = path / "latest"
+    return LlamaForCausalLM.from_pretrained(path / latest.read_text().strip() if latest.is_file() else path)
+
+
+def _assert_loads(tmp_path, nproc: int, checkpoints, cases: list[tuple[str, dict]]) -> list[dict]:
+    """cases: (run or directory name, options). Every build equals the whole load
+    of its checkpoint, which is not the fresh initialization of the run's seed;
+    returns the builds."""
+    configs, wants = [], []
+    for i, (what, opts) in enumerate(cases):
+        run = checkpoints["runs"].get(what) if opts.get("resume") else None
+        cfg = dict(checkpoints["base"], grad_accum=2 // (nproc // opts.get("tp", 1)), **opts)
+        if run is not None:
+            cfg.update(model=what, out_dir=_resume_copy(run, tmp_path / f"resumed{i}"))
+        else:
+            cfg["model"] = str(checkpoints["dirs"][what])
+        configs.append(cfg)
+        wants.append(_whole_load(run or checkpoints["dirs"][what]))
+        fresh = build_model(wants[-1].config, seed=cfg["seed"])
+        assert not torch.equal(fresh.lm_head.weight, wants[-1].lm_head.weight)
+    built = _builds(tmp_path, nproc, [dict(c) for c in configs])
+    for b, cfg, want in zip(built, configs, wants, strict=True):
+        _assert_weights(b, want, cfg)
+    return built
+
+
+def test_resume_and_model_dir_load_shard_by_shard(tmp_path, checkpoints):
+    cases = [("mini", dict(resume=True, parallel="fsdp", seed=3)),
+             ("mini", dict(resume=True, tp=2, seed=3)),
+             ("tiny-qwen2", dict(resume=True, tp=2, seed=5)),  # tied, biases
+             ("tiny-qwen3", dict(parallel="fsdp", seed=3)),  # tied, q/k norms; bf16, two files
+             ("tiny-qwen3", dict(tp=2, seed=3)),
+             ("mini", dict(tp=2, seed=3)),
+             ("mini", dict(parallel="ddp", seed=3))]  # fmt: skip
+    built = _assert_loads(tmp_path, 2, checkpoints, cases)
+    for b, (what, opts) in zip(built[:-1], cases[:-1]):
+        if what == "mini":
+            _assert_sharded_memory(b, opts)
+        if not opts.get("resume"):  # check() read the headers, no tensor
+            assert all(r["check_peak"] < r["largest"] for r in b["ranks"]), (what, opts, b["ranks"])
+    # The counters see a whole load: DDP's check() reads every weight, and its build holds them.
+    ddp = built[-1]
+    assert all(r["check_peak"] >= _whole(ddp) and r["peak"] >= _whole(ddp) for r in ddp["ranks"])
+
+
+def test_resume_and_model_dir_load_on_tp_times_fsdp(tmp_path, checkpoints):
+    cases = [("mini", dict(resume=True, tp=2, seed=3)),
+             ("tiny-qwen3", dict(tp=2, seed=3))]  # fmt: skip
+    built = _assert_loads(tmp_path, 4, checkpoints, cases)
+    _assert_sharded_memory(built[0], cases[0][1])
+
+
+def test_checkpoint_parameters_one_at_a_time(checkpoints):
+    """A sharded bf16 directory: float32 tensors in named_parameters() order, the
+    tied lm_head.weight dropped, equal to from_pretrained's."""
+    d = checkpoints["dirs"]["tiny-qwen3"]
+    want = dict(LlamaForCausalLM.from_pretrained(d).named_parameters())
+    got = list(checkpoint_parameters(d))
+    assert [n for n, _ in got] == list(want) and "lm_head.weight" not in want
+    for n, t in got:
+        assert t.dtype == torch.float32 and torch.equal(t, want[n]), n
+
+
+@pytest.mark.parametrize("damage,error", [
+    ("truncate", "cannot read checkpoint file .*model-00002-of-00002.safetensors"),
+    ("layers", "does not match its config: missing"),
+    ("width", r"does not match its config: model.layers.0.mlp.gate_proj.weight has shape"),
+])  # fmt: skip
+def test_damaged_model_dir_fails_in_check_under_a_split_run(tmp_path, checkpoints, damage, error):
+    """Under tp 2 (headers only) as on one process (a whole load): the same clear
+    error, from check(), before anything is written."""
+    d = tmp_path / "model"
+    shutil.copytree(checkpoints["dirs"]["tiny-qwen3"], d)
+    if damage == "truncate":
+        f = d / "model-00002-of-00002.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+    else:
+        cfg = json.loads((d / "config.json").read_text())
+        if damage == "layers":
+            cfg["num_hidden_layers"] += 1
+        else:
+            cfg["intermediate_size"] += 8
+        (d / "config.json").write_text(json.dumps(cfg))
+    cfg = TrainConfig(**dict(checkpoints["base"], model=str(d), seed=3, out_dir=str(tmp_path / "out")))
+    for c, ctx in ((dataclasses.replace(cfg, tp=2, grad_accum=2), DistContext(world_size=2, tp=2)),
+                   (cfg, DistContext())):  # fmt: skip
+        with pytest.raises(ValueError, match=error):
+            setup.check(c, ctx, progress=False)
+        assert not (tmp_path / "out").exists()
+
+
+def test_materialize_takes_a_meta_model_and_every_parameter():
     from centrifuge.distributed import materialize
+    from centrifuge.models.llama import initial_parameters
 
     with pytest.raises(ValueError, match="built on the meta device"):
-        materialize(build_model(get_preset("tiny")), torch.device("cpu"), 0)
+        materialize(build_model(get_preset("tiny")), torch.device("cpu"), [])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(get_preset("tiny"))
+    some = [(n, t) for n, t in initial_parameters(model.config, 0) if "layers.1." not in n]
+    with pytest.raises(ValueError, match=r"gave no tensor for \['model.layers.1"):
+        materialize(model, torch.device("cpu"), some)

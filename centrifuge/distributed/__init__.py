@@ -1,7 +1,7 @@
 """Several processes (torchrun): the process group, and how a model is wrapped
-for data parallelism (DDP or FSDP2) and tensor parallelism, and how a fresh split model
-gets its weights shard by shard (``materialize``). ``centrifuge.training.setup``
-calls in here; the model knows only the tensor-parallel group its layers are given
+for data parallelism (DDP or FSDP2) and tensor parallelism, and how a split model
+gets its weights shard by shard, fresh or from a checkpoint (``materialize``).
+``centrifuge.training.setup`` calls in here; the model knows only the tensor-parallel group its layers are given
 (``centrifuge.models.tensor_parallel``), the loop only ``gradient_sync`` and
 ``reduce_replicated_grads``."""
 

@@ -273,34 +273,12 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32):
         """Load a local HF Llama/Mistral/Qwen2/Qwen3 directory (config.json +
-        *.safetensors, sharded or not)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        config = ModelConfig.from_pretrained(path)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        *.safetensors, sharded or not), checked as :func:`checkpoint_files` does."""
         with torch.device("meta"):
-            model = cls(config)
-        state = {}
-        for f in files:
-            try:
-                state.update(load_file(str(f)))
-            except Exception as e:  # safetensors raises several types on corrupt data
-                raise ValueError(f"cannot read checkpoint file {f}: {e}") from e
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        expected = dict(model.named_parameters())
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {path} does not match its config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-        if config.tie_word_embeddings:
+            model = cls(ModelConfig.from_pretrained(path))
+        state = dict(checkpoint_parameters(path, dtype))
+        model.load_state_dict(state, strict=False, assign=True)
+        if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.reset_buffers()
         return model
@@ -362,3 +340,62 @@ def initial_parameters(config: ModelConfig, seed: int) -> Iterator[tuple[str, to
         init_parameter(name, full)
         yield name, full
         del full  # before the next one is drawn (the caller should drop its own reference)
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """{parameter name: the *.safetensors file that holds it} of a local HF
+    checkpoint directory, in ``named_parameters()`` order, checked against its
+    config.json from the files' headers alone (no tensor data is read): a file
+    whose header cannot be read (truncated, not safetensors) raises ValueError
+    naming it; missing or unexpected names, or another shape than the config's,
+    raise ValueError. A tied config's ``lm_head.weight`` is ignored."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = ModelConfig.from_pretrained(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    shapes, where = {}, {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    shapes[name], where[name] = tuple(sf.get_slice(name).get_shape()), f
+        except Exception as e:  # safetensors raises several types on corrupt data
+            raise ValueError(f"cannot read checkpoint file {f}: {e}") from e
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        expected = dict(LlamaForCausalLM(config).named_parameters())  # a tied weight once
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for name, p in expected.items():
+        if shapes[name] != tuple(p.shape):
+            raise ValueError(f"checkpoint {path} does not match its config: {name} has shape "
+                             f"{list(shapes[name])}, the config gives {list(p.shape)}")  # fmt: skip
+    return {name: where[name] for name in expected}
+
+
+def checkpoint_parameters(path: str | Path, dtype: torch.dtype = torch.float32
+                          ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """A local HF checkpoint directory's parameters one at a time, (name, full
+    ``dtype`` CPU tensor), in ``named_parameters()`` order (a tied embedding
+    once), after :func:`checkpoint_files` has checked the headers; reading a
+    tensor's data fails with the ValueError naming its file. Only the tensor the
+    caller holds is allocated (and its stored copy, when ``dtype`` differs)."""
+    from safetensors import safe_open
+
+    for name, f in checkpoint_files(path).items():
+        try:
+            with safe_open(str(f), framework="pt") as sf:  # a header parse per tensor: cheap
+                full = sf.get_tensor(name).to(dtype)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint file {f}: {e}") from e
+        yield name, full
+        del full  # before the next one is read (the caller should drop its own reference)

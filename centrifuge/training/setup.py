@@ -24,6 +24,7 @@ from centrifuge.distributed import (
     DistContext, choose_grad_sync, choose_parallel, choose_reshard, materialize, parallelize,
 )
 from centrifuge.models import PRESETS, LlamaForCausalLM, ModelConfig, build_model, get_preset
+from centrifuge.models.llama import checkpoint_files, checkpoint_parameters, initial_parameters
 from centrifuge.scoring.checkpoint import resolve_checkpoint
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training import rundir
@@ -63,7 +64,8 @@ class Checked:
     split: str
     label: str
     mc: ModelConfig
-    initial: LlamaForCausalLM | None  # a model directory's weights (on the CPU), read
+    model_dir: Path | None  # --model's checkpoint directory (None: a preset)
+    initial: LlamaForCausalLM | None  # its weights (on the CPU), read, unless the run splits the model
     train_ds: object
     eval_ds: object | None
     resume_state: dict | None
@@ -210,17 +212,21 @@ def check(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str 
     cfg.backward_options().check_layers(mc.num_layers)
     tokenizer = pick_tokenizer(cfg, model_dir, progress)
     check_model_fits(mc, cfg, tokenizer)
-    # A model directory's weights are read now: a damaged file fails before any write
-    # (a resumed checkpoint's were verified against its manifest).
-    initial = None
-    if model_dir is not None and resume_state is None:
-        initial = LlamaForCausalLM.from_pretrained(model_dir)
     if resume_state is not None:
         _check_resume(resume_state, cfg, mc, resume_path, ctx.dp_size, progress)
     if cfg.seq_len % ctx.tp:  # every micro-batch, evaluation's shorter last one included
         raise ValueError(f"tensor parallelism splits every micro-batch's rows over its {ctx.tp} "
                          f"ranks: seq_len {cfg.seq_len} must be a multiple of tp")  # fmt: skip
     parallel = choose_parallel(cfg.parallel, ctx, mc.num_parameters())
+    # A model directory is checked now, so that a damaged file fails before any write
+    # (a resumed checkpoint's files were verified against its manifest): read whole,
+    # or, for a model that build() splits and fills shard by shard, from its headers.
+    initial = None
+    if model_dir is not None and resume_state is None:
+        if splits_model(parallel, ctx):
+            checkpoint_files(model_dir)
+        else:
+            initial = LlamaForCausalLM.from_pretrained(model_dir)
     check_memory(mc, cfg, ctx.device, ctx.world_size if parallel == "fsdp" else ctx.tp)
 
     # Rank 0 tokenizes into the shared cache first; the others then read it.
@@ -235,7 +241,7 @@ def check(cfg: TrainConfig, ctx: DistContext, progress: bool = True, split: str 
             f"fingerprint {resume_state.get('data_fingerprint')} != {train_ds.fingerprint})"
         )
     reference = _reference(cfg, ctx, mc, train_ds, tokenizer, progress)
-    return Checked(cfg, ctx, split, label, mc, initial, train_ds, eval_ds, resume_state,
+    return Checked(cfg, ctx, split, label, mc, model_dir, initial, train_ds, eval_ds, resume_state,
                    resume_path, parallel, reference)  # fmt: skip
 
 
@@ -257,17 +263,17 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
     cfg, ctx, mc = checked.cfg, checked.ctx, checked.mc
     reference, desc = _reference_losses(checked, reference_checkpoint)
     parallel = checked.parallel
-    # A fresh model that FSDP or tensor parallelism splits is built on the meta
-    # device and split there; each process then allocates and fills its own shards.
-    on_meta = (checked.resume_state is None and checked.initial is None
-               and (parallel == "fsdp" or ctx.tp > 1))  # fmt: skip
-    if checked.resume_state is not None:
+    # A model that FSDP or tensor parallelism splits is built on the meta device and
+    # split there; each process then allocates its own shards and fills them from
+    # the checkpoint resumed, the model directory or the fresh initialization.
+    on_meta = splits_model(parallel, ctx)
+    if on_meta:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(mc)
+    elif checked.resume_state is not None:
         model = LlamaForCausalLM.from_pretrained(checked.resume_path).to(ctx.device)
     elif checked.initial is not None:
         model = checked.initial.to(ctx.device)
-    elif on_meta:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(mc)
     else:
         model = build_model(mc, device=ctx.device, seed=cfg.seed)
     if cfg.activation_checkpointing:
@@ -276,7 +282,9 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
     wrapped = parallelize(model, ctx, parallel, cfg.dtype,
                           reshard_after_forward=choose_reshard(cfg.fsdp_reshard, ctx, n_params))  # fmt: skip
     if on_meta:
-        materialize(model, ctx.device, cfg.seed)
+        weights = checked.resume_path or checked.model_dir  # the checkpoint resumed first
+        materialize(model, ctx.device, initial_parameters(mc, cfg.seed) if weights is None
+                    else checkpoint_parameters(weights))  # fmt: skip
     modes = ([parallel] if ctx.dp_size > 1 else []) + ([f"tp {ctx.tp}"] if ctx.tp > 1 else [])
     where = (f"{ctx.world_size} processes ({', '.join(modes)}, {ctx.device.type})" if ctx.distributed
              else str(ctx.device))  # fmt: skip
@@ -294,6 +302,12 @@ def build(checked: Checked, progress: bool = True, reference_checkpoint: Path | 
     return Run(wrapped, model, ctx, parallel, train_ds, checked.eval_ds, reference, desc,
                checked.resume_state, checked.resume_path, mc.to_hf_dict(), label, title,
                choose_grad_sync(cfg.fsdp_grad_sync, ctx, n_params, parallel))  # fmt: skip
+
+
+def splits_model(parallel: str, ctx: DistContext) -> bool:
+    """Whether FSDP or tensor parallelism splits the model: then no process holds
+    it whole (it is built on the meta device and filled shard by shard)."""
+    return parallel == "fsdp" or ctx.tp > 1
 
 
 def _data_label(cfg: TrainConfig, ds, split: str) -> str:

@@ -3,6 +3,7 @@ TrainConfig given as JSON in argv[2] (a list of dicts) as ``centrifuge train``
 does (``setup.check``, ``begin``, ``build``), counting the bytes of the tensors
 alive at once during ``build``; rank 0 saves to argv[1] a list with, per
 config, ``weights`` (the full parameters, gathered) and per rank ``peak`` (bytes),
+``check_peak`` (the same during ``setup.check``, which reads a model directory),
 ``local`` (bytes of the rank's own parameter shards) and ``largest`` (bytes of
 the largest full parameter)."""
 
@@ -57,7 +58,8 @@ def main() -> None:
     for entry in json.loads(sys.argv[2]):
         cfg = TrainConfig(**entry)
         ctx = init_distributed(cfg.device, cfg.tp)
-        checked = setup.check(cfg, ctx, progress=False)
+        with LiveBytes() as checking:
+            checked = setup.check(cfg, ctx, progress=False)
         setup.begin(checked)
         with LiveBytes() as mem:
             run = setup.build(checked, progress=False)
@@ -66,7 +68,7 @@ def main() -> None:
         largest = max(p.numel() * p.element_size() for p in params.values())
         weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                    for n, p in params.items()}  # fmt: skip
-        ranks = ctx.gather(dict(peak=mem.peak, local=local, largest=largest))
+        ranks = ctx.gather(dict(peak=mem.peak, check_peak=checking.peak, local=local, largest=largest))
         results.append(dict(weights=weights, ranks=ranks))
     if ctx.is_main:
         torch.save(results, out)
