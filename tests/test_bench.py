@@ -146,6 +146,36 @@ def test_knob_variants_with_a_host_sync_are_not_captured():
     assert [v.capturable for v in variants] == list(specs.values())
 
 
+def test_captured_variants_take_the_compact_path(monkeypatch):
+    """The steps the bench captures run what centrifuge train --cuda-graphs runs:
+    Centrifuge's auto path becomes compact (small models' eager steps take the
+    dense one); a path given explicitly and the masked loss stay as they are."""
+    import torch
+
+    from centrifuge.bench.variants import native_variants
+    from centrifuge.models import build_model
+
+    model = build_model(get_preset("tiny"), dtype=torch.float64, seed=0)
+    seen = []
+    forward = model.forward
+
+    def spy(*args, backward="amplified", **kw):
+        from centrifuge.plan import BackwardOptions
+
+        opts = BackwardOptions.of(backward)
+        seen.append((opts.mode, opts.path))
+        return forward(*args, backward=backward, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    ids = torch.randint(0, get_preset("tiny").vocab_size, (2, 16))
+    for captured, want in ((False, "auto"), (True, "compact")):
+        variants = {v.name: v for v in native_variants(model, knobs=("path=dense",), captured=captured)}
+        seen.clear()
+        for name in ("masked", "centrifuge", "centrifuge+dense"):
+            variants[name].loss(ids, 0.5)
+        assert seen == [("exact", "auto"), ("amplified", want), ("amplified", "dense")], captured
+
+
 def test_cuda_graphs_need_a_gpu_and_a_warmup_round():
     import torch
 

@@ -262,7 +262,8 @@ def build_variants(cfg: BenchConfig, device) -> tuple[list[Variant], object]:
         model = with_lora(model, cfg.lora)
     variants = native_variants(model, ckpt, tuple(cfg.knobs), cfg.prompt_share)
     if cfg.cuda_graphs:
-        variants += graphed_variants(variants)
+        variants += graphed_variants(native_variants(model, ckpt, tuple(cfg.knobs), cfg.prompt_share,
+                                                     captured=True))  # fmt: skip
     if cfg.prompt_share:  # the HF peers time pretraining labels: not comparable
         return variants, config
 

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from centrifuge.cuda_graphs import GraphedStep
+from centrifuge.cuda_graphs import GraphedStep, use_compact_path
 from centrifuge.models import LlamaForCausalLM
 from centrifuge.models.config import ModelConfig
 from centrifuge.plan import BackwardOptions
@@ -72,14 +72,17 @@ class SFTLabels:
 
 
 def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
-                    knobs: tuple[str, ...] = (), prompt_share: float = 0.0) -> list[Variant]:  # fmt: skip
+                    knobs: tuple[str, ...] = (), prompt_share: float = 0.0,
+                    captured: bool = False) -> list[Variant]:  # fmt: skip
     """dense, masked, centrifuge on the native model, and one Centrifuge variant
     per knob spec (``BackwardOptions.parse``: e.g. ``extra=0.3``, ``exact_layers=2``
     or ``kv_projections=1``); with ``checkpointing`` also each of them with activation
     checkpointing (``-ckpt``: the dense and masked steps recompute whole layers,
     Centrifuge's recompute runs on kept rows). ``prompt_share`` > 0 times
     supervised fine-tuning (:class:`SFTLabels`: dense = plain SFT), and adds
-    Centrifuge with the prompt as constants (``context=constant``)."""
+    Centrifuge with the prompt as constants (``context=constant``). captured: the
+    steps are for CUDA graphs (:func:`graphed_variants`), where ``auto`` takes the
+    compact path, as ``centrifuge train --cuda-graphs`` does (``use_compact_path``)."""
     sft = SFTLabels(prompt_share)
 
     def dense(ids, ratio):
@@ -88,6 +91,9 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         return out.plan.loss(out.token_loss, out.valid, n_valid)
 
     def filtered(mode):
+        if captured:
+            mode = BackwardOptions.of(mode)
+            use_compact_path(mode)
         rb = BackwardOptions.of(mode).backward_ratio
 
         def step(ids, ratio):

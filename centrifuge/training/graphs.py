@@ -35,15 +35,6 @@ def why_not_captured(world_size: int, select: str, backward) -> str | None:
     return None
 
 
-def use_compact_path(backward) -> None:
-    """A captured run's ``auto`` path is ``compact``: ``auto`` takes the dense one
-    for small models because kernel launches set their pace, and a replayed step
-    launches one graph (captured byte-110m at 16 x 512: compact 0.74x dense,
-    docs/benchmarks.md). backward: the run's BackwardOptions, changed in place."""
-    if backward.mode == "amplified" and backward.path == "auto":
-        backward.path = "compact"
-
-
 def capacity(n_docs: int) -> int:
     """The padded size of ``cu_seqlens`` for ``n_docs`` documents: the next power of two."""
     return 1 << n_docs.bit_length()

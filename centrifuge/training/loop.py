@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )  # fmt: skip
 
+from centrifuge.cuda_graphs import use_compact_path
 from centrifuge.distributed import gradient_sync, reduce_replicated_grads, unsharded, uses_autocast
 from centrifuge.interrupt import DeferredStop, Interrupted
 from centrifuge.models.llama import shift_targets
@@ -46,7 +47,7 @@ from centrifuge.plan import BackwardOptions, Layout, context_rows
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
-from centrifuge.training.graphs import CapturedMicroBatches, use_compact_path, why_not_captured
+from centrifuge.training.graphs import CapturedMicroBatches, why_not_captured
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
 from centrifuge.training.schedule import ExactSchedule, WarmupCosine
 from centrifuge.training.progress import Progress

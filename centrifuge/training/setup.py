@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from centrifuge.cuda_graphs import use_compact_path
 from centrifuge.distributed import (
     DistContext, choose_grad_sync, choose_parallel, choose_reshard, materialize, parallelize,
 )
@@ -29,7 +30,7 @@ from centrifuge.scoring.checkpoint import resolve_checkpoint
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training import rundir
 from centrifuge.training.config import KNOBS, TrainConfig
-from centrifuge.training.graphs import use_compact_path, why_not_captured
+from centrifuge.training.graphs import why_not_captured
 from centrifuge.training.memory import check_memory
 
 # Options that must match between a checkpoint and the run resuming from it
