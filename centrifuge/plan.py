@@ -11,6 +11,7 @@ row is kept or filtered as a whole (its loss and its K/V go together).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -253,16 +254,28 @@ class KeyRows:
     no K/V gradient).
 
     idx:      [m] sorted flat indices of those rows.
-    union:    [n + m] sorted flat indices of the backward rows and these: the
-              attention backward runs on them, these with a zero output gradient.
-    rows_pos: [n] positions of the backward rows (``Plan.rows_idx``) in union.
-    pos:      [m] positions of these rows in union.
+    rows_idx: [n] sorted flat indices of the backward rows (``Plan.rows_idx``).
+
+    The reference backward runs on the union of both (these rows with a zero
+    output gradient); the GPU kernels take them as a second key set and never
+    build it, so it is made on first use: ``union`` [n + m] sorted flat indices,
+    ``rows_pos`` [n] and ``pos`` [m] the positions of each set in it.
     """
 
     idx: torch.Tensor
-    union: torch.Tensor
-    rows_pos: torch.Tensor
-    pos: torch.Tensor
+    rows_idx: torch.Tensor
+
+    @functools.cached_property
+    def union(self) -> torch.Tensor:
+        return torch.cat([self.rows_idx, self.idx]).sort().values
+
+    @functools.cached_property
+    def rows_pos(self) -> torch.Tensor:
+        return torch.searchsorted(self.union, self.rows_idx)
+
+    @functools.cached_property
+    def pos(self) -> torch.Tensor:
+        return torch.searchsorted(self.union, self.idx)
 
 
 @dataclass
@@ -381,13 +394,8 @@ def precedes(mask: torch.Tensor, layout: Layout) -> torch.Tensor:
 def _key_rows(rows: torch.Tensor, rows_idx: torch.Tensor, layout: Layout) -> KeyRows:
     """:class:`KeyRows` of a backward set ``rows`` ([B, L] bool, flat indices
     ``rows_idx``). One host sync learns their count."""
-    key = ~rows & precedes(rows, layout)
-    union = rows | key
-    m, n_union = torch.stack([key.sum(), union.sum()]).tolist()
-    union_idx = _true_indices(union.reshape(-1), n_union)
-    key_in_union = key.reshape(-1)[union_idx]
-    return KeyRows(_true_indices(key.reshape(-1), m), union_idx,
-                   _true_indices(~key_in_union, rows_idx.numel()), _true_indices(key_in_union, m))  # fmt: skip
+    key = (~rows & precedes(rows, layout)).reshape(-1)
+    return KeyRows(_true_indices(key, int(key.sum())), rows_idx)
 
 
 def context_rows(valid: torch.Tensor, layout: Layout) -> torch.Tensor:

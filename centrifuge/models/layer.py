@@ -296,10 +296,9 @@ def _forward(xf, cos, sin, W: dict, drop: AdapterDropout, shape: LayerShape, lay
     return Activations(rstd1, q, k, v, o, lse, x2, rstd2, g, u, q_lin, k_lin, rstd_q, rstd_k, *gathered)
 
 
-def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int, zeros: bool = False) -> torch.Tensor:
-    """Rows idx of a full-size [N, ...] buffer; other rows are never read (with
-    ``zeros``, they may be: zero-filled)."""
-    return (t.new_zeros if zeros else t.new_empty)(N, *t.shape[1:]).index_copy_(0, idx, t)
+def _scatter(t: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
+    """Rows idx of a full-size [N, ...] buffer; other rows are never read."""
+    return t.new_empty(N, *t.shape[1:]).index_copy_(0, idx, t)
 
 
 def _add(dW: dict, name: str, g: torch.Tensor) -> None:
@@ -375,8 +374,7 @@ def _backward(dy, xf, cos, sin, a: Activations, W: dict, drop: AdapterDropout, s
     do = do.view(-1, H, D)
     q, o = a.q, a.o
     if local is None and idx is not None:  # compact recompute: the kernels read q, o at idx
-        # (and at the key rows, whose queries add nothing but must be finite)
-        q, o = _scatter(q, idx, N, key_rows is not None), _scatter(o, idx, N, key_rows is not None)
+        q, o = _scatter(q, idx, N), _scatter(o, idx, N)
     attn = (q.view(B, L, H, D), a.k.view(B, L, Hkv, D), a.v.view(B, L, Hkv, D), o.view(B, L, H, D),
             a.lse, do, layout, idx)  # fmt: skip
     if key_rows is None:

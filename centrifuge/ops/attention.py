@@ -279,9 +279,9 @@ def attention_backward_key_rows(
     On CUDA the Triton kernels run the key rows as a second set of keys over the
     kept queries (no work for their queries). The reference runs the backward on
     the union of both with a zero output gradient on the key rows: a query with
-    dO = 0 has Delta = 0, so it adds nothing to any dK or dV; q, o must then be
-    finite on the key rows (they are read). Returns dq, dk, dv [n, ., D] of
-    keep_idx and dk, dv [m, Hkv, D] of the key rows."""
+    dO = 0 has Delta = 0, so it adds nothing to any dK or dV (their q, o, read
+    there, are zeroed first). Returns dq, dk, dv [n, ., D] of keep_idx and dk,
+    dv [m, Hkv, D] of the key rows."""
     if _gpu_kernels_available(q):  # the kernels take the key rows as a second key set
         from centrifuge.ops import attention_triton as at
 
@@ -290,6 +290,10 @@ def attention_backward_key_rows(
         if extra is not None:
             dk, dv = _reweight_extra_rows(q, k, v, o, lse, do, keep_idx, dk, dv, extra, scale)
         return dq, dk, dv, dk_keys, dv_keys
+    # The key rows' queries add nothing (dO = 0) but are read: make them finite
+    # (a compact recompute leaves them unwritten).
+    B, L = q.shape[:2]
+    q, o = (t.reshape(B * L, *t.shape[2:]).index_fill(0, key_rows.idx, 0).view_as(t) for t in (q, o))
     n_union = key_rows.union.numel()
     do_union = do.new_zeros(n_union, *do.shape[1:]).index_copy_(0, key_rows.rows_pos, do)
     if extra is not None:  # sampled rows' positions, from keep_idx to the union
