@@ -256,28 +256,21 @@ def step_time(lay: Layout, hw: Hardware, c=None) -> dict:
     return out
 
 
+def _one_gpu(label: str, preset: str, seq: int, batch: int, raw: str, ckpt: bool = False) -> tuple:
+    """A one-GPU bench row pair (dense, Centrifuge at ρ = 0.5), with or without checkpointing."""
+    suffix = "-ckpt" if ckpt else ""
+    return (label + (", ckpt" if ckpt else ""), Layout(preset, seq, batch, ckpt=ckpt, weights="bench-bf16"),
+            raw, dict(variant="dense" + suffix), dict(variant="centrifuge" + suffix, ratio=0.5))  # fmt: skip
+
+
 VALIDATION = [  # (label, layout, raw JSON, dense row, Centrifuge row)
-    ("tinyllama 8x2048, 1 GPU", Layout("tinyllama-1.1b", 2048, 8, weights="bench-bf16"),
-     "h200-2026-11-29-after-sync/tinyllama-1.1b-s2048-b8-bf16.json", dict(variant="dense"),
-     dict(variant="centrifuge", ratio=0.5)),
-    ("tinyllama 2x8192, 1 GPU", Layout("tinyllama-1.1b", 8192, 2, weights="bench-bf16"),
-     "tinyllama-1.1b-s8192-b2-bf16-ckpt.json", dict(variant="dense"),
-     dict(variant="centrifuge", ratio=0.5)),
-    ("tinyllama 2x8192, 1 GPU, ckpt", Layout("tinyllama-1.1b", 8192, 2, ckpt=True, weights="bench-bf16"),
-     "tinyllama-1.1b-s8192-b2-bf16-ckpt.json", dict(variant="dense-ckpt"),
-     dict(variant="centrifuge-ckpt", ratio=0.5)),
-    ("tinyllama 1x32768, 1 GPU", Layout("tinyllama-1.1b", 32768, 1, weights="bench-bf16"),
-     "tinyllama-1.1b-s32768-b1-bf16-ckpt.json", dict(variant="dense"),
-     dict(variant="centrifuge", ratio=0.5)),
-    ("tinyllama 1x32768, 1 GPU, ckpt", Layout("tinyllama-1.1b", 32768, 1, ckpt=True, weights="bench-bf16"),
-     "tinyllama-1.1b-s32768-b1-bf16-ckpt.json", dict(variant="dense-ckpt"),
-     dict(variant="centrifuge-ckpt", ratio=0.5)),
-    ("llama3.2-3b 1x8192, 1 GPU", Layout("llama3.2-3b", 8192, 1, weights="bench-bf16"),
-     "llama3.2-3b-s8192-b1-bf16-ckpt.json", dict(variant="dense"),
-     dict(variant="centrifuge", ratio=0.5)),
-    ("llama3.2-3b 1x8192, 1 GPU, ckpt", Layout("llama3.2-3b", 8192, 1, ckpt=True, weights="bench-bf16"),
-     "llama3.2-3b-s8192-b1-bf16-ckpt.json", dict(variant="dense-ckpt"),
-     dict(variant="centrifuge-ckpt", ratio=0.5)),
+    _one_gpu("tinyllama 8x2048, 1 GPU", "tinyllama-1.1b", 2048, 8,
+             "h200-2026-11-29-after-sync/tinyllama-1.1b-s2048-b8-bf16.json"),
+    *(_one_gpu(label, preset, seq, batch, raw, ckpt) for label, preset, seq, batch, raw in (
+        ("tinyllama 2x8192, 1 GPU", "tinyllama-1.1b", 8192, 2, "tinyllama-1.1b-s8192-b2-bf16-ckpt.json"),
+        ("tinyllama 1x32768, 1 GPU", "tinyllama-1.1b", 32768, 1, "tinyllama-1.1b-s32768-b1-bf16-ckpt.json"),
+        ("llama3.2-3b 1x8192, 1 GPU", "llama3.2-3b", 8192, 1, "llama3.2-3b-s8192-b1-bf16-ckpt.json"),
+    ) for ckpt in (False, True)),
     ("tinyllama 8x2048, 1 GPU, fp32 master", Layout("tinyllama-1.1b", 2048, 8, weights="bench-fp32"),
      "tinyllama-1.1b-s2048-b8-bf16-2gpu.json", dict(mode="single", variant="dense"),
      dict(mode="single", variant="centrifuge")),
