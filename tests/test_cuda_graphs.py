@@ -1,6 +1,7 @@
 """The host side of captured steps (CUDA graphs themselves are tested in
 tests/gpu/test_cuda_graphs_gpu.py): the padded layout a captured step reads
-gives the model's gradients, the signature parts, and clear errors."""
+gives the model's gradients, the signature parts, the eager first call of the
+captured update, and clear errors."""
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from centrifuge.models import build_model, get_preset
 from centrifuge.plan import BackwardOptions, Layout
 from centrifuge.selection import Selector
 from centrifuge.training import TrainConfig, train
-from centrifuge.training.graphs import capacity, why_not_captured
+from centrifuge.training.graphs import CapturedUpdate, capacity, why_not_captured, why_update_not_captured
+from centrifuge.training.loop import _optimizer
 
 
 def packed_positions(B, L, seed):
@@ -77,3 +79,42 @@ def test_cuda_graphs_need_a_cuda_device(tmp_path, data_file, cache):
                       cache_dir=cache, device="cpu", cuda_graphs=True)  # fmt: skip
     with pytest.raises(ValueError, match="needs a CUDA device"):
         train(cfg, progress=False)
+
+
+def test_the_captured_update_starts_with_the_eager_step():
+    """The first call of CapturedUpdate is the eager update — one AdamW step, not a
+    warm-up step more — reading the lr from a device tensor, and it leaves the
+    parameter groups (what checkpoints save) as an eager run's: float lrs,
+    capturable off. Its later calls capture and replay (CUDA only)."""
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    models = [build_model(get_preset("tiny"), dtype=torch.float64, seed=0) for _ in range(2)]
+    opts = [_optimizer(m, cfg, fused=True) for m in models]
+    g = torch.Generator().manual_seed(0)
+    for pa, pb in zip(*(m.parameters() for m in models)):
+        pa.grad = torch.randn(pa.shape, generator=g, dtype=pa.dtype)
+        pb.grad = pa.grad.clone()
+
+    def update(model, opt):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return norm
+
+    before = [p.detach().clone() for p in models[0].parameters()]
+    want = update(models[0], opts[0])
+    assert why_update_not_captured(opts[1]) is None
+    captured = CapturedUpdate(opts[1], lambda: update(models[1], opts[1]), torch.device("cpu"))
+    got = captured()
+    assert (captured.calls, captured.replays, captured.graph) == (1, 0, None)
+    assert got == want
+    assert opts[1].state_dict()["param_groups"] == opts[0].state_dict()["param_groups"]
+    assert all(type(group["lr"]) is float and not group["capturable"] for group in opts[1].param_groups)
+    for (name, pa), pb, p0 in zip(models[0].named_parameters(), models[1].parameters(), before):
+        sa, sb = opts[0].state[pa], opts[1].state[pb]
+        assert sb["step"].item() == 1 and torch.equal(sa["step"], sb["step"]), name
+        for key in ("exp_avg", "exp_avg_sq"):  # the lr does not enter the moments
+            assert torch.equal(sa[key], sb[key]), (name, key)
+        # The lr read as float32 changes the update by its rounding (2e-8 of 1e-2).
+        torch.testing.assert_close(pb - p0, pa - p0, rtol=1e-7, atol=0, msg=name)
+        assert pb.grad is not None and not pb.grad.any()
+    assert "foreach" in why_update_not_captured(torch.optim.AdamW(models[0].parameters()))

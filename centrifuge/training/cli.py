@@ -107,9 +107,9 @@ def add_arguments(p) -> None:
     opt_g("--dtype", "fp32, or bf16 autocast with fp32 master weights", choices=DTYPES)
     opt_g("--activation-checkpointing", "decoder layers keep only their input; the backward "
           "recomputes the rest, on kept tokens only with --backward amplified", action="store_true")
-    opt_g("--cuda-graphs", "replay micro-batches from CUDA graphs (one capture per shape; for "
-          "small models, whose steps the host sets the pace of; --backward-path auto then takes "
-          "the compact path); one CUDA process", action="store_true")
+    opt_g("--cuda-graphs", "replay micro-batches (one capture per shape) and the optimizer update "
+          "from CUDA graphs (for small models, whose steps the host sets the pace of; "
+          "--backward-path auto then takes the compact path); one CUDA process", action="store_true")
     opt_g("--device", "auto (cuda if available, else cpu), cpu, cuda, cuda:N; under torchrun "
           "each process takes cuda:LOCAL_RANK")
     opt_g("--parallel", "under torchrun: ddp, fsdp (FSDP2, sharded weights, gradients and "

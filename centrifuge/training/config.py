@@ -73,8 +73,9 @@ class TrainConfig:
     activation_checkpointing: decoder layers keep only their input and recompute
                       the rest in the backward (on kept rows with ``amplified``).
     cuda_graphs:      replay micro-batches from CUDA graphs, one capture per shape (kept,
-                      context and document counts; centrifuge.training.graphs): the host
-                      no longer issues every kernel, and ``backward_path`` ``auto`` takes
+                      context and document counts; centrifuge.training.graphs), and the
+                      optimizer update from the second step on: the host no longer
+                      issues every kernel, and ``backward_path`` ``auto`` takes
                       the compact path. One CUDA process; random selection and sampled
                       extra rows run eagerly, and say so.
     device:           "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...; under

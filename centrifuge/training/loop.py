@@ -47,7 +47,9 @@ from centrifuge.plan import BackwardOptions, Layout, context_rows
 from centrifuge.selection import Selector
 from centrifuge.training import checkpoint as ckpt_io
 from centrifuge.training.config import TrainConfig
-from centrifuge.training.graphs import CapturedMicroBatches, why_not_captured
+from centrifuge.training.graphs import (
+    CapturedMicroBatches, CapturedUpdate, why_not_captured, why_update_not_captured,
+)  # fmt: skip
 from centrifuge.training.metrics import MetricsLog, plot_losses, read_metrics
 from centrifuge.training.schedule import ExactSchedule, WarmupCosine
 from centrifuge.training.progress import Progress
@@ -181,6 +183,13 @@ class Trainer:
             self.load_state(run.resume_state, run.resume_path)
         else:
             torch.manual_seed(cfg.seed)
+        self.captured_update: CapturedUpdate | None = None
+        if self.graphs is not None:  # after load_state: a resumed state brings its parameter groups
+            why = why_update_not_captured(self.opt)
+            if why is None:
+                self.captured_update = CapturedUpdate(self.opt, self._update, run.device)
+            elif self.ctx.is_main:
+                print(f"[{run.label}] --cuda-graphs: {why}; the optimizer update runs eagerly")
 
     # --- state ---------------------------------------------------------------
     @property
@@ -299,12 +308,9 @@ class Trainer:
                     loss.backward()
             sums[:4] += out
         reduce_replicated_grads(run.module)
-        gnorm = self._clip_grad()
         lr = self.opt.param_groups[0]["lr"]
-        self.opt.step()
+        gnorm = (self._update if self.captured_update is None else self.captured_update)()
         self.sched.step()
-        # Captured steps accumulate into the gradient tensors they were captured with.
-        self.opt.zero_grad(set_to_none=self.graphs is None)
         sums[4] = sum(run.train_ds.real_tokens(rows) for rows in micro)
         if not counted:
             sums[:5] = 0
@@ -381,6 +387,15 @@ class Trainer:
             self.out.write(f"[{run.label}] {graphs.note}")
             graphs.note = None
         return None if sums is None else sums[1]
+
+    def _update(self) -> torch.Tensor:
+        """Clip the gradients, step the optimizer and zero the gradients; returns
+        the norm of :meth:`_clip_grad`."""
+        norm = self._clip_grad()
+        self.opt.step()
+        # Captured micro-batches accumulate into the gradient tensors they were captured with.
+        self.opt.zero_grad(set_to_none=self.graphs is None)
+        return norm
 
     def _clip_grad(self) -> torch.Tensor:
         """Clip the gradients in place; returns their total norm (a device scalar,
@@ -506,5 +521,7 @@ class Trainer:
             processes=self.ctx.world_size,
             parallel=self.run.parallel,
             tp=self.ctx.tp,
-            cuda_graphs=None if self.graphs is None else self.graphs.counts(),
+            cuda_graphs=None if self.graphs is None else dict(
+                self.graphs.counts(),
+                update_replayed=0 if self.captured_update is None else self.captured_update.replays),
         )
