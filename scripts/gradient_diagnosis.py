@@ -35,6 +35,7 @@ from centrifuge.data import load_dataset  # noqa: E402
 from centrifuge.evaluation.gradient_error import agreement, model_gradients  # noqa: E402
 from centrifuge.models import LlamaForCausalLM, build_model, get_preset  # noqa: E402
 from centrifuge.plan import BackwardOptions  # noqa: E402
+from centrifuge.scoring.checkpoint import resolve_checkpoint  # noqa: E402
 from centrifuge.selection import Selector  # noqa: E402
 
 DEFAULT_SETTINGS = ("amplified=", "exact_layers2=exact_layers=2", "exact_top2=exact_top=2",
@@ -45,8 +46,10 @@ GROUPS = ("all", "embedding", "q", "k", "v", "o", "mlp", "norms")
 
 
 def load_model(spec: str, dtype, device):
-    if Path(spec).is_dir():
-        return LlamaForCausalLM.from_pretrained(spec, dtype=dtype).to(device)
+    """A preset name (random weights, seed 0), or a checkpoint: its directory or
+    a training run's directory (its ``latest``)."""
+    if Path(spec).exists() or "/" in spec:  # a path: a missing one is named as such
+        return LlamaForCausalLM.from_pretrained(resolve_checkpoint(spec), dtype=dtype).to(device)
     return build_model(get_preset(spec), dtype=dtype, device=device, seed=0)
 
 

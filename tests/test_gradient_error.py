@@ -77,3 +77,15 @@ def test_diagnosis_script_writes_every_setting(tmp_path, capsys, load_script):
         assert mean[name]["k"]["rel_error"] < mean["amplified"]["k"]["rel_error"]
         assert mean[name]["mlp"]["rel_error"] == pytest.approx(mean["amplified"]["mlp"]["rel_error"])
     assert "| amplified |" in capsys.readouterr().out
+
+
+def test_diagnosis_script_loads_a_run_directory_and_names_a_missing_one(tmp_path, load_script):
+    script = load_script("gradient_diagnosis")
+    model = build_model(get_preset("tiny"), seed=3)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "checkpoint-5")
+    (run / "latest").write_text("checkpoint-5")
+    loaded = script.load_model(str(run), torch.float32, "cpu")  # a run directory: its latest
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # not "unknown model preset"
+        script.load_model(str(run / "checkpoint-150"), torch.float32, "cpu")
