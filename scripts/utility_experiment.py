@@ -120,6 +120,10 @@ class Scale:
     # Also Rho-1 Centrifuge at equal training time: steps x (Rho-1 exact's step
     # time / Centrifuge's), measured on the same seed's two equal-token runs.
     equal_time: bool = False
+    # The compared runs replay their steps from CUDA graphs (centrifuge train
+    # --cuda-graphs; standard, Rho-1 exact and Centrifuge alike). The base and
+    # the reference train eagerly, so they are the same with or without.
+    cuda_graphs: bool = False
 
 
 SCALES = {
@@ -337,7 +341,7 @@ def run_one(spec: RunSpec, s: Scale, data: Path, scores: Path, out: Path, cache:
         extra["model"] = str(base)
     elif s.scratch_lr is not None:
         extra["lr"] = s.scratch_lr
-    cfg = base_config(s, data, run_dir, cache, **extra)
+    cfg = base_config(s, data, run_dir, cache, cuda_graphs=s.cuda_graphs, **extra)
     summary = train(cfg, progress=False)
     times = step_times(Path(summary["metrics"]))
     skip = max(1, len(times) // 10)  # the first steps include warm-up (allocation, compilation)
@@ -824,6 +828,10 @@ def parse_args(argv=None):
     p.add_argument("--equal-time", action="store_true",
                    help="also train Rho-1 Centrifuge for Rho-1 exact's training time at the headline "
                         "ρ (on by default in the full scales)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the compared runs replay their steps from CUDA graphs (centrifuge train "
+                        "--cuda-graphs), where small models' steps are set by the host; the base "
+                        "and the reference train eagerly")
     p.add_argument("--inits", nargs="+", choices=sorted(INITS), default=None,
                    help="override the scale's inits: scratch and/or base (continued training)")
     p.add_argument("--runs", nargs="+", default=None, metavar="GLOB",
@@ -880,6 +888,8 @@ def main(argv=None) -> int:
         s.inits = args.inits
     if args.equal_time:
         s.equal_time = True
+    if args.cuda_graphs:
+        s.cuda_graphs = True
     if "base" in s.inits and s.base_steps < 1:
         raise SystemExit(f"scale {args.scale!r} has no base model (base_steps = 0): use --inits scratch")
     for knob in s.knobs:
@@ -1013,7 +1023,8 @@ def earlier_saved(out: Path, s: Scale) -> dict:
     saved = out / "results.json"
     if saved.exists():
         data = json.loads(saved.read_text())
-        if run_settings(data["meta"]["config"]) == run_settings(asdict(s)):
+        # Through Scale: a field added since it was saved takes its default.
+        if run_settings(asdict(Scale(**data["meta"]["config"]))) == run_settings(asdict(s)):
             return data
     return {}
 

@@ -2,6 +2,7 @@
 with stored scores equals selection with an online reference model, and the
 eval metrics (`centrifuge eval`) on inputs whose answer is known."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -389,3 +390,35 @@ def test_schedule_knobs_become_train_options(load_script):
     for bad in ("exact_every=0", "exact_final=1.5", "exact_every=x"):
         with pytest.raises(ValueError, match="bad schedule option"):
             knob_options(bad)
+
+
+def test_cuda_graphs_reach_the_compared_runs_and_old_results_still_count(load_script, tmp_path, monkeypatch):
+    """--cuda-graphs: every compared run trains captured (the base and the
+    reference do not: they stay the same with or without); a results.json saved
+    before the option existed still describes eager runs."""
+    ue = load_script("utility_experiment")
+    eager = dataclasses.replace(ue.SCALES["smoke"])
+    captured = dataclasses.replace(eager, cuda_graphs=True)
+    seen = []
+
+    class Trained(Exception):
+        pass
+
+    def fake_train(cfg, progress):
+        seen.append(cfg)
+        raise Trained
+
+    monkeypatch.setattr(ue, "train", fake_train)
+    for s in (eager, captured):
+        for spec in ue.plan_runs(s)[:3]:  # standard, Rho-1 exact, Centrifuge
+            with pytest.raises(Trained):
+                ue.run_one(spec, s, tmp_path / "d.jsonl", tmp_path / "scores", tmp_path / "out",
+                           tmp_path / "cache", None)  # fmt: skip
+    assert [c.cuda_graphs for c in seen] == [False] * 3 + [True] * 3
+    assert ue.parse_args(["--cuda-graphs"]).cuda_graphs and not ue.parse_args([]).cuda_graphs
+
+    old = {k: v for k, v in dataclasses.asdict(eager).items() if k != "cuda_graphs"}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(dict(meta=dict(config=old), runs=[])))
+    assert ue.earlier_saved(tmp_path / "old", eager)["meta"]["config"] == old
+    assert ue.earlier_saved(tmp_path / "old", captured) == {}
