@@ -62,10 +62,12 @@ case "$mode" in
     bench --preset byte-110m --seq-len 512 --batch 16 $paths
     bench --preset byte-110m --seq-len 2048 --batch 16 $paths
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 --cuda-graphs ;;
-  graphs-train)  # centrifuge train's own step, eager and captured, next to the bench's
-    python3 scripts/train_step_times.py /tmp/train-times --model byte-110m --seq-len 512 --batch-size 16 \
-      2>&1 | grep -v "^\[" | tee "$out/train-step-times.md"
-    cp /tmp/train-times/train-step-times.json "$out/" ;;
+  graphs-train)  # centrifuge train's own captured step next to the bench's, with the device's busy time
+    for len in 512 2048; do
+      python3 scripts/train_step_times.py /tmp/train-times-$len --model byte-110m --seq-len $len \
+        --batch-size 16 --modes graphs --profile 10 2>&1 | grep -v "^\[" | tee "$out/train-step-times-$len.md"
+      cp /tmp/train-times-$len/train-step-times.json "$out/train-step-times-$len.json"
+    done ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;
   part1|full)

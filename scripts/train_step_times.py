@@ -8,6 +8,11 @@ one process (the loop's own ``step_s``, median over the steps after the first
 Writes OUT_DIR/train-step-times.json and prints a Markdown table with the
 ratios the bench reports (c/a: Centrifuge over dense, c/b: over masked), eager
 and captured, for comparison with ``centrifuge bench --cuda-graphs``.
+
+``--profile N`` (CUDA) also profiles N steps after ``--skip`` of every run and
+reports the device's busy time per step (the union of its kernel intervals)
+next to the step's wall time: where they are equal the device sets the pace,
+where busy is shorter the device waits for the host between steps.
 """
 
 from __future__ import annotations
@@ -21,10 +26,44 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from centrifuge.bench.runner import union_length  # noqa: E402
 from centrifuge.training import TrainConfig, train  # noqa: E402
 from centrifuge.training.metrics import read_metrics  # noqa: E402
 
 VARIANTS = {"dense": dict(select="none"), "masked": dict(backward="exact"), "centrifuge": {}}
+
+
+class DeviceBusy:
+    """A ``train`` callback that profiles the device over steps ``after + 1 ..
+    after + steps`` (CUDA kernels only: tracing the host would slow the host
+    that is being measured). ``result``: per step, the window's wall ms, the
+    device's busy ms and the kernels."""
+
+    def __init__(self, after: int, steps: int):
+        self.after, self.steps, self.result = after, steps, None
+
+    def __call__(self, step: int, record: dict) -> None:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.after:
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif step == self.after + self.steps:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            spans = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
+                           if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)  # fmt: skip
+            n = self.steps
+            self.result = dict(wall_ms=1e3 * wall / n, busy_ms=union_length(spans) / 1e3 / n,
+                               kernels=len(spans) / n)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -41,7 +80,13 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="token cache directory (centrifuge train's default if unset)")
     p.add_argument("--modes", nargs="+", choices=("eager", "graphs"), default=["eager", "graphs"],
                    help="run the loop eagerly, captured, or both")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="CUDA: profile N steps after --skip and report the device's busy time per step")
     args = p.parse_args(argv)
+    if args.skip + args.profile >= args.steps:
+        p.error(f"--skip {args.skip} + --profile {args.profile} must be below --steps {args.steps}")
+    if args.profile and not torch.cuda.is_available():
+        p.error("--profile needs CUDA (it measures the device's busy time)")
     modes = [m == "graphs" for m in args.modes]
     rows = {}
     for graphs in modes:
@@ -53,9 +98,11 @@ def main(argv=None) -> int:
                               data=args.data, cache_dir=args.cache_dir,
                               out_dir=str(args.out / f"{name}{'-graphs' if graphs else ''}"),
                               overwrite=True, cuda_graphs=graphs)  # fmt: skip
-            s = train(cfg, progress=False)
+            busy = DeviceBusy(args.skip, args.profile) if args.profile else None
+            s = train(cfg, progress=False, callback=busy)
             times = [r["step_s"] for r in read_metrics(s["metrics"]) if r["kind"] == "train"][args.skip :]
-            rows[(name, graphs)] = dict(step_ms=1e3 * statistics.median(times), cuda_graphs=s["cuda_graphs"])
+            rows[(name, graphs)] = dict(step_ms=1e3 * statistics.median(times), cuda_graphs=s["cuda_graphs"],
+                                        profile=busy and busy.result)  # fmt: skip
     result = dict(config=vars(args) | {"out": str(args.out)},
                   rows=[dict(variant=n, graphs=g, **r) for (n, g), r in rows.items()])  # fmt: skip
     (args.out / "train-step-times.json").write_text(json.dumps(result, indent=2))
@@ -68,6 +115,15 @@ def main(argv=None) -> int:
         sig = rows[("centrifuge", graphs)]["cuda_graphs"]
         print(f"| {'CUDA graphs' if graphs else 'eager'} | {a:.1f} | {b:.1f} | {c:.1f} | {c / a:.3f} | "
               f"{c / b:.3f} | {sig['captured'] if sig else '—'} |")
+    if args.profile:
+        print(f"\nDevice busy time per step over steps {args.skip + 1}..{args.skip + args.profile} "
+              "(profiled; wall = the window's time per step):\n")
+        print("| | variant | wall ms | device busy ms | busy share | kernels |")
+        print("|---|---|---|---|---|---|")
+        for (name, graphs), r in rows.items():
+            pr = r["profile"]
+            print(f"| {'CUDA graphs' if graphs else 'eager'} | {name} | {pr['wall_ms']:.1f} | "
+                  f"{pr['busy_ms']:.1f} | {pr['busy_ms'] / pr['wall_ms']:.2f} | {pr['kernels']:.0f} |")
     return 0
 
 

@@ -453,3 +453,15 @@ def test_train_step_times_script_reports_the_loop_ratios(tmp_path, data_file, ca
     table = capsys.readouterr().out
     c_over_a = rows[2]["step_ms"] / rows[0]["step_ms"]
     assert f"| eager | {rows[0]['step_ms']:.1f} |" in table and f"{c_over_a:.3f}" in table
+
+
+def test_train_step_times_profile_needs_room_and_cuda(tmp_path, load_script, capsys):
+    """--profile's steps must fit after --skip, and it measures the device."""
+    script = load_script("train_step_times")
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path), "--steps", "10", "--skip", "8", "--profile", "2"])
+    assert "must be below --steps 10" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            script.main([str(tmp_path), "--profile", "3"])
+        assert "--profile needs CUDA" in capsys.readouterr().err
