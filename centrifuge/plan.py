@@ -249,11 +249,14 @@ class ExtraRows:
 @dataclass
 class KeyRows:
     """Filtered rows whose K/V gradient reaches the K/V projections only
-    (``BackwardOptions.kv_projections``, compact path): the rows outside the
-    backward set that precede one of its rows in their document (the others get
-    no K/V gradient).
+    (``BackwardOptions.kv_projections``, compact path). The plan takes every row
+    outside the backward set: their count is known on the host, so nothing waits
+    for the device, and a row that precedes no backward row of its document (a
+    document's tail, padding) is seen by no backward query and gets a zero K/V
+    gradient, so the gradients are those of the rows that do precede one.
 
-    idx:      [m] sorted flat indices of those rows.
+    idx:      [m] sorted flat indices of those rows (any rows outside the
+              backward set: the ops take any such subset).
     rows_idx: [n] sorted flat indices of the backward rows (``Plan.rows_idx``).
 
     The reference backward runs on the union of both (these rows with a zero
@@ -391,11 +394,11 @@ def precedes(mask: torch.Tensor, layout: Layout) -> torch.Tensor:
     return pos < last[doc]
 
 
-def _key_rows(rows: torch.Tensor, rows_idx: torch.Tensor, layout: Layout) -> KeyRows:
+def _key_rows(rows: torch.Tensor, rows_idx: torch.Tensor) -> KeyRows:
     """:class:`KeyRows` of a backward set ``rows`` ([B, L] bool, flat indices
-    ``rows_idx``). One host sync learns their count."""
-    key = (~rows & precedes(rows, layout)).reshape(-1)
-    return KeyRows(_true_indices(key, int(key.sum())), rows_idx)
+    ``rows_idx``): every other row. Their count is the rows' minus the backward
+    set's, whose size the host knows, so nothing waits for the device."""
+    return KeyRows(_true_indices(~rows.reshape(-1), rows.numel() - rows_idx.numel()), rows_idx)
 
 
 def context_rows(valid: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -580,7 +583,7 @@ class Plan:
             pos = torch.nonzero(self.sampled.reshape(-1)[self.rows_idx]).squeeze(1)
             self.extra = ExtraRows(pos, opts.weight)
         if opts.kv_projections:
-            self.key_rows = _key_rows(rows, self.rows_idx, self.layout)
+            self.key_rows = _key_rows(rows, self.rows_idx)
 
     def _filtered_rows_that_matter(self, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: rows outside the backward set ``rows`` that precede a kept

@@ -193,7 +193,13 @@ def test_cached_bounds_follow_a_rewritten_buffer():
     """The per-step bounds cache keys on tensor identity; document bounds copied
     into the same buffer (CUDA graphs' fixed inputs) must not return the previous
     batch's bounds."""
-    from centrifuge.ops.attention_triton import _cached_bounds, clear_bounds_cache, kept_row_bounds
+    from centrifuge.ops.attention_triton import (
+        _cached_bounds,
+        _step_cached,
+        clear_bounds_cache,
+        kept_row_bounds,
+        key_row_bounds,
+    )
 
     clear_bounds_cache()
     idx = torch.arange(12)
@@ -204,6 +210,12 @@ def test_cached_bounds_follow_a_rewritten_buffer():
     got, want = _cached_bounds(idx, cu), kept_row_bounds(idx, cu)
     assert torch.equal(got.doc_start, want.doc_start) and torch.equal(got.kept_end, want.kept_end)
     assert not torch.equal(got.doc_start, first.doc_start)
+    keys, kept = torch.tensor([1, 6, 9]), torch.tensor([0, 2, 4, 10])  # kv_projections' key rows
+    key_bounds = _step_cached("keys", key_row_bounds, keys, kept, cu)
+    assert _step_cached("keys", key_row_bounds, keys, kept, cu) is key_bounds
+    assert _cached_bounds(idx, cu) is got  # one entry per kind
+    clear_bounds_cache()
+    assert _step_cached("keys", key_row_bounds, keys, kept, cu) is not key_bounds
     clear_bounds_cache()
 
 
@@ -229,6 +241,41 @@ def test_key_rows_match_the_zero_gradient_union(seed, packed, config):
     for name, a, b in zip(("dq", "dk", "dv", "dk keys", "dv keys"), got, want):
         assert a.shape == b.shape, name
         assert rel(a, b) < TOL, f"{name}: relative error {rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize("split,atomic", [(1, True), (2, True), (2, False)], ids=["stored", "atomic", "summed"])
+def test_keys_no_kept_query_sees_get_exact_zeros(split, atomic):
+    """Every row outside the kept set as a key row (what the plan gives
+    kv_projections): a document's tail after its last kept row, a document with
+    no kept row and padding get exactly zero dK, dV from the kernel (their blocks
+    straddle documents and rows), and the other keys what the reference gives."""
+    from centrifuge.ops.attention import attention_backward_key_rows
+    from centrifuge.plan import KeyRows, precedes
+
+    B, L, H, Hkv, D = 2, 40, 4, 2, 16
+    docs = [[15, 12, 13], [25, 15]]  # row 1 ends in 15 padding rows
+    pos = torch.tensor([[p for n in row for p in range(n)] for row in docs])
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 25:] = False
+    layout = Layout.build(B, L, position_ids=pos, attention_mask=mask)
+    keep = torch.zeros(B * L, dtype=torch.bool)
+    keep[[2, 5, 9, 30, 35, 40, 44, 50, 60]] = True  # none in row 0's second document
+    idx = torch.nonzero(keep).squeeze(1)
+    keys = torch.nonzero(~keep).squeeze(1)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, L, h, D, generator=g) for h in (H, Hkv, Hkv))
+    o, lse = attention_forward_reference(q, k, v, layout)
+    do = torch.randn(idx.numel(), H, D, generator=g)
+    cfg = BackwardConfig(16, 16, 4, 1, 16, 16, 4, 1, kv_split=split, kv_atomic=atomic)
+    got = attention_backward_triton(q, k, v, o, lse, do, layout, idx, config=cfg, key_idx=keys)
+    want = attention_backward_key_rows(q, k, v, o, lse, do, layout, idx, KeyRows(keys, idx))
+    unseen = ~precedes(keep.view(B, L), layout).reshape(-1)[keys]
+    assert unseen.sum() > 25  # tails, a whole document, padding
+    for name, a, b in zip(("dq", "dk", "dv", "dk keys", "dv keys"), got, want):
+        assert rel(a, b) < TOL, f"{name}: relative error {rel(a, b):.2e}"
+    for name, d in (("dk keys", got[3]), ("dv keys", got[4])):
+        assert torch.equal(d[unseen], torch.zeros_like(d[unseen])), name
+        assert d[~unseen].abs().amax(dim=(1, 2)).min() > 0, name
 
 
 def test_key_rows_without_kept_queries_get_zeros():

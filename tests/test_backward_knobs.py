@@ -20,10 +20,11 @@ from centrifuge.ops.attention import (
     attention_forward_reference,
     attention_reference,
 )
-from centrifuge.plan import BackwardOptions, ExtraRows, Layout, Plan, _key_rows, precedes
+from centrifuge.plan import BackwardOptions, ExtraRows, Layout, Plan, _key_rows, context_rows, precedes
 from centrifuge.selection import Selector
 from test_model_grads import assert_close, grads, make_batch
 from test_ops import _layout, _qkv
+from test_plan_selection import _syncs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -140,7 +141,7 @@ def test_attention_backward_key_rows(kernels, H, Hkv, monkeypatch):
     do = torch.randn(idx.numel(), H, D, generator=g, dtype=F64).to(dtype)
     o_ref.backward(torch.zeros(B * L, H, D, dtype=dtype).index_copy_(0, idx, do).view(B, L, H, D))
     o, lse = attention_forward_reference(q.detach(), k.detach(), v.detach(), layout)
-    key_rows = _key_rows(rows, idx, layout)
+    key_rows = _key_rows(rows, idx)
     extra = ExtraRows(torch.nonzero(sampled.reshape(-1)[idx]).squeeze(1), w)
     dq, dk, dv, dk_key, dv_key = attention_backward_key_rows(
         q.detach(), k.detach(), v.detach(), o, lse, do, layout, idx, key_rows, extra=extra
@@ -381,6 +382,31 @@ def test_kv_projections_reach_weights_not_the_residual_stream():
             assert (ours[name] - amplified[name]).abs().max() > 1e-3 * amplified[name].abs().max(), name
         else:
             torch.testing.assert_close(ours[name], amplified[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_kv_projections_key_rows_need_no_host_sync():
+    """With host counts (kept rows, context rows on the host, as centrifuge train
+    has them) the compact plan takes every row outside the backward set as key
+    rows without waiting for the device: N - n_rows of them, the rows of no
+    backward row among them (a document's tail and padding included)."""
+    B, L = 3, 29
+    pos = torch.arange(L).repeat(B, 1)
+    pos[2, 13:] -= 13  # two documents in row 2
+    layout = Layout.build(B, L, position_ids=pos)
+    valid = ~layout.last_rows()
+    valid[:, :4] = False  # a prompt: context rows
+    valid[1, 20:] = False  # an unlabelled tail: neither kept nor context
+    context = context_rows(valid, layout)
+    sel = Selector("loss", 0.4)
+    n = sel.count(valid)
+    keep = sel(torch.rand(B, L, generator=torch.Generator().manual_seed(0)), valid, count=n)
+    plan = Plan(layout, BackwardOptions(kv_projections=True))
+    plan.set_context(context)
+    assert _syncs(lambda: plan.set_keep(keep, n)) == []
+    rows = (keep | context).reshape(-1)
+    assert plan.key_rows.idx.numel() == B * L - plan.rows_idx.numel()
+    assert torch.equal(plan.key_rows.idx, torch.nonzero(~rows).squeeze(1))
+    assert (~rows & ~precedes((keep | context), layout).reshape(-1)).sum() > 0  # rows no query sees
 
 
 @pytest.mark.parametrize("spec", [dict(kv_projections=True), dict(exact_top=1),

@@ -60,8 +60,8 @@ def add_arguments(p) -> None:
                         "backward and, as centrifuge+context-constant, as constants); native steps only")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time every native step captured as CUDA graphs (-graph rows: the "
-                        "host issues one launch per forward and backward; CUDA only); knobs with "
-                        "a host sync (extra, kv_projections off path=dense) are not captured")
+                        "host issues one launch per forward and backward; CUDA only); sampled rows "
+                        "(extra) wait for the host and are not captured")
     p.add_argument("--out-dir", "--out", dest="out", type=Path, default=Path("runs/bench"),
                    help="output directory")
 

@@ -125,12 +125,9 @@ def native_variants(model: LlamaForCausalLM, checkpointing: bool = False,
         opts = BackwardOptions.parse(spec)
         opts.check_layers(model.config.num_layers)
         name = "centrifuge" + opts.describe().removeprefix("amplified")
-        # Sampled rows are drawn on a CPU generator and indexed with host syncs;
-        # kv_projections counts its key rows with a host sync on the compact path
-        # (which ``auto`` may pick).
-        key_rows_sync = opts.kv_projections and opts.path != "dense"
+        # Sampled rows are drawn on a CPU generator and indexed with host syncs.
         variants.append(Variant(name, f"Centrifuge, {spec}", filtered(opts), module=model,
-                                capturable=opts.extra == 0 and not key_rows_sync))  # fmt: skip
+                                capturable=opts.extra == 0))  # fmt: skip
     if not checkpointing:
         return variants
 

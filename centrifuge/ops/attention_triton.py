@@ -357,11 +357,12 @@ def block_order(keep_idx: torch.Tensor, bounds: KeptRowBounds, kind: str, block:
     return bounds.orders[key]
 
 
-# Every decoder layer of a step calls the backward with the same keep_idx and
-# layout: compute their bounds once. Holding the tensors keeps `is` meaningful;
-# their versions tell a fixed buffer rewritten with the next batch (CUDA graphs'
-# inputs, the dense path's one keep index).
-_bounds_cache: list = [None, None, None, None]
+# Every decoder layer of a step calls the backward with the same keep_idx (and
+# kv_projections' key_idx) and layout: compute their bounds once. Holding the
+# tensors keeps `is` meaningful; their versions tell a fixed buffer rewritten
+# with the next batch (CUDA graphs' inputs, the dense path's one keep index).
+# One entry per kind ("kept", "keys").
+_bounds_cache: dict = {}
 
 
 def _all_rows(n: int, device) -> torch.Tensor:
@@ -377,16 +378,22 @@ _all_rows_cache: dict = {}
 
 def clear_bounds_cache() -> None:
     """Forget the cached bounds (see :func:`centrifuge.ops.clear_step_caches`)."""
-    _bounds_cache[:] = [None, None, None, None]
+    _bounds_cache.clear()
+
+
+def _step_cached(kind: str, build, *tensors: torch.Tensor):
+    """``build(*tensors)``, reused while the same tensors (identity and version) come back."""
+    versions = tuple(t._version for t in tensors)
+    held = _bounds_cache.get(kind)
+    if held is not None and held[1] == versions and all(a is b for a, b in zip(held[0], tensors)):
+        return held[2]
+    value = build(*tensors)
+    _bounds_cache[kind] = (tensors, versions, value)
+    return value
 
 
 def _cached_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
-    k, c, versions, bounds = _bounds_cache
-    if k is keep_idx and c is cu_seqlens and versions == (k._version, c._version):
-        return bounds
-    bounds = kept_row_bounds(keep_idx, cu_seqlens)
-    _bounds_cache[:] = [keep_idx, cu_seqlens, (keep_idx._version, cu_seqlens._version), bounds]
-    return bounds
+    return _step_cached("kept", kept_row_bounds, keep_idx, cu_seqlens)
 
 
 def _check_inputs(q, k, v, o, lse, do, layout: Layout, keep_idx):
@@ -423,15 +430,40 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def key_row_bounds(key_idx: torch.Tensor, keep_idx: torch.Tensor, cu_seqlens: torch.Tensor):
-    """For filtered rows ``key_idx`` ([m] sorted flat indices, none in ``keep_idx``):
-    ([m] int32 first kept query that sees each, [m] int32 kept rows before the end
-    of its document), in the kept index space of ``keep_idx`` ([n] sorted)."""
+@dataclass
+class KeyRowBounds:
+    """Per filtered key row (sorted flat indices ``key_idx``, none kept), in the
+    kept index space of ``keep_idx``:
+    qfirst  [m] int32: the first kept query that sees it (kept rows before it);
+    key_end [m] int32: kept rows before the end of its document (it is seen by
+    kept queries ``qfirst <= i < key_end``: none when equal, as for a
+    document's tail after its last kept row, padding, or a document without
+    kept rows). ``orders`` caches per block size the launch order of the blocks."""
+
+    qfirst: torch.Tensor
+    key_end: torch.Tensor
+    orders: dict = field(default_factory=dict)
+
+    def order(self, block: int) -> torch.Tensor:
+        """[n_blocks] int32: the blocks of ``block`` consecutive keys, most kept
+        queries first (as :func:`block_order`)."""
+        if block not in self.orders:
+            m = self.qfirst.numel()
+            firsts = torch.arange(0, m, block, device=self.qfirst.device)
+            lasts = (firsts + block - 1).clamp(max=m - 1)
+            work = self.key_end[lasts].long() - self.qfirst[firsts].long()
+            self.orders[block] = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+        return self.orders[block]
+
+
+def key_row_bounds(key_idx: torch.Tensor, keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeyRowBounds:
+    """key_idx: [m] sorted flat indices of filtered rows; keep_idx: [n] sorted kept
+    rows; cu_seqlens: [n_docs + 1] document bounds."""
     cu = cu_seqlens.to(device=key_idx.device, dtype=key_idx.dtype)
     doc = torch.searchsorted(cu, key_idx, right=True) - 1
     first = torch.searchsorted(keep_idx, key_idx)
     end = torch.searchsorted(keep_idx, cu[doc + 1])
-    return first.to(torch.int32), end.to(torch.int32)
+    return KeyRowBounds(first.to(torch.int32), end.to(torch.int32))
 
 
 def attention_backward_triton(
@@ -526,12 +558,8 @@ def attention_backward_triton(
 
     dkdv(keep_idx, None, bounds.kept_end, block_order(keep_idx, bounds, "kv", cfg.kv_block_n), dk, dv)
     if m:
-        qfirst, key_end = key_row_bounds(key_idx, keep_idx, layout.cu_seqlens)
-        firsts = torch.arange(0, m, cfg.kv_block_n, device=q.device)
-        lasts = (firsts + cfg.kv_block_n - 1).clamp(max=m - 1)
-        work = key_end[lasts].long() - qfirst[firsts].long()  # longest first, as block_order
-        order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-        dkdv(key_idx, qfirst, key_end, order, *key_grads)
+        kb = _step_cached("keys", key_row_bounds, key_idx, keep_idx, layout.cu_seqlens)
+        dkdv(key_idx, kb.qfirst, kb.key_end, kb.order(cfg.kv_block_n), *key_grads)
     return (dq, dk, dv, *key_grads)
 
 

@@ -41,8 +41,6 @@ def why_not_captured(world_size: int, select: str, backward) -> str | None:
         return "random selection draws on a CPU generator, which a replay cannot repeat"
     if backward.extra > 0:
         return "sampled extra rows (backward extra) are drawn on a CPU generator and indexed with host syncs"
-    if backward.kv_projections and backward.path != "dense":
-        return "kv_projections on the compact path counts its key rows with a host sync"
     return None
 
 

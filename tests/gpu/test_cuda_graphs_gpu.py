@@ -33,10 +33,12 @@ def tokens(seed, B=3, L=257):
 def test_native_steps_never_wait_for_the_host(name, prompt_share):
     """A host sync inside a step would make its capture fail: CUDA's sync debug
     mode turns each one into an error (dense, masked, Centrifuge, checkpointed,
-    the compact path (small models take the dense one) and an exact-layers knob; pretraining and SFT labels)."""
+    the compact path (small models take the dense one), an exact-layers knob and
+    kv_projections on the compact path; pretraining and SFT labels)."""
     model = build_model(CONFIGS[name], dtype=torch.float32, device="cuda", seed=0)
     ids = tokens(0)
-    for v in native_variants(model, True, ("exact_layers=1", "path=compact"), prompt_share):
+    knobs = ("exact_layers=1", "path=compact", "kv_projections=1,path=compact")
+    for v in native_variants(model, True, knobs, prompt_share):
         v.loss(ids, 0.5).backward()  # caches and Triton compiles on the first call
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -179,6 +181,7 @@ def _trained(ckpt) -> tuple[dict, dict, dict]:
     dict(select="rho1", reference="self"),
     dict(select="loss", backward="exact"),
     dict(select="loss", sft=True),
+    dict(select="loss", kv_projections=True, backward_path="compact"),
 ])  # fmt: skip
 def test_captured_training_equals_eager(tmp_path, data_file, sft_file, cache, kw):
     """centrifuge train --cuda-graphs trains what the eager loop trains (packed
