@@ -73,7 +73,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -1023,8 +1023,10 @@ def earlier_saved(out: Path, s: Scale) -> dict:
     saved = out / "results.json"
     if saved.exists():
         data = json.loads(saved.read_text())
-        # Through Scale: a field added since it was saved takes its default.
-        if run_settings(asdict(Scale(**data["meta"]["config"]))) == run_settings(asdict(s)):
+        # A field added since it was saved counts with its default.
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                    for f in fields(s) if f.default is not MISSING or f.default_factory is not MISSING}  # fmt: skip
+        if run_settings(defaults | data["meta"]["config"]) == run_settings(asdict(s)):
             return data
     return {}
 

@@ -422,3 +422,6 @@ def test_cuda_graphs_reach_the_compared_runs_and_old_results_still_count(load_sc
     (tmp_path / "old" / "results.json").write_text(json.dumps(dict(meta=dict(config=old), runs=[])))
     assert ue.earlier_saved(tmp_path / "old", eager)["meta"]["config"] == old
     assert ue.earlier_saved(tmp_path / "old", captured) == {}
+    gone = dict(old, removed_field=1)  # a field since removed: those runs trained otherwise
+    (tmp_path / "old" / "results.json").write_text(json.dumps(dict(meta=dict(config=gone), runs=[])))
+    assert ue.earlier_saved(tmp_path / "old", eager) == {}
