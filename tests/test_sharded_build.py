@@ -3,10 +3,12 @@ and each process fills only its own shards (torchrun, gloo, CPU): the gathered
 weights equal one process's bit for bit — ``build_model``'s for a fresh run,
 the whole checkpoint's (``from_pretrained``) for ``--resume`` and ``--model
 DIR`` (FSDP2, tp 2, tp 2 x FSDP2; untied, tied with biases, q/k norms; a model
-directory in bf16 over two files) — and no process holds more than its shards
-plus three full parameters' bytes during the build, nor reads a model
-directory's tensors in ``check``, while a DDP run (whole, as before) holds the
-whole model. A damaged or mismatched model directory still fails in ``check``."""
+directory in bf16 over two files, one with a vocabulary FSDP2 splits unevenly)
+— and no process holds more than its shards plus three full parameters' bytes
+during the build, nor reads a model directory's tensors in ``check``, and a
+split load reads from the checkpoint exactly the elements of its own shards,
+while a DDP run (whole, as before) holds and reads the whole model. A damaged
+or mismatched model directory still fails in ``check``."""
 
 import dataclasses
 import json
@@ -62,8 +64,8 @@ def _whole(built: dict) -> int:
 
 def _assert_sharded_memory(built: dict, cfg: dict) -> None:
     """Beyond its own shards a process holds at most three full parameters' bytes
-    at once (the drawn or read one, and while it is split, its parts: a strided
-    2-D split copies all of them); a whole model would not fit that bound."""
+    at once (it holds the drawn parameter or the block it reads, and that
+    block's fp32 cast); a whole model would not fit that bound."""
     for r in built["ranks"]:
         bound = r["local"] + 3 * r["largest"]
         assert bound < _whole(built), "the model is too small for the check to tell a whole build"
@@ -121,8 +123,10 @@ def test_initial_parameters_are_build_models(name):
 def checkpoints(tmp_path_factory, data_file, cache):
     """Weights to load, none of them a fresh initialization of the runs' seeds:
     ``runs``: a one-process run of 1 step (grad_accum 2) per model, to resume;
-    ``dirs``: model directories — ``mini`` (fp32, one file, seed 22) and
-    ``tiny-qwen3`` (tied; bf16, over two files, the second also holding the tied
+    ``dirs``: model directories — ``mini`` (fp32, one file, seed 22),
+    ``mini-259`` (``mini`` with an odd vocabulary: the embedding and LM head
+    split unevenly over 2 data-parallel ranks; seed 23) and ``tiny-qwen3``
+    (tied; bf16, over two files, the second also holding the tied
     ``lm_head.weight``, which a load ignores; seed 21)."""
     root = tmp_path_factory.mktemp("checkpoints")
     base = dict(data=[str(data_file)], select="loss", seq_len=32, batch_size=2, steps=1,
@@ -133,6 +137,8 @@ def checkpoints(tmp_path_factory, data_file, cache):
         train(TrainConfig(**dict(base, model=name, seed=seed, out_dir=str(runs[name]))), progress=False)
     mini = root / "mini"
     build_model(get_preset("mini"), seed=22).save_pretrained(mini)
+    odd = root / "mini-259"
+    build_model(dataclasses.replace(get_preset("mini"), vocab_size=259), seed=23).save_pretrained(odd)
     qwen3 = root / "qwen3"
     model = build_model(get_preset("tiny-qwen3"), seed=21)
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
@@ -145,7 +151,7 @@ def checkpoints(tmp_path_factory, data_file, cache):
     save_file({k: state[k] for k in first}, str(qwen3 / "model-00001-of-00002.safetensors"))
     save_file({k: state[k].clone() for k in second} | {"lm_head.weight": state["lm_head.weight"].clone()},
               str(qwen3 / "model-00002-of-00002.safetensors"))  # fmt: skip
-    return dict(runs=runs, dirs={"mini": mini, "tiny-qwen3": qwen3}, base=base)
+    return dict(runs=runs, dirs={"mini": mini, "mini-259": odd, "tiny-qwen3": qwen3}, base=base)
 
 
 def _resume_copy(run: Path, to: Path) -> str:
@@ -161,8 +167,10 @@ def _whole_load(path: Path) -> LlamaForCausalLM:
 
 def _assert_loads(tmp_path, nproc: int, checkpoints, cases: list[tuple[str, dict]]) -> list[dict]:
     """cases: (run or directory name, options). Every build equals the whole load
-    of its checkpoint, which is not the fresh initialization of the run's seed;
-    returns the builds."""
+    of its checkpoint, which is not the fresh initialization of the run's seed,
+    and a split one (FSDP2 or tp) read from the checkpoint exactly its own
+    shards' elements on every rank (a whole read would be all of them, as DDP's
+    is); returns the builds."""
     configs, wants = [], []
     for i, (what, opts) in enumerate(cases):
         run = checkpoints["runs"].get(what) if opts.get("resume") else None
@@ -178,6 +186,12 @@ def _assert_loads(tmp_path, nproc: int, checkpoints, cases: list[tuple[str, dict
     built = _builds(tmp_path, nproc, [dict(c) for c in configs])
     for b, cfg, want in zip(built, configs, wants, strict=True):
         _assert_weights(b, want, cfg)
+        whole = sum(v.numel() for v in b["weights"].values())
+        for r in b["ranks"]:
+            if cfg.get("parallel") == "ddp":
+                assert r["read"] == whole, (cfg, r)
+            else:
+                assert r["read"] == r["local_elements"] < whole, (cfg, r)
     return built
 
 
@@ -188,6 +202,7 @@ def test_resume_and_model_dir_load_shard_by_shard(tmp_path, checkpoints):
              ("tiny-qwen3", dict(parallel="fsdp", seed=3)),  # tied, q/k norms; bf16, two files
              ("tiny-qwen3", dict(tp=2, seed=3)),
              ("mini", dict(tp=2, seed=3)),
+             ("mini-259", dict(parallel="fsdp", seed=3)),  # uneven: 130 and 129 rows
              ("mini", dict(parallel="ddp", seed=3))]  # fmt: skip
     built = _assert_loads(tmp_path, 2, checkpoints, cases)
     for b, (what, opts) in zip(built[:-1], cases[:-1]):
@@ -202,20 +217,26 @@ def test_resume_and_model_dir_load_shard_by_shard(tmp_path, checkpoints):
 
 def test_resume_and_model_dir_load_on_tp_times_fsdp(tmp_path, checkpoints):
     cases = [("mini", dict(resume=True, tp=2, seed=3)),
-             ("tiny-qwen3", dict(tp=2, seed=3))]  # fmt: skip
+             ("tiny-qwen3", dict(tp=2, seed=3)),
+             ("mini-259", dict(tp=2, seed=3))]  # fmt: skip
     built = _assert_loads(tmp_path, 4, checkpoints, cases)
     _assert_sharded_memory(built[0], cases[0][1])
 
 
-def test_checkpoint_parameters_one_at_a_time(checkpoints):
-    """A sharded bf16 directory: float32 tensors in named_parameters() order, the
-    tied lm_head.weight dropped, equal to from_pretrained's."""
+def test_checkpoint_parameters_read_whole_or_a_block(checkpoints):
+    """A sharded bf16 directory: named_parameters() order, the tied lm_head.weight
+    dropped; read whole (``t[:]``) or a block of rows and columns, float32 tensors
+    equal to from_pretrained's and its blocks."""
     d = checkpoints["dirs"]["tiny-qwen3"]
     want = dict(LlamaForCausalLM.from_pretrained(d).named_parameters())
-    got = list(checkpoint_parameters(d))
+    got = checkpoint_parameters(d)
     assert [n for n, _ in got] == list(want) and "lm_head.weight" not in want
     for n, t in got:
-        assert t.dtype == torch.float32 and torch.equal(t, want[n]), n
+        whole = t[:]
+        assert whole.dtype == torch.float32 and torch.equal(whole, want[n]), n
+        box = tuple(slice(1, 1 + k // 2) for k in want[n].shape)  # an odd start and length
+        block = t[box]
+        assert block.dtype == torch.float32 and torch.equal(block, want[n][box]), n
 
 
 @pytest.mark.parametrize("damage,error", [
@@ -257,3 +278,54 @@ def test_materialize_takes_a_meta_model_and_every_parameter():
     some = [(n, t) for n, t in initial_parameters(model.config, 0) if "layers.1." not in n]
     with pytest.raises(ValueError, match=r"gave no tensor for \['model.layers.1"):
         materialize(model, torch.device("cpu"), some)
+
+
+@pytest.mark.parametrize("shape,placements", [
+    ((6, 5), "S0 S1"),  # uneven columns: 3 and 2
+    ((3, 4), "S0 R"),  # uneven rows: 2 and 1
+    ((2, 3), "S1 S1"),  # 3 columns over 4 ranks: the last holds none
+    ((8, 4), "SS0 S0"),  # FSDP2 over a tp-split weight: rows contiguous
+    ((8, 4), "S0 SS0"),  # rows 0 and 2 on rank 0: not contiguous
+])  # fmt: skip
+def test_a_part_is_read_at_its_indices(tmp_path, shape, placements):
+    """On every rank of a 2 x 2 mesh (torch's fake process group: one process,
+    no collectives), the part that materialize reads from a bf16 safetensors
+    file equals ``distribute_tensor``'s split of the whole tensor bit for bit,
+    and reads no more than its own elements where its indices are contiguous."""
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from centrifuge.distributed.materialize import _held_indices, _read_part
+    from centrifuge.models.llama import StoredTensor
+
+    class Counted(StoredTensor):
+        read = 0
+
+        def __getitem__(self, index):
+            block = super().__getitem__(index)
+            Counted.read += block.numel()
+            return block
+
+    kinds = {"S0": Shard(0), "S1": Shard(1), "R": Replicate(), "SS0": _StridedShard(0, split_factor=2)}
+    full = torch.randn(shape).to(torch.bfloat16)
+    save_file({"w": full}, str(tmp_path / "w.safetensors"))
+    stored = Counted(tmp_path / "w.safetensors", "w", torch.float32)
+    for rank in range(4):
+        dist.init_process_group("fake", rank=rank, world_size=4, store=FakeStore())
+        try:
+            mesh = init_device_mesh("cpu", (2, 2))
+            split = distribute_tensor(full.float(), mesh, [kinds[k] for k in placements.split()],
+                                      src_data_rank=None)  # fmt: skip
+            want = split.to_local()
+            if want.numel() == 0:  # materialize reads nothing
+                assert rank == 3 and placements == "S1 S1"
+                continue
+            Counted.read = 0
+            got = _read_part(stored, _held_indices(split))
+            assert torch.equal(got, want), (rank, got, want)
+            assert Counted.read == want.numel() or placements == "S0 SS0", (rank, Counted.read)
+        finally:
+            dist.destroy_process_group()

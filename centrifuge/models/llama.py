@@ -276,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
         *.safetensors, sharded or not), checked as :func:`checkpoint_files` does."""
         with torch.device("meta"):
             model = cls(ModelConfig.from_pretrained(path))
-        state = dict(checkpoint_parameters(path, dtype))
+        state = {name: t[:] for name, t in checkpoint_parameters(path, dtype)}
         model.load_state_dict(state, strict=False, assign=True)
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -382,20 +382,32 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     return {name: where[name] for name in expected}
 
 
-def checkpoint_parameters(path: str | Path, dtype: torch.dtype = torch.float32
-                          ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
-    """A local HF checkpoint directory's parameters one at a time, (name, full
-    ``dtype`` CPU tensor), in ``named_parameters()`` order (a tied embedding
-    once), after :func:`checkpoint_files` has checked the headers; reading a
-    tensor's data fails with the ValueError naming its file. Only the tensor the
-    caller holds is allocated (and its stored copy, when ``dtype`` differs)."""
-    from safetensors import safe_open
+class StoredTensor:
+    """One tensor of a safetensors file, read when indexed: ``t[index]`` (a
+    tuple of slices, one per dimension, or ``t[:]`` for all of it) gives that
+    block as a ``dtype`` CPU tensor, like indexing the whole tensor, and reads
+    only the block: the file is memory-mapped, so only the pages that hold it
+    are read from disk, and a cast (a ``dtype`` other than the stored one)
+    copies the block alone. A file whose data cannot be read raises the
+    ValueError naming it."""
 
-    for name, f in checkpoint_files(path).items():
+    def __init__(self, file: Path, name: str, dtype: torch.dtype):
+        self.file, self.name, self.dtype = file, name, dtype
+
+    def __getitem__(self, index) -> torch.Tensor:
+        from safetensors import safe_open
+
         try:
-            with safe_open(str(f), framework="pt") as sf:  # a header parse per tensor: cheap
-                full = sf.get_tensor(name).to(dtype)
+            with safe_open(str(self.file), framework="pt") as sf:  # a header parse per read: cheap
+                return sf.get_slice(self.name)[index].to(self.dtype)
         except Exception as e:
-            raise ValueError(f"cannot read checkpoint file {f}: {e}") from e
-        yield name, full
-        del full  # before the next one is read (the caller should drop its own reference)
+            raise ValueError(f"cannot read checkpoint file {self.file}: {e}") from e
+
+
+def checkpoint_parameters(path: str | Path, dtype: torch.dtype = torch.float32
+                          ) -> list[tuple[str, StoredTensor]]:  # fmt: skip
+    """A local HF checkpoint directory's parameters, (name, :class:`StoredTensor`
+    of ``dtype``) in ``named_parameters()`` order (a tied embedding once), after
+    :func:`checkpoint_files` has checked the headers. Nothing is read until a
+    caller indexes one: ``t[:]`` is the whole tensor, a block only its part."""
+    return [(name, StoredTensor(f, name, dtype)) for name, f in checkpoint_files(path).items()]
