@@ -63,10 +63,11 @@ case "$mode" in
     bench --preset byte-110m --seq-len 2048 --batch 16 $paths
     bench --preset tinyllama-1.1b --seq-len 2048 --batch 8 --ratios 0.5 --no-hf --repeats 5 --cuda-graphs ;;
   graphs-train)  # centrifuge train's own captured step next to the bench's, with the device's busy time
-    for len in 512 2048; do
-      python3 scripts/train_step_times.py /tmp/train-times-$len --model byte-110m --seq-len $len \
-        --batch-size 16 --modes graphs --profile 10 2>&1 | grep -v "^\[" | tee "$out/train-step-times-$len.md"
-      cp /tmp/train-times-$len/train-step-times.json "$out/train-step-times-$len.json"
+    for shape in byte-110m:512 byte-110m:2048 small:512; do
+      model=${shape%%:*}; len=${shape#*:}; res=/tmp/train-times-$model-$len
+      python3 scripts/train_step_times.py $res --model $model --seq-len $len --batch-size 16 --modes graphs \
+        --profile 10 2>&1 | grep -v "^\[" | tee "$out/train-step-times-$model-$len.md"
+      cp $res/train-step-times.json "$out/train-step-times-$model-$len.json"
     done ;;
   hf-1b)
     bench --preset llama3.2-1b --seq-len 2048 --batch 8 --ratios 0.5 --repeats 3 ;;

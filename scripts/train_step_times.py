@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import collections  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,7 +42,8 @@ class DeviceBusy:
     """A ``train`` callback that profiles the device over steps ``after + 1 ..
     after + steps`` (CUDA kernels only: tracing the host would slow the host
     that is being measured). ``result``: per step, the window's wall ms, the
-    device's busy ms and the kernels."""
+    device's busy ms and the kernels, and the kernels launched most often (name:
+    launches per step; where fusing would cut launches)."""
 
     def __init__(self, after: int, steps: int):
         self.after, self.steps, self.result = after, steps, None
@@ -59,11 +61,13 @@ class DeviceBusy:
             torch.cuda.synchronize()
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
-            spans = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
-                           if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)  # fmt: skip
+            kernels = [e for e in self.prof.events()
+                       if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]  # fmt: skip
+            spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
             n = self.steps
+            top = collections.Counter(e.name for e in kernels).most_common(12)
             self.result = dict(wall_ms=1e3 * wall / n, busy_ms=union_length(spans) / 1e3 / n,
-                               kernels=len(spans) / n)  # fmt: skip
+                               kernels=len(spans) / n, most_launched={k: c / n for k, c in top})  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -124,6 +128,10 @@ def main(argv=None) -> int:
             pr = r["profile"]
             print(f"| {'CUDA graphs' if graphs else 'eager'} | {name} | {pr['wall_ms']:.1f} | "
                   f"{pr['busy_ms']:.1f} | {pr['busy_ms'] / pr['wall_ms']:.2f} | {pr['kernels']:.0f} |")
+        for (name, graphs), r in rows.items():
+            if name == "centrifuge":
+                print(f"\nCentrifuge{' (CUDA graphs)' if graphs else ''}, kernels launched most per step:\n")
+                print("\n".join(f"- {c:g} × {k[:100]}" for k, c in r["profile"]["most_launched"].items()))
     return 0
 
 
