@@ -193,13 +193,9 @@ def test_cached_bounds_follow_a_rewritten_buffer():
     """The per-step bounds cache keys on tensor identity; document bounds copied
     into the same buffer (CUDA graphs' fixed inputs) must not return the previous
     batch's bounds."""
-    from centrifuge.ops.attention_triton import (
-        _cached_bounds,
-        _step_cached,
-        clear_bounds_cache,
-        kept_row_bounds,
-        key_row_bounds,
-    )
+    from centrifuge.ops import clear_step_caches as clear_bounds_cache
+    from centrifuge.ops.attention_triton import _cached_bounds, kept_row_bounds, key_row_bounds
+    from centrifuge.ops.step_cache import step_cached as _step_cached
 
     clear_bounds_cache()
     idx = torch.arange(12)

@@ -10,8 +10,6 @@ def clear_step_caches() -> None:
     the warm-up, or another capture of the same buffers) would be read by every
     replay with the values of the batch it was built from, and freed under it
     later; cleared, the capture records the kernels that build them."""
-    from centrifuge.ops.attention_triton import clear_bounds_cache
-    from centrifuge.ops.rmsnorm_triton import clear_inverse_cache
+    from centrifuge.ops import step_cache
 
-    clear_bounds_cache()
-    clear_inverse_cache()
+    step_cache.clear()

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from centrifuge.ops.step_cache import step_cached
 from centrifuge.plan import Layout
 
 LOG2E = math.log2(math.e)
@@ -346,23 +347,25 @@ def block_order(keep_idx: torch.Tensor, bounds: KeptRowBounds, kind: str, block:
     kind "kv": work = kept queries from the block's first key to its last key's document end."""
     key = (kind, block)
     if key not in bounds.orders:
-        n = keep_idx.numel()
-        firsts = torch.arange(0, n, block, device=keep_idx.device)
-        lasts = (firsts + block - 1).clamp(max=n - 1)
+        firsts, lasts = _blocks(keep_idx, block)
         if kind == "dq":
             work = keep_idx[lasts] + 1 - bounds.doc_start[firsts].long()
         else:
             work = bounds.kept_end[lasts].long() - firsts
-        bounds.orders[key] = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+        bounds.orders[key] = _longest_first(work)
     return bounds.orders[key]
 
 
-# Every decoder layer of a step calls the backward with the same keep_idx (and
-# kv_projections' key_idx) and layout: compute their bounds once. Holding the
-# tensors keeps `is` meaningful; their versions tell a fixed buffer rewritten
-# with the next batch (CUDA graphs' inputs, the dense path's one keep index).
-# One entry per kind ("kept", "keys").
-_bounds_cache: dict = {}
+def _blocks(rows: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last positions (int64) of each run of ``block`` consecutive
+    entries of ``rows`` ([n])."""
+    firsts = torch.arange(0, rows.numel(), block, device=rows.device)
+    return firsts, (firsts + block - 1).clamp(max=rows.numel() - 1)
+
+
+def _longest_first(work: torch.Tensor) -> torch.Tensor:
+    """[n_blocks] int32: block indices by decreasing ``work``, ties in block order."""
+    return torch.argsort(work, descending=True, stable=True).to(torch.int32)
 
 
 def _all_rows(n: int, device) -> torch.Tensor:
@@ -376,24 +379,10 @@ def _all_rows(n: int, device) -> torch.Tensor:
 _all_rows_cache: dict = {}
 
 
-def clear_bounds_cache() -> None:
-    """Forget the cached bounds (see :func:`centrifuge.ops.clear_step_caches`)."""
-    _bounds_cache.clear()
-
-
-def _step_cached(kind: str, build, *tensors: torch.Tensor):
-    """``build(*tensors)``, reused while the same tensors (identity and version) come back."""
-    versions = tuple(t._version for t in tensors)
-    held = _bounds_cache.get(kind)
-    if held is not None and held[1] == versions and all(a is b for a, b in zip(held[0], tensors)):
-        return held[2]
-    value = build(*tensors)
-    _bounds_cache[kind] = (tensors, versions, value)
-    return value
-
-
 def _cached_bounds(keep_idx: torch.Tensor, cu_seqlens: torch.Tensor) -> KeptRowBounds:
-    return _step_cached("kept", kept_row_bounds, keep_idx, cu_seqlens)
+    """Every decoder layer of a step calls the backward with the same keep_idx and
+    layout: their bounds are built once per step."""
+    return step_cached("kept", kept_row_bounds, keep_idx, cu_seqlens)
 
 
 def _check_inputs(q, k, v, o, lse, do, layout: Layout, keep_idx):
@@ -448,11 +437,8 @@ class KeyRowBounds:
         """[n_blocks] int32: the blocks of ``block`` consecutive keys, most kept
         queries first (as :func:`block_order`)."""
         if block not in self.orders:
-            m = self.qfirst.numel()
-            firsts = torch.arange(0, m, block, device=self.qfirst.device)
-            lasts = (firsts + block - 1).clamp(max=m - 1)
-            work = self.key_end[lasts].long() - self.qfirst[firsts].long()
-            self.orders[block] = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+            firsts, lasts = _blocks(self.qfirst, block)
+            self.orders[block] = _longest_first(self.key_end[lasts].long() - self.qfirst[firsts].long())
         return self.orders[block]
 
 
@@ -558,7 +544,7 @@ def attention_backward_triton(
 
     dkdv(keep_idx, None, bounds.kept_end, block_order(keep_idx, bounds, "kv", cfg.kv_block_n), dk, dv)
     if m:
-        kb = _step_cached("keys", key_row_bounds, key_idx, keep_idx, layout.cu_seqlens)
+        kb = step_cached("keys", key_row_bounds, key_idx, keep_idx, layout.cu_seqlens)
         dkdv(key_idx, kb.qfirst, kb.key_end, kb.order(cfg.kv_block_n), *key_grads)
     return (dq, dk, dv, *key_grads)
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from centrifuge.ops.rowwise_dispatch import num_programs, row_block, warps_for
+from centrifuge.ops.step_cache import step_cached
 
 
 @triton.jit
@@ -97,26 +98,17 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# Every layer boundary of a step scatters through the same keep index: build its
-# inverse once per index (three small launches per layer otherwise). Holding the
-# index keeps `is` meaningful.
-_inv_cache: list = [None, None, None]
-
-
-def clear_inverse_cache() -> None:
-    """Forget the cached inverse (see :func:`centrifuge.ops.clear_step_caches`)."""
-    _inv_cache[:] = [None, None, None]
+def _build_inverse(idx: torch.Tensor, N: int) -> torch.Tensor:
+    inv = torch.full((N,), -1, device=idx.device, dtype=torch.int32)
+    inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=torch.int32)
+    return inv
 
 
 def _inverse_index(idx: torch.Tensor, N: int) -> torch.Tensor:
-    """[N] int32: the compact position of each kept row in ``idx``, -1 elsewhere."""
-    key, version, inv = _inv_cache
-    if key is idx and version == idx._version and inv.numel() == N:
-        return inv
-    inv = torch.full((N,), -1, device=idx.device, dtype=torch.int32)
-    inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=torch.int32)
-    _inv_cache[:] = [idx, idx._version, inv]
-    return inv
+    """[N] int32: the compact position of each kept row in ``idx``, -1 elsewhere.
+    Every layer boundary of a step scatters through the same keep index: built
+    once per index (three small launches per layer otherwise)."""
+    return step_cached("inverse", _build_inverse, idx, args=(N,))
 
 
 def rms_norm_forward_triton(x: torch.Tensor, w: torch.Tensor, eps: float):
